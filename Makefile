@@ -1,0 +1,42 @@
+# hf_kd — two commands on a fresh clone: `make demo` and `make test`.
+# Each installs what it needs into .venv first.
+#
+# Torch: when the venv has no torch, `make setup` installs $(TORCH_SPEC) (the CPU wheel on this
+# project's machines). A torch you already have is never replaced: create the venv with
+# `make setup VENV_FLAGS=--system-site-packages` to reuse a system (e.g. CUDA) torch, or install
+# your torch into .venv first.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hf_kd-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) scripts/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
