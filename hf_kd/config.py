@@ -1,0 +1,226 @@
+"""Configuration: the distillation hyper-parameters (a ``TrainingArguments`` subclass), the model and
+data arguments of ``scripts/distill.py``, and recipe parsing (YAML + command line, command line wins).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_kd.losses import DIVERGENCES, TAIL_MODES
+
+TEACHER_SOURCES = ("online", "cached")
+SYNTHETIC_KINDS = ("none", "ls", "kd_pt", "kd_sim", "kd", "kd_topk")
+TASKS = ("text-classification", "image-classification", "causal-lm")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""Training arguments of :class:`hf_kd.DistillationTrainer`.
+
+    The loss is ``(1 − alpha) · CE(labels, student) + alpha · s · D(teacher^τ, student^τ)`` with
+    τ = ``temperature``, D = ``divergence`` and s = τ² when ``temperature_squared`` is on.
+    Every other field is a ``transformers.TrainingArguments`` field.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher: a Hub model id or a local directory (not needed when alpha = 0 or the teacher is cached)."},
+    )
+    teacher_model_revision: str = field(default="main", metadata={"help": "Teacher revision (branch, tag or commit)."})
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra keyword arguments of the teacher's `from_pretrained`, e.g. {'dtype': 'bfloat16'}."},
+    )
+    teacher_source: str = field(
+        default="online",
+        metadata={"help": "Where the teacher's logits come from: 'online' (run the teacher each step) or 'cached'."},
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "With teacher_source='cached': a local cache directory or a Hub dataset id (see scripts/cache_teacher.py)."},
+    )
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature τ > 0 applied to both teacher and student logits."})
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the soft (teacher) term in [0, 1]: 0 = plain fine-tuning on labels, 1 = soft term only."},
+    )
+    divergence: str = field(default="forward_kl", metadata={"help": f"Soft-term divergence, one of {DIVERGENCES}."})
+    beta: float = field(default=0.5, metadata={"help": "Interpolation β in [0, 1] of the generalized 'jsd' (0 = forward KL, 1 = reverse KL)."})
+    skew: float = field(default=0.1, metadata={"help": "Skew s in (0, 1] of 'skew_kl' / 'skew_rkl' (DistiLLM)."})
+    temperature_squared: bool = field(default=True, metadata={"help": "Multiply the soft term by τ² (Hinton et al.) so its gradient scale does not shrink with τ."})
+    synthetic_teacher: str = field(
+        default="kd",
+        metadata={"help": f"Target distilled, one of {SYNTHETIC_KINDS}: the real teacher ('kd') or one of the paper's synthetic teachers."},
+    )
+    synthetic_topk: float | None = field(
+        default=None,
+        metadata={"help": "k of synthetic_teacher='kd_topk': a count (≥ 1) or a fraction of the classes (< 1)."},
+    )
+    sparse_tail: str = field(
+        default="uniform",
+        metadata={"help": f"How a top-k teacher's left-out mass is treated, one of {TAIL_MODES}."},
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Compute the loss this many positions at a time (bounds memory for large vocabularies)."},
+    )
+    teacher_label_mapping: dict | str | None = field(
+        default=None,
+        metadata={"help": "Maps teacher label names to student label names when the two label lists differ in order or naming."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.teacher_model_init_kwargs, str):
+            self.teacher_model_init_kwargs = yaml.safe_load(self.teacher_model_init_kwargs)
+        if isinstance(self.teacher_label_mapping, str):
+            self.teacher_label_mapping = yaml.safe_load(self.teacher_label_mapping)
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        _check_range("beta", self.beta, 0.0, 1.0)
+        _check_range("skew", self.skew, 0.0, 1.0, low_open=True)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0")
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_choice("teacher_source", self.teacher_source, TEACHER_SOURCES)
+        _check_choice("synthetic_teacher", self.synthetic_teacher, SYNTHETIC_KINDS)
+        _check_choice("sparse_tail", self.sparse_tail, TAIL_MODES)
+        if self.synthetic_teacher == "kd_topk" and (self.synthetic_topk is None or self.synthetic_topk <= 0):
+            raise ValueError(f"synthetic_topk={self.synthetic_topk!r}: synthetic_teacher='kd_topk' needs a k > 0")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of positions")
+        if self.teacher_source == "cached" and not self.teacher_cache:
+            raise ValueError("teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)")
+        if self.divergence == "mse" and self.synthetic_teacher not in ("kd", "none"):
+            raise ValueError(f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the soft term is on (alpha > 0 and a teacher-based target)."""
+        return self.alpha > 0 and self.synthetic_teacher not in ("none", "ls")
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if not (low < value <= high if low_open else low <= value <= high):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}={value!r} is out of range: expected a number in {bracket}{low}, {high}]")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+@dataclass
+class ModelArguments:
+    """The student model and the processors."""
+
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student: a Hub model id or local directory (or use student_config to train from scratch)."}
+    )
+    student_model_revision: str = field(default="main", metadata={"help": "Student revision."})
+    student_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "Build the student from this config instead (e.g. {'model_type': 'vit', 'hidden_size': 32, ...})."},
+    )
+    student_processor: str | None = field(
+        default=None, metadata={"help": "Student tokenizer/image processor (default: the student model's own)."}
+    )
+    teacher_processor: str | None = field(
+        default=None, metadata={"help": "Teacher tokenizer/image processor (default: the teacher model's own)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub. Off unless you trust the repository."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.student_config, str):
+            self.student_config = yaml.safe_load(self.student_config)
+        if self.student_model_name_or_path is None and self.student_config is None:
+            raise ValueError("Give a student: student_model_name_or_path (Hub id or path) or student_config (train from scratch)")
+
+
+@dataclass
+class DataArguments:
+    """The dataset and the task."""
+
+    task: str = field(default="text-classification", metadata={"help": f"One of {TASKS}."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset id, a directory written by `save_to_disk`, or a data-file builder name (csv, json, ...)."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    data_files: dict | str | None = field(default=None, metadata={"help": "Data files for a builder dataset (csv/json/parquet)."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(default="test", metadata={"help": "Evaluation split (None: no evaluation)."})
+    text_column: str = field(default="text", metadata={"help": "Text column (text tasks)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
+    image_column: str = field(default="image", metadata={"help": "Image column (image tasks)."})
+    label_column: str = field(default="label", metadata={"help": "Label column; -1, -100 or missing = unlabelled (soft term only)."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+    num_labeled_examples: int | None = field(
+        default=None,
+        metadata={"help": "Keep the labels of only N training rows (picked with the seed); the rest become unlabelled transfer data."},
+    )
+    use_unlabeled: bool = field(
+        default=True,
+        metadata={"help": "Train on rows without a label too (soft term only: the teacher labels them); false drops them."},
+    )
+    metrics: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "`evaluate` metrics: a built-in of hf_kd (accuracy, f1), a local module path, or a Hub metric name."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        if isinstance(self.data_files, str) and self.data_files.lstrip().startswith("{"):
+            self.data_files = yaml.safe_load(self.data_files)
+        if self.num_labeled_examples is not None and self.num_labeled_examples < 0:
+            raise ValueError(f"num_labeled_examples={self.num_labeled_examples!r} must be ≥ 0")
+
+
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, DistillationConfig)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe (``yaml.safe_load``) and reject keys no argument class knows."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {str(path)!r} must be a mapping of field: value, got {type(recipe).__name__}")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
+    for key in recipe:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown field {key!r} in recipe {str(path)!r}{hint}")
+    return recipe
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, DistillationConfig]:
+    """``--config recipe.yaml [--field value ...]``: defaults < recipe < command line.
+
+    Unknown recipe keys and unknown flags are errors; the recipe's values become the parser's
+    defaults, so any flag given on the command line wins.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a recipe path")
+        recipe = load_recipe(argv[i + 1])
+        argv = argv[:i] + argv[i + 2 :]
+        # Required fields (output_dir) may come from the recipe: give argparse their defaults.
+        for action in parser._actions:
+            if action.dest in recipe:
+                action.required = False
+        parser.set_defaults(**recipe)
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

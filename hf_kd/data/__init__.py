@@ -1,0 +1,1 @@
+"""Datasets: loading user data, and the built-in demo and synthetic tasks."""

@@ -1,0 +1,129 @@
+"""One distillation run from parsed arguments: what ``scripts/distill.py`` does, callable from Python."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoConfig, set_seed
+
+from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
+from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_splits
+from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
+from hf_kd.tasks import Task, build_task, processor_fingerprint
+from hf_kd.tasks.classification import ClassificationMetrics
+from hf_kd.trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: final evaluation metrics, sizes, and the trainer (for further use)."""
+
+    metrics: dict[str, float]
+    student_parameters: int
+    teacher_parameters: int | None
+    trainer: DistillationTrainer
+
+
+def _check_sources(model_args: ModelArguments, config: DistillationConfig) -> None:
+    """Everything that can be checked before loading anything."""
+    if model_args.student_model_name_or_path:
+        check_model_source("student_model_name_or_path", model_args.student_model_name_or_path)
+    if config.teacher_source == "online" and config.uses_teacher:
+        if not config.teacher_model_name_or_path:
+            raise ValueError(f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set alpha: 0)")
+        check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
+
+
+def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None):
+    """The student and its processor, from a checkpoint or freshly built from ``student_config``."""
+    head = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+    if model_args.student_model_name_or_path:
+        model = load_pretrained(
+            task.model_class(),
+            model_args.student_model_name_or_path,
+            revision=model_args.student_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+            ignore_mismatched_sizes=bool(head),
+            **head,
+        )
+    else:
+        model = build_from_config(task.model_class(), model_args.student_config, **head)
+    processor_source = model_args.student_processor or model_args.student_model_name_or_path
+    if processor_source is None:
+        raise ValueError("a student built from student_config needs student_processor (a tokenizer or image processor path)")
+    processor = task.load_processor(processor_source, trust_remote_code=model_args.trust_remote_code)
+    return model, processor
+
+
+def run_distillation(data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig) -> RunResult:
+    """Load data, student and teacher; train; evaluate; save the student with its processor."""
+    _check_sources(model_args, config)
+    set_seed(config.seed)
+    task = build_task(data_args)
+    splits = load_splits(data_args)
+    train = splits[data_args.train_split]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.num_labeled_examples is not None:
+        train = hide_labels(train, data_args.label_column, data_args.num_labeled_examples, config.seed)
+    if not data_args.use_unlabeled:
+        train = drop_unlabeled(train, data_args.label_column)
+    evaluation = splits[data_args.eval_split] if data_args.eval_split else None
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+
+    labels = label_names(train, data_args.label_column)
+    student, student_processor = load_student(task, model_args, labels)
+
+    teacher, teacher_processor = None, None
+    if config.teacher_source == "online" and config.uses_teacher:
+        teacher_config = AutoConfig.from_pretrained(
+            config.teacher_model_name_or_path, revision=config.teacher_model_revision, trust_remote_code=model_args.trust_remote_code
+        )
+        task.teacher_output_map(teacher_config, student.config, config)  # label/vocabulary check before loading weights
+        teacher = load_pretrained(
+            task.model_class(),
+            config.teacher_model_name_or_path,
+            revision=config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+            **(config.teacher_model_init_kwargs or {}),
+        )
+        teacher_processor = task.load_processor(model_args.teacher_processor or config.teacher_model_name_or_path)
+        if processor_fingerprint(teacher_processor) == processor_fingerprint(student_processor):
+            teacher_processor = None  # same preprocessing: the teacher reads the student's inputs
+
+    train_prepared = task.prepare(train, student_processor=student_processor, teacher_processor=teacher_processor)
+    eval_prepared = None if evaluation is None else task.prepare(evaluation, student_processor=student_processor, teacher_processor=teacher_processor)
+    if task.name == "image-classification":
+        config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        task=task,
+        train_dataset=train_prepared,
+        eval_dataset=eval_prepared,
+        processing_class=student_processor,
+        compute_metrics=ClassificationMetrics(data_args.metrics),
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    metrics = trainer.evaluate() if eval_prepared is not None else {}
+    student.config.use_cache = True
+    trainer.save_model(config.output_dir)
+    return RunResult(
+        metrics=metrics,
+        student_parameters=count_parameters(student),
+        teacher_parameters=None if teacher is None else count_parameters(teacher),
+        trainer=trainer,
+    )
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A two-column text table of final metrics."""
+    width = max((len(k) for k in metrics), default=0)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in sorted(metrics.items()))

@@ -1,0 +1,27 @@
+"""Task adapters: preprocessing, collation and how a batch becomes distillation instances."""
+
+from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, processor_fingerprint, split_batch
+from hf_kd.tasks.classification import ImageClassificationTask, TextClassificationTask
+
+
+def build_task(data_args) -> Task:
+    """The task adapter named by ``data_args.task`` (a ``hf_kd.config.DataArguments``)."""
+    if data_args.task == "text-classification":
+        return TextClassificationTask(data_args.text_column, data_args.text_pair_column, data_args.label_column, data_args.max_length)
+    if data_args.task == "image-classification":
+        return ImageClassificationTask(data_args.image_column, data_args.label_column)
+    raise ValueError(f"task={data_args.task!r} has no adapter yet")
+
+
+__all__ = [
+    "CACHE_PREFIX",
+    "NO_LABEL",
+    "TEACHER_INPUT_PREFIX",
+    "ImageClassificationTask",
+    "KDItems",
+    "Task",
+    "TextClassificationTask",
+    "build_task",
+    "processor_fingerprint",
+    "split_batch",
+]

@@ -1,0 +1,96 @@
+"""What every task adapter provides, and the batch conventions the trainer relies on.
+
+A batch is a flat dict of tensors:
+- the student's model inputs under their usual names (``input_ids``, ``pixel_values``, ...);
+- ``labels``: −100 where an item has no hard label (unlabelled transfer data, masked tokens);
+- ``teacher_<name>``: the teacher's own model inputs, present only when its preprocessing differs;
+- ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_kd.losses import SparseLogits
+
+TEACHER_INPUT_PREFIX = "teacher_"
+CACHE_PREFIX = "kd_teacher_"
+NO_LABEL = -100
+
+
+@dataclass
+class KDItems:
+    """Flattened distillation instances: one row per example (classification) or token (causal LM)."""
+
+    student_logits: torch.Tensor  # [N, K]
+    teacher: torch.Tensor | SparseLogits | None  # [N, K]; None when no teacher signal is used
+    labels: torch.Tensor  # [N], NO_LABEL = no hard label
+    soft_mask: torch.Tensor  # [N] bool: items that take the soft term
+
+
+def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(student model inputs without labels, teacher's own inputs with the prefix removed, cached columns)."""
+    student, teacher, cached = {}, {}, {}
+    for key, value in batch.items():
+        if key.startswith(CACHE_PREFIX):
+            cached[key[len(CACHE_PREFIX) :]] = value
+        elif key.startswith(TEACHER_INPUT_PREFIX):
+            teacher[key[len(TEACHER_INPUT_PREFIX) :]] = value
+        elif key != "labels":
+            student[key] = value
+    return student, teacher, cached
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """SHA-256 of what decides a processor's output: a tokenizer's full vocabulary, merges, normaliser
+    and special tokens (its ``tokenizer.json``), or an image processor's settings."""
+    if hasattr(processor, "backend_tokenizer"):
+        payload = processor.backend_tokenizer.to_str() + json.dumps(processor.special_tokens_map, sort_keys=True)
+    elif hasattr(processor, "to_json_string"):
+        state = json.loads(processor.to_json_string())
+        state.pop("processor_class", None)
+        payload = json.dumps(state, sort_keys=True)
+    else:
+        raise TypeError(f"cannot fingerprint a processor of type {type(processor).__name__}")
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class Task(ABC):
+    """Adapter between a dataset, the models' heads and the distillation loss."""
+
+    name: str
+
+    @abstractmethod
+    def model_class(self) -> type:
+        """The ``AutoModelFor...`` class of this task."""
+
+    @abstractmethod
+    def load_processor(self, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False) -> Any:
+        """Load the tokenizer or image processor of a model."""
+
+    @abstractmethod
+    def prepare(self, dataset, *, student_processor, teacher_processor=None):
+        """Turn raw rows into model inputs (+ ``teacher_*`` inputs when ``teacher_processor`` is given)."""
+
+    def teacher_output_map(self, teacher_config, student_config, args) -> list[int] | None:
+        """Check that the teacher's outputs can be compared with the student's, before training, and
+        return the index map that aligns the teacher's last logit axis with the student's (None: as is)."""
+        return None
+
+    @abstractmethod
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Build a batch from prepared rows."""
+
+    @abstractmethod
+    def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
+        """Flatten one batch into distillation instances."""
+
+    @abstractmethod
+    def count_items(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[number of hard-label items, number of soft-term items] of a batch (normalisers of the loss)."""

@@ -1,0 +1,1 @@
+"""Teacher signals: online models, cached logits, synthetic targets."""

@@ -1,0 +1,175 @@
+"""DistillationTrainer: a ``transformers.Trainer`` whose loss mixes hard labels with a teacher signal.
+
+Plumbing only. Where the teacher's logits come from (online model, cache, uniform) is a *teacher
+signal*; what is distilled from them (the real teacher or a synthetic one) is a *target function*;
+how a batch becomes distillation instances is the *task*. The math is ``hf_kd.losses``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer
+
+from hf_kd.config import DistillationConfig
+from hf_kd.losses import TargetFn, distillation_loss
+from hf_kd.modeling import check_model_source, freeze, load_pretrained
+from hf_kd.tasks import ImageClassificationTask, Task, TextClassificationTask, split_batch
+from hf_kd.teachers.online import OnlineTeacher, UniformTeacher, place_teacher
+
+
+def task_for_model(model: PreTrainedModel) -> Task:
+    """The task a model's head implies, for users who pass no task."""
+    name = type(model).__name__
+    if name.endswith("ForImageClassification"):
+        return ImageClassificationTask()
+    if name.endswith("ForSequenceClassification"):
+        return TextClassificationTask()
+    raise ValueError(f"cannot infer the task of a {name}; pass task=... (see hf_kd.tasks)")
+
+
+class DistillationTrainer(Trainer):
+    """Trains ``model`` (the student) on ``(1 − α)·CE + α·s·D(teacher^τ, student^τ)``.
+
+    Args:
+        model: the student.
+        teacher_model: a model, or a Hub id / local path loaded with ``from_pretrained`` (safetensors,
+            ``args.teacher_model_init_kwargs``). Frozen, in eval mode, run without autograd, never saved.
+        args: a :class:`hf_kd.DistillationConfig`.
+        task: the task adapter (default: inferred from the student's head).
+        teacher_signal: where teacher logits come from, ``signal(batch, student_logits) -> logits``;
+            default: the online ``teacher_model`` (or the uniform teacher for ``synthetic_teacher='ls'``).
+        target_fn: maps the teacher's log p^τ to the distilled target (a synthetic teacher); default none.
+        **kwargs: any other ``transformers.Trainer`` argument (datasets, ``compute_metrics``, callbacks, ...).
+    """
+
+    # compute_loss normalises by the item counts of the whole accumulation window (get_batch_samples).
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        teacher_model: PreTrainedModel | str | None = None,
+        args: DistillationConfig | None = None,
+        task: Task | None = None,
+        teacher_signal=None,
+        target_fn: TargetFn | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(f"args must be a hf_kd.DistillationConfig, got {type(args).__name__}")
+        self.task = task or task_for_model(model)
+        if isinstance(teacher_model, str):
+            check_model_source("teacher_model_name_or_path", teacher_model)
+            teacher_model = load_pretrained(
+                self.task.model_class(), teacher_model, revision=args.teacher_model_revision, **(args.teacher_model_init_kwargs or {})
+            )
+        kwargs.setdefault("data_collator", self.task.collate)
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher_model = None
+        if teacher_model is not None:
+            self.teacher_model = place_teacher(freeze(teacher_model), self.accelerator)
+        if teacher_signal is None and args.alpha > 0:
+            if args.synthetic_teacher == "ls":
+                teacher_signal = UniformTeacher()
+            elif self.teacher_model is not None:
+                output_map = self.task.teacher_output_map(teacher_model.config, self.model.config, args)
+                teacher_signal = OnlineTeacher(self.teacher_model, output_map)
+            elif args.synthetic_teacher != "none":
+                raise ValueError(f"alpha={args.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)")
+        self.teacher_signal = teacher_signal
+        self.target_fn = target_fn
+        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+
+    # ---- batches ------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep teacher inputs and cached teacher columns through ``remove_unused_columns``."""
+        super()._set_signature_columns_if_needed()
+        extra = set()
+        for dataset in (self.train_dataset, self.eval_dataset):
+            for name in getattr(dataset, "column_names", None) or []:
+                if name.startswith(("teacher_", "kd_teacher_")):
+                    extra.add(name)
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + sorted(extra)))
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The window's micro-batches and its item counts [hard items, soft items], summed over ranks
+        when ``average_tokens_across_devices`` is on."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if not batches:
+            return batches, None
+        counts = torch.stack([self.task.count_items(batch).to(device) for batch in batches]).sum(0)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return batches, counts
+
+    # ---- loss ---------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        student_inputs, _, _ = split_batch(inputs)
+        outputs = model(**student_inputs)
+        teacher_logits = self.teacher_signal(inputs, outputs.logits) if self.teacher_signal is not None else None
+        items = self.task.kd_items(outputs.logits, teacher_logits, labels)
+        window = num_items_in_batch is not None and torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2
+        counts = num_items_in_batch if window else self.task.count_items(inputs).to(labels.device)
+        args = self.args
+        terms = distillation_loss(
+            items.student_logits,
+            items.teacher,
+            items.labels,
+            alpha=args.alpha if items.teacher is not None else 0.0,
+            temperature=args.temperature,
+            divergence_name=args.divergence,
+            soft_mask=items.soft_mask,
+            num_hard=counts[0],
+            num_soft=counts[1],
+            temperature_squared=args.temperature_squared,
+            tail=args.sparse_tail,
+            target_fn=self.target_fn,
+            chunk_size=args.loss_chunk_size,
+            beta=args.beta,
+            skew=args.skew,
+        )
+        loss = terms.loss
+        if window and args.average_tokens_across_devices and args.world_size > 1:
+            loss = loss * args.world_size  # DDP averages gradients over ranks; the normaliser is global
+        self._record(terms, items, "train" if model.training else "eval")
+        if not return_outputs:
+            return loss
+        predictions = {"logits": outputs.logits}
+        if torch.is_tensor(teacher_logits):
+            predictions["teacher_logits"] = teacher_logits
+        return loss, predictions
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def _record(self, terms, items, mode: str) -> None:
+        sums = self._kd_sums[mode]
+        sums["hard"] += terms.hard_sum.detach().float()
+        sums["n_hard"] += (items.labels != -100).sum().float()
+        sums["soft"] += terms.soft_sum.detach().float()
+        sums["n_soft"] += items.soft_mask.sum().float()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds ``loss_hard`` (mean CE over labelled items) and ``loss_soft`` (mean divergence over soft
+        items, before α and τ²), averaged over every process since the last log."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        sums = self._kd_sums[mode]
+        if sums:
+            keys = ("hard", "n_hard", "soft", "n_soft")
+            totals = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            hard, n_hard, soft, n_soft = totals.tolist()
+            prefix = "eval_" if mode == "eval" else ""
+            if n_hard:
+                logs[prefix + "loss_hard"] = hard / n_hard
+            if n_soft and self.teacher_signal is not None:
+                logs[prefix + "loss_soft"] = soft / n_soft
+            sums.clear()
+        super().log(logs, start_time)
