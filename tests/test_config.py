@@ -1,0 +1,74 @@
+"""Recipes and command line: precedence, unknown keys, range checks, early errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from hf_kd import DistillationConfig, parse_args, run_distillation
+
+
+def write_recipe(tmp_path, **values):
+    values.setdefault("output_dir", str(tmp_path / "out"))
+    values.setdefault("student_config", {"model_type": "bert", "vocab_size": 30})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_command_line_beats_recipe_beats_defaults(tmp_path):
+    recipe = write_recipe(tmp_path, alpha=0.7, temperature=3.0, learning_rate=1.0e-4)
+    data, model, config = parse_args(["--config", recipe, "--temperature", "5.0"])
+    assert config.alpha == 0.7  # recipe over default 0.5
+    assert config.temperature == 5.0  # command line over recipe
+    assert config.learning_rate == 1.0e-4
+    assert config.divergence == "forward_kl"  # default
+    assert model.student_config == {"model_type": "bert", "vocab_size": 30}
+    assert data.task == "text-classification"
+
+
+def test_unknown_recipe_key_names_it_and_the_closest_field(tmp_path):
+    recipe = write_recipe(tmp_path, temprature=2.0)
+    with pytest.raises(ValueError, match=r"unknown field 'temprature'.*did you mean 'temperature'"):
+        parse_args(["--config", recipe])
+
+
+def test_unknown_flag_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="--not_a_field"):
+        parse_args(["--config", write_recipe(tmp_path), "--not_a_field", "1"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("alpha", 1.5, r"alpha=1.5 is out of range: expected a number in \[0.0, 1.0\]"),
+        ("alpha", -0.1, r"alpha=-0.1 is out of range"),
+        ("temperature", 0.0, r"temperature=0.0 must be > 0"),
+        ("divergence", "kl", r"divergence='kl' is not one of"),
+        ("beta", 2.0, r"beta=2.0 is out of range"),
+        ("synthetic_teacher", "magic", r"synthetic_teacher='magic' is not one of"),
+    ],
+)
+def test_bad_values_are_rejected_with_field_and_value(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DistillationConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_missing_teacher_directory_fails_before_any_work(tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        teacher_model_name_or_path=str(tmp_path / "no-such-teacher"),
+        dataset_name=str(tmp_path / "never-read"),
+    )
+    with pytest.raises(
+        FileNotFoundError, match="teacher_model_name_or_path=.*no-such-teacher.*no such directory"
+    ):
+        run_distillation(*parse_args(["--config", recipe]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_online_kd_without_a_teacher_is_an_error(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"alpha=0.5 with an online teacher needs teacher_model_name_or_path"
+    ):
+        run_distillation(*parse_args(["--config", write_recipe(tmp_path, dataset_name="unused")]))
