@@ -38,6 +38,10 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Extra keyword arguments of the teacher's `from_pretrained`, e.g. {'dtype': 'bfloat16'}."},
     )
+    teacher_cpu_offload: bool = field(
+        default=False,
+        metadata={"help": "Keep the online teacher's weights in CPU memory, moved to the device layer by layer (see hf_kd.teachers.placement)."},
+    )
     teacher_source: str = field(
         default="online",
         metadata={"help": "Where the teacher's logits come from: 'online' (run the teacher each step) or 'cached'."},

@@ -18,7 +18,8 @@ from hf_kd.config import DistillationConfig
 from hf_kd.losses import TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_pretrained
 from hf_kd.tasks import ImageClassificationTask, Task, TextClassificationTask, split_batch
-from hf_kd.teachers.online import OnlineTeacher, UniformTeacher, place_teacher
+from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
+from hf_kd.teachers.placement import place_teacher
 
 
 def task_for_model(model: PreTrainedModel) -> Task:
@@ -71,7 +72,7 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = None
         if teacher_model is not None:
-            self.teacher_model = place_teacher(freeze(teacher_model), self.accelerator)
+            self.teacher_model = place_teacher(freeze(teacher_model), self.accelerator, cpu_offload=args.teacher_cpu_offload)
         if teacher_signal is None and args.alpha > 0:
             if args.synthetic_teacher == "ls":
                 teacher_signal = UniformTeacher()

@@ -34,8 +34,3 @@ class UniformTeacher:
 
     def __call__(self, batch: dict[str, Any], student_logits: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(student_logits, dtype=torch.float32)
-
-
-def place_teacher(model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """Put a frozen teacher where the student runs, prepared by Accelerate for evaluation only."""
-    return accelerator.prepare_model(model, evaluation_mode=True)
