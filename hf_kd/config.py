@@ -17,7 +17,7 @@ from hf_kd.losses import DIVERGENCES, TAIL_MODES
 
 TEACHER_SOURCES = ("online", "cached")
 SYNTHETIC_KINDS = ("none", "ls", "kd_pt", "kd_sim", "kd", "kd_topk")
-TASKS = ("text-classification", "image-classification", "causal-lm")
+TASKS = ("text-classification", "image-classification", "causal-lm", "feature-classification")
 
 
 @dataclass
@@ -67,6 +67,10 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "k of synthetic_teacher='kd_topk': a count (≥ 1) or a fraction of the classes (< 1)."},
     )
+    synthetic_sim_temperature: float = field(
+        default=1.0,
+        metadata={"help": "β of synthetic_teacher='kd_sim': the target is softmax(S[t] / β), S the teacher's class similarity."},
+    )
     sparse_tail: str = field(
         default="uniform",
         metadata={"help": f"How a top-k teacher's left-out mass is treated, one of {TAIL_MODES}."},
@@ -97,6 +101,8 @@ class DistillationConfig(TrainingArguments):
         _check_choice("sparse_tail", self.sparse_tail, TAIL_MODES)
         if self.synthetic_teacher == "kd_topk" and (self.synthetic_topk is None or self.synthetic_topk <= 0):
             raise ValueError(f"synthetic_topk={self.synthetic_topk!r}: synthetic_teacher='kd_topk' needs a k > 0")
+        if not self.synthetic_sim_temperature > 0:
+            raise ValueError(f"synthetic_sim_temperature={self.synthetic_sim_temperature!r} must be > 0")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of positions")
         if self.teacher_source == "cached" and not self.teacher_cache:
@@ -163,6 +169,7 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Text column (text tasks)."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
     image_column: str = field(default="image", metadata={"help": "Image column (image tasks)."})
+    feature_column: str = field(default="features", metadata={"help": "Feature-vector column (feature-classification)."})
     label_column: str = field(default="label", metadata={"help": "Label column; -1, -100 or missing = unlabelled (soft term only)."})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
@@ -191,15 +198,15 @@ class DataArguments:
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, DistillationConfig)
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe (``yaml.safe_load``) and reject keys no argument class knows."""
+def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, Any]:
+    """Read a YAML recipe (``yaml.safe_load``) and reject keys none of ``classes`` knows."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     recipe = yaml.safe_load(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {str(path)!r} must be a mapping of field: value, got {type(recipe).__name__}")
-    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
+    known = {f.name for cls in classes for f in fields(cls) if f.init}
     for key in recipe:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -208,19 +215,20 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, DistillationConfig]:
+def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> tuple:
     """``--config recipe.yaml [--field value ...]``: defaults < recipe < command line.
 
     Unknown recipe keys and unknown flags are errors; the recipe's values become the parser's
-    defaults, so any flag given on the command line wins.
+    defaults, so any flag given on the command line wins. ``classes`` are the argument dataclasses
+    (default: a distillation run's); one instance of each is returned, in order.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(classes)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise ValueError("--config needs a recipe path")
-        recipe = load_recipe(argv[i + 1])
+        recipe = load_recipe(argv[i + 1], classes)
         argv = argv[:i] + argv[i + 2 :]
         # Required fields (output_dir) may come from the recipe: give argparse their defaults.
         for action in parser._actions:

@@ -10,9 +10,14 @@ from transformers import AutoConfig, set_seed
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_splits
+from hf_kd.knowledge.callback import KnowledgeCallback
+from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
 from hf_kd.tasks import Task, build_task, processor_fingerprint
 from hf_kd.tasks.classification import ClassificationMetrics
+from hf_kd.teachers.cache import load_teacher_cache
+from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.synthetic import SyntheticTargetFn
 from hf_kd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -53,10 +58,28 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
     else:
         model = build_from_config(task.model_class(), model_args.student_config, **head)
     processor_source = model_args.student_processor or model_args.student_model_name_or_path
-    if processor_source is None:
+    if processor_source is None and task.needs_processor:
         raise ValueError("a student built from student_config needs student_processor (a tokenizer or image processor path)")
     processor = task.load_processor(processor_source, trust_remote_code=model_args.trust_remote_code)
     return model, processor
+
+
+def synthetic_target_fn(config: DistillationConfig, trainer: DistillationTrainer, teacher, train_dataset) -> SyntheticTargetFn:
+    """The target function of ``config.synthetic_teacher`` (kd_pt, kd_sim, kd_topk). kd_sim's class
+    similarity comes from the teacher's logit layer, else from the soft confusion of the trainer's teacher
+    signal (online or cached) on the training set."""
+    similarity = None
+    if config.synthetic_teacher == "kd_sim":
+        predictions = lambda: collect_predictions(  # noqa: E731
+            train_dataset, trainer.task, student=trainer.model, teacher_signal=trainer.teacher_signal,
+            batch_size=config.per_device_eval_batch_size, device=config.device,
+        )
+        permutation = getattr(trainer.teacher_signal, "label_permutation", None)
+        similarity, source = teacher_class_similarity(teacher, predictions, permutation)
+        logger.info("kd_sim: class similarity from the teacher's %s", source)
+    return SyntheticTargetFn(
+        config.synthetic_teacher, k=config.synthetic_topk, class_similarity=similarity, sim_temperature=config.synthetic_sim_temperature
+    )
 
 
 def run_distillation(data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig) -> RunResult:
@@ -65,6 +88,9 @@ def run_distillation(data_args: DataArguments, model_args: ModelArguments, confi
     set_seed(config.seed)
     task = build_task(data_args)
     splits = load_splits(data_args)
+    cache = load_teacher_cache(config.teacher_cache) if config.teacher_source == "cached" and config.uses_teacher else None
+    if cache is not None:  # checked to be the captured rows, joined before any row selection
+        splits = cache.join(splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name])
     train = splits[data_args.train_split]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
@@ -93,8 +119,11 @@ def run_distillation(data_args: DataArguments, model_args: ModelArguments, confi
             **(config.teacher_model_init_kwargs or {}),
         )
         teacher_processor = task.load_processor(model_args.teacher_processor or config.teacher_model_name_or_path)
-        if processor_fingerprint(teacher_processor) == processor_fingerprint(student_processor):
+        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(student_processor):
             teacher_processor = None  # same preprocessing: the teacher reads the student's inputs
+    teacher_signal = None
+    if cache is not None:
+        teacher_signal = CachedTeacher(cache.metadata.num_classes, cache.check_run(task, student.config, student_processor, config))
 
     train_prepared = task.prepare(train, student_processor=student_processor, teacher_processor=teacher_processor)
     eval_prepared = None if evaluation is None else task.prepare(evaluation, student_processor=student_processor, teacher_processor=teacher_processor)
@@ -104,6 +133,7 @@ def run_distillation(data_args: DataArguments, model_args: ModelArguments, confi
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
+        teacher_signal=teacher_signal,
         args=config,
         task=task,
         train_dataset=train_prepared,
@@ -111,6 +141,10 @@ def run_distillation(data_args: DataArguments, model_args: ModelArguments, confi
         processing_class=student_processor,
         compute_metrics=ClassificationMetrics(data_args.metrics),
     )
+    if config.alpha > 0 and config.synthetic_teacher in ("kd_pt", "kd_sim", "kd_topk"):
+        trainer.target_fn = synthetic_target_fn(config, trainer, teacher, train_prepared)
+    if eval_prepared is not None and config.uses_teacher:
+        trainer.add_callback(KnowledgeCallback(trainer))
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
     student.config.use_cache = True

@@ -16,6 +16,11 @@ Everything is deterministic for a seed.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
@@ -73,3 +78,19 @@ def class_groups(dataset: Dataset | DatasetDict) -> list[int]:
     if isinstance(dataset, DatasetDict):
         dataset = next(iter(dataset.values()))
     return [int(name.split("_")[0][1:]) for name in dataset.features["label"].names]
+
+
+def write_hierarchy_dataset(path: str | Path, **kwargs) -> Path:
+    """``make_hierarchy_dataset(**kwargs)`` saved with ``save_to_disk`` at ``path`` once (a temporary
+    folder renamed into place); an existing dataset there is kept."""
+    path = Path(path)
+    if (path / "dataset_dict.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hierarchy-", dir=path.parent))
+    try:
+        make_hierarchy_dataset(**kwargs).save_to_disk(str(tmp / "data"))
+        os.replace(tmp / "data", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -2,6 +2,7 @@
 
 from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, processor_fingerprint, split_batch
 from hf_kd.tasks.classification import ImageClassificationTask, TextClassificationTask
+from hf_kd.tasks.features import FeatureClassificationTask
 
 
 def build_task(data_args) -> Task:
@@ -10,11 +11,14 @@ def build_task(data_args) -> Task:
         return TextClassificationTask(data_args.text_column, data_args.text_pair_column, data_args.label_column, data_args.max_length)
     if data_args.task == "image-classification":
         return ImageClassificationTask(data_args.image_column, data_args.label_column)
+    if data_args.task == "feature-classification":
+        return FeatureClassificationTask(data_args.feature_column, data_args.label_column)
     raise ValueError(f"task={data_args.task!r} has no adapter yet")
 
 
 __all__ = [
     "CACHE_PREFIX",
+    "FeatureClassificationTask",
     "NO_LABEL",
     "TEACHER_INPUT_PREFIX",
     "ImageClassificationTask",

@@ -65,6 +65,7 @@ class Task(ABC):
     """Adapter between a dataset, the models' heads and the distillation loss."""
 
     name: str
+    needs_processor: bool = True  # False: model inputs are dataset columns as they are (feature vectors)
 
     @abstractmethod
     def model_class(self) -> type:

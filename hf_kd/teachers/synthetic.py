@@ -122,3 +122,45 @@ def class_similarity_from_predictions(
     sums = torch.zeros(num_classes, num_classes, device=probs.device).index_add_(0, y, p_bar)
     counts = torch.bincount(y, minlength=num_classes).clamp_min(1)
     return (sums / counts.unsqueeze(-1)).fill_diagonal_(1.0)
+
+
+class SyntheticTargetFn:
+    """The trainer's ``target_fn`` for a synthetic teacher: (log p^τ [n, K], labels [n]) → log ρ [n, K].
+
+    The loss hands over the teacher's tempered log-probabilities; softmax(log p^τ) = p^τ, so
+    ``synthetic_target(kind, log p^τ, labels, temperature=1)`` is the target of ``shared/PAPER.md``
+    built from the teacher at temperature τ. It reads nothing but teacher logits and labels, so an
+    online and a cached teacher give the same target. For ``kd_sim`` the class-similarity matrix is
+    fixed before training (see ``hf_kd.knowledge.predictions.teacher_class_similarity``).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        k: int | float | None = None,
+        class_similarity: torch.Tensor | None = None,
+        sim_temperature: float = 1.0,
+    ):
+        if kind not in ("kd_pt", "kd_sim", "kd_topk"):
+            raise ValueError(f"kind={kind!r}: a target function exists for 'kd_pt', 'kd_sim' and 'kd_topk' only")
+        if kind == "kd_sim" and class_similarity is None:
+            raise ValueError("kind='kd_sim' needs class_similarity (a [K, K] matrix)")
+        if kind == "kd_topk" and k is None:
+            raise ValueError("kind='kd_topk' needs k (an int count or a float fraction of K)")
+        if isinstance(k, float) and k >= 1.0:
+            if not k.is_integer():
+                raise ValueError(f"k={k!r}: a count must be a whole number, a fraction must lie in (0, 1)")
+            k = int(k)  # a count given as a float (a config field typed float | None)
+        self.kind, self.k, self.class_similarity, self.sim_temperature = kind, k, class_similarity, sim_temperature
+
+    def __call__(self, teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rho = synthetic_target(
+            self.kind,
+            teacher_log_probs,
+            labels,
+            k=self.k,
+            class_similarity=self.class_similarity,
+            sim_temperature=self.sim_temperature,
+        )
+        return rho.log()

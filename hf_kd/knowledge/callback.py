@@ -1,0 +1,64 @@
+"""``KnowledgeCallback``: the knowledge-level measures at each evaluation, in ``log_history`` and every
+reporting integration (TensorBoard, W&B, ...)."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from hf_kd.knowledge.predictions import collect_predictions
+from hf_kd.knowledge.report import knowledge_measures, scalar_measures
+from hf_kd.modeling import logit_layer_weight
+
+
+class KnowledgeCallback(TrainerCallback):
+    """After each evaluation, runs the student and the trainer's teacher signal over the evaluation set
+    (at most ``max_items`` items) and logs the scalars of :func:`hf_kd.knowledge.report.knowledge_measures`
+    as ``eval_knowledge/<level>/<measure>`` through ``trainer.log``.
+
+        trainer = DistillationTrainer(...)
+        trainer.add_callback(KnowledgeCallback(trainer))
+    """
+
+    def __init__(self, trainer, *, groups: list[int] | None = None, max_items: int = 4096):
+        if trainer.teacher_signal is None:
+            raise ValueError(
+                "KnowledgeCallback needs a trainer with a teacher signal (alpha > 0 and a teacher)"
+            )
+        self.trainer, self.groups, self.max_items = trainer, groups, max_items
+
+    def _weight(self, model):
+        try:
+            return logit_layer_weight(model).float().cpu()
+        except ValueError:
+            return None
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        trainer = self.trainer
+        if trainer.eval_dataset is None or isinstance(trainer.eval_dataset, dict):
+            return  # one evaluation set only: with several, which one the measures describe is ambiguous
+        predictions = collect_predictions(
+            trainer.eval_dataset,
+            trainer.task,
+            student=model,
+            teacher_signal=trainer.teacher_signal,
+            batch_size=args.per_device_eval_batch_size,
+            max_items=self.max_items,
+            device=args.device,
+        )
+        teacher = getattr(trainer.teacher_signal, "model", None)
+        teacher_weight = None if teacher is None else self._weight(teacher)
+        permutation = getattr(trainer.teacher_signal, "label_permutation", None)
+        if teacher_weight is not None and permutation is not None:
+            teacher_weight = teacher_weight[permutation]
+        measures = knowledge_measures(
+            predictions.teacher_logits,
+            predictions.labels,
+            student_logits=predictions.student_logits,
+            alpha=args.alpha,
+            temperature=args.temperature,
+            groups=self.groups,
+            teacher_weight=teacher_weight,
+            student_weight=self._weight(model),
+        )
+        measures.pop("settings")
+        trainer.log(scalar_measures(measures, prefix="eval_knowledge/"))

@@ -1,0 +1,113 @@
+"""Collecting what the knowledge measures read: student and teacher logits over a dataset, and the
+teacher's class-similarity matrix (for ``kd_sim`` and level 2).
+
+Plumbing around the pure measures: batches come from the task's collator, the teacher through any
+teacher signal ``signal(batch, student_logits) -> logits`` (online model, cached logits, uniform), and
+the task flattens each batch into distillation items (one per example, or one per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from hf_kd.knowledge.domain import class_similarity, soft_confusion
+from hf_kd.losses import SparseLogits
+from hf_kd.modeling import logit_layer_weight
+from hf_kd.tasks.base import NO_LABEL, Task, split_batch
+
+
+@dataclass
+class Predictions:
+    """Flattened items of a dataset: logits [N, K] (float32, CPU) and labels [N] (NO_LABEL = none)."""
+
+    student_logits: torch.Tensor | None
+    teacher_logits: torch.Tensor | None
+    labels: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        logits = self.teacher_logits if self.teacher_logits is not None else self.student_logits
+        return logits.shape[-1]
+
+
+def _dense(teacher: torch.Tensor | SparseLogits) -> torch.Tensor:
+    """A sparse (top-k) teacher rebuilt as dense log-probabilities (uniform tail), float32."""
+    return teacher.to_dense_log_probs("uniform") if isinstance(teacher, SparseLogits) else teacher.float()
+
+
+@torch.no_grad()
+def collect_predictions(
+    dataset,
+    task: Task,
+    *,
+    student: torch.nn.Module | None = None,
+    teacher_signal=None,
+    batch_size: int = 256,
+    max_items: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Predictions:
+    """Run ``student`` and/or ``teacher_signal`` over a prepared ``dataset`` in order, keep the items'
+    logits on the CPU. Without a student the signal gets ``None`` for the student's logits (online and
+    cached teachers do not read them). ``max_items`` stops after that many items (token-level tasks)."""
+    if student is None and teacher_signal is None:
+        raise ValueError("collect_predictions needs a student, a teacher_signal or both")
+    if student is not None:
+        was_training = student.training
+        student.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task.collate)
+    student_parts, teacher_parts, label_parts, count = [], [], [], 0
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        student_logits = student(**split_batch(batch)[0]).logits if student is not None else None
+        teacher_logits = teacher_signal(batch, student_logits) if teacher_signal is not None else None
+        items = task.kd_items(
+            student_logits if student is not None else teacher_logits, teacher_logits, batch["labels"]
+        )
+        if student is not None:
+            student_parts.append(items.student_logits.float().cpu())
+        if teacher_signal is not None:
+            teacher_parts.append(_dense(items.teacher).cpu())
+        label_parts.append(items.labels.cpu())
+        count += items.labels.numel()
+        if max_items is not None and count >= max_items:
+            break
+    if student is not None:
+        student.train(was_training)
+    n = count if max_items is None else min(count, max_items)
+    cat = lambda parts: torch.cat(parts)[:n] if parts else None  # noqa: E731
+    return Predictions(cat(student_parts), cat(teacher_parts), torch.cat(label_parts)[:n])
+
+
+def teacher_class_similarity(
+    teacher: torch.nn.Module | None,
+    teacher_predictions: Callable[[], Predictions] | None = None,
+    label_permutation: list[int] | None = None,
+) -> tuple[torch.Tensor, str]:
+    """The teacher's class-similarity matrix [K, K] in the student's label order, and where it came from.
+
+    From the logit-layer weights when the teacher has one (S_W = Ŵ Ŵᵀ, rows reordered by
+    ``label_permutation``); otherwise the soft confusion C of the teacher's predictions, which
+    ``teacher_predictions()`` collects (its logits on the training set, in the student's label order).
+    """
+    if teacher is not None:
+        try:
+            weight = logit_layer_weight(teacher)
+        except ValueError:
+            weight = None
+        if weight is not None:
+            classes = None if label_permutation is None else torch.tensor(label_permutation)
+            return class_similarity(weight.cpu(), classes), "logit-layer weights"
+    if teacher_predictions is None:
+        raise ValueError(
+            "the teacher has no readable logit layer: teacher predictions are needed for the soft-confusion fallback"
+        )
+    predictions = teacher_predictions()
+    keep = predictions.labels != NO_LABEL
+    probs = torch.softmax(predictions.teacher_logits[keep], dim=-1)
+    return soft_confusion(
+        probs, predictions.labels[keep], predictions.num_classes
+    ), "soft confusion of predictions"
