@@ -49,9 +49,9 @@ def trainer(student, teacher, alpha: float, out: str) -> DistillationTrainer:
     return t
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -88,9 +88,9 @@ def main() -> None:
     times = {"a": [], "b": [], "c": []}
     for r in range(args.repeats + 3):  # the first 3 rounds warm up
         i = r % len(batches)
-        a = timed(lambda: plain.training_step(plain.model, dict(batches[i])))
-        b = timed(lambda: teacher_forward(i))
-        c = timed(lambda: kd.training_step(kd.model, dict(batches[i])))
+        a = timed(plain.training_step, plain.model, dict(batches[i]))
+        b = timed(teacher_forward, i)
+        c = timed(kd.training_step, kd.model, dict(batches[i]))
         if r >= 3:
             times["a"].append(a), times["b"].append(b), times["c"].append(c)
     a, b, c = (statistics.median(times[k]) * 1e3 for k in "abc")
