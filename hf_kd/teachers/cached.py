@@ -1,0 +1,48 @@
+"""Cached teacher: reads the teacher's outputs from the ``kd_teacher_*`` columns of the batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_kd.losses import SparseLogits
+from hf_kd.tasks.base import split_batch
+
+
+class CachedTeacher:
+    """Teacher signal of a cache written by :func:`hf_kd.teachers.cache.capture_teacher_logits`.
+
+    Full logits come back as a dense float32 tensor; top-k columns as :class:`hf_kd.losses.SparseLogits`
+    over ``num_classes`` classes (the loss applies ``sparse_tail``). ``output_map`` reorders the
+    teacher's classes into the student's (``teacher_logits[..., output_map]``); for top-k columns it
+    must be a permutation, applied to the stored class ids.
+    """
+
+    def __init__(self, num_classes: int, output_map: list[int] | None = None):
+        self.num_classes = num_classes
+        self.output_map = None if output_map is None else torch.as_tensor(output_map)
+        self.inverse_map = None
+        if output_map is not None:
+            if sorted(output_map) != list(range(num_classes)):
+                raise ValueError(
+                    f"a cached teacher reorders its {num_classes} classes by a permutation; got output_map={output_map}"
+                )
+            self.inverse_map = torch.argsort(self.output_map)  # inverse_map[teacher class] = student class
+
+    def __call__(self, batch: dict[str, Any], student_logits: torch.Tensor) -> torch.Tensor | SparseLogits:
+        cached = split_batch(batch)[2]
+        if "logits" in cached:
+            logits = cached["logits"].float()
+            return logits if self.output_map is None else logits[..., self.output_map.to(logits.device)]
+        missing = [name for name in ("log_probs", "indices", "tail_log_mass") if name not in cached]
+        if missing:
+            raise KeyError(
+                f"the batch has no cached teacher columns kd_teacher_{missing}; got kd_teacher_{sorted(cached)}"
+            )
+        indices = cached["indices"].long()
+        if self.inverse_map is not None:
+            indices = self.inverse_map.to(indices.device)[indices]
+        return SparseLogits(
+            cached["log_probs"].float(), indices, cached["tail_log_mass"].float(), self.num_classes
+        )

@@ -1,0 +1,32 @@
+"""Capture a teacher's logits once into a teacher cache (a ``datasets`` dataset with metadata).
+
+    accelerate launch scripts/cache_teacher.py --config recipes/demo/cache_teacher.yaml [--field value ...]
+    torchrun --nproc_per_node 2 scripts/cache_teacher.py --config recipes/demo/cache_teacher.yaml
+    python scripts/cache_teacher.py --config recipes/demo/cache_teacher.yaml --top_k 4
+
+Train from it with ``teacher_source: cached`` and ``teacher_cache: <output_dir>`` in a distill recipe.
+An interrupted capture resumes when run again with the same settings.
+"""
+
+import torch
+
+from hf_kd.config import DataArguments, parse_args
+from hf_kd.teachers.cache import CacheArguments, run_capture
+
+
+def main(argv: list[str] | None = None) -> None:
+    data_args, cache_args = parse_args(argv, classes=(DataArguments, CacheArguments))
+    metadata = run_capture(data_args, cache_args)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        rows = ", ".join(f"{name}: {record['num_rows']} rows" for name, record in metadata.splits.items())
+        stored = "full logits" if metadata.top_k is None else f"top-{metadata.top_k}"
+        print(
+            f"teacher cache {cache_args.output_dir}: {stored} ({metadata.dtype}) of {metadata.teacher_id}; {rows}"
+        )
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
