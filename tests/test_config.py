@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -72,3 +74,18 @@ def test_online_kd_without_a_teacher_is_an_error(tmp_path):
         ValueError, match=r"alpha=0.5 with an online teacher needs teacher_model_name_or_path"
     ):
         run_distillation(*parse_args(["--config", write_recipe(tmp_path, dataset_name="unused")]))
+
+
+RECIPES = sorted(
+    p
+    for p in (Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml")
+    if "accelerate_configs" not in p.parts
+    and not p.name.startswith("cache_")  # cache_*: scripts/cache_teacher.py
+)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_shipped_recipe_parses(recipe):
+    """Each scripts/distill.py recipe's keys are known fields with valid values (no model or data is loaded)."""
+    data, model, config = parse_args(["--config", str(recipe)])
+    assert config.output_dir
