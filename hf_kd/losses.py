@@ -45,11 +45,15 @@ class SparseLogits:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, k: int) -> SparseLogits:
-        """Top-k compression of dense logits: keeps the k largest log-probabilities and the tail mass."""
+        """Top-k compression of dense logits: keeps the k largest log-probabilities and the tail mass.
+
+        The tail is summed directly, log Σ_{i ∉ top-k} p_i, not as log(1 − Σ_topk p): that difference
+        rounds to log 0 = −inf in float32 once the tail is below ~1e-7, although its classes keep p > 0.
+        """
         log_p = torch.log_softmax(logits.float(), dim=-1)
         K = logits.shape[-1]
         top, idx = log_p.topk(min(k, K), dim=-1)
-        tail = log1mexp(torch.logsumexp(top, dim=-1)) if k < K else torch.full_like(top[..., 0], -math.inf)
+        tail = torch.logsumexp(log_p.scatter(-1, idx, -math.inf), dim=-1)
         return cls(top, idx, tail, K)
 
     def __getitem__(self, rows) -> SparseLogits:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -141,6 +142,14 @@ def test_tail_modes_match_hand_computed_probabilities(tmp_path, temperature):
             got = teacher_log_probs(sparse, temperature, mode)[row].exp().double()
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(sparse.tail_log_mass.exp()[0], (torch.softmax(logits[0], -1)[2:]).sum())
+
+
+def test_tail_below_float_precision_keeps_its_mass():
+    """v = (30, 30, 0, 0), k = 2: the tail mass 2/(2e³⁰ + 2) ≈ e⁻³⁰ is far below float32's resolution of
+    1 − (p₀ + p₁), yet log of it is stored, not −inf."""
+    sparse = SparseLogits(**compress_logits(torch.tensor([[30.0, 30.0, 0.0, 0.0]]), 2), num_classes=4)
+    torch.testing.assert_close(sparse.tail_log_mass, torch.tensor([-30.0]))
+    assert torch.isfinite(sparse.to_dense_log_probs("uniform")).all()
 
 
 def test_per_token_columns_keep_each_rows_positions():
