@@ -312,12 +312,13 @@ def scalar_measures(measures: dict[str, Any], prefix: str = "") -> dict[str, flo
 # ---- files ------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` to a temporary file in the same folder, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates the file readable by its owner only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -369,7 +370,7 @@ def _plot(
         ax.set_xlabel("class")
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _write_atomic(folder / "similarity.png", lambda p: fig.savefig(p, dpi=80, format="png"))
+    write_atomic(folder / "similarity.png", lambda p: fig.savefig(p, dpi=80, format="png"))
     plt.close(fig)
     written.append("similarity.png")
 
@@ -383,7 +384,7 @@ def _plot(
         ax.set_ylabel("rescaling weight w_t")
         ax.set_title(f"level 3: w_t against p_t (α = {alpha}, τ = {tau})", fontsize=9)
         fig.tight_layout()
-        _write_atomic(folder / "rescaling.png", lambda p: fig.savefig(p, dpi=80, format="png"))
+        write_atomic(folder / "rescaling.png", lambda p: fig.savefig(p, dpi=80, format="png"))
         plt.close(fig)
         written.append("rescaling.png")
 
@@ -395,7 +396,7 @@ def _plot(
     for ax in axes:
         ax.set_ylabel("instances")
     fig.tight_layout()
-    _write_atomic(folder / "histograms.png", lambda p: fig.savefig(p, dpi=80, format="png"))
+    write_atomic(folder / "histograms.png", lambda p: fig.savefig(p, dpi=80, format="png"))
     plt.close(fig)
     written.append("histograms.png")
     return written
@@ -460,13 +461,11 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     written = _plot(predictions, measures, folder, teacher_weight, student_weight) if plots else []
     content = {"measures": measures, "diagnosis": diagnosis, "thresholds": THRESHOLDS, "plots": written}
-    _write_atomic(
+    write_atomic(
         folder / "report.json",
         lambda p: p.write_text(json.dumps(_json_safe(content), indent=2, allow_nan=False)),
     )
-    _write_atomic(
-        folder / "report.md", lambda p: p.write_text(_markdown(measures, diagnosis, written, title))
-    )
+    write_atomic(folder / "report.md", lambda p: p.write_text(_markdown(measures, diagnosis, written, title)))
     return content
 
 
