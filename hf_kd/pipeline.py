@@ -13,6 +13,7 @@ from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_sp
 from hf_kd.knowledge.callback import KnowledgeCallback
 from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
+from hf_kd.run_card import run_card_info, teacher_scores
 from hf_kd.tasks import Task, build_task, processor_fingerprint
 from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache import load_teacher_cache
@@ -82,8 +83,12 @@ def synthetic_target_fn(config: DistillationConfig, trainer: DistillationTrainer
     )
 
 
-def run_distillation(data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig) -> RunResult:
-    """Load data, student and teacher; train; evaluate; save the student with its processor."""
+def run_distillation(
+    data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig, *, command: str | None = None, recipe_yaml: str | None = None
+) -> RunResult:
+    """Load data, student and teacher; train; evaluate; save the student with its processor and model card
+    (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card); push it when
+    ``config.push_to_hub``."""
     _check_sources(model_args, config)
     set_seed(config.seed)
     task = build_task(data_args)
@@ -130,6 +135,15 @@ def run_distillation(data_args: DataArguments, model_args: ModelArguments, confi
     if task.name == "image-classification":
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
 
+    card_info = run_card_info(
+        data_args,
+        config,
+        student_parameters=count_parameters(student),
+        teacher_parameters=None if teacher is None else count_parameters(teacher),
+        cache_provenance=cache.metadata.provenance() if cache is not None else None,
+        command=command,
+        recipe_yaml=recipe_yaml,
+    )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -145,10 +159,15 @@ def run_distillation(data_args: DataArguments, model_args: ModelArguments, confi
         trainer.target_fn = synthetic_target_fn(config, trainer, teacher, train_prepared)
     if eval_prepared is not None and config.uses_teacher:
         trainer.add_callback(KnowledgeCallback(trainer))
+    trainer.card_info = card_info
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
+    if metrics:
+        trainer.save_metrics("eval", metrics)
+    if teacher is not None:
+        card_info.teacher_metrics = teacher_scores(trainer, eval_prepared)
     student.config.use_cache = True
-    trainer.save_model(config.output_dir)
+    trainer.save_model(config.output_dir)  # writes the card; pushes student + card when config.push_to_hub
     return RunResult(
         metrics=metrics,
         student_parameters=count_parameters(student),

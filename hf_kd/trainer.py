@@ -15,8 +15,10 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from hf_kd.config import DistillationConfig
+from hf_kd.hub import DistillationCardInfo, write_model_card
 from hf_kd.losses import TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_pretrained
+from hf_kd.run_card import with_latest_evaluation
 from hf_kd.tasks import ImageClassificationTask, Task, TextClassificationTask, split_batch
 from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
 from hf_kd.teachers.placement import place_teacher
@@ -84,6 +86,24 @@ class DistillationTrainer(Trainer):
         self.teacher_signal = teacher_signal
         self.target_fn = target_fn
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.card_info: DistillationCardInfo | None = None
+        """The distillation model card (``hf_kd.run_card``): when set, written as README.md wherever the
+        student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
+
+    # ---- saving: the distillation card goes wherever the student goes ---------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs: Any) -> None:
+        """Write the distillation card with the latest evaluation scores (the Trainer's generic card
+        when ``card_info`` is unset); main process only."""
+        if self.card_info is None:
+            return super().create_model_card(**kwargs)
+        if self.is_world_process_zero():
+            write_model_card(with_latest_evaluation(self.card_info, self.state.log_history), output_dir or self.args.output_dir)
 
     # ---- batches ------------------------------------------------------------------------------
 

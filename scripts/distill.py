@@ -1,19 +1,36 @@
 """Distil a teacher into a student from a recipe.
 
-    accelerate launch scripts/distill.py --config recipes/<family>/<recipe>.yaml [--field value ...]
     python scripts/distill.py --config recipes/demo/student_kd.yaml --num_train_epochs 5
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml scripts/distill.py --config <recipe>.yaml
+    torchrun --nproc_per_node 2 scripts/distill.py --config <recipe>.yaml --use_cpu true   # 2 processes on CPU
 
 Command-line flags override the recipe; the recipe overrides the defaults (see README "Configuration").
 """
+
+import shlex
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.pipeline import format_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = run_distillation(*parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    result = run_distillation(
+        *parse_args(argv),
+        command=shlex.join(["python", "scripts/distill.py", *argv]),
+        recipe_yaml=Path(recipe).read_text() if recipe else None,
+    )
     if result.trainer.is_world_process_zero():
         print(format_metrics(result.metrics))
+    if dist.is_available() and dist.is_initialized():
+        # Without this a rank can abort at interpreter exit (rc=1) while the other is still tearing down.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

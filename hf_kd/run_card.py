@@ -1,0 +1,124 @@
+"""The model card of one distillation run: what ``hf_kd.hub`` renders, filled from the run's arguments,
+its evaluation logs and the teacher's own scores.
+
+``run_card_info`` gathers the fixed facts once (teacher, data, loss settings, cache provenance, sizes,
+command, recipe); ``with_latest_evaluation`` adds the scores of the latest evaluation in the Trainer's
+``log_history``, so the card written next to each checkpoint says how good that checkpoint was.
+Knowledge measures logged by ``hf_kd.knowledge.callback`` (``eval_knowledge/...``) become the card's
+"What was transferred" table instead of result rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from transformers import EvalPrediction
+
+from hf_kd.hub import DistillationCardInfo
+
+KNOWLEDGE_PREFIX = "eval_knowledge/"
+"""Prefix of the knowledge measures in the evaluation logs."""
+
+
+def run_card_info(
+    data_args,
+    config,
+    *,
+    student_parameters: int,
+    teacher_parameters: int | None = None,
+    teacher_metrics: dict[str, float] | None = None,
+    cache_provenance: dict[str, Any] | None = None,
+    command: str | None = None,
+    recipe_yaml: str | None = None,
+) -> DistillationCardInfo:
+    """The card's facts from a run's ``DataArguments`` and ``DistillationConfig``.
+
+    The student is named by ``hub_model_id`` (else the output folder's name); the teacher by
+    ``teacher_model_name_or_path``, or by the cache's teacher id when the run read a teacher cache.
+    """
+    provenance = cache_provenance or {}
+    teacher_id = config.teacher_model_name_or_path or provenance.get("teacher_id") or "none (no teacher)"
+    teacher_revision = (
+        config.teacher_model_revision
+        if config.teacher_model_name_or_path
+        else provenance.get("teacher_revision")
+    )
+    return DistillationCardInfo(
+        student_id=config.hub_model_id or Path(config.output_dir).name,
+        teacher_id=teacher_id,
+        teacher_revision=teacher_revision,
+        task=data_args.task,
+        divergence=config.divergence,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+        temperature_squared=config.temperature_squared,
+        synthetic_target=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
+        teacher_source=config.teacher_source,
+        cache_provenance=cache_provenance,
+        teacher_metrics=dict(teacher_metrics or {}),
+        teacher_parameters=teacher_parameters,
+        student_parameters=student_parameters,
+        command=command,
+        recipe_yaml=recipe_yaml,
+    )
+
+
+def with_latest_evaluation(
+    info: DistillationCardInfo, log_history: list[dict[str, Any]]
+) -> DistillationCardInfo:
+    """``info`` with the student's scores of the latest evaluation logged and the latest knowledge
+    measures (logged as an entry of their own); as is when nothing was evaluated yet."""
+    scores: dict[str, float] = {}
+    knowledge: dict[str, float] = {}
+    for entry in reversed(log_history):
+        evaluation = {k: v for k, v in entry.items() if k.startswith("eval_")}
+        if not scores:
+            scores = {k: v for k, v in evaluation.items() if not k.startswith(KNOWLEDGE_PREFIX)}
+        if not knowledge:
+            knowledge = {
+                k[len(KNOWLEDGE_PREFIX) :]: v for k, v in evaluation.items() if k.startswith(KNOWLEDGE_PREFIX)
+            }
+        if scores and knowledge:
+            break
+    return replace(
+        info,
+        student_metrics=scores or info.student_metrics,
+        knowledge_summary=knowledge_table(knowledge) or info.knowledge_summary,
+    )
+
+
+def knowledge_table(measures: dict[str, float]) -> str | None:
+    """A markdown table of the scalar knowledge measures (histogram bins left out), or None."""
+    rows = [
+        (name, value)
+        for name, value in measures.items()
+        if "histogram" not in name and "bin_edges" not in name
+    ]
+    if not rows:
+        return None
+    lines = [
+        "Knowledge measures of the final evaluation (see hf_kd's README, the three knowledge levels):",
+        "",
+    ]
+    lines += ["| Measure | Value |", "| --- | --- |"] + [
+        f"| `{name}` | {value:.4g} |" for name, value in rows
+    ]
+    return "\n".join(lines)
+
+
+def teacher_scores(trainer, dataset) -> dict[str, float]:
+    """The teacher's task metrics on ``dataset``, computed by the trainer's ``compute_metrics`` from the
+    teacher logits of one prediction pass (gathered over every process). Empty when the run has no
+    ``compute_metrics`` or its predictions carry no teacher logits. Every process must call it."""
+    if trainer.compute_metrics is None or dataset is None:
+        return {}
+    output = trainer.predict(dataset, metric_key_prefix="eval")
+    if not (isinstance(output.predictions, tuple) and len(output.predictions) == 2):
+        return {}
+    scores = trainer.compute_metrics(
+        EvalPrediction(predictions=output.predictions[1], label_ids=output.label_ids)
+    )
+    return {f"eval_{name}": value for name, value in scores.items()}
