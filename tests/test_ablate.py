@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hf_kd.knowledge.ablation import paper_ordering, parse_arms, run_ablation, run_argv, summarize, write_summary
+from hf_kd.knowledge.ablation import (
+    paper_ordering,
+    parse_arms,
+    run_ablation,
+    run_argv,
+    summarize,
+    write_summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes/paper/student_kd.yaml")
@@ -31,9 +38,16 @@ class FakeTrain:
 def test_runs_are_kept_and_skipped(tmp_path):
     train, lines = FakeTrain(), []
     results = run_ablation(RECIPE, ["none", "kd"], [0, 1], tmp_path, train=train, progress=lines.append)
-    assert len(train.calls) == 4 and [(r["arm"], r["seed"]) for r in results] == [("none", 0), ("none", 1), ("kd", 0), ("kd", 1)]
+    assert len(train.calls) == 4 and [(r["arm"], r["seed"]) for r in results] == [
+        ("none", 0),
+        ("none", 1),
+        ("kd", 0),
+        ("kd", 1),
+    ]
     assert lines[0] == "[1/4] arm=none seed=0: training" and "eval_accuracy=0.7100" in lines[3]
-    assert json.loads((tmp_path / "kd" / "seed1" / "result.json").read_text())["metrics"]["eval_accuracy"] == pytest.approx(0.79)
+    assert json.loads((tmp_path / "kd" / "seed1" / "result.json").read_text())["metrics"][
+        "eval_accuracy"
+    ] == pytest.approx(0.79)
     (tmp_path / "none" / "seed1" / "result.json").unlink()  # one run lost: only it is trained again
     again, lines = FakeTrain(), []
     results = run_ablation(RECIPE, ["none", "kd"], [0, 1], tmp_path, train=again, progress=lines.append)
@@ -51,7 +65,15 @@ def test_run_argv_none_sets_alpha_zero_and_overrides_pass_through(tmp_path):
 def test_bad_override_fails_before_training(tmp_path):
     train = FakeTrain()
     with pytest.raises(ValueError, match="temperature"):
-        run_ablation(RECIPE, ["kd"], [0], tmp_path, overrides=["--temperature", "-1.0"], train=train, progress=lambda s: None)
+        run_ablation(
+            RECIPE,
+            ["kd"],
+            [0],
+            tmp_path,
+            overrides=["--temperature", "-1.0"],
+            train=train,
+            progress=lambda s: None,
+        )
     assert train.calls == []
 
 
@@ -63,7 +85,9 @@ def test_parse_arms():
 
 
 def test_summary_table_ordering_and_files(tmp_path):
-    results = run_ablation(RECIPE, list(ACCURACY), [0, 1, 2], tmp_path, train=FakeTrain(), progress=lambda s: None)
+    results = run_ablation(
+        RECIPE, list(ACCURACY), [0, 1, 2], tmp_path, train=FakeTrain(), progress=lambda s: None
+    )
     summary = summarize(results, "eval_accuracy")
     values = [ACCURACY["kd_pt"] + 0.01 * s for s in range(3)]
     assert summary["kd_pt"]["mean"] == pytest.approx(statistics.fmean(values))
@@ -86,15 +110,40 @@ def test_ablate_script_real_runs(tmp_path, capsys):
     from hf_kd.data.hierarchy import write_hierarchy_dataset
 
     data = write_hierarchy_dataset(tmp_path / "data", n_per_class=20)
-    teacher = ["--config", str(ROOT / "recipes/paper/teacher.yaml"), "--dataset_name", str(data), "--output_dir", str(tmp_path / "t")]
+    teacher = [
+        "--config",
+        str(ROOT / "recipes/paper/teacher.yaml"),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "t"),
+    ]
     run_distillation(*parse_args(teacher + ["--num_train_epochs", "3", "--disable_tqdm", "true"]))
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import ablate
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    argv = ["--config", RECIPE, "--arms", "none,kd_pt", "--seeds", "1", "--output_dir", str(tmp_path / "abl"), "--dataset_name", str(data)]
-    argv += ["--teacher_model_name_or_path", str(tmp_path / "t"), "--num_labeled_examples", "100", "--num_train_epochs", "1"]
+    argv = [
+        "--config",
+        RECIPE,
+        "--arms",
+        "none,kd_pt",
+        "--seeds",
+        "1",
+        "--output_dir",
+        str(tmp_path / "abl"),
+        "--dataset_name",
+        str(data),
+    ]
+    argv += [
+        "--teacher_model_name_or_path",
+        str(tmp_path / "t"),
+        "--num_labeled_examples",
+        "100",
+        "--num_train_epochs",
+        "1",
+    ]
     content = ablate.main(argv)
     assert set(content["summary"]) == {"none", "kd_pt"} and 0.0 <= content["summary"]["kd_pt"]["mean"] <= 1.0
     out = capsys.readouterr().out

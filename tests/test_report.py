@@ -28,7 +28,11 @@ def mlp(hidden: int, layers: int, seed: int) -> MLPForFeatureClassification:
     torch.manual_seed(seed)
     names = [f"g{c // 4}_c{c % 4}" for c in range(K)]  # the hierarchy task's label names (4 groups of 4)
     config = MLPClassifierConfig(
-        input_dim=32, hidden_size=hidden, num_hidden_layers=layers, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+        input_dim=32,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
     )
     return MLPForFeatureClassification(config)
 
@@ -59,7 +63,9 @@ def teachers(hierarchy):
         teacher = fit(mlp(64, 2, 0), x, lambda z, s=smoothing: F.cross_entropy(z, y, label_smoothing=s))
         with torch.no_grad():
             v = teacher(features=x).logits
-        student = fit(mlp(16, 1, 10), x, lambda z, v=v: distillation_loss(z, v, y, alpha=0.9, temperature=2.0).loss)
+        student = fit(
+            mlp(16, 1, 10), x, lambda z, v=v: distillation_loss(z, v, y, alpha=0.9, temperature=2.0).loss
+        )
         with torch.no_grad():
             out[name] = (teacher, student, teacher(features=xt).logits, student(features=xt).logits)
     return out
@@ -73,7 +79,14 @@ def test_ls_through_trainer_is_torch_label_smoothing(hierarchy, tmp_path):
     cross_entropy(label_smoothing = α) − α log K (KL = H(u, q) − log K), with the same gradient."""
     _, x, y, _, _, _ = hierarchy
     alpha, model = 0.3, mlp(8, 1, 0)
-    args = DistillationConfig(output_dir=str(tmp_path), synthetic_teacher="ls", alpha=alpha, temperature=1.0, use_cpu=True, report_to="none")
+    args = DistillationConfig(
+        output_dir=str(tmp_path),
+        synthetic_teacher="ls",
+        alpha=alpha,
+        temperature=1.0,
+        use_cpu=True,
+        report_to="none",
+    )
     trainer = DistillationTrainer(model=model, args=args, task=FeatureClassificationTask())
     batch = {"features": x[:64], "labels": y[:64]}
     loss = trainer.compute_loss(model, batch)
@@ -101,8 +114,14 @@ def test_target_fn_loss_is_kl_to_synthetic_target(kind):
 
 def test_kd_topk_with_k_equal_K_is_kd_through_loss():
     g = torch.Generator().manual_seed(1)
-    z, v, y = torch.randn(6, K, generator=g), torch.randn(6, K, generator=g), torch.randint(0, K, (6,), generator=g)
-    topk = distillation_loss(z, v, y, alpha=0.5, temperature=2.0, target_fn=SyntheticTargetFn("kd_topk", k=K)).loss
+    z, v, y = (
+        torch.randn(6, K, generator=g),
+        torch.randn(6, K, generator=g),
+        torch.randint(0, K, (6,), generator=g),
+    )
+    topk = distillation_loss(
+        z, v, y, alpha=0.5, temperature=2.0, target_fn=SyntheticTargetFn("kd_topk", k=K)
+    ).loss
     torch.testing.assert_close(topk, distillation_loss(z, v, y, alpha=0.5, temperature=2.0).loss)
 
 
@@ -123,7 +142,9 @@ def test_teacher_class_similarity_weights_then_fallback(teachers, hierarchy):
     assert source == "logit-layer weights"
     torch.testing.assert_close(sim, class_similarity(teacher.classifier.weight))
     perm = list(reversed(range(K)))
-    torch.testing.assert_close(teacher_class_similarity(teacher, label_permutation=perm)[0], sim[perm][:, perm])
+    torch.testing.assert_close(
+        teacher_class_similarity(teacher, label_permutation=perm)[0], sim[perm][:, perm]
+    )
     # A cached teacher (no model): the soft confusion of its predictions.
     _, _, _, _, yt, _ = hierarchy
     v = teachers["plain"][2]
@@ -139,16 +160,31 @@ def test_self_agreement_is_one_and_measures_match_formulas(teachers, hierarchy):
     data, _, _, _, yt, d = hierarchy
     teacher, _, v, _ = teachers["plain"]
     w = teacher.classifier.weight.detach()
-    m = knowledge_measures(v, yt, student_logits=v, alpha=0.5, temperature=2.0, groups=class_groups(data), teacher_weight=w, student_weight=w)
+    m = knowledge_measures(
+        v,
+        yt,
+        student_logits=v,
+        alpha=0.5,
+        temperature=2.0,
+        groups=class_groups(data),
+        teacher_weight=w,
+        student_weight=w,
+    )
     for kind in ("agreement_confusion", "agreement_weights"):
-        assert m["level2"][kind]["pearson"] == pytest.approx(1.0) and m["level2"][kind]["spearman"] == pytest.approx(1.0)
+        assert m["level2"][kind]["pearson"] == pytest.approx(1.0) and m["level2"][kind][
+            "spearman"
+        ] == pytest.approx(1.0)
     assert m["health"]["top1_agreement"] == 1.0
     p = torch.softmax(v, -1)
     assert m["health"]["teacher_accuracy"] == pytest.approx((p.argmax(-1) == yt).double().mean().item())
     pt = p.gather(-1, yt[:, None]).squeeze(-1)
-    assert m["level1"]["effective_smoothing"] == pytest.approx(0.5 * (1 - torch.softmax(v / 2, -1).gather(-1, yt[:, None])).mean().item(), rel=1e-5)
+    assert m["level1"]["effective_smoothing"] == pytest.approx(
+        0.5 * (1 - torch.softmax(v / 2, -1).gather(-1, yt[:, None])).mean().item(), rel=1e-5
+    )
     w_t = rescaling_weight(v, v, yt, alpha=0.5, temperature=2.0)
-    assert m["level3"]["rescaling"]["mean"] == pytest.approx(0.5, abs=1e-5) and torch.allclose(w_t, torch.full_like(w_t, 0.5))
+    assert m["level3"]["rescaling"]["mean"] == pytest.approx(0.5, abs=1e-5) and torch.allclose(
+        w_t, torch.full_like(w_t, 0.5)
+    )
     assert m["level3"]["teacher_true_prob_mean"] == pytest.approx(pt.double().mean().item(), rel=1e-5)
     # A trained teacher sees the class groups and finds the ground-truth hard instances hard.
     assert m["level2"]["teacher_hierarchy_confusion"] > 1.15
@@ -175,9 +211,19 @@ def test_label_smoothed_teacher_is_diagnosed(teachers, hierarchy):
     for name, (_, _, v, z) in teachers.items():
         measures[name] = knowledge_measures(v, yt, student_logits=z, alpha=0.9, temperature=2.0)
     plain, smoothed = measures["plain"], measures["smoothed"]
-    assert smoothed["health"]["tail_flatness"] >= THRESHOLDS["flat_tail"] > plain["health"]["tail_flatness"] + 0.5
-    assert smoothed["level2"]["agreement_confusion"]["spearman"] < plain["level2"]["agreement_confusion"]["spearman"]
-    assert smoothed["level3"]["spearman_student_teacher_prob"] < plain["level3"]["spearman_student_teacher_prob"] - 0.1
+    assert (
+        smoothed["health"]["tail_flatness"]
+        >= THRESHOLDS["flat_tail"]
+        > plain["health"]["tail_flatness"] + 0.5
+    )
+    assert (
+        smoothed["level2"]["agreement_confusion"]["spearman"]
+        < plain["level2"]["agreement_confusion"]["spearman"]
+    )
+    assert (
+        smoothed["level3"]["spearman_student_teacher_prob"]
+        < plain["level3"]["spearman_student_teacher_prob"] - 0.1
+    )
     assert any("Label-smoothed teacher pattern" in s for s in diagnose(smoothed)["failures"])
     assert not any("Label-smoothed" in s for s in diagnose(plain)["failures"])
     assert "does not offer it (its wrong-class tail is flat)" in diagnose(smoothed)["levels"][1]
@@ -210,7 +256,9 @@ def test_write_report_offline(teachers, hierarchy, tmp_path):
     for png in ("histograms.png", "rescaling.png", "similarity.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert saved["measures"]["health"]["tail_flatness"] == pytest.approx(content["measures"]["health"]["tail_flatness"])
+    assert saved["measures"]["health"]["tail_flatness"] == pytest.approx(
+        content["measures"]["health"]["tail_flatness"]
+    )
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Label-smoothed teacher pattern" in text and "![similarity.png](similarity.png)" in text
     assert "| health/tail_flatness |" in text
@@ -223,7 +271,14 @@ def test_write_report_offline(teachers, hierarchy, tmp_path):
 def saved_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
     data = write_hierarchy_dataset(root / "data", n_per_class=40)
-    argv = ["--config", str(ROOT / "recipes/paper/teacher.yaml"), "--dataset_name", str(data), "--output_dir", str(root / "teacher")]
+    argv = [
+        "--config",
+        str(ROOT / "recipes/paper/teacher.yaml"),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(root / "teacher"),
+    ]
     run_distillation(*parse_args(argv + ["--num_train_epochs", "10", "--disable_tqdm", "true"]))
     return root, data
 
@@ -243,7 +298,9 @@ def test_pipeline_kd_sim_and_knowledge_callback(saved_teacher):
     logged = [entry for entry in trainer.state.log_history if "eval_knowledge/health/tail_flatness" in entry]
     assert len(logged) == 1
     prepared = trainer.eval_dataset
-    predictions = collect_predictions(prepared, trainer.task, student=trainer.model, teacher_signal=trainer.teacher_signal)
+    predictions = collect_predictions(
+        prepared, trainer.task, student=trainer.model, teacher_signal=trainer.teacher_signal
+    )
     expected = scalar_measures(
         knowledge_measures(
             predictions.teacher_logits, predictions.labels, student_logits=predictions.student_logits, alpha=0.5, temperature=2.0,
@@ -251,7 +308,9 @@ def test_pipeline_kd_sim_and_knowledge_callback(saved_teacher):
         )
     )  # fmt: skip
     assert logged[0]["eval_knowledge/health/tail_flatness"] == pytest.approx(expected["health/tail_flatness"])
-    assert logged[0]["eval_knowledge/level2/agreement_weights/spearman"] == pytest.approx(expected["level2/agreement_weights/spearman"])
+    assert logged[0]["eval_knowledge/level2/agreement_weights/spearman"] == pytest.approx(
+        expected["level2/agreement_weights/spearman"]
+    )
 
 
 def test_analyze_script_writes_report(saved_teacher, capsys):
@@ -266,7 +325,9 @@ def test_analyze_script_writes_report(saved_teacher, capsys):
     report_dir = analyze.main(argv)
     assert report_dir == root / "unused" / "report"
     saved = json.loads((report_dir / "report.json").read_text())
-    assert saved["measures"]["level2"]["teacher_hierarchy_confusion"] > 1.0  # groups read from the g{i}_c{j} names
+    assert (
+        saved["measures"]["level2"]["teacher_hierarchy_confusion"] > 1.0
+    )  # groups read from the g{i}_c{j} names
     assert saved["measures"]["level3"]["spearman_teacher_prob_difficulty"] is not None
     assert f"knowledge report: {report_dir / 'report.md'}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such directory"):
