@@ -35,8 +35,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: setup
-	$(PY) scripts/bench_overhead.py
+bench: setup  # each script prints its figures; BENCHMARKS.md records them with machine and settings
+	for script in scripts/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
