@@ -168,6 +168,15 @@ class DataArguments:
     eval_split: str | None = field(default="test", metadata={"help": "Evaluation split (None: no evaluation)."})
     text_column: str = field(default="text", metadata={"help": "Text column (text tasks)."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
+    messages_column: str = field(
+        default="messages", metadata={"help": "causal-lm: column of conversations ([{role, content}, ...], rendered with the chat template)."}
+    )
+    completion_only_loss: bool = field(
+        default=True, metadata={"help": "causal-lm chat data: train (CE and KD) on the assistant's tokens only; false: on every token."}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "causal-lm: pack whole examples into rows of max_length tokens (position_ids restart per example)."}
+    )
     image_column: str = field(default="image", metadata={"help": "Image column (image tasks)."})
     feature_column: str = field(default="features", metadata={"help": "Feature-vector column (feature-classification)."})
     label_column: str = field(default="label", metadata={"help": "Label column; -1, -100 or missing = unlabelled (soft term only)."})

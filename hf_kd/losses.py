@@ -107,11 +107,14 @@ def teacher_log_probs(teacher: torch.Tensor | SparseLogits, temperature: float, 
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
+LOG_ZERO = -1.0e4
+"""Stands for log 0 in a teacher's log-probabilities: e^LOG_ZERO is exactly 0 in float32, and unlike −inf
+it gives 0 · (LOG_ZERO − log q) = 0 rather than NaN, so the KL sums need no masking pass."""
+
+
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a ‖ b) = Σ_i a_i (log a_i − log b_i), with 0 · log 0 = 0 and a_i = 0 terms dropped."""
-    a = log_a.exp()
-    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
-    return (a * diff).sum(-1)
+    """KL(a ‖ b) = Σ_i a_i (log a_i − log b_i) for finite log-probabilities (a_i = 0 terms give 0)."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -132,7 +135,12 @@ def divergence_from_log_probs(
     tvd         ½ Σ |p − q|
     skew_kl     KL(p ‖ s p + (1 − s) q)              (DistiLLM, s = ``skew``)
     skew_rkl    KL(q ‖ (1 − s) p + s q)
+
+    A zero teacher probability (log p = −inf: a renormalised top-k teacher, a synthetic target) is
+    taken as e^LOG_ZERO: it adds nothing to the KL terms weighted by p, and a large finite penalty
+    instead of +inf to those weighted by q (reverse_kl).
     """
+    log_p = log_p.clamp(min=LOG_ZERO)
     if name == "forward_kl":
         return _kl(log_p, log_q)
     if name == "reverse_kl":
@@ -226,7 +234,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, hard_weight, soft_weight, chunk_size, sums_fn):  # noqa: D102
-        grad = torch.zeros_like(student_logits)
+        grad = torch.empty_like(student_logits)  # every row is written below
         hard_total = student_logits.new_zeros((), dtype=torch.float32)
         soft_total = hard_total.clone()
         for start in range(0, student_logits.shape[0], chunk_size):
@@ -244,7 +252,8 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):  # noqa: D102
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        # In place: a second full-size tensor would double the peak (a second backward then fails loudly).
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None
 
 
 def distillation_loss(

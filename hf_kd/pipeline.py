@@ -14,12 +14,13 @@ from hf_kd.knowledge.callback import KnowledgeCallback
 from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
 from hf_kd.run_card import run_card_info, teacher_scores
-from hf_kd.tasks import Task, build_task, processor_fingerprint
+from hf_kd.tasks import CausalLMTask, Task, build_task, processor_fingerprint
 from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.synthetic import SyntheticTargetFn
 from hf_kd.trainer import DistillationTrainer
+from hf_kd.vocab import check_same_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def run_distillation(
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
-    labels = label_names(train, data_args.label_column)
+    token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
+    labels = None if token_level else label_names(train, data_args.label_column)
     student, student_processor = load_student(task, model_args, labels)
 
     teacher, teacher_processor = None, None
@@ -116,6 +118,11 @@ def run_distillation(
             config.teacher_model_name_or_path, revision=config.teacher_model_revision, trust_remote_code=model_args.trust_remote_code
         )
         task.teacher_output_map(teacher_config, student.config, config)  # label/vocabulary check before loading weights
+        teacher_processor = task.load_processor(model_args.teacher_processor or config.teacher_model_name_or_path)
+        if token_level:
+            check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
+        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(student_processor):
+            teacher_processor = None  # same preprocessing: the teacher reads the student's inputs
         teacher = load_pretrained(
             task.model_class(),
             config.teacher_model_name_or_path,
@@ -123,9 +130,6 @@ def run_distillation(
             trust_remote_code=model_args.trust_remote_code,
             **(config.teacher_model_init_kwargs or {}),
         )
-        teacher_processor = task.load_processor(model_args.teacher_processor or config.teacher_model_name_or_path)
-        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(student_processor):
-            teacher_processor = None  # same preprocessing: the teacher reads the student's inputs
     teacher_signal = None
     if cache is not None:
         teacher_signal = CachedTeacher(cache.metadata.num_classes, cache.check_run(task, student.config, student_processor, config))
@@ -153,11 +157,11 @@ def run_distillation(
         train_dataset=train_prepared,
         eval_dataset=eval_prepared,
         processing_class=student_processor,
-        compute_metrics=ClassificationMetrics(data_args.metrics),
+        compute_metrics=None if token_level else ClassificationMetrics(data_args.metrics),  # LM: loss, loss_hard, loss_soft
     )
     if config.alpha > 0 and config.synthetic_teacher in ("kd_pt", "kd_sim", "kd_topk"):
         trainer.target_fn = synthetic_target_fn(config, trainer, teacher, train_prepared)
-    if eval_prepared is not None and config.uses_teacher:
+    if eval_prepared is not None and config.uses_teacher and not token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
     trainer.card_info = card_info
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)

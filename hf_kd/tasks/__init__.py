@@ -1,6 +1,7 @@
 """Task adapters: preprocessing, collation and how a batch becomes distillation instances."""
 
 from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, processor_fingerprint, split_batch
+from hf_kd.tasks.causal_lm import CausalLMTask
 from hf_kd.tasks.classification import ImageClassificationTask, TextClassificationTask
 from hf_kd.tasks.features import FeatureClassificationTask
 
@@ -13,11 +14,16 @@ def build_task(data_args) -> Task:
         return ImageClassificationTask(data_args.image_column, data_args.label_column)
     if data_args.task == "feature-classification":
         return FeatureClassificationTask(data_args.feature_column, data_args.label_column)
+    if data_args.task == "causal-lm":
+        return CausalLMTask(
+            data_args.text_column, data_args.messages_column, data_args.max_length, data_args.completion_only_loss, data_args.packing
+        )
     raise ValueError(f"task={data_args.task!r} has no adapter yet")
 
 
 __all__ = [
     "CACHE_PREFIX",
+    "CausalLMTask",
     "FeatureClassificationTask",
     "NO_LABEL",
     "TEACHER_INPUT_PREFIX",

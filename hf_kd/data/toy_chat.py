@@ -1,0 +1,75 @@
+"""A tiny offline chat corpus and its tokenizer, for the causal-LM demo recipe and tests.
+
+Each conversation asks for one of three operations on a few symbols and gets the answer:
+
+    user: "reverse c a f"  → assistant: "f a c"
+    user: "sort c a f"     → assistant: "a c f"
+    user: "add 3 4"        → assistant: "7"
+
+The tokenizer is a word-level ``tokenizers`` model trained on the corpus, wrapped in
+``PreTrainedTokenizerFast`` with a chat template, so nothing comes from the Hub.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+SYMBOLS = list("abcdefgh")
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def toy_conversation(rng: random.Random) -> list[dict[str, str]]:
+    """One random request and its correct answer."""
+    operation = rng.choice(["reverse", "sort", "add"])
+    if operation == "add":
+        a, b = rng.randrange(10), rng.randrange(10)
+        question, answer = f"add {a} {b}", str(a + b)
+    else:
+        items = [rng.choice(SYMBOLS) for _ in range(rng.randint(2, 5))]
+        result = items[::-1] if operation == "reverse" else sorted(items)
+        question, answer = f"{operation} {' '.join(items)}", " ".join(result)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def toy_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on ``texts``, with the chat template above."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>"
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def write_toy_chat(path: str | Path, num_train: int = 512, num_test: int = 64, seed: int = 0) -> Path:
+    """Write ``path`` (a ``save_to_disk`` DatasetDict with ``messages`` and ``text`` columns) and
+    ``path/tokenizer``; written to a temporary directory first, then renamed."""
+    path = Path(path)
+    rng = random.Random(seed)
+    conversations = [toy_conversation(rng) for _ in range(num_train + num_test)]
+    texts = [f"{c[0]['content']} = {c[1]['content']}" for c in conversations]
+    splits = DatasetDict(
+        train=Dataset.from_dict({"messages": conversations[:num_train], "text": texts[:num_train]}),
+        test=Dataset.from_dict({"messages": conversations[num_train:], "text": texts[num_train:]}),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    splits.save_to_disk(str(staging))
+    toy_tokenizer(texts + [" ".join(SYMBOLS)]).save_pretrained(str(staging / "tokenizer"))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path

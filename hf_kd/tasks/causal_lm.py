@@ -1,0 +1,250 @@
+"""Causal language modelling: every token that has a target is one distillation instance.
+
+Rows are plain text (``text_column``) or conversations (``messages_column``, a list of
+``{"role", "content"}`` rendered with the tokenizer's chat template). ``labels`` follow the Hugging
+Face convention: aligned with ``input_ids`` (the model's logit at position t predicts ``labels[t + 1]``),
+−100 where there is no target — prompt tokens when ``completion_only_loss``, padding, and the first
+token of every packed sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_kd.losses import SparseLogits
+from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, KDItems, Task
+from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
+
+
+def vocab_size_of(config) -> int:
+    """Rows of a (possibly multimodal) model's output layer."""
+    return config.get_text_config().vocab_size
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """targets[b, t] = labels[b, t + 1]: what position t is trained to predict (−100 at the last position)."""
+    return F.pad(labels[:, 1:], (0, 1), value=NO_LABEL)
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
+    """Character spans of ``text`` (the whole rendered conversation) written by the assistant.
+
+    A reply's span starts where the conversation before it, rendered with the generation prompt,
+    ends, and ends where the conversation up to it ends (its end-of-turn marker included, so the
+    student learns to stop). Needs a template that renders conversations prefix by prefix.
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+            raise ValueError(
+                f"the chat template does not render this conversation prefix by prefix (turn {i}), so its "
+                "assistant tokens cannot be located; set completion_only_loss: false to train on every token"
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+class CausalLMTask(Task):
+    """Plain-text or chat causal LM, padded (``attention_mask``) or packed (``position_ids``).
+
+    Packing puts whole examples one after the other in rows of at most ``max_length`` tokens, with
+    ``position_ids`` restarting at 0 for each and no ``attention_mask``: Transformers then builds a
+    block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``),
+    so no token attends to another example, and the first token of each example gets no target.
+    """
+
+    name = "causal-lm"
+
+    def __init__(
+        self,
+        text_column: str = "text",
+        messages_column: str = "messages",
+        max_length: int = 1024,
+        completion_only_loss: bool = True,
+        packing: bool = False,
+    ):
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length!r}: a causal LM example needs at least 2 tokens")
+        self.text_column, self.messages_column = text_column, messages_column
+        self.max_length, self.completion_only_loss, self.packing = max_length, completion_only_loss, packing
+        self.tokenizer = None
+        self.pad_token_id = 0
+
+    def model_class(self):
+        return AutoModelForCausalLM
+
+    def load_processor(self, name_or_path, *, revision="main", trust_remote_code=False):
+        return AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+
+    def teacher_output_map(self, teacher_config, student_config, args) -> None:
+        """Checks that both output layers cover the tokenizer; padded sizes are sliced by :meth:`kd_items`."""
+        tokenizer_size = None if self.tokenizer is None else len(self.tokenizer)
+        shared_vocab_size(vocab_size_of(teacher_config), vocab_size_of(student_config), tokenizer_size)
+        return None
+
+    # ---- preprocessing ------------------------------------------------------------------------
+
+    def prepare(self, dataset, *, student_processor, teacher_processor=None):
+        """Tokenise (and pack). The teacher reads the student's ids, so a teacher tokenizer must have the
+        same vocabulary (checked first, before any work)."""
+        if teacher_processor is not None:
+            check_same_vocabulary(teacher_processor, student_processor)
+        self.tokenizer = student_processor
+        if student_processor.pad_token_id is not None:
+            self.pad_token_id = student_processor.pad_token_id
+        elif student_processor.eos_token_id is not None:
+            self.pad_token_id = student_processor.eos_token_id  # padded positions are masked: any id works
+        columns = dataset.column_names
+        cached = [c for c in columns if c.startswith(CACHE_PREFIX)]
+        if self.messages_column in columns:
+            if student_processor.chat_template is None:
+                raise ValueError(
+                    f"column {self.messages_column!r} holds conversations but the tokenizer has no chat_template"
+                )
+            encode, source = self._encode_conversation, self.messages_column
+        elif self.text_column in columns:
+            encode, source = self._encode_text, self.text_column
+        else:
+            raise ValueError(
+                f"causal-lm needs a {self.text_column!r} (plain text) or {self.messages_column!r} (chat) column; "
+                f"the dataset has {columns}"
+            )
+        if self.packing and cached:
+            raise ValueError(
+                "packing: true cannot be combined with cached per-token teacher outputs (they follow unpacked rows)"
+            )
+        encoded = dataset.map(
+            encode,
+            input_columns=source,
+            remove_columns=[c for c in columns if c not in cached],
+            desc="Tokenizing",
+        )
+        if not self.packing:
+            return encoded
+        return encoded.map(
+            self._pack, batched=True, batch_size=1000, remove_columns=encoded.column_names, desc="Packing"
+        )
+
+    def _truncate(self, ids: list[int], labels: list[int]) -> dict[str, list[int]]:
+        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
+
+    def _encode_text(self, text: str) -> dict[str, list[int]]:
+        """Plain text: every token is a target; an EOS is appended so the model learns where text ends."""
+        ids = self.tokenizer(text)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        return self._truncate(ids, list(ids))
+
+    def _encode_conversation(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+        """A conversation through the chat template; with ``completion_only_loss`` only the assistant's
+        tokens (those starting inside an assistant span) keep their label."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        if not self.completion_only_loss:
+            return self._truncate(ids, list(ids))
+        spans = assistant_spans(self.tokenizer, messages, text)
+        labels = [
+            token if any(start <= char < end for start, end in spans) else NO_LABEL
+            for token, (char, _) in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
+        return self._truncate(ids, labels)
+
+    def _pack(self, rows: dict[str, list]) -> dict[str, list]:
+        """First-fit in order: examples fill a row until the next one would pass ``max_length``."""
+        packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
+            if not packed["input_ids"] or len(packed["input_ids"][-1]) + len(ids) > self.max_length:
+                for column in packed.values():
+                    column.append([])
+            packed["input_ids"][-1] += ids
+            packed["labels"][-1] += [NO_LABEL] + labels[1:]  # no target across the example boundary
+            packed["position_ids"][-1] += list(range(len(ids)))
+        return packed
+
+    # ---- batches ------------------------------------------------------------------------------
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest row: ``attention_mask`` for padded rows; for packed rows the padding
+        gets its own ``position_ids`` run (a separate block nobody attends to). Cached per-token teacher
+        columns are padded with a valid distribution (uniform over the stored k) so masked positions
+        stay finite."""
+        length = max(len(f["input_ids"]) for f in features)
+        lengths = [len(f["input_ids"]) for f in features]
+
+        def padded(key: str, value) -> torch.Tensor:
+            return torch.tensor(
+                [list(f[key]) + [value] * (length - n) for f, n in zip(features, lengths, strict=True)]
+            )
+
+        batch = {"input_ids": padded("input_ids", self.pad_token_id), "labels": padded("labels", NO_LABEL)}
+        if "position_ids" in features[0]:
+            batch["position_ids"] = torch.tensor(
+                [
+                    list(f["position_ids"]) + list(range(length - n))
+                    for f, n in zip(features, lengths, strict=True)
+                ]
+            )
+        else:
+            batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
+        for key in features[0]:
+            if key.startswith(CACHE_PREFIX):
+                batch[key] = self._pad_cached(key, [torch.as_tensor(f[key]) for f in features], length)
+        return batch
+
+    @staticmethod
+    def _pad_cached(key: str, rows: list[torch.Tensor], length: int) -> torch.Tensor:
+        name = key[len(CACHE_PREFIX) :]
+        out = []
+        for row in rows:
+            missing = length - row.shape[0]
+            if name == "log_probs":
+                fill = torch.full(
+                    (missing, row.shape[-1]), -torch.log(torch.tensor(float(row.shape[-1]))).item()
+                )
+            elif name == "indices":
+                fill = torch.arange(row.shape[-1]).expand(missing, -1)
+            elif name == "tail_log_mass":
+                fill = torch.full((missing,), -torch.inf)
+            else:  # full logits
+                fill = torch.zeros((missing, *row.shape[1:]))
+            out.append(torch.cat([row, fill.to(row.dtype)]))
+        return torch.stack(out)
+
+    def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
+        """Position t of a row is one instance with target ``labels[t + 1]``. Both logits are cut to the
+        shared vocabulary prefix when the output layers are padded to different sizes (views, no copy
+        of the student's logits)."""
+        targets = next_token_targets(labels).reshape(-1)
+        vocab = student_logits.shape[-1]
+        if isinstance(teacher_logits, SparseLogits):
+            vocab = min(vocab, teacher_logits.num_classes)
+            if teacher_logits.num_classes > vocab and bool((teacher_logits.indices >= vocab).any()):
+                raise ValueError(
+                    f"cached teacher top-k holds token ids ≥ {vocab}, beyond the student's vocabulary"
+                )
+            teacher = teacher_logits.reshape(-1)
+            teacher = SparseLogits(teacher.log_probs, teacher.indices, teacher.tail_log_mass, vocab)
+        elif teacher_logits is not None:
+            vocab = min(vocab, teacher_logits.shape[-1])
+            teacher = teacher_logits[..., :vocab].reshape(-1, vocab)
+        else:
+            teacher = None
+        student = student_logits[..., :vocab].reshape(-1, vocab)
+        return KDItems(student, teacher, targets, targets != NO_LABEL)
+
+    def count_items(self, batch) -> torch.Tensor:
+        """Tokens with a target, counted once for the hard term and once for the soft term."""
+        num_targets = (batch["labels"][:, 1:] != NO_LABEL).sum()
+        return torch.stack([num_targets, num_targets])
