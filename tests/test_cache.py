@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from tiny import (
     bert_classifier,
     image_dataset,
@@ -283,7 +282,9 @@ def test_each_metadata_mismatch_names_field_cache_and_run_values(text_setup, tmp
         match=r"label spaces differ: the teacher has 2 labels \['negative', 'positive'\].*3 labels",
     ):
         cache.check_run(TextClassificationTask(), three, text_setup[2], args)
-    per_token = dataclasses.replace(cache, metadata=dataclasses.replace(cache.metadata, per_token=True))
+    per_token = dataclasses.replace(
+        cache, metadata=dataclasses.replace(cache.metadata, per_token=True, max_length=128)
+    )
     other_tokenizer = word_tokenizer(["other", "words"])
     err = mismatch(lambda: per_token.check_run(TextClassificationTask(), three, other_tokenizer, args))
     assert err.field_name == "processor_hash" and err.cache_value == cache.metadata.processor_hash
@@ -459,3 +460,45 @@ def test_capture_rejects_bad_settings_before_work(text_setup, tmp_path):
         capture_text(text_setup, tmp_path / "c")
     capture_text(text_setup, tmp_path / "c", top_k=1, overwrite=True)
     assert load_teacher_cache(tmp_path / "c").metadata.top_k == 1
+
+
+def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tmp_path):
+    """Per-token top-k of a tiny GPT-2 over padded rows equals top-k of its logits at every real position."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask  # built alongside (issue: causal LM)
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=1
+    )
+    teacher = GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 9, (10,), generator=g).tolist()
+    texts = [" ".join(f"w{i}" for i in torch.randint(0, 29, (n,), generator=g).tolist()) for n in lengths]
+    data = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    task = CausalLMTask(max_length=6)
+    kwargs = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
+    capture_teacher_logits(teacher, tokenizer, task, data, tmp_path / "cache", **kwargs)
+    cache = load_teacher_cache(tmp_path / "cache")
+    assert cache.metadata.per_token and cache.metadata.max_length == 6 and cache.metadata.num_classes == 32
+    prepared = CausalLMTask(max_length=6).prepare(cache.splits["train"], student_processor=tokenizer)
+    batch = task.collate([prepared[i] for i in range(10)])
+    sparse = CachedTeacher(32)(batch, None)
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference, real = SparseLogits.from_logits(logits, 4), batch["attention_mask"].bool()
+    assert torch.equal(sparse.indices[real], reference.indices[real])
+    torch.testing.assert_close(sparse.log_probs[real], reference.log_probs[real], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        sparse.tail_log_mass[real], reference.tail_log_mass[real], atol=1e-6, rtol=1e-5
+    )
+    args = DistillationConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    with pytest.raises(CacheMismatchError, match="max_length is 6 in the cache but 8 in the run"):
+        cache.check_run(CausalLMTask(max_length=8), config, tokenizer, args)

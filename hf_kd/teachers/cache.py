@@ -107,6 +107,8 @@ class CacheMetadata:
     per_token: bool
     splits: dict[str, dict[str, Any]]
     """Per split: ``num_rows`` and ``fingerprint`` (:func:`content_fingerprint` of the source rows)."""
+    max_length: int | None = None
+    """Per-token caches: the token limit of the rows (a run must cut its rows at the same length)."""
     dataset_name: str | None = None
     dataset_config: str | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -321,6 +323,7 @@ def capture_teacher_logits(
         top_k=top_k,
         dtype=dtype,
         per_token=task.name == "causal-lm",
+        max_length=getattr(task, "max_length", None) if task.name == "causal-lm" else None,
         splits={
             name: {"num_rows": len(split), "fingerprint": content_fingerprint(split)}
             for name, split in dataset.items()
@@ -363,6 +366,10 @@ def capture_teacher_logits(
                     with torch.inference_mode():
                         logits = teacher(**inputs).logits
                     mask = inputs.get("attention_mask") if metadata.per_token else None
+                    if metadata.per_token and mask is None:
+                        raise ValueError(
+                            "per-token capture needs padded rows with an attention_mask (no packing)"
+                        )
                     writer.write_table(columns_to_arrow(compress_logits(logits, top_k), features, mask))
                     bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
                 writer.finalize()
@@ -514,6 +521,10 @@ class TeacherCache:
         """Label space / vocabulary (through ``task.teacher_output_map``) and, for per-token caches,
         the tokenizer; returns the index map from the teacher's classes to the student's."""
         if self.metadata.per_token:
+            if self.metadata.max_length != getattr(task, "max_length", None):
+                raise CacheMismatchError(
+                    str(self.path), "max_length", self.metadata.max_length, getattr(task, "max_length", None)
+                )
             run_hash = processor_fingerprint(student_processor)
             if run_hash != self.metadata.processor_hash:
                 raise CacheMismatchError(
