@@ -467,7 +467,7 @@ def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tm
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask  # built alongside (issue: causal LM)
+    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask
     words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
