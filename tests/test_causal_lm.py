@@ -1,0 +1,274 @@
+"""Causal-LM distillation: preprocessing and masks, per-token normalisation, vocabulary alignment, and a
+tiny Llama teacher → student run from the offline recipes."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
+from hf_kd.data.toy_chat import toy_tokenizer, write_toy_chat
+from hf_kd.losses import distillation_loss
+from hf_kd.tasks import CausalLMTask
+from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    path = write_toy_chat(tmp_path_factory.mktemp("data") / "toy_chat", num_train=96, num_test=16)
+    return path, load_from_disk(str(path)), AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+
+
+def tiny_llama(vocab_size, seed=0, layers=1):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# ---- preprocessing --------------------------------------------------------------------------------
+
+
+def test_completion_only_keeps_exactly_the_assistant_tokens(toy):
+    _, data, tokenizer = toy
+    rows = data["train"].select(range(8))
+    prepared = CausalLMTask(max_length=64).prepare(rows, student_processor=tokenizer)
+    for row, messages in zip(prepared, rows["messages"], strict=True):
+        kept = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+        assert [label for label in row["labels"] if label != -100] == kept
+        assert tokenizer.decode(kept) == messages[1]["content"] + " <|end|>"
+        assert (
+            row["input_ids"]
+            == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+    everything = CausalLMTask(max_length=64, completion_only_loss=False).prepare(
+        rows, student_processor=tokenizer
+    )
+    assert all(row["labels"] == row["input_ids"] for row in everything)
+
+
+def test_template_that_is_not_prefix_stable_is_refused(toy):
+    _, data, tokenizer = toy
+    tokenizer = AutoTokenizer.from_pretrained(str(toy[0] / "tokenizer"))
+    tokenizer.chat_template = (
+        "{{ messages | length }} " + tokenizer.chat_template
+    )  # the prefix changes with each turn
+    with pytest.raises(ValueError, match="prefix by prefix"):
+        CausalLMTask().prepare(data["train"].select(range(2)), student_processor=tokenizer)
+
+
+def test_plain_text_gets_eos_and_is_truncated(toy):
+    _, data, tokenizer = toy
+    rows = data["train"].select(range(4)).remove_columns("messages")
+    prepared = CausalLMTask(max_length=6).prepare(rows, student_processor=tokenizer)
+    for row, text in zip(prepared, rows["text"], strict=True):
+        full = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        assert row["input_ids"] == full[:6] and row["labels"] == row["input_ids"]
+    with pytest.raises(ValueError, match="'body'"):
+        CausalLMTask(text_column="body", messages_column="chat").prepare(rows, student_processor=tokenizer)
+
+
+def test_packed_rows_equal_separate_forwards(toy):
+    """Packed examples see only themselves (position_ids restart → block-diagonal mask) and the first token
+    of each example has no target; padded rows match unpadded forwards at the real positions."""
+    _, data, tokenizer = toy
+    rows = data["train"].select(range(6))
+    separate = CausalLMTask(max_length=64).prepare(rows, student_processor=tokenizer)
+    task = CausalLMTask(max_length=40, packing=True)
+    packed = task.prepare(rows, student_processor=tokenizer)
+    assert len(packed) < len(separate)
+    assert sum(len(r["input_ids"]) for r in packed) == sum(len(r["input_ids"]) for r in separate)
+    model = tiny_llama(len(tokenizer), layers=2)
+    batch = task.collate(list(packed))
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        examples = iter(separate)
+        for r, row in enumerate(packed):
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+            for start, end in zip(starts, starts[1:] + [len(row["input_ids"])], strict=True):
+                example = next(examples)
+                alone = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+                torch.testing.assert_close(packed_logits[r, start:end], alone, rtol=1e-4, atol=1e-5)
+                assert (
+                    batch["labels"][r, start] == -100
+                    and row["labels"][start + 1 : end] == example["labels"][1:]
+                )
+        padded = CausalLMTask(max_length=64).collate([separate[0], separate[3]])
+        short = min(len(separate[0]["input_ids"]), len(separate[3]["input_ids"]))
+        index = 0 if len(separate[0]["input_ids"]) == short else 1
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        alone = model(input_ids=padded["input_ids"][index : index + 1, :short]).logits[0]
+        torch.testing.assert_close(logits[index, :short], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_kd_items_shift_and_count(toy):
+    _, data, tokenizer = toy
+    task = CausalLMTask(max_length=64)
+    batch = task.collate(list(task.prepare(data["train"].select(range(3)), student_processor=tokenizer)))
+    B, T = batch["input_ids"].shape
+    student, teacher = torch.randn(B, T, 40), torch.randn(B, T, 64)
+    items = task.kd_items(student, teacher, batch["labels"])
+    assert items.student_logits.shape == (B * T, 40) and items.teacher.shape == (B * T, 40)
+    assert items.student_logits.data_ptr() == student.data_ptr()  # a view, not a copy
+    torch.testing.assert_close(items.teacher.reshape(B, T, 40), teacher[..., :40])
+    assert torch.equal(items.labels.reshape(B, T)[:, :-1], batch["labels"][:, 1:])
+    assert torch.all(items.labels.reshape(B, T)[:, -1] == -100)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert task.count_items(batch).tolist() == [n, n] and int(items.soft_mask.sum()) == n
+
+
+# ---- normalisation ---------------------------------------------------------------------------------
+
+
+def test_per_token_normalisation_across_accumulation_and_padding(toy, tmp_path):
+    """One step over 3 examples of different lengths: batch 3 (padded), or 3 micro-batches of 1 accumulated,
+    gives the same update — the loss is a mean over the window's target tokens, not over micro-batches."""
+    _, data, tokenizer = toy
+    task = CausalLMTask(max_length=64)
+    train = task.prepare(data["train"].select([0, 3, 7]), student_processor=tokenizer)
+    assert len({sum(label != -100 for label in r["labels"]) for r in train}) > 1
+    teacher = tiny_llama(48, seed=1)
+    updated = []
+    for batch_size, accumulation in ((3, 1), (1, 3)):
+        student = tiny_llama(40, seed=0)
+        args = DistillationConfig(
+            output_dir=str(tmp_path / f"run{batch_size}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            alpha=0.5,
+            temperature=2.0,
+            divergence="jsd",
+            loss_chunk_size=5,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            seed=0,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, task=task, train_dataset=train
+        )
+        trainer.train()
+        updated.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    initial = torch.cat([p.detach().flatten() for p in tiny_llama(40, seed=0).parameters()])
+    assert not torch.allclose(updated[0], initial)
+    torch.testing.assert_close(updated[0], updated[1], rtol=1e-4, atol=1e-6)
+
+
+# ---- vocabulary -----------------------------------------------------------------------------------
+
+
+def test_padded_vocabularies_are_sliced_to_the_shared_prefix(caplog):
+    task = CausalLMTask()
+    with caplog.at_level(logging.INFO, logger="hf_kd.vocab"):
+        task.teacher_output_map(LlamaConfig(vocab_size=64), LlamaConfig(vocab_size=40), None)
+    assert "shared first 40 token ids" in caplog.text
+    assert shared_vocab_size(152064, 151936, 151665) == 151936
+    with pytest.raises(ValueError, match="tokenizer has 41 tokens but the student scores only 40"):
+        shared_vocab_size(64, 40, 41)
+    # The loss on sliced logits is the loss of the teacher restricted (renormalised) to the shared ids.
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 64, generator=g)
+    labels = torch.randint(0, 36, (2, 5), generator=g)
+    items = task.kd_items(student, teacher, labels)
+    got = distillation_loss(
+        items.student_logits, items.teacher, items.labels, alpha=1.0, temperature=1.0
+    ).loss
+    p = torch.softmax(teacher[:, :-1, :40], -1)
+    q = torch.softmax(student[:, :-1], -1)
+    torch.testing.assert_close(got, (p * (p.log() - q.log())).sum(-1).mean())
+
+
+def test_different_tokenizers_raise_with_the_first_differing_tokens(toy):
+    _, _, tokenizer = toy
+    other = toy_tokenizer(["zebra yak xylophone", "add 1 2 = 3"])
+    with pytest.raises(ValueError, match=r"id \d+: teacher '[^']+' vs student '[^']+'"):
+        check_same_vocabulary(other, tokenizer)
+    same_ids = AutoTokenizer.from_pretrained(str(toy[0] / "tokenizer"))
+    same_ids.add_special_tokens({"eos_token": "<|user|>"})  # another EOS choice: the ids mean the same tokens
+    check_same_vocabulary(same_ids, tokenizer)
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+
+def test_tiny_recipes_run_end_to_end(toy, tmp_path, caplog):
+    path, _, tokenizer = toy
+    data = ["--dataset_name", str(path), "--student_processor", str(path / "tokenizer")]
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    run_distillation(
+        *parse_args(
+            [
+                "--config",
+                "recipes/causal_lm/tiny/teacher.yaml",
+                *data,
+                "--output_dir",
+                str(teacher_dir),
+                "--max_steps",
+                "6",
+            ]
+        )
+    )
+    student_args = [
+        "--config",
+        "recipes/causal_lm/tiny/student.yaml",
+        *data,
+        "--output_dir",
+        str(student_dir),
+    ]
+    student_args += ["--teacher_model_name_or_path", str(teacher_dir), "--max_steps", "6"]
+    with caplog.at_level(logging.INFO, logger="hf_kd.vocab"):
+        result = run_distillation(*parse_args(student_args))
+    assert "teacher vocab_size 64 and student vocab_size 40" in caplog.text
+    metrics = result.metrics
+    assert 0 < metrics["eval_loss_soft"] < math.inf
+    assert metrics["eval_loss_hard"] < math.log(len(tokenizer))  # better than a uniform guess
+    saved = AutoModelForCausalLM.from_pretrained(str(student_dir))
+    assert saved.config.vocab_size == 40 and saved.config.use_cache
+
+    # A teacher whose tokenizer differs is refused before its weights are read (this one has none).
+    impostor = tmp_path / "impostor"
+    AutoModelForCausalLM.from_pretrained(str(teacher_dir)).config.save_pretrained(str(impostor))
+    toy_tokenizer(["zebra yak", "add 1 2 = 3"]).save_pretrained(str(impostor))
+    assert not any(impostor.glob("*.safetensors"))
+    student_args[-3] = str(impostor)
+    with pytest.raises(ValueError, match="share a tokenizer, and theirs differ"):
+        run_distillation(*parse_args(student_args + ["--output_dir", str(tmp_path / "never")]))
+    assert json.loads((impostor / "config.json").read_text())["vocab_size"] == 64
+
+
+def test_unknown_column_and_chat_without_template(toy):
+    _, data, tokenizer = toy
+    no_template = AutoTokenizer.from_pretrained(str(toy[0] / "tokenizer"))
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        CausalLMTask().prepare(data["train"].select(range(2)), student_processor=no_template)
+    with pytest.raises(ValueError, match="max_length=1"):
+        CausalLMTask(max_length=1)
+    assert (
+        len(
+            CausalLMTask(max_length=8).prepare(
+                Dataset.from_dict({"text": ["a b"]}), student_processor=tokenizer
+            )
+        )
+        == 1
+    )
