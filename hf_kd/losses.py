@@ -256,8 +256,52 @@ class _ChunkedLoss(torch.autograd.Function):
         return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None
 
 
+@dataclass
+class HiddenStates:
+    """A student given by its last hidden states [N, H] and output-layer weight [V, H] (no bias): its
+    logits are ``hidden · weightᵀ``. :func:`distillation_loss` with a ``chunk_size`` makes them one chunk
+    of positions at a time, so the student's [N, V] logits and their gradient never exist in full."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def logits(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.hidden[rows] @ self.weight.T
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """:class:`_ChunkedLoss` through the output layer: per chunk, z = h Wᵀ, then ∂L/∂h = (∂L/∂z) W and
+    ∂L/∂W += (∂L/∂z)ᵀ h (accumulated in float32); only those two gradients are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, hard_weight, soft_weight, chunk_size, sums_fn):  # noqa: D102
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        hard_total = hidden.new_zeros((), dtype=torch.float32)
+        soft_total = hard_total.clone()
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                logits = (hidden[rows] @ weight.T).detach().requires_grad_(True)
+                hard, soft = sums_fn(logits, rows)
+                (grad_logits,) = torch.autograd.grad(hard * hard_weight + soft * soft_weight, logits)
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
+            hard_total += hard.detach()
+            soft_total += soft.detach()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return hard_total * hard_weight + soft_total * soft_weight, hard_total, soft_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):  # noqa: D102
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        return grad_hidden, grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
 def distillation_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | HiddenStates,
     teacher: torch.Tensor | SparseLogits | None,
     labels: torch.Tensor,
     *,
@@ -281,7 +325,8 @@ def distillation_loss(
     ``soft_mask`` [N] bool for the items that take the soft term (default: labelled items). ``num_hard``
     and ``num_soft`` are the normalisers (default: the local counts); pass window totals for exact
     gradient accumulation. With ``chunk_size`` the loss and its gradient are computed ``chunk_size``
-    positions at a time (same values and gradients as one chunk).
+    positions at a time (same values and gradients as one chunk). ``student_logits`` may be
+    :class:`HiddenStates`: the logits are then made chunk by chunk too.
     """
     if soft_mask is None:
         soft_mask = labels != -100
@@ -290,7 +335,9 @@ def distillation_loss(
     hard_weight = (1.0 - alpha) / torch.as_tensor(num_hard, dtype=torch.float32).clamp(min=1)
     soft_weight = alpha * (temperature**2 if temperature_squared else 1.0)
     soft_weight = soft_weight / torch.as_tensor(num_soft, dtype=torch.float32).clamp(min=1)
-    hard_weight, soft_weight = hard_weight.to(student_logits.device), soft_weight.to(student_logits.device)
+    from_hidden = isinstance(student_logits, HiddenStates)
+    device = student_logits.hidden.device if from_hidden else student_logits.device
+    hard_weight, soft_weight = hard_weight.to(device), soft_weight.to(device)
 
     def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return _loss_sums(
@@ -305,12 +352,22 @@ def distillation_loss(
             params=params,
         )
 
-    if chunk_size is None or not (torch.is_grad_enabled() and student_logits.requires_grad):
+    logits_of = student_logits.logits if from_hidden else student_logits.__getitem__
+    needs_grad = torch.is_grad_enabled() and (
+        student_logits.hidden.requires_grad or student_logits.weight.requires_grad if from_hidden else student_logits.requires_grad
+    )
+    if chunk_size is None or not needs_grad:
         if chunk_size is None:
-            hard, soft = sums_fn(student_logits, slice(None))
+            hard, soft = sums_fn(logits_of(slice(None)), slice(None))
         else:
-            sums = [sums_fn(student_logits[s : s + chunk_size], slice(s, s + chunk_size)) for s in range(0, len(labels), chunk_size)]
+            chunks = [slice(s, s + chunk_size) for s in range(0, len(labels), chunk_size)]
+            sums = [sums_fn(logits_of(rows), rows) for rows in chunks]
             hard, soft = (torch.stack(part).sum() for part in zip(*sums, strict=True))
         return LossTerms(hard * hard_weight + soft * soft_weight, hard.detach(), soft.detach())
-    loss, hard, soft = _ChunkedLoss.apply(student_logits, hard_weight, soft_weight, chunk_size, sums_fn)
+    if from_hidden:
+        loss, hard, soft = _ChunkedHeadLoss.apply(
+            student_logits.hidden, student_logits.weight, hard_weight, soft_weight, chunk_size, sums_fn
+        )
+    else:
+        loss, hard, soft = _ChunkedLoss.apply(student_logits, hard_weight, soft_weight, chunk_size, sums_fn)
     return LossTerms(loss, hard, soft)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hf_kd.losses import DIVERGENCES, SparseLogits, distillation_loss, divergence
+from hf_kd.losses import DIVERGENCES, HiddenStates, SparseLogits, distillation_loss, divergence
 
 N, V, TAU, BETA, SKEW = 13, 50, 1.7, 0.3, 0.2
 SOFT = [d for d in DIVERGENCES if d != "mse"]
@@ -182,3 +182,43 @@ def test_loss_is_the_per_token_formula(tensors):
     n = keep.sum()
     torch.testing.assert_close(terms.loss, (1 - alpha) * ce / n + alpha * TAU**2 * soft / n)
     assert math.isclose(terms.soft_sum.item(), soft.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_logits_from_hidden_states_chunk_by_chunk_equal_dense(tensors, name):
+    """HiddenStates(h, W): the loss and the gradients w.r.t. h and W equal those of the dense z = h Wᵀ."""
+    _, v, labels = tensors
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(N, 16, generator=g), torch.randn(V, 16, generator=g) * 0.5
+    results = []
+    for chunk_size in (None, 4):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        student = h @ w.T if chunk_size is None else HiddenStates(h, w)
+        terms = distillation_loss(
+            student,
+            v,
+            labels,
+            alpha=0.6,
+            temperature=TAU,
+            divergence_name=name,
+            chunk_size=chunk_size,
+            beta=BETA,
+            skew=SKEW,
+        )
+        terms.loss.backward()
+        results.append((terms.loss.detach(), terms.soft_sum, h.grad, w.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: chunked logits without gradients
+        value = distillation_loss(
+            HiddenStates(hidden, weight),
+            v,
+            labels,
+            alpha=0.6,
+            temperature=TAU,
+            divergence_name=name,
+            chunk_size=5,
+            beta=BETA,
+            skew=SKEW,
+        )
+    torch.testing.assert_close(value.loss, results[0][0], rtol=1e-5, atol=1e-6)
