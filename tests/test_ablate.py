@@ -95,7 +95,10 @@ def test_summary_table_ordering_and_files(tmp_path):
     assert paper_ordering(summary) == ["kd_pt > kd_sim: holds", "kd_sim > ls: holds", "kd_topk ≥ kd: holds"]
     content = write_summary(results, "eval_accuracy", tmp_path, "fake")
     text = (tmp_path / "ablation.md").read_text()
-    assert f"| kd_pt | {summary['kd_pt']['mean']:.4f} ± {summary['kd_pt']['std']:.4f} | 3 |" in text
+    assert summary["kd_pt"]["delta_mean"] == pytest.approx(ACCURACY["kd_pt"] - ACCURACY["none"])
+    assert summary["kd_pt"]["delta_std"] == pytest.approx(0.0, abs=1e-12)  # the seed shifts every arm alike
+    row = f"| kd_pt | {summary['kd_pt']['mean']:.4f} ± {summary['kd_pt']['std']:.4f} | +0.1000 ± 0.0000 | 3 |"
+    assert row in text
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "ablation.json").read_text())["summary"] == content["summary"]
     one_seed = summarize(results[:1], "eval_accuracy")

@@ -86,22 +86,30 @@ def run_ablation(
 
 
 def summarize(results: list[dict[str, Any]], metric: str) -> dict[str, dict[str, float]]:
-    """Per arm, in first-seen order: mean, sample std (ddof = 1; NaN for one seed) and n of ``metric``."""
-    values: dict[str, list[float]] = {}
+    """Per arm, in first-seen order: mean, sample std (ddof = 1; NaN for one seed) and n of ``metric``;
+    with a ``none`` arm also the paired difference to it over the seeds both ran (``delta_mean``,
+    ``delta_std``): a seed fixes the initialisation and the labelled subset, so the paired difference
+    removes what the seed changes for every arm alike."""
+    values: dict[str, dict[int, float]] = {}
     for result in results:
         if metric not in result["metrics"]:
             raise KeyError(
                 f"metric {metric!r} is not in the results of arm {result['arm']!r}: {sorted(result['metrics'])}"
             )
-        values.setdefault(result["arm"], []).append(float(result["metrics"][metric]))
-    return {
-        arm: {
-            "mean": statistics.fmean(v),
-            "std": statistics.stdev(v) if len(v) > 1 else math.nan,
-            "n": len(v),
-        }
-        for arm, v in values.items()
-    }
+        values.setdefault(result["arm"], {})[result["seed"]] = float(result["metrics"][metric])
+    summary = {}
+    for arm, by_seed in values.items():
+        v = list(by_seed.values())
+        summary[arm] = {"mean": statistics.fmean(v), "std": _stdev(v), "n": len(v)}
+        if "none" in values:
+            deltas = [x - values["none"][seed] for seed, x in by_seed.items() if seed in values["none"]]
+            if deltas:
+                summary[arm].update(delta_mean=statistics.fmean(deltas), delta_std=_stdev(deltas))
+    return summary
+
+
+def _stdev(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def paper_ordering(summary: dict[str, dict[str, float]]) -> list[str]:
@@ -118,9 +126,11 @@ def paper_ordering(summary: dict[str, dict[str, float]]) -> list[str]:
 
 
 def table(summary: dict[str, dict[str, float]], metric: str) -> str:
-    """A markdown table: arm | metric mean ± std | seeds."""
-    lines = [f"| arm | {metric} (mean ± std) | seeds |", "|---|---|---|"]
-    lines += [f"| {arm} | {s['mean']:.4f} ± {s['std']:.4f} | {s['n']} |" for arm, s in summary.items()]
+    """A markdown table: arm | metric mean ± std | paired difference to ``none`` | seeds."""
+    lines = [f"| arm | {metric} (mean ± std) | Δ vs none, paired (mean ± std) | seeds |", "|---|---|---|---|"]
+    for arm, s in summary.items():
+        delta = f"{s['delta_mean']:+.4f} ± {s['delta_std']:.4f}" if "delta_mean" in s else "—"
+        lines.append(f"| {arm} | {s['mean']:.4f} ± {s['std']:.4f} | {delta} | {s['n']} |")
     return "\n".join(lines)
 
 
