@@ -5,10 +5,12 @@
 
 The loss step is forward + backward of ``(1 − α)·CE + α·τ²·D(p^τ, q^τ)`` averaged over the unmasked
 tokens, on given student logits [T, V] (float32, requires grad) and teacher logits [T, V] (float32).
-Implementations compared on the same seeded tensors:
+With ``--hidden H`` the student is given instead as last hidden states [T, H] and an output layer [V, H]
+(the step then includes z = h Wᵀ and the gradients for h and W). Implementations compared on the
+same seeded tensors:
 
 - ``dense``:  the obvious code (log_softmax of both, ``F.kl_div`` / TRL-style mixture, masked mean);
-- ``hf_kd``:  ``hf_kd.losses.distillation_loss(..., chunk_size=C)``;
+- ``hf_kd``:  ``hf_kd.losses.distillation_loss(..., chunk_size=C)``, on ``HiddenStates`` with ``--hidden``;
 - ``trl``:    ``GKDTrainer.generalized_jsd_loss`` + CE, only for ``jsd`` and only when TRL imports.
 
 Each (implementation, configuration) runs in a fresh subprocess. Peak memory is the process's RSS
@@ -32,7 +34,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses import distillation_loss
+from hf_kd.losses import HiddenStates, distillation_loss
 
 try:  # TRL keeps GKD in trl.experimental; it is optional here
     from trl.experimental.gkd import GKDTrainer
@@ -100,31 +102,45 @@ def reset_peak_rss() -> None:
         refs.write("5")
 
 
-def worker(impl: str, vocab: int, seq: int, divergence_name: str, chunk_size: int, repeats: int) -> dict:
-    """One configuration in this (fresh) process: RSS added by the first step, median time of the rest."""
+def worker(
+    impl: str, vocab: int, seq: int, divergence_name: str, chunk_size: int, repeats: int, hidden: int
+) -> dict:
+    """One configuration in this (fresh) process: RSS added by the first step, median time of the rest.
+    With ``hidden`` > 0 the student is given by hidden states [T, hidden] and an output layer [V, hidden]
+    (the dense code makes the logits first; hf_kd passes ``HiddenStates``)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    student = (torch.randn(seq, vocab, generator=g) * 2).requires_grad_(True)
+    if hidden:
+        leaves = [
+            torch.randn(seq, hidden, generator=g),
+            torch.randn(vocab, hidden, generator=g) / hidden**0.5 * 2,
+        ]
+        leaves = [t.requires_grad_(True) for t in leaves]
+        student = lambda: HiddenStates(*leaves) if impl == "hf_kd" else leaves[0] @ leaves[1].T  # noqa: E731
+    else:
+        leaves = [(torch.randn(seq, vocab, generator=g) * 2).requires_grad_(True)]
+        student = lambda: leaves[0]  # noqa: E731
     teacher = torch.randn(seq, vocab, generator=g) * 2
     labels = torch.randint(0, vocab, (seq,), generator=g)
     labels[torch.rand(seq, generator=g) < 0.1] = -100  # prompt / padding tokens
     if impl == "trl" and GKDTrainer is None:
         raise RuntimeError("TRL is not importable")
     if impl == "hf_kd":
-        step = lambda: hf_kd_loss(student, teacher, labels, divergence_name, chunk_size)  # noqa: E731
+        step = lambda: hf_kd_loss(student(), teacher, labels, divergence_name, chunk_size)  # noqa: E731
     elif impl == "trl":
-        step = lambda: trl_loss(student, teacher, labels, divergence_name)  # noqa: E731
+        step = lambda: trl_loss(student(), teacher, labels, divergence_name)  # noqa: E731
     else:
-        step = lambda: dense_loss(student, teacher, labels, divergence_name)  # noqa: E731
+        step = lambda: dense_loss(student(), teacher, labels, divergence_name)  # noqa: E731
     reset_peak_rss()
     before = peak_rss()
     loss = step()
     loss.backward()
     peak = peak_rss() - before
-    value, grad_norm = loss.item(), student.grad.norm().item()
+    value, grad_norm = loss.item(), leaves[0].grad.norm().item()
     times = []
     for _ in range(repeats):
-        student.grad = None
+        for leaf in leaves:
+            leaf.grad = None
         start = time.perf_counter()
         step().backward()
         times.append(time.perf_counter() - start)
@@ -136,9 +152,18 @@ def worker(impl: str, vocab: int, seq: int, divergence_name: str, chunk_size: in
     }
 
 
-def run_one(impl, vocab, seq, divergence_name, chunk_size, repeats) -> dict:
+def run_one(impl, vocab, seq, divergence_name, chunk_size, repeats, hidden) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--vocab", str(vocab), "--seq", str(seq)]
-    cmd += ["--divergence", divergence_name, "--chunk-size", str(chunk_size), "--repeats", str(repeats)]
+    cmd += [
+        "--divergence",
+        divergence_name,
+        "--chunk-size",
+        str(chunk_size),
+        "--repeats",
+        str(repeats),
+        "--hidden",
+        str(hidden),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} vocab={vocab} seq={seq} failed:\n{out.stderr[-2000:]}")
@@ -165,6 +190,12 @@ def main() -> None:
         help="positions per chunk (default: about 1 MiB of float32 logits)",
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=0,
+        help="> 0: the student is hidden states of this width and an output layer (HiddenStates)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -173,7 +204,13 @@ def main() -> None:
 
     if args.worker:
         result = worker(
-            args.worker, args.vocab[0], args.seq[0], args.divergence[0], chunk_of(args.vocab[0]), args.repeats
+            args.worker,
+            args.vocab[0],
+            args.seq[0],
+            args.divergence[0],
+            chunk_of(args.vocab[0]),
+            args.repeats,
+            args.hidden,
         )
         print(json.dumps(result))
         return
@@ -181,7 +218,12 @@ def main() -> None:
     with_trl = GKDTrainer is not None
     print(
         f"# {platform.machine()}, {psutil.cpu_count()} cores, torch {torch.__version__}, threads 1, float32 logits, "
-        f"TRL {'yes' if with_trl else 'not installed'}, {args.repeats} timed repeats (median)"
+        f"TRL {'yes' if with_trl else 'not installed'}, {args.repeats} timed repeats (median), student given as "
+        + (
+            f"hidden states [T, {args.hidden}] + output layer [V, {args.hidden}]"
+            if args.hidden
+            else "logits [T, V]"
+        )
     )
     print(
         "| divergence | vocab | tokens | chunk | logits MB | dense peak MB | hf_kd peak MB | peak ratio | dense s | hf_kd s | time ratio | TRL peak / time ratio |"
@@ -191,13 +233,19 @@ def main() -> None:
         for vocab in args.vocab:
             seqs = args.seq or ([1024, 2048, 4096] if vocab <= 32768 else [256, 512, 1024])
             for seq in seqs:
-                dense = run_one("dense", vocab, seq, divergence_name, chunk_of(vocab), args.repeats)
-                ours = run_one("hf_kd", vocab, seq, divergence_name, chunk_of(vocab), args.repeats)
+                dense = run_one(
+                    "dense", vocab, seq, divergence_name, chunk_of(vocab), args.repeats, args.hidden
+                )
+                ours = run_one(
+                    "hf_kd", vocab, seq, divergence_name, chunk_of(vocab), args.repeats, args.hidden
+                )
                 if abs(ours["loss"] - dense["loss"]) > 1e-4 * max(1.0, abs(dense["loss"])):
                     raise RuntimeError(f"hf_kd loss {ours['loss']} != dense loss {dense['loss']}")
                 trl_cell = "n/a"
                 if with_trl and divergence_name == "jsd":
-                    trl = run_one("trl", vocab, seq, divergence_name, chunk_of(vocab), args.repeats)
+                    trl = run_one(
+                        "trl", vocab, seq, divergence_name, chunk_of(vocab), args.repeats, args.hidden
+                    )
                     trl_cell = (
                         f"{ours['peak_mb'] / trl['peak_mb']:.2f} / {ours['time_s'] / trl['time_s']:.2f}"
                     )
