@@ -120,6 +120,20 @@ def test_zero_teacher_probabilities_give_finite_losses_and_gradients(tensors):
         assert torch.isfinite(value).all() and torch.isfinite(grad).all(), name
 
 
+def loss_of(student, teacher, labels, name, chunk_size):
+    return distillation_loss(
+        student,
+        teacher,
+        labels,
+        alpha=0.6,
+        temperature=TAU,
+        divergence_name=name,
+        chunk_size=chunk_size,
+        beta=BETA,
+        skew=SKEW,
+    )
+
+
 @pytest.mark.parametrize(("name", "sparse"), [(d, False) for d in DIVERGENCES] + [(d, True) for d in SOFT])
 def test_chunked_equals_dense(tensors, name, sparse):
     z, v, labels = tensors
@@ -127,17 +141,7 @@ def test_chunked_equals_dense(tensors, name, sparse):
     results = []
     for chunk_size in (None, 1, 4, N + 5):
         x = z.clone().requires_grad_(True)
-        terms = distillation_loss(
-            x,
-            teacher,
-            labels,
-            alpha=0.6,
-            temperature=TAU,
-            divergence_name=name,
-            chunk_size=chunk_size,
-            beta=BETA,
-            skew=SKEW,
-        )
+        terms = loss_of(x, teacher, labels, name, chunk_size)
         terms.loss.backward()
         results.append((terms.loss.detach(), terms.hard_sum, terms.soft_sum, x.grad))
     for chunked in results[1:]:
@@ -193,32 +197,11 @@ def test_logits_from_hidden_states_chunk_by_chunk_equal_dense(tensors, name):
     results = []
     for chunk_size in (None, 4):
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        student = h @ w.T if chunk_size is None else HiddenStates(h, w)
-        terms = distillation_loss(
-            student,
-            v,
-            labels,
-            alpha=0.6,
-            temperature=TAU,
-            divergence_name=name,
-            chunk_size=chunk_size,
-            beta=BETA,
-            skew=SKEW,
-        )
+        terms = loss_of(h @ w.T if chunk_size is None else HiddenStates(h, w), v, labels, name, chunk_size)
         terms.loss.backward()
         results.append((terms.loss.detach(), terms.soft_sum, h.grad, w.grad))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # evaluation: chunked logits without gradients
-        value = distillation_loss(
-            HiddenStates(hidden, weight),
-            v,
-            labels,
-            alpha=0.6,
-            temperature=TAU,
-            divergence_name=name,
-            chunk_size=5,
-            beta=BETA,
-            skew=SKEW,
-        )
+        value = loss_of(HiddenStates(hidden, weight), v, labels, name, 5)
     torch.testing.assert_close(value.loss, results[0][0], rtol=1e-5, atol=1e-6)
