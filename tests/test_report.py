@@ -332,3 +332,41 @@ def test_analyze_script_writes_report(saved_teacher, capsys):
     assert f"knowledge report: {report_dir / 'report.md'}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such directory"):
         analyze.main(argv[:4] + ["--teacher", str(root / "missing")])
+
+
+def test_pipeline_kd_sim_with_cached_teacher_uses_soft_confusion(saved_teacher):
+    """A cached teacher has no logit layer to read: kd_sim's similarity is the soft confusion of the
+    cached logits on the training rows, equal to that of the teacher model run on the same rows."""
+    from hf_kd.config import DataArguments
+    from hf_kd.teachers.cache import CacheArguments, run_capture
+
+    root, data = saved_teacher
+    capture = [
+        "--task",
+        "feature-classification",
+        "--dataset_name",
+        str(data),
+        "--teacher_model_name_or_path",
+        str(root / "teacher"),
+    ]
+    run_capture(
+        *parse_args(
+            capture + ["--output_dir", str(root / "cache"), "--use_cpu", "true"],
+            classes=(DataArguments, CacheArguments),
+        )
+    )
+    argv = [
+        "--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data), "--teacher_source", "cached",
+        "--teacher_cache", str(root / "cache"), "--output_dir", str(root / "student_cached"), "--synthetic_teacher", "kd_sim",
+        "--num_train_epochs", "1", "--num_labeled_examples", "200", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    trainer = run_distillation(*parse_args(argv)).trainer
+    teacher = MLPForFeatureClassification.from_pretrained(str(root / "teacher")).eval()
+    rows = trainer.train_dataset.with_format("torch")[:]
+    with torch.no_grad():
+        probs = torch.softmax(teacher(features=rows["features"]).logits, -1)
+    expected = soft_confusion(probs, rows["labels"], K)
+    torch.testing.assert_close(trainer.target_fn.class_similarity, expected, atol=1e-5, rtol=1e-4)
+    assert any(
+        "eval_knowledge/level2/agreement_confusion/spearman" in entry for entry in trainer.state.log_history
+    )
