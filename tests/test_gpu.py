@@ -1,0 +1,73 @@
+"""CUDA paths: bf16 online KD on one GPU; DDP, FSDP2 and ZeRO-3 launches on two. Skipped without GPUs
+(this suite must pass on CPU-only CI); run them on a GPU machine with ``pytest -m gpu tests/test_gpu.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distill_run import write_tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GPUS = torch.cuda.device_count()
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")]
+two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA devices")
+
+
+def launch(command: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def gpu_recipe(tmp_path: Path) -> Path:
+    return write_tiny_run(
+        tmp_path, use_cpu=False, bf16=True, teacher_model_init_kwargs={"dtype": "bfloat16"}, max_steps=6
+    )
+
+
+def test_bf16_online_kd_on_one_gpu(tmp_path):
+    """The teacher loads in bf16 on the GPU, the student trains under bf16 autocast, the loss is finite."""
+    from hf_kd import parse_args, run_distillation
+
+    result = run_distillation(
+        *parse_args(["--config", str(gpu_recipe(tmp_path)), "--output_dir", str(tmp_path / "out")])
+    )
+    teacher = result.trainer.teacher_model
+    assert next(teacher.parameters()).dtype == torch.bfloat16 and next(teacher.parameters()).is_cuda
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert 0.0 <= result.metrics["eval_agreement"] <= 1.0
+
+
+@two_gpus
+@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp.yaml", "zero3.yaml"])
+def test_two_gpu_launch(tmp_path, config):
+    if config == "zero3.yaml" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    recipe = gpu_recipe(tmp_path)
+    launch(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "recipes/accelerate_configs" / config),
+            "--num_processes",
+            "2",
+            "scripts/distill.py",
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_loss_soft" in metrics
