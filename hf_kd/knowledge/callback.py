@@ -19,7 +19,7 @@ class KnowledgeCallback(TrainerCallback):
         trainer.add_callback(KnowledgeCallback(trainer))
     """
 
-    def __init__(self, trainer, *, groups: list[int] | None = None, max_items: int = 4096):
+    def __init__(self, trainer, *, groups: list[int] | None = None, max_items: int = 1024):
         if trainer.teacher_signal is None:
             raise ValueError(
                 "KnowledgeCallback needs a trainer with a teacher signal (alpha > 0 and a teacher)"
