@@ -18,6 +18,7 @@ from hf_kd.tasks import CausalLMTask, Task, build_task, processor_fingerprint
 from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.synthetic import SyntheticTargetFn
 from hf_kd.trainer import DistillationTrainer
 from hf_kd.vocab import check_same_vocabulary
@@ -77,7 +78,11 @@ def synthetic_target_fn(config: DistillationConfig, trainer: DistillationTrainer
             batch_size=config.per_device_eval_batch_size, device=config.device,
         )
         permutation = getattr(trainer.teacher_signal, "label_permutation", None)
-        similarity, source = teacher_class_similarity(teacher, predictions, permutation)
+        if teacher is None:  # cached teacher: the soft-confusion fallback
+            similarity, source = teacher_class_similarity(None, predictions, permutation)
+        else:
+            with full_teacher(trainer.teacher_model) as whole:  # sharded or offloaded weights made whole
+                similarity, source = teacher_class_similarity(whole, predictions, permutation)
         logger.info("kd_sim: class similarity from the teacher's %s", source)
     return SyntheticTargetFn(
         config.synthetic_teacher, k=config.synthetic_topk, class_similarity=similarity, sim_temperature=config.synthetic_sim_temperature

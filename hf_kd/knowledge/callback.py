@@ -8,6 +8,7 @@ from transformers import TrainerCallback
 from hf_kd.knowledge.predictions import collect_predictions
 from hf_kd.knowledge.report import knowledge_measures, scalar_measures
 from hf_kd.modeling import logit_layer_weight
+from hf_kd.teachers.placement import full_teacher
 
 
 class KnowledgeCallback(TrainerCallback):
@@ -46,7 +47,10 @@ class KnowledgeCallback(TrainerCallback):
             device=args.device,
         )
         teacher = getattr(trainer.teacher_signal, "model", None)
-        teacher_weight = None if teacher is None else self._weight(teacher)
+        teacher_weight = None
+        if teacher is not None:
+            with full_teacher(teacher) as whole:  # sharded or offloaded weights made whole to be read
+                teacher_weight = self._weight(whole)
         permutation = getattr(trainer.teacher_signal, "label_permutation", None)
         if teacher_weight is not None and permutation is not None:
             teacher_weight = teacher_weight[permutation]
