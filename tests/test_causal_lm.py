@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import toy_tokenizer, write_toy_chat
-from hf_kd.losses import distillation_loss
+from hf_kd.losses import SparseLogits, distillation_loss
 from hf_kd.tasks import CausalLMTask
 from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
 
@@ -272,3 +272,52 @@ def test_unknown_column_and_chat_without_template(toy):
         )
         == 1
     )
+
+
+def test_cached_top_k_columns_are_padded_and_distilled(toy):
+    """Per-token cached top-k rows (one entry per real token) are padded to the batch length with a valid
+    distribution; the sparse teacher is shifted like the dense one, and padded positions change nothing."""
+    _, data, tokenizer = toy
+    k, vocab = 3, 40
+    rows = data["train"].select(range(3))
+    lengths = [
+        len(r["input_ids"]) for r in CausalLMTask(max_length=64).prepare(rows, student_processor=tokenizer)
+    ]
+    g = torch.Generator().manual_seed(0)
+    cached = {
+        "kd_teacher_log_probs": [
+            torch.log_softmax(torch.randn(n, k, generator=g), -1).tolist() for n in lengths
+        ],
+        "kd_teacher_indices": [torch.randint(0, vocab, (n, k), generator=g).tolist() for n in lengths],
+        "kd_teacher_tail_log_mass": [[-1.0] * n for n in lengths],
+    }
+    task = CausalLMTask(max_length=64)
+    prepared = task.prepare(
+        rows.add_column("kd_teacher_log_probs", cached["kd_teacher_log_probs"])
+        .add_column("kd_teacher_indices", cached["kd_teacher_indices"])
+        .add_column("kd_teacher_tail_log_mass", cached["kd_teacher_tail_log_mass"]),
+        student_processor=tokenizer,
+    )
+    batch = task.collate(list(prepared))
+    T = batch["input_ids"].shape[1]
+    assert batch["kd_teacher_log_probs"].shape == (3, T, k)
+    short = lengths.index(min(lengths))
+    assert torch.all(batch["kd_teacher_tail_log_mass"][short, lengths[short] :] == -math.inf)
+    torch.testing.assert_close(
+        batch["kd_teacher_log_probs"][short, lengths[short] :].exp().sum(-1), torch.ones(T - lengths[short])
+    )
+    teacher = SparseLogits(
+        batch["kd_teacher_log_probs"], batch["kd_teacher_indices"], batch["kd_teacher_tail_log_mass"], vocab
+    )
+    student = torch.randn(3, T, vocab, generator=g, requires_grad=True)
+    items = task.kd_items(student, teacher, batch["labels"])
+    terms = distillation_loss(
+        items.student_logits, items.teacher, items.labels, alpha=1.0, temperature=1.0, chunk_size=7
+    )
+    terms.loss.backward()
+    assert torch.isfinite(terms.loss) and torch.all(student.grad[short, lengths[short] :] == 0)
+    with pytest.raises(ValueError, match="packing"):
+        CausalLMTask(packing=True).prepare(
+            rows.add_column("kd_teacher_tail_log_mass", cached["kd_teacher_tail_log_mass"]),
+            student_processor=tokenizer,
+        )
