@@ -96,7 +96,7 @@ def test_full_logit_cache_holds_the_teacher_logits_and_rows(text_setup, tmp_path
         and cache.splits["test"]["label"] == data["test"]["label"]
     )
     signal = CachedTeacher(cache.metadata.num_classes)
-    logits = signal(cached_batch(cache), None)
+    logits = signal(cached_batch(cache))
     torch.testing.assert_close(logits, teacher_outputs(text_setup, cache), atol=1e-5, rtol=1e-5)
     assert cache.metadata.num_classes == 2 and cache.metadata.top_k is None
     assert cache.metadata.splits["train"]["num_rows"] == 40
@@ -106,8 +106,8 @@ def test_topk_with_k_equal_K_equals_dense(text_setup, tmp_path):
     capture_text(text_setup, tmp_path / "dense")
     capture_text(text_setup, tmp_path / "topk", top_k=2)
     dense, sparse = load_teacher_cache(tmp_path / "dense"), load_teacher_cache(tmp_path / "topk")
-    dense_logits = CachedTeacher(2)(cached_batch(dense), None)
-    sparse_logits = CachedTeacher(2)(cached_batch(sparse), None)
+    dense_logits = CachedTeacher(2)(cached_batch(dense))
+    sparse_logits = CachedTeacher(2)(cached_batch(sparse))
     assert isinstance(sparse_logits, SparseLogits) and torch.isinf(sparse_logits.tail_log_mass).all()
     student = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
     for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):
@@ -128,7 +128,7 @@ def test_tail_modes_match_hand_computed_probabilities(tmp_path, temperature):
     features = cache_features(4, 2, "float32", per_token=False)
     table = columns_to_arrow(compress_logits(logits, 2), features)
     batch = {name: torch.tensor(table[name].to_pylist()) for name in features}
-    sparse = CachedTeacher(4)(batch, None)
+    sparse = CachedTeacher(4)(batch)
     for row, (a, b, c, d) in enumerate([(0, 1, 2, 3), (2, 3, 1, 0)]):  # classes in decreasing order
         p = torch.softmax(logits[row].double(), -1)
         tail = p[c] + p[d]
@@ -299,8 +299,8 @@ def test_label_order_of_the_run_is_applied_to_cached_logits(text_setup, tmp_path
         cache = load_teacher_cache(tmp_path / name)
         output_map = cache.check_run(TextClassificationTask(), swapped, text_setup[2], args)
         assert output_map == [1, 0]
-        plain = CachedTeacher(2)(cached_batch(cache), None)
-        mapped = CachedTeacher(2, output_map)(cached_batch(cache), None)
+        plain = CachedTeacher(2)(cached_batch(cache))
+        mapped = CachedTeacher(2, output_map)(cached_batch(cache))
         if name == "cache":
             torch.testing.assert_close(mapped, plain.flip(-1))
         else:
@@ -490,7 +490,7 @@ def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tm
     assert cache.metadata.per_token and cache.metadata.max_length == 6 and cache.metadata.num_classes == 32
     prepared = CausalLMTask(max_length=6).prepare(cache.splits["train"], student_processor=tokenizer)
     batch = task.collate([prepared[i] for i in range(10)])
-    sparse = CachedTeacher(32)(batch, None)
+    sparse = CachedTeacher(32)(batch)
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     reference, real = SparseLogits.from_logits(logits, 4), batch["attention_mask"].bool()

@@ -204,7 +204,7 @@ def test_teacher_with_its_own_tokenizer_reads_its_own_inputs(tmp_path, tokenizer
     own = teacher_tokenizer(sentiment_dataset(8)["text"][:4], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = teacher(**own).logits
-    torch.testing.assert_close(trainer.teacher_signal(batch, None), expected)
+    torch.testing.assert_close(trainer.teacher_signal(batch), expected)
 
 
 def test_label_spaces_must_match(tmp_path, tokenizer):
@@ -245,4 +245,4 @@ def test_label_mapping_reorders_teacher_classes(tmp_path, tokenizer):
     batch = task.collate([data[i] for i in range(4)])
     with torch.no_grad():
         raw = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    torch.testing.assert_close(trainer.teacher_signal(batch, None), raw[:, [1, 0]])
+    torch.testing.assert_close(trainer.teacher_signal(batch), raw[:, [1, 0]])

@@ -2,7 +2,7 @@
 teacher's class-similarity matrix (for ``kd_sim`` and level 2).
 
 Plumbing around the pure measures: batches come from the task's collator, the teacher through any
-teacher signal ``signal(batch, student_logits) -> logits`` (online model, cached logits, uniform), and
+teacher signal ``signal(batch) -> logits`` (online model, cached logits, uniform), and
 the task flattens each batch into distillation items (one per example, or one per token).
 """
 
@@ -63,7 +63,7 @@ def collect_predictions(
     for batch in loader:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         student_logits = student(**split_batch(batch)[0]).logits if student is not None else None
-        teacher_logits = teacher_signal(batch, student_logits) if teacher_signal is not None else None
+        teacher_logits = teacher_signal(batch) if teacher_signal is not None else None
         items = task.kd_items(
             student_logits if student is not None else teacher_logits, teacher_logits, batch["labels"]
         )

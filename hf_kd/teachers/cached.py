@@ -30,7 +30,7 @@ class CachedTeacher:
                 )
             self.inverse_map = torch.argsort(self.output_map)  # inverse_map[teacher class] = student class
 
-    def __call__(self, batch: dict[str, Any], student_logits: torch.Tensor) -> torch.Tensor | SparseLogits:
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor | SparseLogits:
         cached = split_batch(batch)[2]
         if "logits" in cached:
             logits = cached["logits"].float()

@@ -20,7 +20,7 @@ class OnlineTeacher:
         self.model = model
         self.label_permutation = label_permutation
 
-    def __call__(self, batch: dict[str, Any], student_logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         student_inputs, teacher_inputs, _ = split_batch(batch)
         with torch.no_grad():
             logits = self.model(**(teacher_inputs or student_inputs)).logits
@@ -30,7 +30,12 @@ class OnlineTeacher:
 
 
 class UniformTeacher:
-    """The teacher of label smoothing (the paper's ``ls`` arm): constant logits, p = u = 1/K."""
+    """The teacher of label smoothing (the paper's ``ls`` arm): constant logits over ``num_classes``
+    classes for every item of the batch (shape ``labels.shape + (K,)``), p = u = 1/K."""
 
-    def __call__(self, batch: dict[str, Any], student_logits: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(student_logits, dtype=torch.float32)
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        labels = batch["labels"]
+        return torch.zeros(*labels.shape, self.num_classes, dtype=torch.float32, device=labels.device)
