@@ -31,45 +31,82 @@ class DistillationConfig(TrainingArguments):
 
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Teacher: a Hub model id or a local directory (not needed when alpha = 0 or the teacher is cached)."},
+        metadata={
+            "help": "Teacher: a Hub model id or a local directory (not needed when alpha = 0 or the teacher is cached)."
+        },
     )
-    teacher_model_revision: str = field(default="main", metadata={"help": "Teacher revision (branch, tag or commit)."})
+    teacher_model_revision: str = field(
+        default="main", metadata={"help": "Teacher revision (branch, tag or commit)."}
+    )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
-        metadata={"help": "Extra keyword arguments of the teacher's `from_pretrained`, e.g. {'dtype': 'bfloat16'}."},
+        metadata={
+            "help": "Extra keyword arguments of the teacher's `from_pretrained`, e.g. {'dtype': 'bfloat16'}."
+        },
     )
     teacher_cpu_offload: bool = field(
         default=False,
-        metadata={"help": "Keep the online teacher's weights in CPU memory, moved to the device layer by layer (see hf_kd.teachers.placement)."},
+        metadata={
+            "help": "Keep the online teacher's weights in CPU memory, moved to the device layer by layer (see hf_kd.teachers.placement)."
+        },
     )
     teacher_source: str = field(
         default="online",
-        metadata={"help": "Where the teacher's logits come from: 'online' (run the teacher each step) or 'cached'."},
+        metadata={
+            "help": "Where the teacher's logits come from: 'online' (run the teacher each step) or 'cached'."
+        },
     )
     teacher_cache: str | None = field(
         default=None,
-        metadata={"help": "With teacher_source='cached': a local cache directory or a Hub dataset id (see scripts/cache_teacher.py)."},
+        metadata={
+            "help": "With teacher_source='cached': a local cache directory or a Hub dataset id (see scripts/cache_teacher.py)."
+        },
     )
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature τ > 0 applied to both teacher and student logits."})
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature τ > 0 applied to both teacher and student logits."},
+    )
     alpha: float = field(
         default=0.5,
-        metadata={"help": "Weight of the soft (teacher) term in [0, 1]: 0 = plain fine-tuning on labels, 1 = soft term only."},
+        metadata={
+            "help": "Weight of the soft (teacher) term in [0, 1]: 0 = plain fine-tuning on labels, 1 = soft term only."
+        },
     )
-    divergence: str = field(default="forward_kl", metadata={"help": f"Soft-term divergence, one of {DIVERGENCES}."})
-    beta: float = field(default=0.5, metadata={"help": "Interpolation β in [0, 1] of the generalized 'jsd' (0 = forward KL, 1 = reverse KL)."})
-    skew: float = field(default=0.1, metadata={"help": "Skew s in (0, 1] of 'skew_kl' / 'skew_rkl' (DistiLLM)."})
-    temperature_squared: bool = field(default=True, metadata={"help": "Multiply the soft term by τ² (Hinton et al.) so its gradient scale does not shrink with τ."})
+    divergence: str = field(
+        default="forward_kl", metadata={"help": f"Soft-term divergence, one of {DIVERGENCES}."}
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Interpolation β in [0, 1] of the generalized 'jsd' (0 = forward KL, 1 = reverse KL)."
+        },
+    )
+    skew: float = field(
+        default=0.1, metadata={"help": "Skew s in (0, 1] of 'skew_kl' / 'skew_rkl' (DistiLLM)."}
+    )
+    temperature_squared: bool = field(
+        default=True,
+        metadata={
+            "help": "Multiply the soft term by τ² (Hinton et al.) so its gradient scale does not shrink with τ."
+        },
+    )
     synthetic_teacher: str = field(
         default="kd",
-        metadata={"help": f"Target distilled, one of {SYNTHETIC_KINDS}: the real teacher ('kd') or one of the paper's synthetic teachers."},
+        metadata={
+            "help": f"Target distilled, one of {SYNTHETIC_KINDS}: the real teacher ('kd') or one of the paper's synthetic teachers."
+        },
     )
     synthetic_topk: float | None = field(
         default=None,
-        metadata={"help": "k of synthetic_teacher='kd_topk': a count (≥ 1) or a fraction of the classes (< 1)."},
+        metadata={
+            "help": "k of synthetic_teacher='kd_topk': a count (≥ 1) or a fraction of the classes (< 1)."
+        },
     )
     synthetic_sim_temperature: float = field(
         default=1.0,
-        metadata={"help": "β of synthetic_teacher='kd_sim': the target is softmax(S[t] / β), S the teacher's class similarity."},
+        metadata={
+            "help": "β of synthetic_teacher='kd_sim': the target is softmax(S[t] / β), S the teacher's class similarity."
+        },
     )
     sparse_tail: str = field(
         default="uniform",
@@ -77,11 +114,15 @@ class DistillationConfig(TrainingArguments):
     )
     loss_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Compute the loss this many positions at a time (bounds memory for large vocabularies)."},
+        metadata={
+            "help": "Compute the loss this many positions at a time (bounds memory for large vocabularies)."
+        },
     )
     teacher_label_mapping: dict | str | None = field(
         default=None,
-        metadata={"help": "Maps teacher label names to student label names when the two label lists differ in order or naming."},
+        metadata={
+            "help": "Maps teacher label names to student label names when the two label lists differ in order or naming."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -100,15 +141,23 @@ class DistillationConfig(TrainingArguments):
         _check_choice("synthetic_teacher", self.synthetic_teacher, SYNTHETIC_KINDS)
         _check_choice("sparse_tail", self.sparse_tail, TAIL_MODES)
         if self.synthetic_teacher == "kd_topk" and (self.synthetic_topk is None or self.synthetic_topk <= 0):
-            raise ValueError(f"synthetic_topk={self.synthetic_topk!r}: synthetic_teacher='kd_topk' needs a k > 0")
+            raise ValueError(
+                f"synthetic_topk={self.synthetic_topk!r}: synthetic_teacher='kd_topk' needs a k > 0"
+            )
         if not self.synthetic_sim_temperature > 0:
             raise ValueError(f"synthetic_sim_temperature={self.synthetic_sim_temperature!r} must be > 0")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of positions")
+            raise ValueError(
+                f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of positions"
+            )
         if self.teacher_source == "cached" and not self.teacher_cache:
-            raise ValueError("teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)")
+            raise ValueError(
+                "teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)"
+            )
         if self.divergence == "mse" and self.synthetic_teacher not in ("kd", "none"):
-            raise ValueError(f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities")
+            raise ValueError(
+                f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
+            )
 
     @property
     def uses_teacher(self) -> bool:
@@ -132,26 +181,38 @@ class ModelArguments:
     """The student model and the processors."""
 
     student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Student: a Hub model id or local directory (or use student_config to train from scratch)."}
+        default=None,
+        metadata={
+            "help": "Student: a Hub model id or local directory (or use student_config to train from scratch)."
+        },
     )
     student_model_revision: str = field(default="main", metadata={"help": "Student revision."})
     student_config: dict | str | None = field(
         default=None,
-        metadata={"help": "Build the student from this config instead (e.g. {'model_type': 'vit', 'hidden_size': 32, ...})."},
+        metadata={
+            "help": "Build the student from this config instead (e.g. {'model_type': 'vit', 'hidden_size': 32, ...})."
+        },
     )
     student_processor: str | None = field(
-        default=None, metadata={"help": "Student tokenizer/image processor (default: the student model's own)."}
+        default=None,
+        metadata={"help": "Student tokenizer/image processor (default: the student model's own)."},
     )
     teacher_processor: str | None = field(
-        default=None, metadata={"help": "Teacher tokenizer/image processor (default: the teacher model's own)."}
+        default=None,
+        metadata={"help": "Teacher tokenizer/image processor (default: the teacher model's own)."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub. Off unless you trust the repository."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow model code from the Hub. Off unless you trust the repository."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.student_config, str):
             self.student_config = yaml.safe_load(self.student_config)
         if self.student_model_name_or_path is None and self.student_config is None:
-            raise ValueError("Give a student: student_model_name_or_path (Hub id or path) or student_config (train from scratch)")
+            raise ValueError(
+                "Give a student: student_model_name_or_path (Hub id or path) or student_config (train from scratch)"
+            )
 
 
 @dataclass
@@ -160,40 +221,72 @@ class DataArguments:
 
     task: str = field(default="text-classification", metadata={"help": f"One of {TASKS}."})
     dataset_name: str | None = field(
-        default=None, metadata={"help": "A Hub dataset id, a directory written by `save_to_disk`, or a data-file builder name (csv, json, ...)."}
+        default=None,
+        metadata={
+            "help": "A Hub dataset id, a directory written by `save_to_disk`, or a data-file builder name (csv, json, ...)."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    data_files: dict | str | None = field(default=None, metadata={"help": "Data files for a builder dataset (csv/json/parquet)."})
+    data_files: dict | str | None = field(
+        default=None, metadata={"help": "Data files for a builder dataset (csv/json/parquet)."}
+    )
     train_split: str = field(default="train", metadata={"help": "Training split."})
-    eval_split: str | None = field(default="test", metadata={"help": "Evaluation split (None: no evaluation)."})
+    eval_split: str | None = field(
+        default="test", metadata={"help": "Evaluation split (None: no evaluation)."}
+    )
     text_column: str = field(default="text", metadata={"help": "Text column (text tasks)."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second text column for sentence-pair tasks."}
+    )
     messages_column: str = field(
-        default="messages", metadata={"help": "causal-lm: column of conversations ([{role, content}, ...], rendered with the chat template)."}
+        default="messages",
+        metadata={
+            "help": "causal-lm: column of conversations ([{role, content}, ...], rendered with the chat template)."
+        },
     )
     completion_only_loss: bool = field(
-        default=True, metadata={"help": "causal-lm chat data: train (CE and KD) on the assistant's tokens only; false: on every token."}
+        default=True,
+        metadata={
+            "help": "causal-lm chat data: train (CE and KD) on the assistant's tokens only; false: on every token."
+        },
     )
     packing: bool = field(
-        default=False, metadata={"help": "causal-lm: pack whole examples into rows of max_length tokens (position_ids restart per example)."}
+        default=False,
+        metadata={
+            "help": "causal-lm: pack whole examples into rows of max_length tokens (position_ids restart per example)."
+        },
     )
     image_column: str = field(default="image", metadata={"help": "Image column (image tasks)."})
-    feature_column: str = field(default="features", metadata={"help": "Feature-vector column (feature-classification)."})
-    label_column: str = field(default="label", metadata={"help": "Label column; -1, -100 or missing = unlabelled (soft term only)."})
+    feature_column: str = field(
+        default="features", metadata={"help": "Feature-vector column (feature-classification)."}
+    )
+    label_column: str = field(
+        default="label", metadata={"help": "Label column; -1, -100 or missing = unlabelled (soft term only)."}
+    )
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training rows."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N evaluation rows."}
+    )
     num_labeled_examples: int | None = field(
         default=None,
-        metadata={"help": "Keep the labels of only N training rows (picked with the seed); the rest become unlabelled transfer data."},
+        metadata={
+            "help": "Keep the labels of only N training rows (picked with the seed); the rest become unlabelled transfer data."
+        },
     )
     use_unlabeled: bool = field(
         default=True,
-        metadata={"help": "Train on rows without a label too (soft term only: the teacher labels them); false drops them."},
+        metadata={
+            "help": "Train on rows without a label too (soft term only: the teacher labels them); false drops them."
+        },
     )
     metrics: list[str] = field(
         default_factory=lambda: ["accuracy"],
-        metadata={"help": "`evaluate` metrics: a built-in of hf_kd (accuracy, f1), a local module path, or a Hub metric name."},
+        metadata={
+            "help": "`evaluate` metrics: a built-in of hf_kd (accuracy, f1), a local module path, or a Hub metric name."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -214,7 +307,9 @@ def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) 
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     recipe = yaml.safe_load(path.read_text()) or {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {str(path)!r} must be a mapping of field: value, got {type(recipe).__name__}")
+        raise ValueError(
+            f"recipe {str(path)!r} must be a mapping of field: value, got {type(recipe).__name__}"
+        )
     known = {f.name for cls in classes for f in fields(cls) if f.init}
     for key in recipe:
         if key not in known:

@@ -215,14 +215,21 @@ def _method_section(info: DistillationCardInfo) -> str:
         lines.append(f"- **Target:** `{info.synthetic_target}`" + (f": {meaning}" if meaning else ""))
     lines.append(f"- **Teacher signal:** {TEACHER_SOURCES.get(info.teacher_source, info.teacher_source)}")
     if info.cache_provenance:
-        lines += ["", "### Teacher cache", "", _table(["Field", "Value"], _provenance_rows(info.cache_provenance))]
+        lines += [
+            "",
+            "### Teacher cache",
+            "",
+            _table(["Field", "Value"], _provenance_rows(info.cache_provenance)),
+        ]
     return "\n".join(lines)
 
 
 def _results_section(info: DistillationCardInfo) -> str:
     rows = _metric_rows(info.teacher_metrics, info.student_metrics)
     if info.teacher_parameters is not None or info.student_parameters is not None:
-        rows.append(["parameters", _format_count(info.teacher_parameters), _format_count(info.student_parameters)])
+        rows.append(
+            ["parameters", _format_count(info.teacher_parameters), _format_count(info.student_parameters)]
+        )
     if not rows:
         return ""
     text = f"## Results\n\n{_table(['', 'Teacher', 'Student'], rows)}"

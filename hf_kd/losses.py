@@ -57,7 +57,9 @@ class SparseLogits:
         return cls(top, idx, tail, K)
 
     def __getitem__(self, rows) -> SparseLogits:
-        return SparseLogits(self.log_probs[rows], self.indices[rows], self.tail_log_mass[rows], self.num_classes)
+        return SparseLogits(
+            self.log_probs[rows], self.indices[rows], self.tail_log_mass[rows], self.num_classes
+        )
 
     def reshape(self, *shape: int) -> SparseLogits:
         k = self.log_probs.shape[-1]
@@ -100,7 +102,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def teacher_log_probs(teacher: torch.Tensor | SparseLogits, temperature: float, tail: str = "uniform") -> torch.Tensor:
+def teacher_log_probs(
+    teacher: torch.Tensor | SparseLogits, temperature: float, tail: str = "uniform"
+) -> torch.Tensor:
     """log p^τ = log_softmax(v / τ). A sparse teacher is first rebuilt with ``tail`` handling, then its
     log-probabilities play the part of v (softmax(log p / τ) = p^τ for the kept entries)."""
     logits = teacher.to_dense_log_probs(tail) if isinstance(teacher, SparseLogits) else teacher.float()
@@ -181,7 +185,9 @@ def divergence(
             raise ValueError("divergence='mse' compares logits and needs a dense teacher, not top-k logits")
         return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return divergence_from_log_probs(name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params)
+    return divergence_from_log_probs(
+        name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +225,9 @@ def _loss_sums(
     if teacher is None:
         return hard, torch.zeros_like(hard)
     if divergence_name == "mse" or target_fn is None:
-        per_item = divergence(divergence_name, student_logits, teacher, temperature=temperature, tail=tail, **params)
+        per_item = divergence(
+            divergence_name, student_logits, teacher, temperature=temperature, tail=tail, **params
+        )
     else:
         log_p = target_fn(teacher_log_probs(teacher, temperature, tail), labels)
         log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -354,7 +362,9 @@ def distillation_loss(
 
     logits_of = student_logits.logits if from_hidden else student_logits.__getitem__
     needs_grad = torch.is_grad_enabled() and (
-        student_logits.hidden.requires_grad or student_logits.weight.requires_grad if from_hidden else student_logits.requires_grad
+        student_logits.hidden.requires_grad or student_logits.weight.requires_grad
+        if from_hidden
+        else student_logits.requires_grad
     )
     if chunk_size is None or not needs_grad:
         if chunk_size is None:

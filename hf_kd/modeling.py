@@ -11,7 +11,9 @@ from transformers import AutoConfig, PreTrainedModel
 
 def looks_like_local_path(name_or_path: str) -> bool:
     """A path rather than a Hub id: starts with ., /, ~ or has more than one '/' separator."""
-    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or Path(name_or_path).exists()
+    return (
+        name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or Path(name_or_path).exists()
+    )
 
 
 def check_model_source(field_name: str, name_or_path: str) -> None:
@@ -19,12 +21,18 @@ def check_model_source(field_name: str, name_or_path: str) -> None:
     if looks_like_local_path(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"{field_name}={name_or_path!r}: no such directory (expected a model saved with save_pretrained or a Hub id)")
+            raise FileNotFoundError(
+                f"{field_name}={name_or_path!r}: no such directory (expected a model saved with save_pretrained or a Hub id)"
+            )
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{field_name}={name_or_path!r} has no config.json: not a saved model directory")
+            raise FileNotFoundError(
+                f"{field_name}={name_or_path!r} has no config.json: not a saved model directory"
+            )
 
 
-def load_pretrained(model_class, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedModel:
+def load_pretrained(
+    model_class, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False, **kwargs: Any
+) -> PreTrainedModel:
     """``model_class.from_pretrained`` with safetensors weights only and remote code off unless asked."""
     return model_class.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
@@ -35,7 +43,9 @@ def build_from_config(model_class, config: dict[str, Any], **overrides: Any) -> 
     """A freshly initialised model from a config dict with a ``model_type`` (to train a student from scratch)."""
     config = dict(config)
     if "model_type" not in config:
-        raise ValueError(f"student_config needs a 'model_type' (e.g. 'bert', 'vit', 'llama'); got keys {sorted(config)}")
+        raise ValueError(
+            f"student_config needs a 'model_type' (e.g. 'bert', 'vit', 'llama'); got keys {sorted(config)}"
+        )
     model_type = config.pop("model_type")
     return model_class.from_config(AutoConfig.for_model(model_type, **config, **overrides))
 
@@ -57,8 +67,12 @@ def logit_layer_weight(model: PreTrainedModel) -> torch.Tensor:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         num_labels = model.config.num_labels
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+        linears = [
+            m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels
+        ]
         if not linears:
-            raise ValueError(f"{type(model).__name__} has no linear layer with {num_labels} outputs to read class templates from")
+            raise ValueError(
+                f"{type(model).__name__} has no linear layer with {num_labels} outputs to read class templates from"
+            )
         head = linears[-1]
     return head.weight.detach()

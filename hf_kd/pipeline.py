@@ -42,13 +42,23 @@ def _check_sources(model_args: ModelArguments, config: DistillationConfig) -> No
         check_model_source("student_model_name_or_path", model_args.student_model_name_or_path)
     if config.teacher_source == "online" and config.uses_teacher:
         if not config.teacher_model_name_or_path:
-            raise ValueError(f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set alpha: 0)")
+            raise ValueError(
+                f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set alpha: 0)"
+            )
         check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
 
 
 def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None):
     """The student and its processor, from a checkpoint or freshly built from ``student_config``."""
-    head = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+    head = (
+        {}
+        if labels is None
+        else {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)},
+        }
+    )
     if model_args.student_model_name_or_path:
         model = load_pretrained(
             task.model_class(),
@@ -62,20 +72,28 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
         model = build_from_config(task.model_class(), model_args.student_config, **head)
     processor_source = model_args.student_processor or model_args.student_model_name_or_path
     if processor_source is None and task.needs_processor:
-        raise ValueError("a student built from student_config needs student_processor (a tokenizer or image processor path)")
+        raise ValueError(
+            "a student built from student_config needs student_processor (a tokenizer or image processor path)"
+        )
     processor = task.load_processor(processor_source, trust_remote_code=model_args.trust_remote_code)
     return model, processor
 
 
-def synthetic_target_fn(config: DistillationConfig, trainer: DistillationTrainer, teacher, train_dataset) -> SyntheticTargetFn:
+def synthetic_target_fn(
+    config: DistillationConfig, trainer: DistillationTrainer, teacher, train_dataset
+) -> SyntheticTargetFn:
     """The target function of ``config.synthetic_teacher`` (kd_pt, kd_sim, kd_topk). kd_sim's class
     similarity comes from the teacher's logit layer, else from the soft confusion of the trainer's teacher
     signal (online or cached) on the training set."""
     similarity = None
     if config.synthetic_teacher == "kd_sim":
         predictions = lambda: collect_predictions(  # noqa: E731
-            train_dataset, trainer.task, student=trainer.model, teacher_signal=trainer.teacher_signal,
-            batch_size=config.per_device_eval_batch_size, device=config.device,
+            train_dataset,
+            trainer.task,
+            student=trainer.model,
+            teacher_signal=trainer.teacher_signal,
+            batch_size=config.per_device_eval_batch_size,
+            device=config.device,
         )
         permutation = getattr(trainer.teacher_signal, "label_permutation", None)
         if teacher is None:  # cached teacher: the soft-confusion fallback
@@ -85,12 +103,20 @@ def synthetic_target_fn(config: DistillationConfig, trainer: DistillationTrainer
                 similarity, source = teacher_class_similarity(whole, predictions, permutation)
         logger.info("kd_sim: class similarity from the teacher's %s", source)
     return SyntheticTargetFn(
-        config.synthetic_teacher, k=config.synthetic_topk, class_similarity=similarity, sim_temperature=config.synthetic_sim_temperature
+        config.synthetic_teacher,
+        k=config.synthetic_topk,
+        class_similarity=similarity,
+        sim_temperature=config.synthetic_sim_temperature,
     )
 
 
 def run_distillation(
-    data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig, *, command: str | None = None, recipe_yaml: str | None = None
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    *,
+    command: str | None = None,
+    recipe_yaml: str | None = None,
 ) -> RunResult:
     """Load data, student and teacher; train; evaluate; save the student with its processor and model card
     (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card); push it when
@@ -99,9 +125,15 @@ def run_distillation(
     set_seed(config.seed)
     task = build_task(data_args)
     splits = load_splits(data_args)
-    cache = load_teacher_cache(config.teacher_cache) if config.teacher_source == "cached" and config.uses_teacher else None
+    cache = (
+        load_teacher_cache(config.teacher_cache)
+        if config.teacher_source == "cached" and config.uses_teacher
+        else None
+    )
     if cache is not None:  # checked to be the captured rows, joined before any row selection
-        splits = cache.join(splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name])
+        splits = cache.join(
+            splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name]
+        )
     train = splits[data_args.train_split]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
@@ -120,13 +152,21 @@ def run_distillation(
     teacher, teacher_processor = None, None
     if config.teacher_source == "online" and config.uses_teacher:
         teacher_config = AutoConfig.from_pretrained(
-            config.teacher_model_name_or_path, revision=config.teacher_model_revision, trust_remote_code=model_args.trust_remote_code
+            config.teacher_model_name_or_path,
+            revision=config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
         )
-        task.teacher_output_map(teacher_config, student.config, config)  # label/vocabulary check before loading weights
-        teacher_processor = task.load_processor(model_args.teacher_processor or config.teacher_model_name_or_path)
+        task.teacher_output_map(
+            teacher_config, student.config, config
+        )  # label/vocabulary check before loading weights
+        teacher_processor = task.load_processor(
+            model_args.teacher_processor or config.teacher_model_name_or_path
+        )
         if token_level:
             check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
-        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(student_processor):
+        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(
+            student_processor
+        ):
             teacher_processor = None  # same preprocessing: the teacher reads the student's inputs
         teacher = load_pretrained(
             task.model_class(),
@@ -137,10 +177,20 @@ def run_distillation(
         )
     teacher_signal = None
     if cache is not None:
-        teacher_signal = CachedTeacher(cache.metadata.num_classes, cache.check_run(task, student.config, student_processor, config))
+        teacher_signal = CachedTeacher(
+            cache.metadata.num_classes, cache.check_run(task, student.config, student_processor, config)
+        )
 
-    train_prepared = task.prepare(train, student_processor=student_processor, teacher_processor=teacher_processor)
-    eval_prepared = None if evaluation is None else task.prepare(evaluation, student_processor=student_processor, teacher_processor=teacher_processor)
+    train_prepared = task.prepare(
+        train, student_processor=student_processor, teacher_processor=teacher_processor
+    )
+    eval_prepared = (
+        None
+        if evaluation is None
+        else task.prepare(
+            evaluation, student_processor=student_processor, teacher_processor=teacher_processor
+        )
+    )
     if task.name == "image-classification":
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
 
@@ -162,7 +212,9 @@ def run_distillation(
         train_dataset=train_prepared,
         eval_dataset=eval_prepared,
         processing_class=student_processor,
-        compute_metrics=None if token_level else ClassificationMetrics(data_args.metrics),  # LM: loss, loss_hard, loss_soft
+        compute_metrics=None
+        if token_level
+        else ClassificationMetrics(data_args.metrics),  # LM: loss, loss_hard, loss_soft
     )
     if config.alpha > 0 and config.synthetic_teacher in ("kd_pt", "kd_sim", "kd_topk"):
         trainer.target_fn = synthetic_target_fn(config, trainer, teacher, train_prepared)
@@ -188,4 +240,7 @@ def run_distillation(
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A two-column text table of final metrics."""
     width = max((len(k) for k in metrics), default=0)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in sorted(metrics.items()))
+    return "\n".join(
+        f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+        for k, v in sorted(metrics.items())
+    )

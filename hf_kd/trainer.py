@@ -68,13 +68,18 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher_model, str):
             check_model_source("teacher_model_name_or_path", teacher_model)
             teacher_model = load_pretrained(
-                self.task.model_class(), teacher_model, revision=args.teacher_model_revision, **(args.teacher_model_init_kwargs or {})
+                self.task.model_class(),
+                teacher_model,
+                revision=args.teacher_model_revision,
+                **(args.teacher_model_init_kwargs or {}),
             )
         kwargs.setdefault("data_collator", self.task.collate)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = None
         if teacher_model is not None:
-            self.teacher_model = place_teacher(freeze(teacher_model), self.accelerator, cpu_offload=args.teacher_cpu_offload)
+            self.teacher_model = place_teacher(
+                freeze(teacher_model), self.accelerator, cpu_offload=args.teacher_cpu_offload
+            )
         if teacher_signal is None and args.alpha > 0:
             if args.synthetic_teacher == "ls":
                 teacher_signal = UniformTeacher(num_classes=logit_layer_weight(self.model).shape[0])
@@ -82,10 +87,15 @@ class DistillationTrainer(Trainer):
                 output_map = self.task.teacher_output_map(teacher_model.config, self.model.config, args)
                 teacher_signal = OnlineTeacher(self.teacher_model, output_map)
             elif args.synthetic_teacher != "none":
-                raise ValueError(f"alpha={args.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)")
+                raise ValueError(
+                    f"alpha={args.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
+                )
         self.teacher_signal = teacher_signal
         self.target_fn = target_fn
-        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
+            "train": defaultdict(float),
+            "eval": defaultdict(float),
+        }
         self.card_info: DistillationCardInfo | None = None
         """The distillation model card (``hf_kd.run_card``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
@@ -103,7 +113,10 @@ class DistillationTrainer(Trainer):
         if self.card_info is None:
             return super().create_model_card(**kwargs)
         if self.is_world_process_zero():
-            write_model_card(with_latest_evaluation(self.card_info, self.state.log_history), output_dir or self.args.output_dir)
+            write_model_card(
+                with_latest_evaluation(self.card_info, self.state.log_history),
+                output_dir or self.args.output_dir,
+            )
 
     # ---- batches ------------------------------------------------------------------------------
 
@@ -137,7 +150,11 @@ class DistillationTrainer(Trainer):
         teacher_logits = self.teacher_signal(inputs) if self.teacher_signal is not None else None
         outputs = model(**student_inputs)
         items = self.task.kd_items(outputs.logits, teacher_logits, labels)
-        window = num_items_in_batch is not None and torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 2
+        window = (
+            num_items_in_batch is not None
+            and torch.is_tensor(num_items_in_batch)
+            and num_items_in_batch.numel() == 2
+        )
         counts = num_items_in_batch if window else self.task.count_items(inputs).to(labels.device)
         args = self.args
         terms = distillation_loss(

@@ -114,9 +114,19 @@ def main() -> None:
 
     kd_student = args.output_dir / "student_with_KD" / f"seed{args.seeds[0]}"
     report_dir = args.output_dir / "report"
-    data_args, _, config = parse_args(["--config", str(RECIPES / "student_kd.yaml"), "--output_dir", str(kd_student)])
-    build_report(data_args, config, teacher=str(args.output_dir / "teacher"), student=str(kd_student), report_dir=report_dir)
-    print(f"\n[demo] knowledge report (what the teacher transferred to the KD student): {report_dir / 'report.md'}")
+    data_args, _, config = parse_args(
+        ["--config", str(RECIPES / "student_kd.yaml"), "--output_dir", str(kd_student)]
+    )
+    build_report(
+        data_args,
+        config,
+        teacher=str(args.output_dir / "teacher"),
+        student=str(kd_student),
+        report_dir=report_dir,
+    )
+    print(
+        f"\n[demo] knowledge report (what the teacher transferred to the KD student): {report_dir / 'report.md'}"
+    )
 
 
 if __name__ == "__main__":

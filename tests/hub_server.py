@@ -31,7 +31,9 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 USER = "local-user"
-_REPO_ROUTE = re.compile(r"^/api/(?P<type>models|datasets|spaces)/(?P<repo_id>[^/]+/[^/]+)/(?P<action>preupload|commit|branch)/(?P<rev>.+)$")
+_REPO_ROUTE = re.compile(
+    r"^/api/(?P<type>models|datasets|spaces)/(?P<repo_id>[^/]+/[^/]+)/(?P<action>preupload|commit|branch)/(?P<rev>.+)$"
+)
 
 
 class HubError(Exception):
@@ -164,7 +166,9 @@ class LocalHub:
 
     def _preupload(self, repo: Repo, revision: str, payload: dict[str, Any]) -> dict[str, Any]:
         _branch_files(repo, revision)
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]]
+        files = [
+            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]
+        ]
         return {"files": files, "commitOid": None}
 
     def _commit(self, repo: Repo, repo_id: str, revision: str, body: bytes) -> dict[str, Any]:
@@ -180,7 +184,9 @@ class LocalHub:
         files.update(added)
         oid = hashlib.sha1(f"{repo_id}@{revision}#{len(self.commits)}".encode()).hexdigest()
         header = lines[0]["value"]
-        self.commits.append(Commit(repo_id, revision, header["summary"], header.get("description", ""), sorted(added), oid))
+        self.commits.append(
+            Commit(repo_id, revision, header["summary"], header.get("description", ""), sorted(added), oid)
+        )
         return {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
 
 

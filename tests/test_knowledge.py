@@ -32,7 +32,11 @@ N, K = 16, 6
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(N, K, generator=g), 2 * torch.randn(N, K, generator=g), torch.randint(0, K, (N,), generator=g)
+    return (
+        torch.randn(N, K, generator=g),
+        2 * torch.randn(N, K, generator=g),
+        torch.randint(0, K, (N,), generator=g),
+    )
 
 
 # ---- level 1 --------------------------------------------------------------------------------
@@ -47,7 +51,9 @@ def test_entropy_kl_and_effective_smoothing(batch):
     torch.testing.assert_close(teacher_entropy(torch.zeros(3, K)), torch.ones(3))
     assert (teacher_entropy(teacher, temperature=4.0) > teacher_entropy(teacher)).all()  # τ ↑ → toward LS
     p_t = p[torch.arange(N), labels]
-    torch.testing.assert_close(effective_smoothing(teacher, labels, alpha=0.7, temperature=2.0), 0.7 * (1 - p_t))
+    torch.testing.assert_close(
+        effective_smoothing(teacher, labels, alpha=0.7, temperature=2.0), 0.7 * (1 - p_t)
+    )
 
 
 def test_wrong_mass_stable_and_ignored():
@@ -152,11 +158,15 @@ def test_similarity_agreement():
     pairs = [(1, 2), (1, 5), (2, 1), (2, 5), (5, 1), (5, 2)]
     a, b = (torch.stack([m[i, j] for i, j in pairs]) for m in (S, noisy))
     assert restricted.num_classes == 3
-    assert restricted.pearson == pytest.approx(pearson(a, b)) and restricted.spearman == pytest.approx(spearman(a, b))
+    assert restricted.pearson == pytest.approx(pearson(a, b)) and restricted.spearman == pytest.approx(
+        spearman(a, b)
+    )
 
 
 def test_hierarchy_score():
-    S = torch.tensor([[1.0, 0.6, -0.2, -0.4], [0.6, 1.0, 0.0, -0.2], [-0.2, 0.0, 1.0, 0.2], [-0.4, -0.2, 0.2, 1.0]])
+    S = torch.tensor(
+        [[1.0, 0.6, -0.2, -0.4], [0.6, 1.0, 0.0, -0.2], [-0.2, 0.0, 1.0, 0.2], [-0.4, -0.2, 0.2, 1.0]]
+    )
     within = ((1 + 0.6) / 2 + (1 + 0.2) / 2) / 2
     between = sum((1 + s) / 2 for s in (-0.2, -0.4, 0.0, -0.2)) / 4
     assert hierarchy_score(S, [0, 0, 1, 1]) == pytest.approx(within / between)
@@ -191,7 +201,9 @@ def test_expected_calibration_error_hand_case():
 
 
 def test_saturation_share_and_tail_flatness():
-    logits = torch.tensor([[10.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [10.0, 5.0, 0.0, -5.0], [0.0, 0.0, 0.0, 9.0]])
+    logits = torch.tensor(
+        [[10.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [10.0, 5.0, 0.0, -5.0], [0.0, 0.0, 0.0, 9.0]]
+    )
     labels = torch.tensor([0, 0, 0, -100])
     assert saturation_share(logits, labels) == pytest.approx(2 / 3)  # rows 0, 2 have p_t > .99
     flat = tail_flatness(logits, labels)

@@ -62,7 +62,9 @@ def test_gradient_is_the_papers_expression(logits, tau):
     terms = distillation_loss(z, v, labels, alpha=alpha, temperature=tau, num_hard=1, num_soft=1)
     terms.loss.backward()
     y = F.one_hot(labels, 5).float()
-    want = (1 - alpha) * (_probs(z.detach(), 1.0) - y) + alpha * tau * (_probs(z.detach(), tau) - _probs(v, tau))
+    want = (1 - alpha) * (_probs(z.detach(), 1.0) - y) + alpha * tau * (
+        _probs(z.detach(), tau) - _probs(v, tau)
+    )
     torch.testing.assert_close(z.grad, want, rtol=1e-5, atol=1e-6)
 
 
@@ -87,7 +89,9 @@ def test_unlabelled_rows_take_only_the_soft_term(logits):
     ce = F.cross_entropy(z[labels != -100], labels[labels != -100])
     torch.testing.assert_close(terms.loss, (1 - alpha) * ce + alpha * tau**2 * kl.mean())
     # An unlabelled row alone contributes exactly α·τ²·D and no CE.
-    only = distillation_loss(z[2:3], v[2:3], labels[2:3], alpha=alpha, temperature=tau, soft_mask=soft_mask[2:3])
+    only = distillation_loss(
+        z[2:3], v[2:3], labels[2:3], alpha=alpha, temperature=tau, soft_mask=soft_mask[2:3]
+    )
     torch.testing.assert_close(only.loss, alpha * tau**2 * kl[2])
     assert only.hard_sum.item() == 0.0
 
@@ -102,7 +106,9 @@ def test_chunked_equals_dense(name):
     grads = []
     for chunk in (None, 8):
         zz = z.clone().requires_grad_(True)
-        terms = distillation_loss(zz, v, labels, alpha=0.4, temperature=1.5, divergence_name=name, chunk_size=chunk, beta=0.3)
+        terms = distillation_loss(
+            zz, v, labels, alpha=0.4, temperature=1.5, divergence_name=name, chunk_size=chunk, beta=0.3
+        )
         terms.loss.backward()
         grads.append((terms.loss.detach(), terms.hard_sum, terms.soft_sum, zz.grad))
     for dense, chunked in zip(*grads, strict=True):

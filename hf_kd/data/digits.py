@@ -26,14 +26,19 @@ def digits_dataset(seed: int = 0) -> DatasetDict:
     features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
 
     def subset(indices) -> Dataset:
-        return Dataset.from_dict({"image": [images[i] for i in indices], "label": [int(digits.target[i]) for i in indices]}, features=features)
+        return Dataset.from_dict(
+            {"image": [images[i] for i in indices], "label": [int(digits.target[i]) for i in indices]},
+            features=features,
+        )
 
     return DatasetDict(train=subset(order[n_test:]), test=subset(order[:n_test]))
 
 
 def digits_processor() -> ViTImageProcessorPil:
     """8×8 RGB, scaled to [−1, 1]."""
-    return ViTImageProcessorPil(do_resize=True, size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return ViTImageProcessorPil(
+        do_resize=True, size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
 
 
 def write_digits(path: str | Path, seed: int = 0) -> Path:

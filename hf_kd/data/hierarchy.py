@@ -29,7 +29,9 @@ CLASS_SCALE = 1.0
 NOISE = 0.5
 
 
-def class_centres(num_groups: int = 4, classes_per_group: int = 4, dim: int = 32, seed: int = 0) -> np.ndarray:
+def class_centres(
+    num_groups: int = 4, classes_per_group: int = 4, dim: int = 32, seed: int = 0
+) -> np.ndarray:
     """Ground-truth centres μ_c = G g_{group(c)} + C o_c, shape [num_groups · classes_per_group, dim];
     class c belongs to group c // classes_per_group."""
     rng = np.random.default_rng(seed)
@@ -68,7 +70,8 @@ def make_hierarchy_dataset(
         {"features": List(Value("float32")), "label": ClassLabel(names=names), "difficulty": Value("float32")}
     )
     data = Dataset.from_dict(
-        {"features": x.astype(np.float32), "label": labels, "difficulty": d.astype(np.float32)}, features=features
+        {"features": x.astype(np.float32), "label": labels, "difficulty": d.astype(np.float32)},
+        features=features,
     )
     return data.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
 

@@ -11,7 +11,9 @@ def load_splits(data_args) -> DatasetDict:
     """The dataset named by ``data_args`` (a ``hf_kd.config.DataArguments``), as a DatasetDict."""
     name = data_args.dataset_name
     if name is None:
-        raise ValueError("dataset_name is required: a Hub dataset id, a save_to_disk directory or a builder (csv, json, ...)")
+        raise ValueError(
+            "dataset_name is required: a Hub dataset id, a save_to_disk directory or a builder (csv, json, ...)"
+        )
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
         loaded = load_from_disk(str(path))
@@ -32,10 +34,14 @@ def label_names(dataset: Dataset, label_column: str) -> list[str]:
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     if feature is None:
-        raise ValueError(f"label_column={label_column!r} is not a column of the dataset; columns: {dataset.column_names}")
+        raise ValueError(
+            f"label_column={label_column!r} is not a column of the dataset; columns: {dataset.column_names}"
+        )
     values = sorted({v for v in dataset[label_column] if v is not None and v >= 0})
     if values != list(range(len(values))):
-        raise ValueError(f"labels of {label_column!r} must be ClassLabel or integers 0..K-1; found {values[:10]}")
+        raise ValueError(
+            f"labels of {label_column!r} must be ClassLabel or integers 0..K-1; found {values[:10]}"
+        )
     return [str(v) for v in values]
 
 
@@ -46,10 +52,18 @@ def hide_labels(dataset: Dataset, label_column: str, num_labeled: int, seed: int
     keep = set(Dataset.from_dict({"i": list(range(len(dataset)))}).shuffle(seed=seed)["i"][:num_labeled])
     features = dataset.features.copy()
     return dataset.map(
-        lambda row, i: {label_column: row[label_column] if i in keep else -1}, with_indices=True, features=features, desc="Hiding labels"
+        lambda row, i: {label_column: row[label_column] if i in keep else -1},
+        with_indices=True,
+        features=features,
+        desc="Hiding labels",
     )
 
 
 def drop_unlabeled(dataset: Dataset, label_column: str) -> Dataset:
     """Only the rows with a label (not None, not negative)."""
-    return dataset.filter(lambda labels: [v is not None and v >= 0 for v in labels], input_columns=label_column, batched=True, desc="Dropping unlabelled rows")
+    return dataset.filter(
+        lambda labels: [v is not None and v >= 0 for v in labels],
+        input_columns=label_column,
+        batched=True,
+        desc="Dropping unlabelled rows",
+    )

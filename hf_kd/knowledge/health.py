@@ -35,7 +35,9 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, *, nu
     return (gap.abs().sum() / conf.numel()).item()
 
 
-def tail_flatness(teacher_logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def tail_flatness(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
     """H(p̄) / log(K − 1) ∈ [0, 1] per row, p̄ the renormalised wrong-class distribution of p^τ.
 
     Near 1: the tail is flat (a label-smoothed teacher), class relations are gone. NaN where label < 0."""

@@ -1,6 +1,14 @@
 """Task adapters: preprocessing, collation and how a batch becomes distillation instances."""
 
-from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, processor_fingerprint, split_batch
+from hf_kd.tasks.base import (
+    CACHE_PREFIX,
+    NO_LABEL,
+    TEACHER_INPUT_PREFIX,
+    KDItems,
+    Task,
+    processor_fingerprint,
+    split_batch,
+)
 from hf_kd.tasks.causal_lm import CausalLMTask
 from hf_kd.tasks.classification import ImageClassificationTask, TextClassificationTask
 from hf_kd.tasks.features import FeatureClassificationTask
@@ -9,14 +17,20 @@ from hf_kd.tasks.features import FeatureClassificationTask
 def build_task(data_args) -> Task:
     """The task adapter named by ``data_args.task`` (a ``hf_kd.config.DataArguments``)."""
     if data_args.task == "text-classification":
-        return TextClassificationTask(data_args.text_column, data_args.text_pair_column, data_args.label_column, data_args.max_length)
+        return TextClassificationTask(
+            data_args.text_column, data_args.text_pair_column, data_args.label_column, data_args.max_length
+        )
     if data_args.task == "image-classification":
         return ImageClassificationTask(data_args.image_column, data_args.label_column)
     if data_args.task == "feature-classification":
         return FeatureClassificationTask(data_args.feature_column, data_args.label_column)
     if data_args.task == "causal-lm":
         return CausalLMTask(
-            data_args.text_column, data_args.messages_column, data_args.max_length, data_args.completion_only_loss, data_args.packing
+            data_args.text_column,
+            data_args.messages_column,
+            data_args.max_length,
+            data_args.completion_only_loss,
+            data_args.packing,
         )
     raise ValueError(f"task={data_args.task!r} has no adapter yet")
 

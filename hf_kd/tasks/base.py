@@ -51,7 +51,9 @@ def processor_fingerprint(processor: Any) -> str:
     """SHA-256 of what decides a processor's output: a tokenizer's full vocabulary, merges, normaliser
     and special tokens (its ``tokenizer.json``), or an image processor's settings."""
     if hasattr(processor, "backend_tokenizer"):
-        payload = processor.backend_tokenizer.to_str() + json.dumps(processor.special_tokens_map, sort_keys=True)
+        payload = processor.backend_tokenizer.to_str() + json.dumps(
+            processor.special_tokens_map, sort_keys=True
+        )
     elif hasattr(processor, "to_json_string"):
         state = json.loads(processor.to_json_string())
         state.pop("processor_class", None)
@@ -72,7 +74,9 @@ class Task(ABC):
         """The ``AutoModelFor...`` class of this task."""
 
     @abstractmethod
-    def load_processor(self, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False) -> Any:
+    def load_processor(
+        self, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False
+    ) -> Any:
         """Load the tokenizer or image processor of a model."""
 
     @abstractmethod

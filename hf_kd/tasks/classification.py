@@ -28,7 +28,9 @@ def label_names_of(config) -> list[str]:
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
-def label_permutation(teacher_labels: list[str], student_labels: list[str], mapping: dict | None = None) -> list[int] | None:
+def label_permutation(
+    teacher_labels: list[str], student_labels: list[str], mapping: dict | None = None
+) -> list[int] | None:
     """Indices ``perm`` such that ``teacher_logits[..., perm]`` lists the teacher's scores in the student's
     label order, or None when the orders already agree.
 
@@ -41,7 +43,9 @@ def label_permutation(teacher_labels: list[str], student_labels: list[str], mapp
             f"label spaces differ: the teacher has {len(teacher_labels)} labels {teacher_labels}, "
             f"the student/dataset has {len(student_labels)} labels {student_labels}"
         )
-    generic = all(_GENERIC_LABEL.match(n) for n in teacher_labels) or all(_GENERIC_LABEL.match(n) for n in student_labels)
+    generic = all(_GENERIC_LABEL.match(n) for n in teacher_labels) or all(
+        _GENERIC_LABEL.match(n) for n in student_labels
+    )
     if mapping is None and (generic or teacher_labels == student_labels):
         return None
     renamed = [(mapping or {}).get(name, name) for name in teacher_labels]
@@ -90,7 +94,9 @@ class ClassificationTask(Task):
 
     def teacher_output_map(self, teacher_config, student_config, args) -> list[int] | None:
         """Label spaces must match (see :func:`label_permutation`)."""
-        return label_permutation(label_names_of(teacher_config), label_names_of(student_config), args.teacher_label_mapping)
+        return label_permutation(
+            label_names_of(teacher_config), label_names_of(student_config), args.teacher_label_mapping
+        )
 
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         return KDItems(student_logits, teacher_logits, labels, torch.ones_like(labels, dtype=torch.bool))
@@ -110,7 +116,13 @@ class ClassificationTask(Task):
 class TextClassificationTask(ClassificationTask):
     name = "text-classification"
 
-    def __init__(self, text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label", max_length: int = 128):
+    def __init__(
+        self,
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        max_length: int = 128,
+    ):
         self.text_column, self.text_pair_column = text_column, text_pair_column
         self.label_column, self.max_length = label_column, max_length
         self._student_collator = self._teacher_collator = None
@@ -119,29 +131,54 @@ class TextClassificationTask(ClassificationTask):
         return AutoModelForSequenceClassification
 
     def load_processor(self, name_or_path, *, revision="main", trust_remote_code=False):
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
 
     def prepare(self, dataset, *, student_processor, teacher_processor=None):
         self._student_collator = DataCollatorWithPadding(student_processor)
-        self._teacher_collator = DataCollatorWithPadding(teacher_processor) if teacher_processor is not None else None
+        self._teacher_collator = (
+            DataCollatorWithPadding(teacher_processor) if teacher_processor is not None else None
+        )
 
         def encode(rows):
-            texts = [rows[self.text_column]] + ([rows[self.text_pair_column]] if self.text_pair_column else [])
+            texts = [rows[self.text_column]] + (
+                [rows[self.text_pair_column]] if self.text_pair_column else []
+            )
             out = dict(student_processor(*texts, truncation=True, max_length=self.max_length))
             if teacher_processor is not None:
                 encoded = teacher_processor(*texts, truncation=True, max_length=self.max_length)
                 out.update({TEACHER_INPUT_PREFIX + k: v for k, v in encoded.items()})
-            out["labels"] = [to_label(v) for v in rows[self.label_column]] if self.label_column in rows else [NO_LABEL] * len(rows[self.text_column])
+            out["labels"] = (
+                [to_label(v) for v in rows[self.label_column]]
+                if self.label_column in rows
+                else [NO_LABEL] * len(rows[self.text_column])
+            )
             return out
 
         keep = [c for c in dataset.column_names if c.startswith(CACHE_PREFIX)]
-        return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep], desc="Tokenizing")
+        return dataset.map(
+            encode,
+            batched=True,
+            remove_columns=[c for c in dataset.column_names if c not in keep],
+            desc="Tokenizing",
+        )
 
     def collate(self, features):
-        student = [{k: v for k, v in f.items() if not k.startswith((TEACHER_INPUT_PREFIX, CACHE_PREFIX))} for f in features]
+        student = [
+            {k: v for k, v in f.items() if not k.startswith((TEACHER_INPUT_PREFIX, CACHE_PREFIX))}
+            for f in features
+        ]
         batch = dict(self._student_collator(student))
         if self._teacher_collator is not None:
-            teacher = [{k[len(TEACHER_INPUT_PREFIX) :]: v for k, v in f.items() if k.startswith(TEACHER_INPUT_PREFIX)} for f in features]
+            teacher = [
+                {
+                    k[len(TEACHER_INPUT_PREFIX) :]: v
+                    for k, v in f.items()
+                    if k.startswith(TEACHER_INPUT_PREFIX)
+                }
+                for f in features
+            ]
             batch.update({TEACHER_INPUT_PREFIX + k: v for k, v in self._teacher_collator(teacher).items()})
         return self._collate_cache(features, batch)
 
@@ -156,7 +193,9 @@ class ImageClassificationTask(ClassificationTask):
         return AutoModelForImageClassification
 
     def load_processor(self, name_or_path, *, revision="main", trust_remote_code=False):
-        return AutoImageProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoImageProcessor.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
 
     def prepare(self, dataset, *, student_processor, teacher_processor=None):
         """Images are transformed on the fly (``with_transform``), as the HF image examples do."""
@@ -166,8 +205,14 @@ class ImageClassificationTask(ClassificationTask):
             images = [image.convert("RGB") for image in rows[image_column]]
             out = {"pixel_values": student_processor(images, return_tensors="pt")["pixel_values"]}
             if teacher_processor is not None:
-                out[TEACHER_INPUT_PREFIX + "pixel_values"] = teacher_processor(images, return_tensors="pt")["pixel_values"]
-            out["labels"] = [to_label(v) for v in rows[label_column]] if label_column in rows else [NO_LABEL] * len(images)
+                out[TEACHER_INPUT_PREFIX + "pixel_values"] = teacher_processor(images, return_tensors="pt")[
+                    "pixel_values"
+                ]
+            out["labels"] = (
+                [to_label(v) for v in rows[label_column]]
+                if label_column in rows
+                else [NO_LABEL] * len(images)
+            )
             out.update({k: v for k, v in rows.items() if k.startswith(CACHE_PREFIX)})
             return out
 

@@ -143,7 +143,9 @@ class SyntheticTargetFn:
         sim_temperature: float = 1.0,
     ):
         if kind not in ("kd_pt", "kd_sim", "kd_topk"):
-            raise ValueError(f"kind={kind!r}: a target function exists for 'kd_pt', 'kd_sim' and 'kd_topk' only")
+            raise ValueError(
+                f"kind={kind!r}: a target function exists for 'kd_pt', 'kd_sim' and 'kd_topk' only"
+            )
         if kind == "kd_sim" and class_similarity is None:
             raise ValueError("kind='kd_sim' needs class_similarity (a [K, K] matrix)")
         if kind == "kd_topk" and k is None:
@@ -152,7 +154,12 @@ class SyntheticTargetFn:
             if not k.is_integer():
                 raise ValueError(f"k={k!r}: a count must be a whole number, a fraction must lie in (0, 1)")
             k = int(k)  # a count given as a float (a config field typed float | None)
-        self.kind, self.k, self.class_similarity, self.sim_temperature = kind, k, class_similarity, sim_temperature
+        self.kind, self.k, self.class_similarity, self.sim_temperature = (
+            kind,
+            k,
+            class_similarity,
+            sim_temperature,
+        )
 
     def __call__(self, teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rho = synthetic_target(

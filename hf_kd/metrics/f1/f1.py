@@ -4,8 +4,12 @@ import datasets
 import evaluate
 from sklearn.metrics import f1_score
 
-_DESCRIPTION = "F1 = 2 · precision · recall / (precision + recall); `average` as in sklearn (default 'macro')."
-_KWARGS_DESCRIPTION = "predictions: predicted labels; references: true labels; average: binary, micro, macro or weighted."
+_DESCRIPTION = (
+    "F1 = 2 · precision · recall / (precision + recall); `average` as in sklearn (default 'macro')."
+)
+_KWARGS_DESCRIPTION = (
+    "predictions: predicted labels; references: true labels; average: binary, micro, macro or weighted."
+)
 
 
 class F1(evaluate.Metric):
@@ -14,7 +18,9 @@ class F1(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references, average="macro", sample_weight=None):
