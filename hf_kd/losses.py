@@ -91,12 +91,6 @@ class SparseLogits:
         return dense.scatter_(-1, self.indices.long(), lp)
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − eˣ) for x ≤ 0, computed stably (−inf at x = 0)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 # --------------------------------------------------------------------------------------------
 # Divergences
 # --------------------------------------------------------------------------------------------
