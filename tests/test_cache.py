@@ -462,12 +462,12 @@ def test_capture_rejects_bad_settings_before_work(text_setup, tmp_path):
     assert load_teacher_cache(tmp_path / "c").metadata.top_k == 1
 
 
-def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tmp_path):
-    """Per-token top-k of a tiny GPT-2 over padded rows equals top-k of its logits at every real position."""
+def tiny_gpt_and_texts(vocab_size: int):
+    """A 32-token word-level tokenizer, a tiny GPT-2 whose output layer has ``vocab_size`` rows (≥ 32:
+    padded beyond the tokenizer), and 10 short texts."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask
     words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -476,13 +476,20 @@ def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tm
     )
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=1
+        vocab_size=vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=1
     )
     teacher = GPT2LMHeadModel(config).eval()
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 9, (10,), generator=g).tolist()
     texts = [" ".join(f"w{i}" for i in torch.randint(0, 29, (n,), generator=g).tolist()) for n in lengths]
     data = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    return tokenizer, teacher, data
+
+
+def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tmp_path):
+    """Per-token top-k of a tiny GPT-2 over padded rows equals top-k of its logits at every real position."""
+    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask
+    tokenizer, teacher, data = tiny_gpt_and_texts(32)
     task = CausalLMTask(max_length=6)
     kwargs = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
     capture_teacher_logits(teacher, tokenizer, task, data, tmp_path / "cache", **kwargs)
@@ -501,4 +508,28 @@ def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tm
     )
     args = DistillationConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
     with pytest.raises(CacheMismatchError, match="max_length is 6 in the cache but 8 in the run"):
-        cache.check_run(CausalLMTask(max_length=8), config, tokenizer, args)
+        cache.check_run(CausalLMTask(max_length=8), teacher.config, tokenizer, args)
+
+
+def test_causal_lm_capture_keeps_only_the_tokenizers_ids_of_a_padded_output_layer(tmp_path):
+    """A teacher whose output layer is padded beyond the tokenizer (48 rows, 32 tokens): the cache covers
+    the 32 real ids, renormalised over them, as the online path slices logits to the shared prefix."""
+    from hf_kd.tasks.causal_lm import CausalLMTask
+
+    tokenizer, teacher, data = tiny_gpt_and_texts(48)
+    task = CausalLMTask(max_length=6)
+    capture_teacher_logits(
+        teacher, tokenizer, task, data, tmp_path / "cache", teacher_id="gpt", top_k=4, progress=False
+    )
+    cache = load_teacher_cache(tmp_path / "cache")
+    assert cache.metadata.num_classes == 32
+    prepared = task.prepare(cache.splits["train"], student_processor=tokenizer)
+    batch = task.collate([prepared[i] for i in range(10)])
+    sparse = CachedTeacher(32)(batch)
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            ..., :32
+        ]
+    reference, real = SparseLogits.from_logits(logits, 4), batch["attention_mask"].bool()
+    assert torch.equal(sparse.indices[real], reference.indices[real])
+    torch.testing.assert_close(sparse.log_probs[real], reference.log_probs[real], atol=1e-6, rtol=1e-5)

@@ -53,6 +53,7 @@ from transformers import AutoConfig
 from hf_kd.hub import _format_value, _table
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
+from hf_kd.vocab import shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -303,9 +304,14 @@ def capture_teacher_logits(
         raise FileExistsError(
             f"{output_dir} already holds a teacher cache; pass overwrite=True to replace it"
         )
-    num_classes = (
-        teacher.config.get_text_config().vocab_size if task.name == "causal-lm" else teacher.config.num_labels
-    )
+    if (
+        task.name == "causal-lm"
+    ):  # the tokenizer's ids only: rows padded onto the output layer are never targets
+        num_classes = shared_vocab_size(
+            teacher.config.get_text_config().vocab_size, len(teacher_processor), len(teacher_processor)
+        )
+    else:
+        num_classes = teacher.config.num_labels
     if top_k is not None and top_k > num_classes:
         raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
 
@@ -364,7 +370,7 @@ def capture_teacher_logits(
                     batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
                     inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
                     with torch.inference_mode():
-                        logits = teacher(**inputs).logits
+                        logits = teacher(**inputs).logits[..., :num_classes]
                     mask = inputs.get("attention_mask") if metadata.per_token else None
                     if metadata.per_token and mask is None:
                         raise ValueError(
