@@ -181,8 +181,8 @@ class DistillationTrainer(Trainer):
         if not return_outputs:
             return loss
         predictions = {"logits": outputs.logits}
-        if torch.is_tensor(teacher_logits):
-            predictions["teacher_logits"] = teacher_logits
+        if torch.is_tensor(teacher_logits) and not isinstance(self.teacher_signal, UniformTeacher):
+            predictions["teacher_logits"] = teacher_logits  # a real teacher: agreement is reported
         return loss, predictions
 
     # ---- logging ------------------------------------------------------------------------------

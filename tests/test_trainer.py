@@ -246,3 +246,24 @@ def test_label_mapping_reorders_teacher_classes(tmp_path, tokenizer):
     with torch.no_grad():
         raw = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
     torch.testing.assert_close(trainer.teacher_signal(batch), raw[:, [1, 0]])
+
+
+def test_label_smoothing_arm_equals_cross_entropy_with_label_smoothing(tmp_path, tokenizer):
+    """synthetic_teacher='ls' at τ = 1 without τ² scaling: the loss is F.cross_entropy(label_smoothing=α)
+    (shared/PAPER.md, level 1), and no teacher–student agreement is reported for the uniform teacher."""
+    task, data = prepared(tokenizer)
+    trainer = DistillationTrainer(
+        model=bert_classifier(len(tokenizer), seed=4),
+        args=make_config(tmp_path, synthetic_teacher="ls", alpha=0.3, temperature=1.0),
+        task=task,
+        eval_dataset=data,
+        compute_metrics=ClassificationMetrics(["accuracy"]),
+    )
+    batch = task.collate([data[i] for i in range(8)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        z = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(z, batch["labels"], label_smoothing=0.3).item(), rel=1e-5
+    )
+    assert "eval_agreement" not in trainer.evaluate()
