@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -249,8 +250,9 @@ def test_label_mapping_reorders_teacher_classes(tmp_path, tokenizer):
 
 
 def test_label_smoothing_arm_equals_cross_entropy_with_label_smoothing(tmp_path, tokenizer):
-    """synthetic_teacher='ls' at τ = 1 without τ² scaling: the loss is F.cross_entropy(label_smoothing=α)
-    (shared/PAPER.md, level 1), and no teacher–student agreement is reported for the uniform teacher."""
+    """synthetic_teacher='ls' at τ = 1: the loss is F.cross_entropy(label_smoothing=α) less the constant
+    α·H(u) = α·log K, since D is KL(u ‖ q) = H(u, q) − H(u) (shared/PAPER.md, level 1; same gradient).
+    No teacher–student agreement is reported for the uniform teacher."""
     task, data = prepared(tokenizer)
     trainer = DistillationTrainer(
         model=bert_classifier(len(tokenizer), seed=4),
@@ -263,7 +265,6 @@ def test_label_smoothing_arm_equals_cross_entropy_with_label_smoothing(tmp_path,
     loss = trainer.compute_loss(trainer.model, batch)
     with torch.no_grad():
         z = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    assert loss.item() == pytest.approx(
-        F.cross_entropy(z, batch["labels"], label_smoothing=0.3).item(), rel=1e-5
-    )
+    smoothed = F.cross_entropy(z, batch["labels"], label_smoothing=0.3) - 0.3 * math.log(2)
+    assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
     assert "eval_agreement" not in trainer.evaluate()
