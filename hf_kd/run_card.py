@@ -17,6 +17,7 @@ from typing import Any
 from transformers import EvalPrediction
 
 from hf_kd.hub import DistillationCardInfo
+from hf_kd.knowledge.report import diagnose, nested_measures
 
 KNOWLEDGE_PREFIX = "eval_knowledge/"
 """Prefix of the knowledge measures in the evaluation logs."""
@@ -86,12 +87,14 @@ def with_latest_evaluation(
     return replace(
         info,
         student_metrics=scores or info.student_metrics,
-        knowledge_summary=knowledge_table(knowledge) or info.knowledge_summary,
+        knowledge_summary=knowledge_summary(knowledge, alpha=info.alpha, temperature=info.temperature)
+        or info.knowledge_summary,
     )
 
 
-def knowledge_table(measures: dict[str, float]) -> str | None:
-    """A markdown table of the scalar knowledge measures (histogram bins left out), or None."""
+def knowledge_summary(measures: dict[str, float], *, alpha: float, temperature: float) -> str | None:
+    """The knowledge report's diagnosis in words (``hf_kd.knowledge.report.diagnose``) and a markdown
+    table of the scalar knowledge measures (histogram bins left out), or None without measures."""
     rows = [
         (name, value)
         for name, value in measures.items()
@@ -99,7 +102,12 @@ def knowledge_table(measures: dict[str, float]) -> str | None:
     ]
     if not rows:
         return None
-    lines = [
+    lines = []
+    nested = nested_measures(measures)
+    if {"level1", "level2", "level3", "health"} <= nested.keys():  # what KnowledgeCallback logs
+        diagnosis = diagnose(nested | {"settings": {"alpha": alpha, "temperature": temperature}})
+        lines += [f"- {sentence}" for sentence in diagnosis["levels"] + diagnosis["failures"]] + [""]
+    lines += [
         "Knowledge measures of the final evaluation (see hf_kd's README, the three knowledge levels):",
         "",
     ]

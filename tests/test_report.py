@@ -15,8 +15,16 @@ from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_disti
 from hf_kd.data.hierarchy import class_groups, make_hierarchy_dataset, write_hierarchy_dataset
 from hf_kd.knowledge import class_similarity, rescaling_weight, soft_confusion
 from hf_kd.knowledge.predictions import Predictions, collect_predictions, teacher_class_similarity
-from hf_kd.knowledge.report import THRESHOLDS, diagnose, knowledge_measures, scalar_measures, write_report
+from hf_kd.knowledge.report import (
+    THRESHOLDS,
+    diagnose,
+    knowledge_measures,
+    nested_measures,
+    scalar_measures,
+    write_report,
+)
 from hf_kd.losses import distillation_loss
+from hf_kd.run_card import knowledge_summary
 from hf_kd.tasks.features import FeatureClassificationTask, MLPClassifierConfig, MLPForFeatureClassification
 from hf_kd.teachers.synthetic import SyntheticTargetFn, synthetic_target
 
@@ -235,6 +243,21 @@ def test_saturated_teacher_is_diagnosed():
     m = knowledge_measures(v, y, alpha=0.5, temperature=1.0)
     assert m["health"]["saturation_share"] == 1.0
     assert any("Over-confident" in s for s in diagnose(m)["failures"])
+
+
+def test_model_card_summary_repeats_the_reports_diagnosis():
+    """The card's knowledge section is built from the flat logged measures (eval_knowledge/...): the
+    same sentences as diagnose() on the nested measures, then the table."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    v, z = torch.randn(40, 4, generator=g) * 3, torch.randn(40, 4, generator=g)
+    m = knowledge_measures(v, y, student_logits=z, alpha=0.5, temperature=2.0)
+    assert scalar_measures(nested_measures(scalar_measures(m))) == scalar_measures(m)  # a round trip
+    summary = knowledge_summary(scalar_measures(m), alpha=0.5, temperature=2.0)
+    diagnosis = diagnose(m)
+    for sentence in diagnosis["levels"] + diagnosis["failures"]:
+        assert f"- {sentence}" in summary
+    assert "| `level1/teacher_entropy` |" in summary
 
 
 def test_write_report_offline(teachers, hierarchy, tmp_path):

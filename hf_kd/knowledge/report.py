@@ -309,6 +309,18 @@ def scalar_measures(measures: dict[str, Any], prefix: str = "") -> dict[str, flo
     return flat
 
 
+def nested_measures(flat: dict[str, float]) -> dict[str, Any]:
+    """The inverse of :func:`scalar_measures`: ``{"level1/teacher_entropy": v}`` → ``{"level1": {...}}``."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
 # ---- files ------------------------------------------------------------------------------------
 
 
