@@ -8,11 +8,10 @@ from pathlib import Path
 
 import yaml
 from datasets import DatasetDict
+from distill_run import write_tiny_run
 from safetensors.torch import load_file
 from tiny import (
     bert_classifier,
-    image_dataset,
-    image_processor,
     save_model,
     sentiment_dataset,
     vit_classifier,
@@ -46,31 +45,11 @@ def run_recipe(tmp_path, capsys, **values):
 
 
 def test_image_distillation_from_a_recipe_with_unlabelled_rows(tmp_path, capsys):
-    data = DatasetDict(train=image_dataset(48), test=image_dataset(24, seed=1))
-    data.save_to_disk(tmp_path / "data")
-    save_model(vit_classifier(hidden=32, layers=2), image_processor(), tmp_path / "teacher")
-    image_processor().save_pretrained(tmp_path / "processor")
-    out = run_recipe(
-        tmp_path,
-        capsys,
-        task="image-classification",
-        dataset_name=str(tmp_path / "data"),
-        teacher_model_name_or_path=str(tmp_path / "teacher"),
-        student_config={
-            "model_type": "vit",
-            "image_size": 8,
-            "patch_size": 4,
-            "num_channels": 3,
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-        },
-        student_processor=str(tmp_path / "processor"),
-        num_labeled_examples=12,
-        use_unlabeled=True,
-        output_dir=str(tmp_path / "student"),
+    recipe = write_tiny_run(
+        tmp_path, num_labeled_examples=12, use_unlabeled=True, output_dir=str(tmp_path / "student")
     )
+    distill_script.main(["--config", str(recipe)])
+    out = capsys.readouterr().out
     assert "eval_accuracy" in out and "eval_agreement" in out
     saved = tmp_path / "student"
     config = json.loads((saved / "config.json").read_text())
