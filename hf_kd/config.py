@@ -118,6 +118,14 @@ class DistillationConfig(TrainingArguments):
             "help": "Compute the loss this many positions at a time (bounds memory for large vocabularies)."
         },
     )
+    student_logits_from_hidden_states: bool = field(
+        default=False,
+        metadata={
+            "help": "causal-lm, with loss_chunk_size: the student's forward stops at its final hidden states and "
+            "the loss makes its logits chunk by chunk through the output layer, so the [tokens × vocab] "
+            "student logits never exist (output layer without bias; no compute_metrics, FSDP or ZeRO-3)."
+        },
+    )
     teacher_label_mapping: dict | str | None = field(
         default=None,
         metadata={
@@ -149,6 +157,11 @@ class DistillationConfig(TrainingArguments):
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(
                 f"loss_chunk_size={self.loss_chunk_size!r} must be a positive number of positions"
+            )
+        if self.student_logits_from_hidden_states and self.loss_chunk_size is None:
+            raise ValueError(
+                "student_logits_from_hidden_states: true needs loss_chunk_size (the positions per chunk of "
+                "student logits made from the hidden states)"
             )
         if self.teacher_source == "cached" and not self.teacher_cache:
             raise ValueError(

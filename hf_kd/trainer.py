@@ -7,19 +7,21 @@ how a batch becomes distillation instances is the *task*. The math is ``hf_kd.lo
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections import defaultdict
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.config import DistillationConfig
 from hf_kd.hub import DistillationCardInfo, write_model_card
-from hf_kd.losses import TargetFn, distillation_loss
+from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight
 from hf_kd.run_card import with_latest_evaluation
-from hf_kd.tasks import ImageClassificationTask, Task, TextClassificationTask, split_batch
+from hf_kd.tasks import CausalLMTask, ImageClassificationTask, Task, TextClassificationTask, split_batch
 from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
 from hf_kd.teachers.placement import place_teacher
 
@@ -92,6 +94,9 @@ class DistillationTrainer(Trainer):
                 )
         self.teacher_signal = teacher_signal
         self.target_fn = target_fn
+        if args.student_logits_from_hidden_states:
+            self._check_student_logits_from_hidden_states()
+        self._output_layer_checked = False
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),
@@ -143,13 +148,58 @@ class DistillationTrainer(Trainer):
 
     # ---- loss ---------------------------------------------------------------------------------
 
+    def _check_student_logits_from_hidden_states(self) -> None:
+        """What ``student_logits_from_hidden_states`` needs, checked before training."""
+        prefix = "student_logits_from_hidden_states: true"
+        if not isinstance(self.task, CausalLMTask):
+            raise ValueError(f"{prefix} needs the causal-lm task, got {self.task.name!r}")
+        name = type(self.model).__name__
+        if "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(
+                f"{prefix}: {name}.forward takes no logits_to_keep, so its logits cannot be skipped"
+            )
+        head = self.model.get_output_embeddings()
+        if getattr(head, "weight", None) is None or getattr(head, "bias", None) is not None:
+            raise ValueError(f"{prefix} needs an output layer with a weight and no bias; {name} has {head!r}")
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            raise ValueError(
+                f"{prefix} uses the output layer's weight outside the forward: not with FSDP or ZeRO-3"
+            )
+        if self.compute_metrics is not None:
+            raise ValueError(f"{prefix} never makes the student's logits, which compute_metrics needs")
+
+    def _student_hidden_states(self, model, student_inputs, length: int) -> HiddenStates:
+        """The student's final hidden states [B, T, H] and output-layer weight, its logits not made: the
+        forward runs through ``model`` (DDP's hooks included) with ``logits_to_keep`` selecting no position.
+        The first batch keeps the last position to check that the logits are hidden · weightᵀ (a model that
+        scales or soft-caps them after the output layer is refused)."""
+        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        check = not self._output_layer_checked
+        keep = torch.arange(length - 1 if check else length, length, device=weight.device)
+        outputs = model(**student_inputs, logits_to_keep=keep, output_hidden_states=True)
+        hidden = outputs.hidden_states[-1]
+        if check:
+            with torch.no_grad():
+                made = (hidden[:, -1:] @ weight.T).float()
+            if not torch.allclose(outputs.logits.float(), made, rtol=1e-2, atol=1e-2):
+                raise ValueError(
+                    f"student_logits_from_hidden_states: {type(model).__name__}'s logits are not its last hidden "
+                    f"state times its output layer (max difference {(outputs.logits - made).abs().max():.3g}); "
+                    "set it to false for this model"
+                )
+            self._output_layer_checked = True
+        return HiddenStates(hidden, weight)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         student_inputs, _, _ = split_batch(inputs)
         # The teacher runs first: its activations are freed before the student's are made (~8 % faster steps).
         teacher_logits = self.teacher_signal(inputs) if self.teacher_signal is not None else None
-        outputs = model(**student_inputs)
-        items = self.task.kd_items(outputs.logits, teacher_logits, labels)
+        if self.args.student_logits_from_hidden_states:
+            student = self._student_hidden_states(model, student_inputs, labels.shape[1])
+        else:
+            student = model(**student_inputs).logits
+        items = self.task.kd_items(student, teacher_logits, labels)
         window = (
             num_items_in_batch is not None
             and torch.is_tensor(num_items_in_batch)
@@ -180,7 +230,9 @@ class DistillationTrainer(Trainer):
         self._record(terms, items, "train" if model.training else "eval")
         if not return_outputs:
             return loss
-        predictions = {"logits": outputs.logits}
+        if isinstance(student, HiddenStates):
+            return loss, {}  # the student's logits were never made (no compute_metrics: checked)
+        predictions = {"logits": student}
         if torch.is_tensor(teacher_logits) and not isinstance(self.teacher_signal, UniformTeacher):
             predictions["teacher_logits"] = teacher_logits  # a real teacher: agreement is reported
         return loss, predictions

@@ -8,12 +8,19 @@ import math
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CohereConfig,
+    CohereForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import toy_tokenizer, write_toy_chat
 from hf_kd.losses import SparseLogits, distillation_loss
-from hf_kd.tasks import CausalLMTask
+from hf_kd.tasks import CausalLMTask, TextClassificationTask
 from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
 
 
@@ -37,6 +44,25 @@ def tiny_llama(vocab_size, seed=0, layers=1):
         use_cache=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def one_step_config(output_dir, **fields) -> DistillationConfig:
+    """One plain SGD step of the jsd-distillation on CPU (tests compare two ways of making that step)."""
+    defaults = dict(
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        alpha=0.5,
+        temperature=2.0,
+        divergence="jsd",
+        loss_chunk_size=5,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
+    return DistillationConfig(output_dir=str(output_dir), **{**defaults, **fields})
 
 
 # ---- preprocessing --------------------------------------------------------------------------------
@@ -147,22 +173,10 @@ def test_per_token_normalisation_across_accumulation_and_padding(toy, tmp_path):
     updated = []
     for batch_size, accumulation in ((3, 1), (1, 3)):
         student = tiny_llama(40, seed=0)
-        args = DistillationConfig(
-            output_dir=str(tmp_path / f"run{batch_size}"),
+        args = one_step_config(
+            tmp_path / f"run{batch_size}",
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
-            max_steps=1,
-            learning_rate=0.1,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            alpha=0.5,
-            temperature=2.0,
-            divergence="jsd",
-            loss_chunk_size=5,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            seed=0,
         )
         trainer = DistillationTrainer(
             model=student, teacher_model=teacher, args=args, task=task, train_dataset=train
@@ -321,3 +335,115 @@ def test_cached_top_k_columns_are_padded_and_distilled(toy):
             rows.add_column("kd_teacher_tail_log_mass", cached["kd_teacher_tail_log_mass"]),
             student_processor=tokenizer,
         )
+
+
+# ---- student logits from hidden states ----------------------------------------------------------
+# student_logits_from_hidden_states: the loss from the student's final hidden states and output layer
+# (logits made chunk by chunk) equals the loss from its full logits, in value and gradients.
+def hidden_states_config(tmp_path, from_hidden: bool, **fields) -> DistillationConfig:
+    return one_step_config(
+        tmp_path / f"run-{from_hidden}",
+        **{"per_device_train_batch_size": 4, "student_logits_from_hidden_states": from_hidden, **fields},
+    )
+
+
+def prepared_rows(toy, rows):
+    _, data, tokenizer = toy
+    task = CausalLMTask(max_length=64)
+    return task, task.prepare(data["train"].select(rows), student_processor=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "student_vocab, teacher_vocab, tied", [(40, 48, False), (48, 40, False), (40, 48, True)]
+)
+def test_loss_and_every_gradient_equal_the_full_logits_path(
+    toy, tmp_path, student_vocab, teacher_vocab, tied
+):
+    """Padded rows of different lengths; output layers padded to different sizes (sliced to 40 ids); an
+    output layer tied to the input embeddings (SmolLM2, Llama 3.2)."""
+    task, rows = prepared_rows(toy, [0, 3, 7, 11])
+    batch = task.collate(list(rows))
+    assert (batch["attention_mask"] == 0).any()
+    teacher = tiny_llama(teacher_vocab, seed=1)
+    results = []
+    for from_hidden in (False, True, True):  # the second hidden-state call skips the first batch's check
+        student = tiny_llama(student_vocab, seed=0, layers=2).train()
+        if tied:
+            student.lm_head.weight = student.model.embed_tokens.weight
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=hidden_states_config(tmp_path, from_hidden), task=task
+        )
+        trainer._output_layer_checked = len(results) == 2
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in student.named_parameters()}))
+    (reference, grads), *hidden_runs = results
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    for loss, hidden_grads in hidden_runs:
+        torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+        assert hidden_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(hidden_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_step_and_evaluation_match(toy, tmp_path):
+    """Through Trainer.train (accumulation of 2) and Trainer.evaluate: same update, same eval loss."""
+    task, rows = prepared_rows(toy, range(8))
+    teacher = tiny_llama(48, seed=1)
+    runs = []
+    for from_hidden in (False, True):
+        student = tiny_llama(40, seed=0)
+        args = hidden_states_config(
+            tmp_path, from_hidden, per_device_train_batch_size=2, gradient_accumulation_steps=2
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, task=task, train_dataset=rows, eval_dataset=rows
+        )
+        trainer.train()
+        metrics = trainer.evaluate()
+        runs.append((torch.cat([p.detach().flatten() for p in student.parameters()]), metrics))
+    (params, metrics), (hidden_params, hidden_metrics) = runs
+    initial = torch.cat([p.detach().flatten() for p in tiny_llama(40, seed=0).parameters()])
+    assert not torch.allclose(params, initial)
+    torch.testing.assert_close(hidden_params, params, rtol=1e-5, atol=1e-6)
+    for key in ("eval_loss", "eval_loss_hard", "eval_loss_soft"):
+        assert hidden_metrics[key] == pytest.approx(metrics[key], rel=1e-5)
+
+
+def test_bad_combinations_are_refused(toy, tmp_path):
+    task, rows = prepared_rows(toy, range(4))
+    with pytest.raises(ValueError, match="student_logits_from_hidden_states: true needs loss_chunk_size"):
+        hidden_states_config(tmp_path, True, loss_chunk_size=None)
+    with pytest.raises(ValueError, match="needs the causal-lm task, got 'text-classification'"):
+        DistillationTrainer(
+            model=tiny_llama(40),
+            args=hidden_states_config(tmp_path, True, alpha=0.0),
+            task=TextClassificationTask(),
+        )
+    with pytest.raises(ValueError, match="never makes the student's logits, which compute_metrics needs"):
+        DistillationTrainer(
+            model=tiny_llama(40),
+            args=hidden_states_config(tmp_path, True, alpha=0.0),
+            task=task,
+            compute_metrics=lambda p: {},
+        )
+    # Cohere multiplies its logits by logit_scale after the output layer: caught on the first batch.
+    torch.manual_seed(0)
+    cohere = CohereForCausalLM(
+        CohereConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            logit_scale=0.5,
+            pad_token_id=0,
+            use_cache=False,
+        )
+    )
+    trainer = DistillationTrainer(
+        model=cohere, args=hidden_states_config(tmp_path, True, alpha=0.0), task=task
+    )
+    with pytest.raises(ValueError, match="logits are not its last hidden state times its output layer"):
+        trainer.compute_loss(cohere, task.collate(list(rows)))

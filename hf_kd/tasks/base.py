@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hf_kd.losses import SparseLogits
+from hf_kd.losses import HiddenStates, SparseLogits
 
 TEACHER_INPUT_PREFIX = "teacher_"
 CACHE_PREFIX = "kd_teacher_"
@@ -28,7 +28,7 @@ NO_LABEL = -100
 class KDItems:
     """Flattened distillation instances: one row per example (classification) or token (causal LM)."""
 
-    student_logits: torch.Tensor  # [N, K]
+    student_logits: torch.Tensor | HiddenStates  # [N, K], or [N, H] hidden states and the [K, H] output layer
     teacher: torch.Tensor | SparseLogits | None  # [N, K]; None when no teacher signal is used
     labels: torch.Tensor  # [N], NO_LABEL = no hard label
     soft_mask: torch.Tensor  # [N] bool: items that take the soft term

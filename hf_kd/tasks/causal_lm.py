@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_kd.losses import SparseLogits
+from hf_kd.losses import HiddenStates, SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, KDItems, Task
 from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
 
@@ -225,9 +225,12 @@ class CausalLMTask(Task):
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         """Position t of a row is one instance with target ``labels[t + 1]``. Both logits are cut to the
         shared vocabulary prefix when the output layers are padded to different sizes (views, no copy
-        of the student's logits)."""
+        of the student's logits). The student may be :class:`HiddenStates` (final hidden states
+        [B, T, H], output-layer weight [V, H]): its weight's rows are cut instead, and the loss makes
+        its logits chunk by chunk."""
         targets = next_token_targets(labels).reshape(-1)
-        vocab = student_logits.shape[-1]
+        from_hidden = isinstance(student_logits, HiddenStates)
+        vocab = student_logits.weight.shape[0] if from_hidden else student_logits.shape[-1]
         if isinstance(teacher_logits, SparseLogits):
             vocab = min(vocab, teacher_logits.num_classes)
             if teacher_logits.num_classes > vocab and bool((teacher_logits.indices >= vocab).any()):
@@ -241,7 +244,11 @@ class CausalLMTask(Task):
             teacher = teacher_logits[..., :vocab].reshape(-1, vocab)
         else:
             teacher = None
-        student = student_logits[..., :vocab].reshape(-1, vocab)
+        if from_hidden:
+            hidden = student_logits.hidden
+            student = HiddenStates(hidden.reshape(-1, hidden.shape[-1]), student_logits.weight[:vocab])
+        else:
+            student = student_logits[..., :vocab].reshape(-1, vocab)
         return KDItems(student, teacher, targets, targets != NO_LABEL)
 
     def count_items(self, batch) -> torch.Tensor:
