@@ -62,7 +62,7 @@ def eval_speed(
 
 
 def mean_std(values: list[float]) -> str:
-    """ "mean ± std" over seeds (sample std), or the value alone for a single run."""
+    """Mean ± std over seeds (sample std), or the value alone for a single run."""
     t = torch.tensor(values, dtype=torch.float64)
     return f"{t.mean().item():.3f} ± {t.std().item():.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
