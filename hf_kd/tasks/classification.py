@@ -103,7 +103,7 @@ class ClassificationTask(Task):
 
     def count_items(self, batch) -> torch.Tensor:
         labels = batch["labels"]
-        return torch.stack([(labels != NO_LABEL).sum(), torch.tensor(labels.numel())])
+        return torch.stack([(labels != NO_LABEL).sum(), torch.tensor(labels.numel(), device=labels.device)])
 
     @staticmethod
     def _collate_cache(features: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
