@@ -79,34 +79,28 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
     return model, processor
 
 
-def synthetic_target_fn(
-    config: DistillationConfig, trainer: DistillationTrainer, teacher, train_dataset
+def kd_sim_target_fn(
+    config: DistillationConfig, trainer: DistillationTrainer, train_dataset
 ) -> SyntheticTargetFn:
-    """The target function of ``config.synthetic_teacher`` (kd_pt, kd_sim, kd_topk). kd_sim's class
-    similarity comes from the teacher's logit layer, else from the soft confusion of the trainer's teacher
-    signal (online or cached) on the training set."""
-    similarity = None
-    if config.synthetic_teacher == "kd_sim":
-        predictions = lambda: collect_predictions(  # noqa: E731
-            train_dataset,
-            trainer.task,
-            student=trainer.model,
-            teacher_signal=trainer.teacher_signal,
-            batch_size=config.per_device_eval_batch_size,
-            device=config.device,
-        )
-        permutation = getattr(trainer.teacher_signal, "label_permutation", None)
-        if teacher is None:  # cached teacher: the soft-confusion fallback
-            similarity, source = teacher_class_similarity(None, predictions, permutation)
-        else:
-            with full_teacher(trainer.teacher_model) as whole:  # sharded or offloaded weights made whole
-                similarity, source = teacher_class_similarity(whole, predictions, permutation)
-        logger.info("kd_sim: class similarity from the teacher's %s", source)
+    """The ``kd_sim`` target function: its class similarity comes from the teacher's logit layer, else
+    from the soft confusion of the trainer's teacher signal (online or cached) on the training set."""
+    predictions = lambda: collect_predictions(  # noqa: E731
+        train_dataset,
+        trainer.task,
+        student=trainer.model,
+        teacher_signal=trainer.teacher_signal,
+        batch_size=config.per_device_eval_batch_size,
+        device=config.device,
+    )
+    permutation = getattr(trainer.teacher_signal, "label_permutation", None)
+    if trainer.teacher_model is None:  # cached teacher: the soft-confusion fallback
+        similarity, source = teacher_class_similarity(None, predictions, permutation)
+    else:
+        with full_teacher(trainer.teacher_model) as whole:  # sharded or offloaded weights made whole
+            similarity, source = teacher_class_similarity(whole, predictions, permutation)
+    logger.info("kd_sim: class similarity from the teacher's %s", source)
     return SyntheticTargetFn(
-        config.synthetic_teacher,
-        k=config.synthetic_topk,
-        class_similarity=similarity,
-        sim_temperature=config.synthetic_sim_temperature,
+        "kd_sim", class_similarity=similarity, sim_temperature=config.synthetic_sim_temperature
     )
 
 
@@ -216,8 +210,8 @@ def run_distillation(
         if token_level
         else ClassificationMetrics(data_args.metrics),  # LM: loss, loss_hard, loss_soft
     )
-    if config.alpha > 0 and config.synthetic_teacher in ("kd_pt", "kd_sim", "kd_topk"):
-        trainer.target_fn = synthetic_target_fn(config, trainer, teacher, train_prepared)
+    if config.alpha > 0 and config.synthetic_teacher == "kd_sim":  # kd_pt and kd_topk: built by the trainer
+        trainer.target_fn = kd_sim_target_fn(config, trainer, train_prepared)
     if eval_prepared is not None and config.uses_teacher and not token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
     trainer.card_info = card_info

@@ -24,6 +24,7 @@ from hf_kd.run_card import with_latest_evaluation
 from hf_kd.tasks import CausalLMTask, ImageClassificationTask, Task, TextClassificationTask, split_batch
 from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
 from hf_kd.teachers.placement import place_teacher
+from hf_kd.teachers.synthetic import SyntheticTargetFn
 
 
 def task_for_model(model: PreTrainedModel) -> Task:
@@ -83,7 +84,9 @@ class DistillationTrainer(Trainer):
                 freeze(teacher_model), self.accelerator, cpu_offload=args.teacher_cpu_offload
             )
         if teacher_signal is None and args.alpha > 0:
-            if args.synthetic_teacher == "ls":
+            if args.synthetic_teacher == "none":  # the paper's α = 0 arm: labels only
+                pass
+            elif args.synthetic_teacher == "ls":
                 teacher_signal = UniformTeacher(num_classes=logit_layer_weight(self.model).shape[0])
             elif self.teacher_model is not None:
                 output_map = self.task.teacher_output_map(teacher_model.config, self.model.config, args)
@@ -93,6 +96,8 @@ class DistillationTrainer(Trainer):
                     f"alpha={args.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
                 )
         self.teacher_signal = teacher_signal
+        if target_fn is None and args.alpha > 0 and args.synthetic_teacher in ("kd_pt", "kd_topk"):
+            target_fn = SyntheticTargetFn(args.synthetic_teacher, k=args.synthetic_topk)
         self.target_fn = target_fn
         if args.student_logits_from_hidden_states:
             self._check_student_logits_from_hidden_states()
@@ -104,6 +109,16 @@ class DistillationTrainer(Trainer):
         self.card_info: DistillationCardInfo | None = None
         """The distillation model card (``hf_kd.run_card``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``, after checking that a ``kd_sim`` run was given its target function (its
+        class similarity needs the teacher or data: see ``hf_kd.pipeline.kd_sim_target_fn``)."""
+        if self.args.alpha > 0 and self.args.synthetic_teacher == "kd_sim" and self.target_fn is None:
+            raise ValueError(
+                "synthetic_teacher='kd_sim' needs target_fn=SyntheticTargetFn('kd_sim', class_similarity=S); "
+                "scripts/distill.py builds S from the teacher (hf_kd.pipeline.kd_sim_target_fn)"
+            )
+        return super().train(*args, **kwargs)
 
     # ---- saving: the distillation card goes wherever the student goes ---------------------------
 

@@ -92,7 +92,7 @@ def test_kd_sim_is_softmax_of_similarity_row_constant_within_class(batch):
 def test_kd_topk_with_k_equal_K_is_kd(batch):
     logits, labels, _ = batch
     kd = synthetic_target("kd", logits, labels, temperature=2.0)
-    for k in (K, 1.0):
+    for k in (K, float(K)):  # a fraction must be < 1: 1.0 is one class
         torch.testing.assert_close(synthetic_target("kd_topk", logits, labels, temperature=2.0, k=k), kd)
 
 
@@ -109,7 +109,8 @@ def test_kd_topk_keeps_top_and_spreads_rest(batch):
 
 def test_topk_count():
     assert topk_count(3, 10) == 3 and topk_count(0.25, 100) == 25 and topk_count(0.01, 10) == 1
-    for bad in (0, 11, 0.0, 1.5, True):
+    assert topk_count(1.0, 10) == 1 and topk_count(4.0, 10) == 4  # whole floats are counts (config fields)
+    for bad in (0, 11, 0.0, 1.5, 11.0, True):
         with pytest.raises(ValueError):
             topk_count(bad, 10)
 

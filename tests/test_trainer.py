@@ -268,3 +268,30 @@ def test_label_smoothing_arm_equals_cross_entropy_with_label_smoothing(tmp_path,
     smoothed = F.cross_entropy(z, batch["labels"], label_smoothing=0.3) - 0.3 * math.log(2)
     assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
     assert "eval_agreement" not in trainer.evaluate()
+
+
+def test_synthetic_teachers_from_python(tmp_path, tokenizer):
+    """The trainer honours synthetic_teacher without the pipeline: kd_pt / kd_topk build their target,
+    'none' ignores the teacher (labels only), kd_sim without its class similarity refuses to train."""
+    from hf_kd.teachers.synthetic import synthetic_target
+
+    trainer, data = trainer_for(tmp_path, tokenizer, synthetic_teacher="kd_pt", alpha=0.4, temperature=2.0)
+    batch = trainer.task.collate([data[i] for i in range(8)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        z, v = trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits
+    rho = synthetic_target("kd_pt", v, batch["labels"], temperature=2.0)
+    kl = (rho * (rho.log() - torch.log_softmax(z / 2, -1))).sum(-1).mean()
+    expected = 0.6 * F.cross_entropy(z, batch["labels"]) + 0.4 * 4 * kl
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    trainer, _ = trainer_for(tmp_path, tokenizer, synthetic_teacher="none")
+    assert trainer.teacher_signal is None
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(
+        F.cross_entropy(z, batch["labels"]).item(), rel=1e-5
+    )
+
+    trainer, _ = trainer_for(tmp_path, tokenizer, synthetic_teacher="kd_sim")
+    with pytest.raises(ValueError, match="synthetic_teacher='kd_sim' needs target_fn"):
+        trainer.train()

@@ -42,13 +42,16 @@ def wrong_class_distribution(logits: torch.Tensor, true_class: torch.Tensor) -> 
 
 
 def topk_count(k: int | float, num_classes: int) -> int:
-    """k as a class count: an int in [1, K] as is, or a float fraction f ∈ (0, 1] as max(1, round(f · K))."""
+    """k as a class count: a fraction f ∈ (0, 1) of K as max(1, round(f · K)); a whole number (int, or a
+    float such as 3.0 from a config field) as a count in [1, K]."""
     if isinstance(k, float):
-        if not 0.0 < k <= 1.0:
-            raise ValueError(f"a fractional k must lie in (0, 1], got {k}")
-        return max(1, round(k * num_classes))
+        if 0.0 < k < 1.0:
+            return max(1, round(k * num_classes))
+        if not k.is_integer():
+            raise ValueError(f"k={k!r}: a fraction must lie in (0, 1), a count must be a whole number")
+        k = int(k)
     if isinstance(k, bool) or not 1 <= k <= num_classes:
-        raise ValueError(f"k must be an int in [1, {num_classes}] or a float in (0, 1], got {k!r}")
+        raise ValueError(f"k={k!r}: expected a count in [1, {num_classes}] or a fraction in (0, 1)")
     return k
 
 
@@ -150,10 +153,8 @@ class SyntheticTargetFn:
             raise ValueError("kind='kd_sim' needs class_similarity (a [K, K] matrix)")
         if kind == "kd_topk" and k is None:
             raise ValueError("kind='kd_topk' needs k (an int count or a float fraction of K)")
-        if isinstance(k, float) and k >= 1.0:
-            if not k.is_integer():
-                raise ValueError(f"k={k!r}: a count must be a whole number, a fraction must lie in (0, 1)")
-            k = int(k)  # a count given as a float (a config field typed float | None)
+        if k is not None:
+            topk_count(k, num_classes=max(1, int(k)))  # its form now; against K when the loss sees K
         self.kind, self.k, self.class_similarity, self.sim_temperature = (
             kind,
             k,
