@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from hf_kd.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -137,16 +138,7 @@ def write_model_card(info: DistillationCardInfo, output_dir: str | os.PathLike) 
     """Write the card as ``output_dir/README.md`` atomically (temp file in the same dir, then rename)."""
     path = Path(output_dir) / "README.md"
     text = str(render_model_card(info))
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".README.md.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as tmp:
-            tmp.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates the file readable by its owner only
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def push_student(

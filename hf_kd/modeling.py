@@ -76,3 +76,12 @@ def logit_layer_weight(model: PreTrainedModel) -> torch.Tensor:
             )
         head = linears[-1]
     return head.weight.detach()
+
+
+def logit_layer_weight_or_none(model: torch.nn.Module) -> torch.Tensor | None:
+    """:func:`logit_layer_weight` as float32 on the CPU, or None when the model has no layer to read it
+    from (the knowledge measures then fall back to soft confusion)."""
+    try:
+        return logit_layer_weight(model).float().cpu()
+    except ValueError:
+        return None

@@ -135,3 +135,23 @@ def test_push_student_skips_checkpoints_and_teacher(tmp_path, local_hub):
     )
     with pytest.raises(FileNotFoundError, match="no config.json"):
         push_student(tmp_path / "empty", "local-user/x")
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    """hf_kd.files.write_atomic (the model card and the knowledge report use it): a failed write leaves the
+    old file and no temporary file; a finished one is readable by everyone (mkstemp makes 0o600)."""
+    from hf_kd.files import write_atomic
+
+    path = tmp_path / "README.md"
+    path.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fail)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+    assert write_atomic(path, lambda tmp: tmp.write_text("new")) == path
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]

@@ -211,3 +211,19 @@ def test_saturation_share_and_tail_flatness():
     p_bar = torch.softmax(torch.tensor([5.0, 0.0, -5.0]), -1)
     torch.testing.assert_close(flat[2], -(p_bar * p_bar.log()).sum() / math.log(3))
     assert math.isnan(flat[3])
+
+
+def test_logit_layer_weight_or_none():
+    """The classifier's rows as float32 on the CPU, or None for a model with no layer of num_labels outputs."""
+    from types import SimpleNamespace
+
+    from hf_kd.modeling import logit_layer_weight_or_none
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3).to(torch.bfloat16))
+    model.config = SimpleNamespace(num_labels=3)
+    weight = logit_layer_weight_or_none(model)
+    assert weight.dtype == torch.float32 and weight.device.type == "cpu"
+    torch.testing.assert_close(weight, model[1].weight.detach().float())
+    model.config.num_labels = 5
+    assert logit_layer_weight_or_none(model) is None

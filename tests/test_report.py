@@ -245,6 +245,41 @@ def test_saturated_teacher_is_diagnosed():
     assert any("Over-confident" in s for s in diagnose(m)["failures"])
 
 
+def test_binary_task_level2_is_undefined_not_offered():
+    """K = 2: one wrong class, tail flatness H(p̄)/log(K − 1) is 0/0 = NaN and the class-similarity
+    agreement has nothing to rank. The diagnosis says level 2 is undefined, prints no NaN and derives no
+    failure pattern from it, both from the measures and from the logged scalars (no num_classes)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    v, z = torch.randn(40, 2, generator=g) * 3, torch.randn(40, 2, generator=g)
+    m = knowledge_measures(v, y, student_logits=z, alpha=0.5, temperature=2.0)
+    assert math.isnan(m["health"]["tail_flatness"])
+    for measures in (
+        m,
+        nested_measures(scalar_measures(m)) | {"settings": {"alpha": 0.5, "temperature": 2.0}},
+    ):
+        diagnosis = diagnose(measures)
+        level2 = diagnosis["levels"][1]
+        assert level2.startswith("Level 2 (domain): undefined") and "no class relations" in level2
+        assert "offer" not in level2 and "transferred" not in level2
+        sentences = diagnosis["levels"] + diagnosis["failures"]
+        assert not any("nan" in sentence.lower() for sentence in sentences if sentence is not level2)
+        assert not any("Label-smoothed" in s or "the tail is not flat" in s for s in diagnosis["failures"])
+    assert "K = 2 classes" in diagnose(m)["levels"][1]
+
+
+def test_undefined_class_similarity_agreement_is_not_called_a_transfer():
+    """A student whose soft confusion is constant (zero logits: every entry 1/K) gives a NaN Spearman:
+    the teacher's offer is still judged from its tail, the transfer is called undefined."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 4
+    v = torch.randn(60, 4, generator=g) * 3
+    m = knowledge_measures(v, y, student_logits=torch.zeros(60, 4), alpha=0.5, temperature=2.0)
+    assert math.isnan(m["level2"]["agreement_confusion"]["spearman"])
+    level2 = diagnose(m)["levels"][1]
+    assert "offers it" in level2 and "undefined" in level2 and "not transferred" not in level2
+
+
 def test_model_card_summary_repeats_the_reports_diagnosis():
     """The card's knowledge section is built from the flat logged measures (eval_knowledge/...): the
     same sentences as diagnose() on the nested measures, then the table."""
@@ -355,6 +390,60 @@ def test_analyze_script_writes_report(saved_teacher, capsys):
     assert f"knowledge report: {report_dir / 'report.md'}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such directory"):
         analyze.main(argv[:4] + ["--teacher", str(root / "missing")])
+
+
+def _analyze():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import analyze
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return analyze
+
+
+def test_analyze_refuses_token_level_task_before_loading(saved_teacher):
+    root, _ = saved_teacher
+    argv = ["--config", str(ROOT / "recipes/causal_lm/tiny/student.yaml"), "--output_dir", str(root / "lm")]
+    with pytest.raises(ValueError, match="task='causal-lm'.*classification tasks"):
+        _analyze().main(argv + ["--teacher", str(root / "teacher"), "--student", "none"])
+
+
+def test_analyze_names_a_missing_label_column(saved_teacher):
+    root, data = saved_teacher
+    argv = ["--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data)]
+    argv += ["--teacher", str(root / "teacher"), "--student", "none", "--output_dir", str(root / "unused")]
+    with pytest.raises(ValueError, match="label_column='grade' is not a column of split 'test'.*'label'"):
+        _analyze().main(argv + ["--label_column", "grade"])
+
+
+def test_analyze_loads_the_recipes_teacher_at_its_revision(saved_teacher, monkeypatch):
+    """Weights and processor of the recipe's teacher at teacher_model_revision; a --teacher that is not
+    the recipe's at main (the recipe's revision names a commit of another model)."""
+    import hf_kd.knowledge.report as report
+    from hf_kd.tasks.features import FeatureClassificationTask
+
+    root, data = saved_teacher
+    seen = []
+    real_load, real_processor = report.load_pretrained, FeatureClassificationTask.load_processor
+
+    def load_pretrained(model_class, name_or_path, *, revision="main", **kwargs):
+        seen.append(("weights", revision))
+        return real_load(model_class, name_or_path, **kwargs)  # a local folder has no revisions
+
+    def load_processor(self, name_or_path, *, revision="main", trust_remote_code=False):
+        seen.append(("processor", revision))
+        return real_processor(self, name_or_path)
+
+    monkeypatch.setattr(report, "load_pretrained", load_pretrained)
+    monkeypatch.setattr(FeatureClassificationTask, "load_processor", load_processor)
+    argv = ["--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data)]
+    argv += ["--student", "none", "--output_dir", str(root / "revision"), "--max_samples", "32"]
+    teacher = ["--teacher_model_name_or_path", str(root / "teacher"), "--teacher_model_revision", "v1.0"]
+    _analyze().main(argv + teacher)
+    assert seen == [("weights", "v1.0"), ("processor", "v1.0")]
+    seen.clear()
+    _analyze().main(argv + teacher + ["--teacher", str(root / "teacher") + "/"])
+    assert seen == [("weights", "main"), ("processor", "main")]
 
 
 def test_pipeline_kd_sim_with_cached_teacher_uses_soft_confusion(saved_teacher):

@@ -7,7 +7,7 @@ from transformers import TrainerCallback
 
 from hf_kd.knowledge.predictions import collect_predictions
 from hf_kd.knowledge.report import knowledge_measures, scalar_measures
-from hf_kd.modeling import logit_layer_weight
+from hf_kd.modeling import logit_layer_weight_or_none
 from hf_kd.teachers.placement import full_teacher
 
 
@@ -27,12 +27,6 @@ class KnowledgeCallback(TrainerCallback):
             )
         self.trainer, self.groups, self.max_items = trainer, groups, max_items
 
-    def _weight(self, model):
-        try:
-            return logit_layer_weight(model).float().cpu()
-        except ValueError:
-            return None
-
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         trainer = self.trainer
         if trainer.eval_dataset is None or isinstance(trainer.eval_dataset, dict):
@@ -50,7 +44,7 @@ class KnowledgeCallback(TrainerCallback):
         teacher_weight = None
         if teacher is not None:
             with full_teacher(teacher) as whole:  # sharded or offloaded weights made whole to be read
-                teacher_weight = self._weight(whole)
+                teacher_weight = logit_layer_weight_or_none(whole)
         permutation = getattr(trainer.teacher_signal, "label_permutation", None)
         if teacher_weight is not None and permutation is not None:
             teacher_weight = teacher_weight[permutation]
@@ -62,7 +56,7 @@ class KnowledgeCallback(TrainerCallback):
             temperature=args.temperature,
             groups=self.groups,
             teacher_weight=teacher_weight,
-            student_weight=self._weight(model),
+            student_weight=logit_layer_weight_or_none(model),
         )
         measures.pop("settings")
         trainer.log(scalar_measures(measures, prefix="eval_knowledge/"))

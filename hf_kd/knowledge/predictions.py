@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from hf_kd.knowledge.domain import class_similarity, soft_confusion
 from hf_kd.losses import SparseLogits
-from hf_kd.modeling import logit_layer_weight
+from hf_kd.modeling import logit_layer_weight_or_none
 from hf_kd.tasks.base import NO_LABEL, Task, split_batch
 
 
@@ -93,14 +93,10 @@ def teacher_class_similarity(
     ``label_permutation``); otherwise the soft confusion C of the teacher's predictions, which
     ``teacher_predictions()`` collects (its logits on the training set, in the student's label order).
     """
-    if teacher is not None:
-        try:
-            weight = logit_layer_weight(teacher)
-        except ValueError:
-            weight = None
-        if weight is not None:
-            classes = None if label_permutation is None else torch.tensor(label_permutation)
-            return class_similarity(weight.cpu(), classes), "logit-layer weights"
+    weight = None if teacher is None else logit_layer_weight_or_none(teacher)
+    if weight is not None:
+        classes = None if label_permutation is None else torch.tensor(label_permutation)
+        return class_similarity(weight, classes), "logit-layer weights"
     if teacher_predictions is None:
         raise ValueError(
             "the teacher has no readable logit layer: teacher predictions are needed for the soft-confusion fallback"

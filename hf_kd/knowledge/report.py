@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 
 from hf_kd.data.hierarchy import class_groups
 from hf_kd.data.loading import load_splits
+from hf_kd.files import write_atomic
 from hf_kd.knowledge.domain import (
     class_similarity,
     hierarchy_score,
@@ -35,8 +34,9 @@ from hf_kd.knowledge.health import expected_calibration_error, saturation_share,
 from hf_kd.knowledge.instance import rescaling_summary, rescaling_weight
 from hf_kd.knowledge.predictions import Predictions, collect_predictions
 from hf_kd.knowledge.universe import effective_smoothing, kl_to_uniform, teacher_entropy, wrong_mass
-from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight
+from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight_or_none
 from hf_kd.tasks import build_task, processor_fingerprint
+from hf_kd.tasks.causal_lm import CausalLMTask
 from hf_kd.teachers.online import OnlineTeacher
 
 THRESHOLDS = {
@@ -64,8 +64,6 @@ THRESHOLDS = {
   level 3 transferred (the student finds the same instances hard).
 - ``hierarchy``: hierarchy score at or above it (a class grouping is known) → the matrix shows the groups.
 """
-
-PLOTS = ("similarity.png", "rescaling.png", "histograms.png")
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -229,27 +227,43 @@ def diagnose(measures: dict[str, Any], thresholds: dict[str, float] = THRESHOLDS
         )
     else:
         levels.append("Level 1 (universe): α = 0, nothing is distilled.")
-    flat = health["tail_flatness"] >= thresholds["flat_tail"]
+    num_classes = measures["settings"].get("num_classes")
+    flatness = health["tail_flatness"]
     agreement = l2.get("agreement_confusion")
-    offered = (
-        "does not offer it (its wrong-class tail is flat)"
-        if flat
-        else "offers it (its wrong-class tail has structure)"
-    )
-    if agreement is None:
-        levels.append(f"Level 2 (domain): the teacher {offered}; no student to compare.")
+    level2_defined = (num_classes is None or num_classes > 2) and math.isfinite(flatness)
+    flat = level2_defined and flatness >= thresholds["flat_tail"]
+    if not level2_defined:
+        why = (
+            f"with K = {num_classes} classes a single wrong class has no class relations"
+            if num_classes is not None and num_classes <= 2
+            else f"the tail flatness is {flatness}, as with K = 2 classes, where a single wrong class has no class relations"
+        )
+        levels.append(f"Level 2 (domain): undefined, {why}.")
     else:
-        s = agreement["spearman"]
-        taken = (
-            "transferred"
-            if s >= thresholds["domain_agreement"]
-            else "partly transferred"
-            if s >= thresholds["domain_agreement_partial"]
-            else "not transferred"
+        offered = (
+            "does not offer it (its wrong-class tail is flat)"
+            if flat
+            else "offers it (its wrong-class tail has structure)"
         )
-        levels.append(
-            f"Level 2 (domain): the teacher {offered}; {taken} (student–teacher class-similarity Spearman {s:.3f})."
-        )
+        if agreement is None:
+            levels.append(f"Level 2 (domain): the teacher {offered}; no student to compare.")
+        elif not math.isfinite(agreement["spearman"]):
+            levels.append(
+                f"Level 2 (domain): the teacher {offered}; whether the student took it is undefined "
+                f"(student–teacher class-similarity Spearman {agreement['spearman']}: constant off-diagonal entries)."
+            )
+        else:
+            s = agreement["spearman"]
+            taken = (
+                "transferred"
+                if s >= thresholds["domain_agreement"]
+                else "partly transferred"
+                if s >= thresholds["domain_agreement_partial"]
+                else "not transferred"
+            )
+            levels.append(
+                f"Level 2 (domain): the teacher {offered}; {taken} (student–teacher class-similarity Spearman {s:.3f})."
+            )
     if "teacher_hierarchy_confusion" in l2:
         shows = "shows" if l2["teacher_hierarchy_confusion"] >= thresholds["hierarchy"] else "does not show"
         levels.append(
@@ -293,6 +307,9 @@ def diagnose(measures: dict[str, Any], thresholds: dict[str, float] = THRESHOLDS
     if not failures:
         failures.append(
             "No failure pattern: the tail is not flat, the teacher is not saturated and it is calibrated."
+            if level2_defined
+            else "No failure pattern: the teacher is not saturated and it is calibrated "
+            "(the tail flatness is undefined, so the label-smoothed pattern is not checked)."
         )
     return {"levels": levels, "failures": failures}
 
@@ -322,19 +339,6 @@ def nested_measures(flat: dict[str, float]) -> dict[str, Any]:
 
 
 # ---- files ------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates the file readable by its owner only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value):
@@ -498,7 +502,15 @@ def build_report(
 ) -> dict[str, Any]:
     """Load ``teacher`` (and ``student``) model directories, run them on ``split`` of the recipe's
     dataset, and :func:`write_report`. Class groups come from labels named ``g{group}_c{i}`` (the
-    synthetic hierarchy task), instance difficulty from a ``difficulty`` column when present."""
+    synthetic hierarchy task), instance difficulty from a ``difficulty`` column when present.
+
+    The teacher is loaded at the recipe's ``teacher_model_revision`` when it is the recipe's teacher,
+    at ``main`` otherwise. Classification tasks only: a token-level task (``causal-lm``) is refused."""
+    if data_args.task == CausalLMTask.name:
+        raise ValueError(
+            f"task={data_args.task!r}: the knowledge report covers classification tasks (one label per row); "
+            "a token-level task has no label column to read class names, groups or difficulty from"
+        )
     check_model_source("teacher", teacher)
     if student is not None:
         check_model_source("student", student)
@@ -508,10 +520,16 @@ def build_report(
     if split not in splits:
         raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(splits)}")
     rows = splits[split]
+    if data_args.label_column not in rows.features:
+        raise ValueError(
+            f"label_column={data_args.label_column!r} is not a column of split {split!r}; "
+            f"it has {rows.column_names}"
+        )
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))
-    teacher_model = freeze(load_pretrained(task.model_class(), teacher))
-    teacher_processor = task.load_processor(teacher)
+    revision = config.teacher_model_revision if teacher == config.teacher_model_name_or_path else "main"
+    teacher_model = freeze(load_pretrained(task.model_class(), teacher, revision=revision))
+    teacher_processor = task.load_processor(teacher, revision=revision)
     student_model, processor = None, teacher_processor
     output_map = None
     if student is not None:
@@ -533,21 +551,21 @@ def build_report(
         batch_size=config.per_device_eval_batch_size,
     )
     names = getattr(rows.features[data_args.label_column], "names", None) or []
-    groups = class_groups(rows) if names and all(_GROUPED_LABEL.match(n) for n in names) else None
+    groups = None
+    if names and all(_GROUPED_LABEL.match(n) for n in names):
+        label_rows = rows.select_columns([data_args.label_column])
+        if data_args.label_column != "label":  # class_groups reads the column named "label"
+            label_rows = label_rows.rename_column(data_args.label_column, "label")
+        groups = class_groups(label_rows)
     one_item_per_row = len(predictions.labels) == len(rows)
     difficulty = (
         torch.tensor(rows["difficulty"]) if "difficulty" in rows.column_names and one_item_per_row else None
     )
 
-    def weight(model, permutation=None):
-        try:
-            w = logit_layer_weight(model).float().cpu()
-        except ValueError:
-            return None
-        return w if permutation is None else w[permutation]
-
-    teacher_weight = weight(teacher_model, output_map)
-    student_weight = None if student_model is None else weight(student_model)
+    teacher_weight = logit_layer_weight_or_none(teacher_model)
+    if teacher_weight is not None and output_map is not None:
+        teacher_weight = teacher_weight[output_map]
+    student_weight = None if student_model is None else logit_layer_weight_or_none(student_model)
     title = (
         f"Knowledge report: {Path(teacher).name}"
         + (f" → {Path(student).name}" if student else "")
