@@ -298,7 +298,7 @@ class DataArguments:
     metrics: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={
-            "help": "`evaluate` metrics: a built-in of hf_kd (accuracy, f1), a local module path, or a Hub metric name."
+            "help": "`evaluate` metrics: a built-in of hf_kd (accuracy, f1), a local module path, or a Hub metric name (runs its code: needs trust_remote_code)."
         },
     )
 

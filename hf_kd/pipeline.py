@@ -19,7 +19,7 @@ from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.placement import full_teacher
-from hf_kd.teachers.synthetic import SyntheticTargetFn
+from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
 from hf_kd.vocab import check_same_vocabulary
 
@@ -75,7 +75,13 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
         raise ValueError(
             "a student built from student_config needs student_processor (a tokenizer or image processor path)"
         )
-    processor = task.load_processor(processor_source, trust_remote_code=model_args.trust_remote_code)
+    processor = task.load_processor(
+        processor_source,
+        revision=model_args.student_model_revision
+        if processor_source == model_args.student_model_name_or_path
+        else "main",
+        trust_remote_code=model_args.trust_remote_code,
+    )
     return model, processor
 
 
@@ -118,6 +124,8 @@ def run_distillation(
     _check_sources(model_args, config)
     set_seed(config.seed)
     task = build_task(data_args)
+    token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
+    metrics = None if token_level else ClassificationMetrics(data_args.metrics, model_args.trust_remote_code)
     splits = load_splits(data_args)
     cache = (
         load_teacher_cache(config.teacher_cache)
@@ -129,6 +137,9 @@ def run_distillation(
             splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name]
         )
     train = splits[data_args.train_split]
+    labels = None if token_level else label_names(train, data_args.label_column)  # before labels are hidden
+    if labels is not None and config.alpha > 0 and config.synthetic_teacher == "kd_topk":
+        topk_count(config.synthetic_topk, len(labels))  # k must fit the label space
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.num_labeled_examples is not None:
@@ -139,8 +150,6 @@ def run_distillation(
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
-    token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
-    labels = None if token_level else label_names(train, data_args.label_column)
     student, student_processor = load_student(task, model_args, labels)
 
     teacher, teacher_processor = None, None
@@ -154,7 +163,9 @@ def run_distillation(
             teacher_config, student.config, config
         )  # label/vocabulary check before loading weights
         teacher_processor = task.load_processor(
-            model_args.teacher_processor or config.teacher_model_name_or_path
+            model_args.teacher_processor or config.teacher_model_name_or_path,
+            revision="main" if model_args.teacher_processor else config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
         )
         if token_level:
             check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
@@ -206,9 +217,7 @@ def run_distillation(
         train_dataset=train_prepared,
         eval_dataset=eval_prepared,
         processing_class=student_processor,
-        compute_metrics=None
-        if token_level
-        else ClassificationMetrics(data_args.metrics),  # LM: loss, loss_hard, loss_soft
+        compute_metrics=metrics,  # LM: none (loss, loss_hard, loss_soft)
     )
     if config.alpha > 0 and config.synthetic_teacher == "kd_sim":  # kd_pt and kd_topk: built by the trainer
         trainer.target_fn = kd_sim_target_fn(config, trainer, train_prepared)

@@ -89,3 +89,23 @@ def test_every_shipped_recipe_parses(recipe):
     """Each scripts/distill.py recipe's keys are known fields with valid values (no model or data is loaded)."""
     data, model, config = parse_args(["--config", str(recipe)])
     assert config.output_dir
+
+
+def test_hub_metric_needs_trust_remote_code():
+    """A metric that is neither built in nor local would run Hub code: refused unless trusted."""
+    from hf_kd.tasks.classification import ClassificationMetrics
+
+    with pytest.raises(
+        ValueError, match=r"metric 'glue' is neither built into hf_kd.*trust_remote_code: true"
+    ):
+        ClassificationMetrics(["accuracy", "glue"])
+
+
+def test_checks_on_the_label_space_run_before_any_model_is_loaded(tmp_path):
+    """synthetic_topk larger than K fails right after reading the labels, before the teacher is loaded."""
+    from distill_run import write_tiny_run  # 3 classes
+
+    recipe = write_tiny_run(tmp_path, synthetic_teacher="kd_topk", synthetic_topk=5.0)
+    (tmp_path / "teacher" / "model.safetensors").unlink()  # would fail if the teacher were loaded
+    with pytest.raises(ValueError, match=r"k=5: expected a count in \[1, 3\]"):
+        run_distillation(*parse_args(["--config", str(recipe)]))

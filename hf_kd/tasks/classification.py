@@ -67,8 +67,8 @@ class ClassificationMetrics:
     """``compute_metrics`` for classification: the task metrics (``evaluate`` modules) on labelled rows,
     plus ``agreement``, the share of rows where student and teacher predict the same top-1 class."""
 
-    def __init__(self, names: list[str]):
-        self.metrics = {name: load_metric(name) for name in names}
+    def __init__(self, names: list[str], trust_remote_code: bool = False):
+        self.metrics = {name: load_metric(name, trust_remote_code) for name in names}
 
     def __call__(self, eval_pred) -> dict[str, float]:
         predictions, labels = eval_pred.predictions, eval_pred.label_ids
@@ -83,10 +83,18 @@ class ClassificationMetrics:
         return results
 
 
-def load_metric(name: str):
-    """An ``evaluate`` metric: hf_kd's offline copies first, then a local module path or a Hub name."""
+def load_metric(name: str, trust_remote_code: bool = False):
+    """An ``evaluate`` metric: hf_kd's offline copies first, then a local module directory, then a Hub
+    metric, whose Python code ``evaluate`` downloads and runs: only with ``trust_remote_code``."""
     builtin = BUILTIN_METRICS / name
-    return evaluate.load(str(builtin) if builtin.is_dir() else name)
+    if builtin.is_dir():
+        return evaluate.load(str(builtin))
+    if not Path(name).exists() and not trust_remote_code:
+        raise ValueError(
+            f"metric {name!r} is neither built into hf_kd ({sorted(p.name for p in BUILTIN_METRICS.iterdir() if p.is_dir())}) "
+            "nor a local module: loading it from the Hub runs its code, so set trust_remote_code: true to allow it"
+        )
+    return evaluate.load(name)
 
 
 class ClassificationTask(Task):
