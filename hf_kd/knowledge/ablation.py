@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_kd.config import SYNTHETIC_KINDS, parse_args
-from hf_kd.knowledge.report import write_atomic
+from hf_kd.files import write_atomic
 from hf_kd.pipeline import run_distillation
 
 PAPER_ORDERING = (("kd_pt", "kd_sim"), ("kd_sim", "ls"))
