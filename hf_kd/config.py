@@ -14,9 +14,11 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_kd.losses import DIVERGENCES, TAIL_MODES
+from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
 TEACHER_SOURCES = ("online", "cached")
-SYNTHETIC_KINDS = ("none", "ls", "kd_pt", "kd_sim", "kd", "kd_topk")
+RESERVED_INIT_KWARGS = {"revision", "trust_remote_code", "use_safetensors"}
+"""``from_pretrained`` arguments hf_kd sets itself (from its own fields), not through teacher_model_init_kwargs."""
 TASKS = ("text-classification", "image-classification", "causal-lm", "feature-classification")
 
 
@@ -137,6 +139,12 @@ class DistillationConfig(TrainingArguments):
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = yaml.safe_load(self.teacher_model_init_kwargs)
+        reserved = sorted(set(self.teacher_model_init_kwargs or {}) & RESERVED_INIT_KWARGS)
+        if reserved:
+            raise ValueError(
+                f"teacher_model_init_kwargs sets {reserved}: use the fields teacher_model_revision and "
+                "trust_remote_code instead (weights always load as safetensors)"
+            )
         if isinstance(self.teacher_label_mapping, str):
             self.teacher_label_mapping = yaml.safe_load(self.teacher_label_mapping)
         _check_range("alpha", self.alpha, 0.0, 1.0)
@@ -308,6 +316,8 @@ class DataArguments:
             self.data_files = yaml.safe_load(self.data_files)
         if self.num_labeled_examples is not None and self.num_labeled_examples < 0:
             raise ValueError(f"num_labeled_examples={self.num_labeled_examples!r} must be ≥ 0")
+        if self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length!r} must be a positive number of tokens")
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, DistillationConfig)

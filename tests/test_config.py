@@ -49,6 +49,7 @@ def test_unknown_flag_is_an_error(tmp_path):
         ("divergence", "kl", r"divergence='kl' is not one of"),
         ("beta", 2.0, r"beta=2.0 is out of range"),
         ("synthetic_teacher", "magic", r"synthetic_teacher='magic' is not one of"),
+        ("teacher_model_init_kwargs", {"trust_remote_code": True}, r"sets \['trust_remote_code'\]"),
     ],
 )
 def test_bad_values_are_rejected_with_field_and_value(tmp_path, field, value, message):
@@ -109,3 +110,10 @@ def test_checks_on_the_label_space_run_before_any_model_is_loaded(tmp_path):
     (tmp_path / "teacher" / "model.safetensors").unlink()  # would fail if the teacher were loaded
     with pytest.raises(ValueError, match=r"k=5: expected a count in \[1, 3\]"):
         run_distillation(*parse_args(["--config", str(recipe)]))
+
+
+def test_max_length_must_be_positive():
+    from hf_kd import DataArguments
+
+    with pytest.raises(ValueError, match="max_length=0 must be a positive number of tokens"):
+        DataArguments(max_length=0)
