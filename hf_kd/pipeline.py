@@ -14,7 +14,7 @@ from hf_kd.knowledge.callback import KnowledgeCallback
 from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
 from hf_kd.run_card import run_card_info, teacher_scores
-from hf_kd.tasks import CausalLMTask, Task, build_task, processor_fingerprint
+from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
@@ -169,10 +169,7 @@ def run_distillation(
         )
         if token_level:
             check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
-        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(
-            student_processor
-        ):
-            teacher_processor = None  # same preprocessing: the teacher reads the student's inputs
+        teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
         teacher = load_pretrained(
             task.model_class(),
             config.teacher_model_name_or_path,

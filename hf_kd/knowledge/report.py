@@ -35,7 +35,7 @@ from hf_kd.knowledge.instance import rescaling_summary, rescaling_weight
 from hf_kd.knowledge.predictions import Predictions, collect_predictions
 from hf_kd.knowledge.universe import effective_smoothing, kl_to_uniform, teacher_entropy, wrong_mass
 from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight_or_none
-from hf_kd.tasks import build_task, processor_fingerprint
+from hf_kd.tasks import build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import CausalLMTask
 from hf_kd.teachers.online import OnlineTeacher
 
@@ -536,10 +536,7 @@ def build_report(
         student_model = freeze(load_pretrained(task.model_class(), student))
         processor = task.load_processor(student)
         output_map = task.teacher_output_map(teacher_model.config, student_model.config, config)
-        if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(
-            processor
-        ):
-            teacher_processor = None
+        teacher_processor = teacher_own_processor(task, teacher_processor, processor)
     else:
         teacher_processor = None
     prepared = task.prepare(rows, student_processor=processor, teacher_processor=teacher_processor)

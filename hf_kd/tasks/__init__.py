@@ -8,6 +8,7 @@ from hf_kd.tasks.base import (
     Task,
     processor_fingerprint,
     split_batch,
+    teacher_own_processor,
 )
 from hf_kd.tasks.causal_lm import CausalLMTask
 from hf_kd.tasks.classification import ImageClassificationTask, TextClassificationTask
@@ -47,5 +48,6 @@ __all__ = [
     "TextClassificationTask",
     "build_task",
     "processor_fingerprint",
+    "teacher_own_processor",
     "split_batch",
 ]

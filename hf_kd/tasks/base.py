@@ -63,6 +63,16 @@ def processor_fingerprint(processor: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def teacher_own_processor(task: Task, teacher_processor: Any, student_processor: Any) -> Any | None:
+    """The teacher's processor when its preprocessing differs from the student's (the teacher then gets
+    its own ``teacher_*`` input columns), else None: the teacher reads the student's inputs."""
+    if not task.needs_processor or processor_fingerprint(teacher_processor) == processor_fingerprint(
+        student_processor
+    ):
+        return None
+    return teacher_processor
+
+
 class Task(ABC):
     """Adapter between a dataset, the models' heads and the distillation loss."""
 
