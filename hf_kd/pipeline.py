@@ -15,13 +15,14 @@ from hf_kd.knowledge.predictions import collect_predictions, teacher_class_simil
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
 from hf_kd.run_card import run_card_info, teacher_scores
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
+from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
-from hf_kd.vocab import check_same_vocabulary
+from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ def run_distillation(
         )
         if token_level:
             check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
+            shared_vocab_size(
+                vocab_size_of(teacher_config), vocab_size_of(student.config), len(student_processor)
+            )
         teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
         teacher = load_pretrained(
             task.model_class(),

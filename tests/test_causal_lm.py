@@ -269,6 +269,18 @@ def test_tiny_recipes_run_end_to_end(toy, tmp_path, caplog):
         run_distillation(*parse_args(student_args + ["--output_dir", str(tmp_path / "never")]))
     assert json.loads((impostor / "config.json").read_text())["vocab_size"] == 64
 
+    # Same tokenizer, but an output layer smaller than it: refused before the weights are read too.
+    small = tmp_path / "small"
+    config = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).config
+    config.vocab_size = 30
+    config.save_pretrained(str(small))
+    tokenizer.save_pretrained(str(small))
+    student_args[-3] = str(small)
+    with pytest.raises(
+        ValueError, match=f"the tokenizer has {len(tokenizer)} tokens but the teacher scores only 30"
+    ):
+        run_distillation(*parse_args(student_args + ["--output_dir", str(tmp_path / "never")]))
+
 
 def test_unknown_column_and_chat_without_template(toy):
     _, data, tokenizer = toy
