@@ -16,7 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.data.digits import write_digits
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     args = parser.parse_args()
 
+    datasets.disable_progress_bars()  # ten short runs: one line of progress each is enough
+    transformers.utils.logging.disable_progress_bar()
     write_digits("outputs/data/digits")
     started = time.perf_counter()
     print("[demo] training the teacher (ViT, hidden 64 × 4 layers, all 1,258 training labels)", flush=True)
