@@ -160,18 +160,43 @@ def push_student(
     folder = Path(output_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: save the student with save_pretrained first")
+    return upload_folder_to_repo(
+        folder,
+        repo_id,
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+    )
+
+
+def upload_folder_to_repo(
+    folder: Path,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str,
+    ignore_patterns: list[str] | None = None,
+) -> CommitInfo:
+    """Create ``repo_id`` (of ``repo_type``) if needed, create ``revision`` as a branch unless it is a
+    pull-request ref, and upload ``folder`` in one commit. ``token`` is passed on, never logged."""
     api = HfApi()
-    repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    repo_url = api.create_repo(repo_id, repo_type=repo_type, token=token, private=private, exist_ok=True)
     if revision is not None and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_url.repo_id, branch=revision, token=token, exist_ok=True)
-    logger.info("Pushing %s to %s (revision %s)", folder, repo_url.repo_id, revision or "main")
+        api.create_branch(repo_url.repo_id, branch=revision, repo_type=repo_type, token=token, exist_ok=True)
+    logger.info("Pushing %s to %s %s (revision %s)", folder, repo_type, repo_url.repo_id, revision or "main")
     return api.upload_folder(
         repo_id=repo_url.repo_id,
         folder_path=folder,
+        repo_type=repo_type,
         commit_message=commit_message,
         token=token,
         revision=revision,
-        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+        ignore_patterns=ignore_patterns,
     )
 
 
@@ -198,9 +223,9 @@ def _method_section(info: DistillationCardInfo) -> str:
     lines += [
         f"- **Loss:** (1 − α) · CE(labels, student) + α · {scale}D(teacher^τ ‖ student^τ)",
         f"- **Divergence D:** `{info.divergence}`",
-        f"- **Temperature τ:** {_format_value(info.temperature)}"
+        f"- **Temperature τ:** {format_value(info.temperature)}"
         f" (τ² scaling {'on' if info.temperature_squared else 'off'})",
-        f"- **Alpha α:** {_format_value(info.alpha)}",
+        f"- **Alpha α:** {format_value(info.alpha)}",
     ]
     if info.synthetic_target is not None:
         meaning = SYNTHETIC_TARGETS.get(info.synthetic_target)
@@ -211,7 +236,7 @@ def _method_section(info: DistillationCardInfo) -> str:
             "",
             "### Teacher cache",
             "",
-            _table(["Field", "Value"], _provenance_rows(info.cache_provenance)),
+            markdown_table(["Field", "Value"], _provenance_rows(info.cache_provenance)),
         ]
     return "\n".join(lines)
 
@@ -224,7 +249,7 @@ def _results_section(info: DistillationCardInfo) -> str:
         )
     if not rows:
         return ""
-    text = f"## Results\n\n{_table(['', 'Teacher', 'Student'], rows)}"
+    text = f"## Results\n\n{markdown_table(['', 'Teacher', 'Student'], rows)}"
     if info.teacher_parameters and info.student_parameters:
         ratio = info.teacher_parameters / info.student_parameters
         share = 100 * info.student_parameters / info.teacher_parameters
@@ -278,7 +303,7 @@ def _metric_rows(teacher: dict[str, float], student: dict[str, float]) -> list[l
     student_values = {_metric_name(key): value for key, value in student.items()}
     names = dict.fromkeys([*teacher_values, *student_values])
     return [
-        [name, _format_value(teacher_values.get(name)), _format_value(student_values.get(name))]
+        [name, format_value(teacher_values.get(name)), format_value(student_values.get(name))]
         for name in names
         if name not in _BOOKKEEPING_METRICS
     ]
@@ -286,10 +311,10 @@ def _metric_rows(teacher: dict[str, float], student: dict[str, float]) -> list[l
 
 def _provenance_rows(provenance: dict[str, Any]) -> list[list[str]]:
     """One row per cache metadata field that has a value."""
-    return [[f"`{key}`", _format_value(value)] for key, value in provenance.items() if value is not None]
+    return [[f"`{key}`", format_value(value)] for key, value in provenance.items() if value is not None]
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
     """A readable cell: 4 significant digits for floats, JSON for containers, "—" for missing."""
     if value is None:
         return "—"
@@ -314,7 +339,7 @@ def _format_count(count: int | None) -> str:
     return f"{count:,}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table; pipes and newlines in cells are escaped."""
 
     def line(cells: list[str]) -> str:

@@ -45,12 +45,12 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets, load_from_disk
 from datasets.arrow_writer import ArrowWriter
-from huggingface_hub import CommitInfo, DatasetCard, DatasetCardData, HfApi, snapshot_download
+from huggingface_hub import CommitInfo, DatasetCard, DatasetCardData, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from hf_kd.hub import _format_value, _table
+from hf_kd.hub import format_value, markdown_table, upload_folder_to_repo
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
 from hf_kd.vocab import shared_vocab_size
@@ -720,9 +720,7 @@ def dataset_card(metadata: CacheMetadata) -> DatasetCard:
         else f"top-{metadata.top_k} log-probabilities, their indices and the tail mass"
     )
     rows = [
-        [f"`{key}`", _format_value(value)]
-        for key, value in metadata.provenance().items()
-        if value is not None
+        [f"`{key}`", format_value(value)] for key, value in metadata.provenance().items() if value is not None
     ]
     splits = [
         [name, f"{record['num_rows']:,}", f"`{record['fingerprint'][:16]}`"]
@@ -745,11 +743,11 @@ hf_kd checks the metadata below against the run (rows, label space or vocabulary
 
 ## Splits
 
-{_table(["Split", "Rows", "Source fingerprint"], splits)}
+{markdown_table(["Split", "Rows", "Source fingerprint"], splits)}
 
 ## Metadata
 
-{_table(["Field", "Value"], rows)}
+{markdown_table(["Field", "Value"], rows)}
 """
     return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
@@ -765,16 +763,12 @@ def push_cache_to_hub(
 ) -> CommitInfo:
     """Upload a verified cache directory (data, ``hf_kd_cache.json``, dataset card) as a Hub dataset."""
     cache = load_teacher_cache(cache_dir)
-    api = HfApi()
-    repo_url = api.create_repo(repo_id, repo_type="dataset", token=token, private=private, exist_ok=True)
-    if revision is not None and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_url.repo_id, branch=revision, repo_type="dataset", token=token, exist_ok=True)
-    logger.info("Pushing teacher cache %s to dataset %s", cache.path, repo_url.repo_id)
-    return api.upload_folder(
-        repo_id=repo_url.repo_id,
-        folder_path=cache.path,
+    return upload_folder_to_repo(
+        cache.path,
+        repo_id,
         repo_type="dataset",
-        commit_message=commit_message,
         token=token,
+        private=private,
         revision=revision,
+        commit_message=commit_message,
     )
