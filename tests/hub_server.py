@@ -37,12 +37,16 @@ _REPO_ROUTE = re.compile(
 
 
 class HubError(Exception):
-    """An error answered to the client: HTTP status, message and the Hub's ``X-Error-Code``."""
+    """An error answered to the client: HTTP status, message, the Hub's ``X-Error-Code`` and any other
+    fields of the JSON answer."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, error_code: str | None = None, **fields: Any
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
+        self.fields = fields
 
 
 @dataclass
@@ -138,7 +142,7 @@ class LocalHub:
         repo_type = payload.get("type") or "model"
         url = f"{self.url}/{repo_id}" if repo_type == "model" else f"{self.url}/{repo_type}s/{repo_id}"
         if repo_id in self.repos:
-            raise HubError(409, f"You already created this {repo_type} repo: {url}")
+            raise HubError(409, f"You already created this {repo_type} repo", url=url)  # as the Hub answers
         self.repos[repo_id] = Repo(repo_type=repo_type, visibility=payload.get("visibility"))
         return {"url": url, "name": repo_id}
 
@@ -216,7 +220,7 @@ def _handler_class(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 try:
                     status, answer, error_code = 200, hub.dispatch(method, path, body), None
                 except HubError as err:
-                    status, answer, error_code = err.status, {"error": str(err)}, err.error_code
+                    status, answer, error_code = err.status, {"error": str(err), **err.fields}, err.error_code
             data = json.dumps(answer).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
