@@ -57,8 +57,9 @@ PUSH_IGNORE_PATTERNS = ("checkpoint-*", "teacher*")
 """Never uploaded by :func:`push_student`: Trainer checkpoints and any teacher file or folder."""
 
 _BOOKKEEPING_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
-_OBJECTIVE_METRICS = {"loss", "loss_soft"}
-"""The training objective's values: in the card body, not in the ``model-index`` results."""
+_NOT_RESULTS = {"loss", "loss_soft", "agreement"}
+"""The training objective's values and the agreement with the teacher: in the card body, not in the
+``model-index`` results (what the model scores on the data)."""
 _METRIC_PREFIX = re.compile(r"^(eval|test|predict)_")
 METRIC_NAMES = {"loss_hard": "cross_entropy"}
 """Card names of logged measures: ``loss_hard`` is the mean cross-entropy on the labels (tokens for a LM)."""
@@ -167,7 +168,7 @@ def card_metadata(info: DistillationCardInfo) -> ModelCardData:
 
 
 def _eval_results(info: DistillationCardInfo) -> list[EvalResult]:
-    """The student's scores (objective and bookkeeping left out) as ``model-index`` results on the first
+    """The student's scores (not :data:`_NOT_RESULTS`, not bookkeeping) as ``model-index`` results on the first
     dataset; none without a dataset name. A local dataset is named by its folder."""
     if not info.datasets:
         return []
@@ -183,7 +184,7 @@ def _eval_results(info: DistillationCardInfo) -> list[EvalResult]:
             metric_value=float(value),
         )
         for name, value in scores.items()
-        if name not in _BOOKKEEPING_METRICS | _OBJECTIVE_METRICS and isinstance(value, (int, float))
+        if name not in _BOOKKEEPING_METRICS | _NOT_RESULTS and isinstance(value, (int, float))
     ]
 
 
