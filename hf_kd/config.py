@@ -180,6 +180,11 @@ class DistillationConfig(TrainingArguments):
                 f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state (``training_args.bin``, written next to every saved student) without
+        ``hub_token``: a token never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
+        return {**self.__dict__, "hub_token": None}
+
     @property
     def uses_teacher(self) -> bool:
         """Whether the soft term is on (alpha > 0 and a teacher-based target)."""

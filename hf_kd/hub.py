@@ -1,10 +1,12 @@
 """The model card of a distilled student, and pushing the student to the Hugging Face Hub.
 
 ``render_model_card`` turns a :class:`DistillationCardInfo` into a ``huggingface_hub.ModelCard``:
-YAML metadata (``base_model`` = the teacher, tags, datasets, pipeline tag, metric names) and a body
-that says how the student was made, how it compares with its teacher, what was transferred and how
-to reproduce it. ``write_model_card`` writes it as ``README.md``; ``push_student`` uploads a saved
-student folder (weights, config, processor files, card) to a Hub repository.
+YAML metadata (``base_model`` = the teacher, tags, datasets, pipeline tag, ``model-index`` results)
+and a body that says how the student was made, how it compares with its teacher, what was
+transferred and how to reproduce it. A run without a teacher gets an ordinary fine-tuning card.
+``write_model_card`` writes it as ``README.md``; ``push_student`` uploads a saved student folder
+(weights, config, processor files, card) to a Hub repository, and a failed push raises
+:class:`HubPushError`, whose one-line message says how to push again (``scripts/push.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import json
 import logging
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
+import httpx2
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_kd.files import write_atomic
@@ -52,7 +57,26 @@ PUSH_IGNORE_PATTERNS = ("checkpoint-*", "teacher*")
 """Never uploaded by :func:`push_student`: Trainer checkpoints and any teacher file or folder."""
 
 _BOOKKEEPING_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
+_NOT_RESULTS = {"loss", "loss_soft", "agreement"}
+"""The training objective's values and the agreement with the teacher: in the card body, not in the
+``model-index`` results (what the model scores on the data)."""
 _METRIC_PREFIX = re.compile(r"^(eval|test|predict)_")
+METRIC_NAMES = {"loss_hard": "cross_entropy"}
+"""Card names of logged measures: ``loss_hard`` is the mean cross-entropy on the labels (tokens for a LM)."""
+
+REDACTED = "<redacted>"
+_SECRET_NAME = r"[\w.-]*(?:token|secret|password|api_key)"
+_SECRET_FLAG = re.compile(rf"(--{_SECRET_NAME}(?:=|\s+))(\S+)", re.IGNORECASE)
+_SECRET_FIELD = re.compile(rf"^(\s*{_SECRET_NAME}\s*:[ \t]*)(\S.*)$", re.IGNORECASE | re.MULTILINE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+PUSH_SCRIPT = "scripts/push.py"
+HUB_FAILURES = (httpx2.HTTPError, ConnectionError)
+"""What a failed Hub request raises: HTTP errors (4xx/5xx), refused or dropped connections, timeouts,
+and ``HF_HUB_OFFLINE``."""
+
+
+class HubPushError(RuntimeError):
+    """A Hub request failed; the message is one line for the user (endpoint, failure, what to do)."""
 
 
 def _installed_hf_kd_version() -> str:
@@ -72,8 +96,8 @@ class DistillationCardInfo:
 
     student_id: str
     """Name or Hub repo id of the student."""
-    teacher_id: str
-    """Hub id (or local path) of the teacher."""
+    teacher_id: str | None
+    """Hub id (or local path) of the teacher; None: no teacher, an ordinary fine-tuning card."""
     task: str
     """hf_kd task: ``text-classification``, ``image-classification`` or ``causal-lm``."""
     divergence: str
@@ -85,6 +109,10 @@ class DistillationCardInfo:
     teacher_revision: str | None = None
     datasets: list[str] = field(default_factory=list)
     """Dataset names: Hub ids go into the metadata, every name into the body."""
+    eval_split: str | None = None
+    """The split both models were evaluated on (``model-index`` results)."""
+    student_source: str | None = None
+    """The checkpoint the student started from (None: built from a config); a fine-tuning card's base."""
     temperature_squared: bool = True
     """Whether the soft term was multiplied by τ²."""
     synthetic_target: str | None = None
@@ -121,17 +149,43 @@ def render_model_card(info: DistillationCardInfo) -> ModelCard:
 
 
 def card_metadata(info: DistillationCardInfo) -> ModelCardData:
-    """The card's YAML metadata; values that are not Hub ids (local paths) are left out."""
-    metric_names = {_metric_name(key) for key in (*info.teacher_metrics, *info.student_metrics)}
+    """The card's YAML metadata; values that are not Hub ids (local paths) are left out. The student's
+    final scores are its ``model-index`` results, each metric named in ``metrics`` has one."""
+    results = _eval_results(info)
+    base = info.teacher_id if info.teacher_id is not None else info.student_source
+    distilled = ["knowledge-distillation"] if info.teacher_id is not None else []
     return ModelCardData(
-        base_model=info.teacher_id if _is_hub_id(info.teacher_id) else None,
+        base_model=base if base is not None and _is_hub_id(base) else None,
         datasets=[name for name in info.datasets if _is_hub_id(name)] or None,
-        tags=["knowledge-distillation", "hf_kd", info.task],
+        tags=[*distilled, "hf_kd", info.task],
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS.get(info.task),
-        metrics=sorted(metric_names - _BOOKKEEPING_METRICS - {"loss"}) or None,
+        metrics=sorted({result.metric_type for result in results}) or None,
         license=info.license,
+        model_name=info.student_id if results else None,
+        eval_results=results or None,
     )
+
+
+def _eval_results(info: DistillationCardInfo) -> list[EvalResult]:
+    """The student's scores (not :data:`_NOT_RESULTS`, not bookkeeping) as ``model-index`` results on the first
+    dataset; none without a dataset name. A local dataset is named by its folder."""
+    if not info.datasets:
+        return []
+    dataset = info.datasets[0] if _is_hub_id(info.datasets[0]) else Path(info.datasets[0]).name
+    scores = {_metric_name(key): value for key, value in info.student_metrics.items()}
+    return [
+        EvalResult(
+            task_type=PIPELINE_TAGS.get(info.task, info.task),
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=info.eval_split,
+            metric_type=name,
+            metric_value=float(value),
+        )
+        for name, value in scores.items()
+        if name not in _BOOKKEEPING_METRICS | _NOT_RESULTS and isinstance(value, (int, float))
+    ]
 
 
 def write_model_card(info: DistillationCardInfo, output_dir: str | os.PathLike) -> Path:
@@ -153,22 +207,84 @@ def push_student(
     """Create ``repo_id`` if needed and upload the saved student folder in one commit.
 
     Uploads everything ``save_pretrained`` wrote (safetensors weights, config, processor files,
-    ``README.md``) except :data:`PUSH_IGNORE_PATTERNS`. A ``revision`` other than a pull-request
-    ref is created as a branch first. ``token`` is passed to huggingface_hub and never logged.
-    Returns the commit info (a ``str`` subclass: the commit URL).
+    ``README.md``) except :data:`PUSH_IGNORE_PATTERNS`. An hf_kd card is first titled with ``repo_id``.
+    A ``revision`` other than a pull-request ref is created as a branch first. ``token`` is passed to
+    huggingface_hub and never logged. Returns the commit info (a ``str`` subclass: the commit URL).
+    Raises :class:`HubPushError` (one line: endpoint, failure, the command that pushes again) when a
+    Hub request fails; the repository is created first, without retries, so an unreachable Hub fails
+    at once.
     """
     folder = Path(output_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: save the student with save_pretrained first")
-    return upload_folder_to_repo(
-        folder,
-        repo_id,
-        token=token,
-        private=private,
-        revision=revision,
-        commit_message=commit_message,
-        ignore_patterns=list(PUSH_IGNORE_PATTERNS),
-    )
+    retitle_card(folder / "README.md", repo_id)
+    try:
+        return upload_folder_to_repo(
+            folder,
+            repo_id,
+            token=token,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            ignore_patterns=list(PUSH_IGNORE_PATTERNS),
+        )
+    except HUB_FAILURES as err:
+        again = push_command(folder, repo_id, revision=revision, private=private)
+        raise HubPushError(
+            f"{hub_failure(err)}. The student is saved in {folder}; push it again with: {again}"
+        ) from err
+
+
+def prepare_repo(
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+) -> str:
+    """Create ``repo_id`` (of ``repo_type``) if needed and ``revision`` as a branch unless it is a
+    pull-request ref; returns the full repo id. ``token`` is passed on, never logged."""
+    api = HfApi()
+    repo_url = api.create_repo(repo_id, repo_type=repo_type, token=token, private=private, exist_ok=True)
+    if revision is not None and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_url.repo_id, branch=revision, repo_type=repo_type, token=token, exist_ok=True)
+    return repo_url.repo_id
+
+
+def hub_failure(err: BaseException) -> str:
+    """What failed, in one line: the endpoint and the HTTP status or the connection error."""
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        request = err.response.request
+        failure = f"HTTP {err.response.status_code} on {request.method} {request.url.path}"
+    else:
+        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no answer'}"
+    return f"Hub request to {HfApi().endpoint} failed ({failure})"
+
+
+def push_command(
+    folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool | None = None
+) -> str:
+    """The ``scripts/push.py`` command line that pushes ``folder`` to ``repo_id``."""
+    argv = ["python", PUSH_SCRIPT, "--folder", str(folder), "--repo_id", repo_id]
+    argv += ["--revision", revision] if revision else []
+    argv += ["--private"] if private else []
+    return shlex.join(argv)
+
+
+def retitle_card(path: Path, repo_id: str) -> None:
+    """Name the student ``repo_id`` in the hf_kd card at ``path`` (its title and ``model-index`` name),
+    so a folder pushed under another name is not titled by the folder. Other files are left alone."""
+    if not path.is_file():
+        return
+    card = ModelCard.load(path)
+    if "hf_kd" not in (card.data.tags or []):
+        return
+    if card.data.eval_results:
+        card.data.model_name = repo_id
+    body = re.sub(r"^# .*$", f"# {repo_id}", card.text, count=1, flags=re.MULTILINE)
+    text = f"---\n{card.data.to_yaml()}\n---\n{body}"
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def upload_folder_to_repo(
@@ -182,15 +298,12 @@ def upload_folder_to_repo(
     commit_message: str,
     ignore_patterns: list[str] | None = None,
 ) -> CommitInfo:
-    """Create ``repo_id`` (of ``repo_type``) if needed, create ``revision`` as a branch unless it is a
-    pull-request ref, and upload ``folder`` in one commit. ``token`` is passed on, never logged."""
-    api = HfApi()
-    repo_url = api.create_repo(repo_id, repo_type=repo_type, token=token, private=private, exist_ok=True)
-    if revision is not None and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_url.repo_id, branch=revision, repo_type=repo_type, token=token, exist_ok=True)
-    logger.info("Pushing %s to %s %s (revision %s)", folder, repo_type, repo_url.repo_id, revision or "main")
-    return api.upload_folder(
-        repo_id=repo_url.repo_id,
+    """Create the repository and branch (:func:`prepare_repo`) and upload ``folder`` in one commit.
+    ``token`` is passed on, never logged."""
+    full_id = prepare_repo(repo_id, repo_type=repo_type, token=token, private=private, revision=revision)
+    logger.info("Pushing %s to %s %s (revision %s)", folder, repo_type, full_id, revision or "main")
+    return HfApi().upload_folder(
+        repo_id=full_id,
         folder_path=folder,
         repo_type=repo_type,
         commit_message=commit_message,
@@ -204,24 +317,27 @@ def upload_folder_to_repo(
 
 
 def _intro_section(info: DistillationCardInfo) -> str:
-    return (
-        f"# {info.student_id}\n\n"
-        f"This model is a student distilled from the teacher {_teacher_ref(info)} "
-        f"with hf_kd {info.hf_kd_version}, for {info.task}."
-    )
+    if info.teacher_id is None:
+        start = f"from `{info.student_source}`" if info.student_source else "from a freshly built model"
+        made = f"fine-tuned {start} on labelled data, without a teacher,"
+    else:
+        made = f"a student distilled from the teacher {_teacher_ref(info)}"
+    return f"# {info.student_id}\n\nThis model is {made} with hf_kd {info.hf_kd_version}, for {info.task}."
 
 
 def _method_section(info: DistillationCardInfo) -> str:
-    scale = "τ² · " if info.temperature_squared else ""
-    lines = [
-        "## How it was made",
-        "",
-        f"- **Teacher → student:** {_teacher_ref(info)} → `{info.student_id}`",
-    ]
+    lines = ["## How it was made", ""]
+    if info.teacher_id is not None:
+        lines.append(f"- **Teacher:** {_teacher_ref(info)}")
     if info.datasets:
         lines.append(f"- **Data:** {', '.join(f'`{name}`' for name in info.datasets)}")
+    soft = _soft_target(info)
+    if soft is None:
+        lines.append("- **Loss:** CE(labels, student): plain fine-tuning")
+        return "\n".join(lines)
+    scale = "τ² · " if info.temperature_squared else ""
     lines += [
-        f"- **Loss:** (1 − α) · CE(labels, student) + α · {scale}D(teacher^τ ‖ student^τ)",
+        f"- **Loss:** (1 − α) · CE(labels, student) + α · {scale}D({soft}^τ ‖ student^τ)",
         f"- **Divergence D:** `{info.divergence}`",
         f"- **Temperature τ:** {format_value(info.temperature)}"
         f" (τ² scaling {'on' if info.temperature_squared else 'off'})",
@@ -230,6 +346,8 @@ def _method_section(info: DistillationCardInfo) -> str:
     if info.synthetic_target is not None:
         meaning = SYNTHETIC_TARGETS.get(info.synthetic_target)
         lines.append(f"- **Target:** `{info.synthetic_target}`" + (f": {meaning}" if meaning else ""))
+    if info.teacher_id is None:
+        return "\n".join(lines)
     lines.append(f"- **Teacher signal:** {TEACHER_SOURCES.get(info.teacher_source, info.teacher_source)}")
     if info.cache_provenance:
         lines += [
@@ -241,6 +359,13 @@ def _method_section(info: DistillationCardInfo) -> str:
     return "\n".join(lines)
 
 
+def _soft_target(info: DistillationCardInfo) -> str | None:
+    """What the soft term pulled the student toward ("teacher", "uniform"), or None without one."""
+    if info.alpha == 0 or info.synthetic_target == "none":
+        return None
+    return "uniform" if info.synthetic_target == "ls" else "teacher"
+
+
 def _results_section(info: DistillationCardInfo) -> str:
     rows = _metric_rows(info.teacher_metrics, info.student_metrics)
     if info.teacher_parameters is not None or info.student_parameters is not None:
@@ -249,7 +374,11 @@ def _results_section(info: DistillationCardInfo) -> str:
         )
     if not rows:
         return ""
-    text = f"## Results\n\n{markdown_table(['', 'Teacher', 'Student'], rows)}"
+    scored = info.eval_split and (info.teacher_metrics or info.student_metrics)
+    split = f"On the `{info.eval_split}` split.\n\n" if scored else ""
+    if info.teacher_id is None:  # no teacher column
+        return f"## Results\n\n{split}{markdown_table(['', 'Score'], [[row[0], row[2]] for row in rows])}"
+    text = f"## Results\n\n{split}{markdown_table(['', 'Teacher', 'Student'], rows)}"
     if info.teacher_parameters and info.student_parameters:
         ratio = info.teacher_parameters / info.student_parameters
         share = 100 * info.student_parameters / info.teacher_parameters
@@ -266,12 +395,25 @@ def _knowledge_section(info: DistillationCardInfo) -> str:
 def _reproduce_section(info: DistillationCardInfo) -> str:
     parts = []
     if info.command:
-        parts.append(f"Command:\n\n{_code_block(info.command, 'bash')}")
+        parts.append(f"Command:\n\n{_code_block(redact(info.command), 'bash')}")
     if info.recipe_yaml:
-        parts.append(f"Recipe:\n\n{_code_block(info.recipe_yaml, 'yaml')}")
+        parts.append(f"Recipe:\n\n{_code_block(redact(info.recipe_yaml), 'yaml')}")
     if not parts:
         return ""
     return "## Reproduce\n\n" + f"With hf_kd {info.hf_kd_version}.\n\n" + "\n\n".join(parts)
+
+
+def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
+    """``text`` (a command line or recipe) with every secret replaced by :data:`REDACTED`: the
+    ``secrets`` given and the token huggingface_hub would use (``HF_TOKEN``, ``hf auth login``)
+    wherever they appear, the value of any ``--*token``/``*secret``/``*password``/``*api_key`` flag or
+    field, and anything shaped like a Hub token (``hf_`` + 20 or more letters and digits)."""
+    for secret in (*secrets, get_token()):
+        if secret:
+            text = text.replace(secret, REDACTED)
+    text = _SECRET_FLAG.sub(lambda m: m[1] + REDACTED, text)
+    text = _SECRET_FIELD.sub(lambda m: m[1] + REDACTED, text)
+    return _HF_TOKEN.sub(REDACTED, text)
 
 
 # -- formatting helpers ---------------------------------------------------------------------------
@@ -293,8 +435,9 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _metric_name(key: str) -> str:
-    """``eval_accuracy`` → ``accuracy``."""
-    return _METRIC_PREFIX.sub("", key)
+    """``eval_accuracy`` → ``accuracy``, ``eval_loss_hard`` → ``cross_entropy``."""
+    name = _METRIC_PREFIX.sub("", key)
+    return METRIC_NAMES.get(name, name)
 
 
 def _metric_rows(teacher: dict[str, float], student: dict[str, float]) -> list[list[str]]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, set_seed
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_splits
+from hf_kd.hub import HUB_FAILURES, PUSH_SCRIPT, HubPushError, hub_failure, prepare_repo, push_student
 from hf_kd.knowledge.callback import KnowledgeCallback
 from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
@@ -47,6 +49,28 @@ def _check_sources(model_args: ModelArguments, config: DistillationConfig) -> No
                 f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set alpha: 0)"
             )
         check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
+
+
+def _prepare_push(config: DistillationConfig) -> str | None:
+    """With ``push_to_hub``: the student's repo id, its repository created now (main process) so that a bad
+    token or an unreachable Hub stops the run before any work; the Trainer's own pushes are turned off
+    (``config.push_to_hub`` becomes False): the run pushes the saved student once, at the end. None
+    without ``push_to_hub``."""
+    if not config.push_to_hub:
+        return None
+    repo_id = config.hub_model_id or Path(config.output_dir).absolute().name
+    if config.should_save:
+        try:
+            repo_id = prepare_repo(
+                repo_id, token=config.hub_token, private=config.hub_private_repo, revision=config.hub_revision
+            )
+        except HUB_FAILURES as err:
+            raise HubPushError(
+                f"{hub_failure(err)} while creating {repo_id}; nothing was trained. Fix the connection or "
+                f"token, or train with push_to_hub: false and push later with {PUSH_SCRIPT}"
+            ) from err
+    config.push_to_hub = False
+    return repo_id
 
 
 def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None):
@@ -119,10 +143,13 @@ def run_distillation(
     command: str | None = None,
     recipe_yaml: str | None = None,
 ) -> RunResult:
-    """Load data, student and teacher; train; evaluate; save the student with its processor and model card
-    (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card); push it when
-    ``config.push_to_hub``."""
+    """Load data, student and teacher; train; evaluate student and teacher; save the student with its
+    processor and model card (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card,
+    secrets redacted), the results (``train_results.json``, ``eval_results.json``) and the log history
+    (``trainer_state.json``) into ``output_dir``; push the student when ``config.push_to_hub`` (a failed
+    push raises :class:`hf_kd.hub.HubPushError` after everything is saved)."""
     _check_sources(model_args, config)
+    repo_id = _prepare_push(config)
     set_seed(config.seed)
     task = build_task(data_args)
     token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
@@ -208,6 +235,7 @@ def run_distillation(
         cache_provenance=cache.metadata.provenance() if cache is not None else None,
         command=command,
         recipe_yaml=recipe_yaml,
+        student_source=model_args.student_model_name_or_path,
     )
     trainer = DistillationTrainer(
         model=student,
@@ -225,14 +253,26 @@ def run_distillation(
     if eval_prepared is not None and config.uses_teacher and not token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
     trainer.card_info = card_info
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_metrics("train", trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
-    if metrics:
-        trainer.save_metrics("eval", metrics)
-    if teacher is not None:
+    if teacher is not None and eval_prepared is not None:
         card_info.teacher_metrics = teacher_scores(trainer, eval_prepared)
+        scores = ", ".join(f"{key}={value:.6g}" for key, value in sorted(card_info.teacher_metrics.items()))
+        logger.info("Teacher on the %r split: %s", data_args.eval_split, scores)
+    if metrics:
+        teacher_results = {f"teacher_{key}": value for key, value in card_info.teacher_metrics.items()}
+        trainer.save_metrics("eval", metrics | teacher_results)
+    trainer.save_state()  # trainer_state.json: the full log history, whatever the save_strategy
     student.config.use_cache = True
-    trainer.save_model(config.output_dir)  # writes the card; pushes student + card when config.push_to_hub
+    trainer.save_model(config.output_dir)  # with the card
+    if repo_id is not None and trainer.is_world_process_zero():
+        push_student(
+            config.output_dir,
+            repo_id,
+            token=config.hub_token,
+            private=config.hub_private_repo,
+            revision=config.hub_revision,
+        )
     return RunResult(
         metrics=metrics,
         student_parameters=count_parameters(student),

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import EvalPrediction
 
-from hf_kd.hub import DistillationCardInfo
+from hf_kd.hub import DistillationCardInfo, redact
 from hf_kd.knowledge.report import diagnose, nested_measures
 
 KNOWLEDGE_PREFIX = "eval_knowledge/"
@@ -33,19 +33,24 @@ def run_card_info(
     cache_provenance: dict[str, Any] | None = None,
     command: str | None = None,
     recipe_yaml: str | None = None,
+    student_source: str | None = None,
 ) -> DistillationCardInfo:
     """The card's facts from a run's ``DataArguments`` and ``DistillationConfig``.
 
     The student is named by ``hub_model_id`` (else the output folder's name); the teacher by
-    ``teacher_model_name_or_path``, or by the cache's teacher id when the run read a teacher cache.
+    ``teacher_model_name_or_path``, or by the cache's teacher id when the run read a teacher cache. A
+    run whose loss uses no teacher (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card.
+    ``command`` and ``recipe_yaml`` are quoted with every secret redacted (``hf_kd.hub.redact``).
     """
     provenance = cache_provenance or {}
-    teacher_id = config.teacher_model_name_or_path or provenance.get("teacher_id") or "none (no teacher)"
-    teacher_revision = (
-        config.teacher_model_revision
-        if config.teacher_model_name_or_path
-        else provenance.get("teacher_revision")
-    )
+    teacher_id, teacher_revision = None, None
+    if config.uses_teacher:
+        teacher_id = config.teacher_model_name_or_path or provenance.get("teacher_id")
+        teacher_revision = (
+            config.teacher_model_revision
+            if config.teacher_model_name_or_path
+            else provenance.get("teacher_revision")
+        )
     return DistillationCardInfo(
         student_id=config.hub_model_id or Path(config.output_dir).name,
         teacher_id=teacher_id,
@@ -55,6 +60,8 @@ def run_card_info(
         temperature=config.temperature,
         alpha=config.alpha,
         datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+        eval_split=data_args.eval_split,
+        student_source=student_source,
         temperature_squared=config.temperature_squared,
         synthetic_target=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
         teacher_source=config.teacher_source,
@@ -62,8 +69,8 @@ def run_card_info(
         teacher_metrics=dict(teacher_metrics or {}),
         teacher_parameters=teacher_parameters,
         student_parameters=student_parameters,
-        command=command,
-        recipe_yaml=recipe_yaml,
+        command=None if command is None else redact(command, (config.hub_token,)),
+        recipe_yaml=None if recipe_yaml is None else redact(recipe_yaml, (config.hub_token,)),
     )
 
 
@@ -118,15 +125,20 @@ def knowledge_summary(measures: dict[str, float], *, alpha: float, temperature: 
 
 
 def teacher_scores(trainer, dataset) -> dict[str, float]:
-    """The teacher's task metrics on ``dataset``, computed by the trainer's ``compute_metrics`` from the
-    teacher logits of one prediction pass (gathered over every process). Empty when the run has no
-    ``compute_metrics`` or its predictions carry no teacher logits. Every process must call it."""
-    if trainer.compute_metrics is None or dataset is None:
+    """The teacher's scores on ``dataset`` by the student's own evaluation measures: its mean
+    cross-entropy on the labels (``eval_loss_hard``; with ``eval_perplexity`` for a causal LM, see
+    ``DistillationTrainer.teacher_cross_entropy``) and, for a run with ``compute_metrics``, the task
+    metrics of one prediction pass over its logits (gathered over every process). Every process must
+    call it."""
+    if dataset is None:
         return {}
+    scores = trainer.hard_scores(trainer.teacher_cross_entropy(dataset))
+    if trainer.compute_metrics is None:
+        return scores
     output = trainer.predict(dataset, metric_key_prefix="eval")
-    if not (isinstance(output.predictions, tuple) and len(output.predictions) == 2):
-        return {}
-    scores = trainer.compute_metrics(
-        EvalPrediction(predictions=output.predictions[1], label_ids=output.label_ids)
-    )
-    return {f"eval_{name}": value for name, value in scores.items()}
+    if isinstance(output.predictions, tuple) and len(output.predictions) == 2:
+        metrics = trainer.compute_metrics(
+            EvalPrediction(predictions=output.predictions[1], label_ids=output.label_ids)
+        )
+        scores |= {f"eval_{name}": value for name, value in metrics.items()}
+    return scores

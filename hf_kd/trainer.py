@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -138,6 +140,35 @@ class DistillationTrainer(Trainer):
                 output_dir or self.args.output_dir,
             )
 
+    # ---- the teacher's own scores, by the student's measures ---------------------------------
+
+    def teacher_cross_entropy(self, dataset) -> float:
+        """The teacher's mean cross-entropy on the labels of ``dataset``: over the items and classes of the
+        student's ``eval_loss_hard`` (tokens with a target, the vocabulary both share), the same evaluation
+        batches, summed over every process. Every process must call it."""
+        if self.teacher_signal is None:
+            raise ValueError("teacher_cross_entropy needs a teacher: this run has no teacher signal")
+        classes = logit_layer_weight(self.model).shape[0]
+        totals = torch.zeros(2, device=self.args.device)
+        for batch in self.get_eval_dataloader(dataset):
+            batch = self._prepare_inputs(batch)
+            items = self.task.kd_items(self.teacher_signal(batch)[..., :classes], None, batch["labels"])
+            logits, labels = items.student_logits.float(), items.labels.to(items.student_logits.device)
+            totals[0] += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").to(totals.device)
+            totals[1] += (labels != -100).sum().to(totals.device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        loss, count = totals.tolist()
+        return loss / count if count else math.nan
+
+    def hard_scores(self, cross_entropy: float) -> dict[str, float]:
+        """``eval_loss_hard`` (mean cross-entropy on the labels) and, for a causal LM, ``eval_perplexity``
+        = exp(mean token cross-entropy)."""
+        scores = {"eval_loss_hard": cross_entropy}
+        if isinstance(self.task, CausalLMTask):
+            scores["eval_perplexity"] = math.exp(cross_entropy) if cross_entropy < 700 else math.inf
+        return scores
+
     # ---- batches ------------------------------------------------------------------------------
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -262,8 +293,9 @@ class DistillationTrainer(Trainer):
         sums["n_soft"] += items.soft_mask.sum().float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds ``loss_hard`` (mean CE over labelled items) and ``loss_soft`` (mean divergence over soft
-        items, before α and τ²), averaged over every process since the last log."""
+        """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` too for a causal LM) and
+        ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over every process since
+        the last log."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
@@ -274,7 +306,9 @@ class DistillationTrainer(Trainer):
             hard, n_hard, soft, n_soft = totals.tolist()
             prefix = "eval_" if mode == "eval" else ""
             if n_hard:
-                logs[prefix + "loss_hard"] = hard / n_hard
+                logs.update(
+                    self.hard_scores(hard / n_hard) if mode == "eval" else {"loss_hard": hard / n_hard}
+                )
             if n_soft and self.teacher_signal is not None:
                 logs[prefix + "loss_soft"] = soft / n_soft
             sums.clear()

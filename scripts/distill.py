@@ -14,23 +14,30 @@ from pathlib import Path
 import torch.distributed as dist
 
 from hf_kd import parse_args, run_distillation
+from hf_kd.hub import HubPushError
 from hf_kd.pipeline import format_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    result = run_distillation(
-        *parse_args(argv),
-        command=shlex.join(["python", "scripts/distill.py", *argv]),
-        recipe_yaml=Path(recipe).read_text() if recipe else None,
-    )
-    if result.trainer.is_world_process_zero():
-        print(format_metrics(result.metrics))
+    failure = None
+    try:
+        result = run_distillation(
+            *parse_args(argv),
+            command=shlex.join(["python", "scripts/distill.py", *argv]),
+            recipe_yaml=Path(recipe).read_text() if recipe else None,
+        )
+        if result.trainer.is_world_process_zero():
+            print(format_metrics(result.metrics))
+    except HubPushError as err:  # one line: the endpoint, the failure and how to push again
+        failure = f"error: {err}"
     if dist.is_available() and dist.is_initialized():
         # Without this a rank can abort at interpreter exit (rc=1) while the other is still tearing down.
         dist.barrier()
         dist.destroy_process_group()
+    if failure:
+        sys.exit(failure)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ uploading a folder, and records what it received so tests can assert on it:
 
 Any other request gets a 404 whose body names the unhandled route, and is listed in
 ``LocalHub.unknown_requests``.
+
+Faults: :meth:`LocalHub.fail_after` makes every request after the first ``creates`` repo creations fail,
+with an HTTP status (e.g. 500) or ``"close"`` (the connection is closed without an answer).
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ _REPO_ROUTE = re.compile(
 
 
 class HubError(Exception):
-    """An error answered to the client: HTTP status, message and the Hub's ``X-Error-Code``."""
+    """An error answered to the client: HTTP status, message, the Hub's ``X-Error-Code`` and any other
+    fields of the JSON answer."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_code: str | None = None, **fields: Any) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
+        self.fields = fields
 
 
 @dataclass
@@ -79,6 +84,9 @@ class LocalHub:
         self.authorizations: list[str] = []
         self.validated_readmes: list[str] = []
         self.unknown_requests: list[str] = []
+        self.fault: int | str | None = None
+        self.fault_after_creates = 0
+        self.creates = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-hub", daemon=True)
@@ -92,6 +100,14 @@ class LocalHub:
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """The files of ``repo_id`` at branch ``revision`` (path → bytes)."""
         return self.repos[repo_id].branches[revision]
+
+    def fail_after(self, fault: int | str, creates: int = 0) -> None:
+        """Answer every request after the first ``creates`` repo creations with the HTTP status ``fault``, or
+        close its connection unanswered when ``fault`` is ``"close"``."""
+        self.fault, self.fault_after_creates = fault, creates
+
+    def _faulty(self) -> bool:
+        return self.fault is not None and self.creates >= self.fault_after_creates
 
     def start(self) -> LocalHub:
         """Start serving in a background thread."""
@@ -138,8 +154,9 @@ class LocalHub:
         repo_type = payload.get("type") or "model"
         url = f"{self.url}/{repo_id}" if repo_type == "model" else f"{self.url}/{repo_type}s/{repo_id}"
         if repo_id in self.repos:
-            raise HubError(409, f"You already created this {repo_type} repo: {url}")
+            raise HubError(409, f"You already created this {repo_type} repo", url=url)  # as the Hub answers
         self.repos[repo_id] = Repo(repo_type=repo_type, visibility=payload.get("visibility"))
+        self.creates += 1
         return {"url": url, "name": repo_id}
 
     def _validate_yaml(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -213,10 +230,16 @@ def _handler_class(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             with hub._lock:
                 hub.requests.append((method, path))
                 hub.authorizations.append(self.headers.get("Authorization", ""))
+                fault = hub.fault if hub._faulty() else None
+                if fault == "close":
+                    self.close_connection = True
+                    return
                 try:
+                    if fault is not None:
+                        raise HubError(fault, "hub_server: injected fault")
                     status, answer, error_code = 200, hub.dispatch(method, path, body), None
                 except HubError as err:
-                    status, answer, error_code = err.status, {"error": str(err)}, err.error_code
+                    status, answer, error_code = err.status, {"error": str(err), **err.fields}, err.error_code
             data = json.dumps(answer).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
