@@ -135,7 +135,9 @@ class DistillationTrainer(Trainer):
             dataset = kwargs.get(key)
             if isinstance(dataset, dict):
                 kwargs[key] = {
-                    name: self.task.prepare_if_raw(split, student_processor=processor, name=f"{key}[{name!r}]")
+                    name: self.task.prepare_if_raw(
+                        split, student_processor=processor, name=f"{key}[{name!r}]"
+                    )
                     for name, split in dataset.items()
                 }
             elif dataset is not None:
@@ -176,7 +178,9 @@ class DistillationTrainer(Trainer):
         column of a dataset transformed on the fly (``with_transform``: its transform reads them)."""
         super()._set_signature_columns_if_needed()
         extra = set()
-        evaluation = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        evaluation = (
+            self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        )
         for dataset in (self.train_dataset, *evaluation):
             transformed = isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom"
             for name in getattr(dataset, "column_names", None) or []:

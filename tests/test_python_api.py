@@ -9,9 +9,22 @@ import math
 
 import pytest
 import torch
-from tiny import bert_classifier, image_dataset, image_processor, sentiment_dataset, vit_classifier, word_tokenizer
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, DataCollatorWithPadding, LlamaConfig
-from transformers import LlamaForCausalLM
+from datasets import load_from_disk
+from tiny import (
+    bert_classifier,
+    image_dataset,
+    image_processor,
+    sentiment_dataset,
+    vit_classifier,
+    word_tokenizer,
+)
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.data.toy_chat import write_toy_chat
@@ -216,8 +229,6 @@ def test_raw_images_prepared_with_image_processor(tmp_path):
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
     path = write_toy_chat(tmp_path_factory.mktemp("data") / "toy_chat", num_train=96, num_test=16)
-    from datasets import load_from_disk
-
     return load_from_disk(str(path)), AutoTokenizer.from_pretrained(str(path / "tokenizer"))
 
 

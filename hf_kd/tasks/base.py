@@ -78,7 +78,9 @@ def teacher_own_processor(task: Task, teacher_processor: Any, student_processor:
 def check_tokenizer(task_name: str, processor: Any) -> None:
     """A text task's processor must be a tokenizer."""
     if not isinstance(processor, PreTrainedTokenizerBase):
-        raise TypeError(f"{task_name} needs a tokenizer as processing_class, got a {type(processor).__name__}")
+        raise TypeError(
+            f"{task_name} needs a tokenizer as processing_class, got a {type(processor).__name__}"
+        )
 
 
 def row_columns(dataset: Any) -> list[str] | None:
@@ -95,15 +97,16 @@ class Task(ABC):
 
     name: str
     needs_processor: bool = True  # False: model inputs are dataset columns as they are (feature vectors)
-    input_column: str  # the model-input column that processed rows hold (``input_ids``, ``pixel_values``, ...)
+    input_column: str  # the model-input column of processed rows (``input_ids``, ``pixel_values``, ...)
 
     @abstractmethod
     def raw_columns(self) -> tuple[str, ...]:
         """Columns of raw rows, any one of which :meth:`prepare` turns into model inputs."""
 
-    def use_processor(self, processor: Any, *, pad_token_id: int | None = None) -> None:
+    def use_processor(self, processor: Any, *, pad_token_id: int | None = None) -> None:  # noqa: B027 (optional hook)
         """Collate rows processed by ``processor`` (the student's). ``processor`` None: keep the one
-        :meth:`prepare` was given, else pad with ``pad_token_id`` (the student's). Nothing to set by default."""
+        :meth:`prepare` was given, else pad with ``pad_token_id`` (the student's). Nothing to set by default
+        (rows that are stacked as they are: pixel values, feature vectors)."""
 
     def prepare_if_raw(self, dataset, *, student_processor: Any, name: str = "dataset"):
         """``dataset`` as model inputs: processed rows (they hold :attr:`input_column`) as they are, raw rows
