@@ -13,6 +13,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
+import datasets
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
@@ -36,6 +37,8 @@ def task_for_model(model: PreTrainedModel) -> Task:
         return ImageClassificationTask()
     if name.endswith("ForSequenceClassification"):
         return TextClassificationTask()
+    if name.endswith("ForCausalLM"):
+        return CausalLMTask()
     raise ValueError(f"cannot infer the task of a {name}; pass task=... (see hf_kd.tasks)")
 
 
@@ -47,11 +50,21 @@ class DistillationTrainer(Trainer):
         teacher_model: a model, or a Hub id / local path loaded with ``from_pretrained`` (safetensors,
             ``args.teacher_model_init_kwargs``). Frozen, in eval mode, run without autograd, never saved.
         args: a :class:`hf_kd.DistillationConfig`.
-        task: the task adapter (default: inferred from the student's head).
+        task: the task adapter (default: inferred from the student's head: sequence or image
+            classification, causal LM).
         teacher_signal: where teacher logits come from, ``signal(batch) -> logits``;
             default: the online ``teacher_model`` (or the uniform teacher for ``synthetic_teacher='ls'``).
         target_fn: maps the teacher's log p^τ to the distilled target (a synthetic teacher); default none.
-        **kwargs: any other ``transformers.Trainer`` argument (datasets, ``compute_metrics``, callbacks, ...).
+        **kwargs: any other ``transformers.Trainer`` argument (``compute_metrics``, callbacks, ...), as
+            ``transformers.Trainer`` takes them:
+
+            - ``train_dataset`` / ``eval_dataset``: processed rows (``input_ids`` or ``pixel_values``, with
+              ``label``/``labels``; causal-LM rows without labels are their own targets), or raw rows
+              (the task's text, messages or image column) that ``task.prepare`` processes with
+              ``processing_class``;
+            - ``processing_class``: the student's tokenizer or image processor (pads batches, prepares raw rows);
+            - ``data_collator``: used as given; by default the task's collator (padding with the tokenizer,
+              else with the student's pad id; stacking pixel values; teacher and cached columns kept).
     """
 
     # compute_loss normalises by the item counts of the whole accumulation window (get_batch_samples).
@@ -70,6 +83,7 @@ class DistillationTrainer(Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a hf_kd.DistillationConfig, got {type(args).__name__}")
         self.task = task or task_for_model(model)
+        self._prepare_datasets(model, kwargs)
         if isinstance(teacher_model, str):
             check_model_source("teacher_model_name_or_path", teacher_model)
             teacher_model = load_pretrained(
@@ -78,7 +92,8 @@ class DistillationTrainer(Trainer):
                 revision=args.teacher_model_revision,
                 **(args.teacher_model_init_kwargs or {}),
             )
-        kwargs.setdefault("data_collator", self.task.collate)
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = self.task.collate
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = None
         if teacher_model is not None:
@@ -111,6 +126,24 @@ class DistillationTrainer(Trainer):
         self.card_info: DistillationCardInfo | None = None
         """The distillation model card (``hf_kd.run_card``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
+
+    def _prepare_datasets(self, model: PreTrainedModel | None, kwargs: dict[str, Any]) -> None:
+        """Set the task's collation up from ``processing_class`` and process raw rows of ``train_dataset``
+        and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads."""
+        processor = kwargs.get("processing_class")
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        self.task.use_processor(processor, pad_token_id=pad_token_id)
+        for key in ("train_dataset", "eval_dataset"):
+            dataset = kwargs.get(key)
+            if isinstance(dataset, dict):
+                kwargs[key] = {
+                    name: self.task.prepare_if_raw(
+                        split, student_processor=processor, name=f"{key}[{name!r}]"
+                    )
+                    for name, split in dataset.items()
+                }
+            elif dataset is not None:
+                kwargs[key] = self.task.prepare_if_raw(dataset, student_processor=processor, name=key)
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``, after checking that a ``kd_sim`` run was given its target function (its
@@ -172,12 +205,17 @@ class DistillationTrainer(Trainer):
     # ---- batches ------------------------------------------------------------------------------
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep teacher inputs and cached teacher columns through ``remove_unused_columns``."""
+        """Keep teacher inputs and cached teacher columns through ``remove_unused_columns``, and every
+        column of a dataset transformed on the fly (``with_transform``: its transform reads them)."""
         super()._set_signature_columns_if_needed()
         extra = set()
-        for dataset in (self.train_dataset, self.eval_dataset):
+        evaluation = (
+            self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        )
+        for dataset in (self.train_dataset, *evaluation):
+            transformed = isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom"
             for name in getattr(dataset, "column_names", None) or []:
-                if name.startswith(("teacher_", "kd_teacher_")):
+                if transformed or name.startswith(("teacher_", "kd_teacher_")):
                     extra.add(name)
         self._signature_columns = list(dict.fromkeys(self._signature_columns + sorted(extra)))
 

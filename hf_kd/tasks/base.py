@@ -15,7 +15,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from hf_kd.losses import HiddenStates, SparseLogits
 
@@ -73,11 +75,59 @@ def teacher_own_processor(task: Task, teacher_processor: Any, student_processor:
     return teacher_processor
 
 
+def check_tokenizer(task_name: str, processor: Any) -> None:
+    """A text task's processor must be a tokenizer."""
+    if not isinstance(processor, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"{task_name} needs a tokenizer as processing_class, got a {type(processor).__name__}"
+        )
+
+
+def row_columns(dataset: Any) -> list[str] | None:
+    """The keys of a dataset's rows as the collator sees them: the output of a transform applied on the fly
+    (``with_transform``), else the column names; None when they cannot be known without iterating."""
+    if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom" and len(dataset):
+        return list(dataset[0])
+    names = getattr(dataset, "column_names", None)
+    return None if names is None else list(names)
+
+
 class Task(ABC):
     """Adapter between a dataset, the models' heads and the distillation loss."""
 
     name: str
     needs_processor: bool = True  # False: model inputs are dataset columns as they are (feature vectors)
+    input_column: str  # the model-input column of processed rows (``input_ids``, ``pixel_values``, ...)
+
+    @abstractmethod
+    def raw_columns(self) -> tuple[str, ...]:
+        """Columns of raw rows, any one of which :meth:`prepare` turns into model inputs."""
+
+    def use_processor(self, processor: Any, *, pad_token_id: int | None = None) -> None:  # noqa: B027 (optional hook)
+        """Collate rows processed by ``processor`` (the student's). ``processor`` None: keep the one
+        :meth:`prepare` was given, else pad with ``pad_token_id`` (the student's). Nothing to set by default
+        (rows that are stacked as they are: pixel values, feature vectors)."""
+
+    def prepare_if_raw(self, dataset, *, student_processor: Any, name: str = "dataset"):
+        """``dataset`` as model inputs: processed rows (they hold :attr:`input_column`) as they are, raw rows
+        (they hold one of :meth:`raw_columns`) through :meth:`prepare`; anything else is an error naming the
+        dataset's columns. Datasets whose rows cannot be listed without iterating are taken as processed."""
+        columns = row_columns(dataset)
+        if columns is None or self.input_column in columns:
+            return dataset
+        raw = [column for column in self.raw_columns() if column in columns]
+        if not raw:
+            expected = " or ".join(repr(column) for column in self.raw_columns())
+            raise ValueError(
+                f"{name} has columns {columns}: {self.name} takes processed rows (with {self.input_column!r}) "
+                f"or raw rows (with {expected}) and a processing_class to process them"
+            )
+        if student_processor is None and self.needs_processor:
+            raise ValueError(
+                f"{name} holds raw rows (column {raw[0]!r}) and no processing_class was given to process them: "
+                f"pass processing_class=<the student's processor>, or process the rows first (into {self.input_column!r})"
+            )
+        return self.prepare(dataset, student_processor=student_processor)
 
     @abstractmethod
     def model_class(self) -> type:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd.losses import HiddenStates, SparseLogits
-from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, KDItems, Task
+from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, KDItems, Task, check_tokenizer
 from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
 
 
@@ -62,6 +62,7 @@ class CausalLMTask(Task):
     """
 
     name = "causal-lm"
+    input_column = "input_ids"
 
     def __init__(
         self,
@@ -77,6 +78,22 @@ class CausalLMTask(Task):
         self.max_length, self.completion_only_loss, self.packing = max_length, completion_only_loss, packing
         self.tokenizer = None
         self.pad_token_id = 0
+
+    def raw_columns(self) -> tuple[str, ...]:
+        return (self.text_column, self.messages_column)
+
+    def use_processor(self, processor, *, pad_token_id=None) -> None:
+        """Pad with the tokenizer's pad id (else its EOS: padded positions are masked, any id works); without
+        a tokenizer (and none given to :meth:`prepare`), with ``pad_token_id`` (else 0)."""
+        if processor is not None:
+            check_tokenizer(self.name, processor)
+            self.tokenizer = processor
+            candidates = (processor.pad_token_id, processor.eos_token_id, self.pad_token_id)
+        elif self.tokenizer is None:
+            candidates = (pad_token_id, self.pad_token_id)
+        else:
+            return
+        self.pad_token_id = next(i for i in candidates if i is not None)
 
     def model_class(self):
         return AutoModelForCausalLM
@@ -99,11 +116,7 @@ class CausalLMTask(Task):
         same vocabulary (checked first, before any work)."""
         if teacher_processor is not None:
             check_same_vocabulary(teacher_processor, student_processor)
-        self.tokenizer = student_processor
-        if student_processor.pad_token_id is not None:
-            self.pad_token_id = student_processor.pad_token_id
-        elif student_processor.eos_token_id is not None:
-            self.pad_token_id = student_processor.eos_token_id  # padded positions are masked: any id works
+        self.use_processor(student_processor)
         columns = dataset.column_names
         cached = [c for c in columns if c.startswith(CACHE_PREFIX)]
         if self.messages_column in columns:
@@ -176,10 +189,11 @@ class CausalLMTask(Task):
     # ---- batches ------------------------------------------------------------------------------
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest row: ``attention_mask`` for padded rows; for packed rows the padding
-        gets its own ``position_ids`` run (a separate block nobody attends to). Cached per-token teacher
-        columns are padded with a valid distribution (uniform over the stored k) so masked positions
-        stay finite."""
+        """Right-pad to the longest row: ``attention_mask`` for padded rows (the rows' own, padded, when
+        they have one); for packed rows the padding gets its own ``position_ids`` run (a separate block
+        nobody attends to). Rows without ``labels`` are their own targets (Transformers' causal-LM
+        convention); no position outside the attention mask has one. Cached per-token teacher columns are
+        padded with a valid distribution (uniform over the stored k) so masked positions stay finite."""
         length = max(len(f["input_ids"]) for f in features)
         lengths = [len(f["input_ids"]) for f in features]
 
@@ -188,7 +202,10 @@ class CausalLMTask(Task):
                 [list(f[key]) + [value] * (length - n) for f, n in zip(features, lengths, strict=True)]
             )
 
-        batch = {"input_ids": padded("input_ids", self.pad_token_id), "labels": padded("labels", NO_LABEL)}
+        batch = {
+            "input_ids": padded("input_ids", self.pad_token_id),
+            "labels": padded("labels" if "labels" in features[0] else "input_ids", NO_LABEL),
+        }
         if "position_ids" in features[0]:
             batch["position_ids"] = torch.tensor(
                 [
@@ -196,6 +213,9 @@ class CausalLMTask(Task):
                     for f, n in zip(features, lengths, strict=True)
                 ]
             )
+        elif "attention_mask" in features[0]:
+            batch["attention_mask"] = padded("attention_mask", 0)
+            batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, NO_LABEL)
         else:
             batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
         for key in features[0]:

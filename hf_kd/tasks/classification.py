@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
-from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task
+from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, check_tokenizer
 
 BUILTIN_METRICS = Path(__file__).resolve().parent.parent / "metrics"
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
@@ -61,6 +62,25 @@ def label_permutation(
 def to_label(value: Any) -> int:
     """A dataset label as a training label: missing, −1 (ClassLabel's "no label") and −100 → NO_LABEL."""
     return NO_LABEL if value is None or value < 0 else int(value)
+
+
+def pad_token_rows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized rows without a tokenizer: ``input_ids`` with ``pad_token_id``, every other
+    per-token column with 0; an ``attention_mask`` (made when missing) marks the real tokens."""
+    lengths = [len(row["input_ids"]) for row in rows]
+    length = max(lengths)
+    batch = {
+        key: torch.tensor(
+            [
+                list(row[key]) + [pad_token_id if key == "input_ids" else 0] * (length - n)
+                for row, n in zip(rows, lengths, strict=True)
+            ]
+        )
+        for key in rows[0]
+    }
+    if "attention_mask" not in batch:
+        batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
+    return batch
 
 
 class ClassificationMetrics:
@@ -114,6 +134,11 @@ class ClassificationTask(Task):
         return torch.stack([(labels != NO_LABEL).sum(), torch.tensor(labels.numel(), device=labels.device)])
 
     @staticmethod
+    def _collate_labels(features: list[dict[str, Any]]) -> torch.Tensor:
+        """[B] labels from ``labels`` (or Transformers' ``label``); missing and negative → NO_LABEL."""
+        return torch.tensor([to_label(f.get("labels", f.get("label"))) for f in features])
+
+    @staticmethod
     def _collate_cache(features: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
         for key in features[0]:
             if key.startswith(CACHE_PREFIX):
@@ -123,6 +148,7 @@ class ClassificationTask(Task):
 
 class TextClassificationTask(ClassificationTask):
     name = "text-classification"
+    input_column = "input_ids"
 
     def __init__(
         self,
@@ -135,6 +161,18 @@ class TextClassificationTask(ClassificationTask):
         self.label_column, self.max_length = label_column, max_length
         self._student_collator = self._teacher_collator = None
 
+    def raw_columns(self) -> tuple[str, ...]:
+        return (self.text_column,)
+
+    def use_processor(self, processor, *, pad_token_id=None) -> None:
+        """Pad batches with ``processor``'s ``DataCollatorWithPadding``; without one (and none given to
+        :meth:`prepare`), pad with ``pad_token_id`` (else 0)."""
+        if processor is not None:
+            check_tokenizer(self.name, processor)
+            self._student_collator = DataCollatorWithPadding(processor)
+        elif self._student_collator is None:
+            self._student_collator = partial(pad_token_rows, pad_token_id=pad_token_id or 0)
+
     def model_class(self):
         return AutoModelForSequenceClassification
 
@@ -144,7 +182,7 @@ class TextClassificationTask(ClassificationTask):
         )
 
     def prepare(self, dataset, *, student_processor, teacher_processor=None):
-        self._student_collator = DataCollatorWithPadding(student_processor)
+        self.use_processor(student_processor)
         self._teacher_collator = (
             DataCollatorWithPadding(teacher_processor) if teacher_processor is not None else None
         )
@@ -174,10 +212,15 @@ class TextClassificationTask(ClassificationTask):
 
     def collate(self, features):
         student = [
-            {k: v for k, v in f.items() if not k.startswith((TEACHER_INPUT_PREFIX, CACHE_PREFIX))}
+            {
+                k: v
+                for k, v in f.items()
+                if not k.startswith((TEACHER_INPUT_PREFIX, CACHE_PREFIX)) and k not in ("label", "labels")
+            }
             for f in features
         ]
         batch = dict(self._student_collator(student))
+        batch["labels"] = self._collate_labels(features)
         if self._teacher_collator is not None:
             teacher = [
                 {
@@ -193,9 +236,13 @@ class TextClassificationTask(ClassificationTask):
 
 class ImageClassificationTask(ClassificationTask):
     name = "image-classification"
+    input_column = "pixel_values"
 
     def __init__(self, image_column: str = "image", label_column: str = "label"):
         self.image_column, self.label_column = image_column, label_column
+
+    def raw_columns(self) -> tuple[str, ...]:
+        return (self.image_column,)
 
     def model_class(self):
         return AutoModelForImageClassification
@@ -228,9 +275,9 @@ class ImageClassificationTask(ClassificationTask):
 
     def collate(self, features):
         batch = {
-            key: torch.stack([f[key] for f in features])
+            key: torch.stack([torch.as_tensor(f[key]) for f in features])
             for key in features[0]
             if key == "pixel_values" or key == TEACHER_INPUT_PREFIX + "pixel_values"
         }
-        batch["labels"] = torch.tensor([f["labels"] for f in features])
+        batch["labels"] = self._collate_labels(features)
         return self._collate_cache(features, batch)

@@ -89,9 +89,13 @@ class FeatureClassificationTask(ClassificationTask):
 
     name = "feature-classification"
     needs_processor = False
+    input_column = "features"
 
     def __init__(self, feature_column: str = "features", label_column: str = "label"):
         self.feature_column, self.label_column = feature_column, label_column
+
+    def raw_columns(self) -> tuple[str, ...]:
+        return (self.feature_column,)
 
     def model_class(self):
         return MLPForFeatureClassification
@@ -118,6 +122,6 @@ class FeatureClassificationTask(ClassificationTask):
     def collate(self, features):
         batch = {
             "features": torch.tensor([f["features"] for f in features], dtype=torch.float32),
-            "labels": torch.tensor([f["labels"] for f in features]),
+            "labels": self._collate_labels(features),
         }
         return self._collate_cache(features, batch)
