@@ -537,8 +537,8 @@ def check_digests(meta_path: Path, data: dict[str, Any]) -> None:
     named = [k for k in changed if not any(other.startswith(k + ".") for other in changed)]
     if named:
         raise CacheError(
-            f"{meta_path} was changed after capture: {', '.join(named)} differ from what the capture "
-            "recorded; capture the cache again instead of editing it"
+            f"{meta_path} was changed after capture, these fields differ from what it recorded: "
+            f"{', '.join(named)}; capture the cache again instead of editing it"
         )
 
 
@@ -859,7 +859,8 @@ teacher_source: cached
 teacher_cache: <this dataset id or a local copy>
 ```
 
-hf_kd checks the metadata below against the run (rows, label space or vocabulary, tokenizer) before training.
+Before training, hf_kd verifies the cache itself (the metadata against its digests, every file against
+its checksum) and checks the metadata below against the run (rows, label space or vocabulary, tokenizer).
 
 ## Splits
 
