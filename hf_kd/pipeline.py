@@ -154,12 +154,16 @@ def run_distillation(
     task = build_task(data_args)
     token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
     metrics = None if token_level else ClassificationMetrics(data_args.metrics, model_args.trust_remote_code)
-    splits = load_splits(data_args)
     cache = (
-        load_teacher_cache(config.teacher_cache)
+        load_teacher_cache(
+            config.teacher_cache,
+            teacher=config.teacher_model_name_or_path,
+            teacher_revision=config.teacher_model_revision,
+        )
         if config.teacher_source == "cached" and config.uses_teacher
         else None
     )
+    splits = load_splits(data_args)
     if cache is not None:  # checked to be the captured rows, joined before any row selection
         splits = cache.join(
             splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name]

@@ -37,20 +37,19 @@ def run_card_info(
 ) -> DistillationCardInfo:
     """The card's facts from a run's ``DataArguments`` and ``DistillationConfig``.
 
-    The student is named by ``hub_model_id`` (else the output folder's name); the teacher by
-    ``teacher_model_name_or_path``, or by the cache's teacher id when the run read a teacher cache. A
-    run whose loss uses no teacher (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card.
-    ``command`` and ``recipe_yaml`` are quoted with every secret redacted (``hf_kd.hub.redact``).
+    The student is named by ``hub_model_id`` (else the output folder's name); the teacher by the
+    teacher id and revision the cache recorded when the run read a teacher cache, else by
+    ``teacher_model_name_or_path`` and ``teacher_model_revision``. A run whose loss uses no teacher
+    (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card. ``command`` and ``recipe_yaml`` are
+    quoted with every secret redacted (``hf_kd.hub.redact``).
     """
-    provenance = cache_provenance or {}
     teacher_id, teacher_revision = None, None
-    if config.uses_teacher:
-        teacher_id = config.teacher_model_name_or_path or provenance.get("teacher_id")
-        teacher_revision = (
-            config.teacher_model_revision
-            if config.teacher_model_name_or_path
-            else provenance.get("teacher_revision")
-        )
+    if config.uses_teacher and cache_provenance is not None:
+        teacher_id = cache_provenance["teacher_id"]
+        teacher_revision = cache_provenance.get("teacher_revision")
+    elif config.uses_teacher:
+        teacher_id = config.teacher_model_name_or_path
+        teacher_revision = config.teacher_model_revision
     return DistillationCardInfo(
         student_id=config.hub_model_id or Path(config.output_dir).name,
         teacher_id=teacher_id,

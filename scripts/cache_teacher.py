@@ -5,7 +5,7 @@
     python scripts/cache_teacher.py --config recipes/demo/cache_teacher.yaml --top_k 4
 
 Train from it with ``teacher_source: cached`` and ``teacher_cache: <output_dir>`` in a distill recipe.
-An interrupted capture resumes when run again with the same settings.
+An interrupted capture resumes when run again with the same settings and teacher weights.
 """
 
 import torch

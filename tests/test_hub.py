@@ -35,7 +35,12 @@ def _card_info(tmp_path, **config_overrides):
         student_parameters=5_000_000,
         teacher_parameters=86_000_000,
         teacher_metrics={"eval_accuracy": 0.91},
-        cache_provenance={"teacher_id": "google/vit-base-patch16-224", "top_k": 20, "dtype": "float16"},
+        cache_provenance={
+            "teacher_id": "google/vit-base-patch16-224",
+            "teacher_revision": "abc123",
+            "top_k": 20,
+            "dtype": "float16",
+        },
         command="python scripts/distill.py --config r.yaml",
         recipe_yaml="alpha: 0.7\ntemperature: 4.0\n",
     )

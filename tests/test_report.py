@@ -469,7 +469,8 @@ def test_pipeline_kd_sim_with_cached_teacher_uses_soft_confusion(saved_teacher):
     )
     argv = [
         "--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data), "--teacher_source", "cached",
-        "--teacher_cache", str(root / "cache"), "--output_dir", str(root / "student_cached"), "--synthetic_teacher", "kd_sim",
+        "--teacher_cache", str(root / "cache"), "--teacher_model_name_or_path", str(root / "teacher"),
+        "--output_dir", str(root / "student_cached"), "--synthetic_teacher", "kd_sim",
         "--num_train_epochs", "1", "--num_labeled_examples", "200", "--disable_tqdm", "true",
     ]  # fmt: skip
     trainer = run_distillation(*parse_args(argv)).trainer

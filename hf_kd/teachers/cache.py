@@ -7,6 +7,11 @@ On disk a cache is a ``DatasetDict.save_to_disk`` directory (``load_from_disk`` 
     <cache>/hf_kd_cache.json                 :class:`CacheMetadata` (written last; sizes and SHA-256 of every file)
     <cache>/README.md                        the dataset card (metadata table, how to train from it)
 
+Every recorded fact is verified when a cache is read (:func:`load_teacher_cache`): the metadata against
+the digests stored in it (an edit anywhere is named), the teacher config against its hash, the folder's
+files against the complete ``files`` list (sizes and SHA-256), and the splits' rows and column types
+against the metadata.
+
 Teacher columns (prefix ``kd_teacher_``, raw outputs at τ = 1; the temperature is applied when training):
 
     full logits   ``kd_teacher_logits``         K values (float32 or float16)
@@ -21,7 +26,8 @@ with a student only when both use the same tokenizer (``processor_hash``, checke
 
 A capture runs shard by shard (``shard_size`` rows); under ``torchrun``/``accelerate launch`` each
 process takes every ``world_size``-th shard. Finished shards are renamed into ``<cache>.partial/``, so
-an interrupted capture restarts from the shards it has; the main process merges them in order into a
+an interrupted capture restarts from the shards it has (only for the same settings, rows and teacher
+weights: :func:`weights_hash`); the main process merges them in order into a
 temporary directory that is renamed to ``<cache>`` only once complete.
 """
 
@@ -35,7 +41,7 @@ import pickle
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -57,8 +63,11 @@ from hf_kd.vocab import shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_FILE = "hf_kd_cache.json"
+UNLISTED_FILES = (METADATA_FILE, "README.md", ".gitattributes")
+"""The files of a cache directory that its ``files`` list leaves out, none of them read when training:
+the metadata itself, the dataset card and the attributes file of a Hub repository."""
 PLAN_FILE = "plan.json"
 LOGIT_DTYPES = ("float32", "float16")
 DENSE_COLUMNS = ("logits",)
@@ -97,6 +106,9 @@ class CacheMetadata:
     teacher_config: dict[str, Any]
     """The teacher's full config (label names, vocabulary size) for checks without loading the teacher."""
     teacher_config_hash: str
+    """:func:`config_hash` of the teacher's config (the SHA-256 of ``teacher_config``)."""
+    teacher_weights_hash: str
+    """:func:`weights_hash` of the teacher's weights (an interrupted capture resumes only with the same)."""
     processor_hash: str | None
     """SHA-256 of the teacher's tokenizer / image processor (:func:`hf_kd.tasks.processor_fingerprint`);
     None for tasks whose inputs are dataset columns as they are."""
@@ -116,6 +128,8 @@ class CacheMetadata:
     """Per file of the cache directory (relative path): ``size`` in bytes and ``sha256``."""
     hf_kd_version: str = field(default_factory=lambda: version("hf_kd"))
     format_version: int = FORMAT_VERSION
+    digests: dict[str, str] = field(default_factory=dict)
+    """:func:`metadata_digests` of every other field, written last and verified by :func:`read_metadata`."""
 
     @property
     def columns(self) -> list[str]:
@@ -124,14 +138,16 @@ class CacheMetadata:
 
     def provenance(self) -> dict[str, Any]:
         """The fields a student's model card lists about the cache it was trained from."""
-        skip = {"teacher_config", "files"}
+        skip = {"teacher_config", "files", "digests"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheMetadata:
         known = {f.name for f in fields(cls)}
         missing = sorted(
-            f.name for f in fields(cls) if f.name not in data and f.default is f.default_factory is None
+            f.name
+            for f in fields(cls)
+            if f.name not in data and f.default is MISSING and f.default_factory is MISSING
         )
         unknown = sorted(set(data) - known)
         if missing or unknown:
@@ -139,10 +155,45 @@ class CacheMetadata:
         return cls(**data)
 
 
+def json_sha256(value: Any) -> str:
+    """SHA-256 of a JSON value in canonical form (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stored_config(config) -> dict[str, Any]:
+    """A model config as a cache stores it: its full JSON, without the fields that name where it was
+    loaded from."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
 def config_hash(config) -> str:
-    """SHA-256 of a model config's JSON, without the fields that name where it was loaded from."""
-    data = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    """SHA-256 of a model config as a cache stores it (:func:`stored_config`)."""
+    return json_sha256(stored_config(config))
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: every ``state_dict`` tensor in order, its dtype, shape and bytes
+    (one tensor at a time on the CPU; parameter names are left out, so a wrapper hashes the same)."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        tensor = tensor.detach().reshape(-1).cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def metadata_digests(data: dict[str, Any]) -> dict[str, str]:
+    """:func:`json_sha256` of each metadata field but ``digests``, and of each entry of a dict field
+    (``teacher_config.id2label``, ``splits.train``, ``files.<path>``), so that an edit is named."""
+    digests = {}
+    for key, value in data.items():
+        if key == "digests":
+            continue
+        digests[key] = json_sha256(value)
+        if isinstance(value, dict):
+            digests.update({f"{key}.{name}": json_sha256(entry) for name, entry in value.items()})
+    return digests
 
 
 def content_fingerprint(dataset: Dataset, batch_size: int = 1024) -> str:
@@ -256,7 +307,8 @@ def _check_plan(partial: Path, plan: dict[str, Any]) -> None:
             if previous.get(key) != plan.get(key):
                 raise CacheError(
                     f"an interrupted capture at {str(partial)!r} was started with {key}={previous.get(key)!r}, this run has "
-                    f"{key}={plan.get(key)!r}: rerun with the same settings to resume, or delete that directory"
+                    f"{key}={plan.get(key)!r}: its rows cannot be mixed with this run's. Rerun with the same settings "
+                    "and teacher to resume, or start a fresh cache (delete that directory, or choose another output_dir)"
                 )
         return
     partial.mkdir(parents=True, exist_ok=True)
@@ -322,8 +374,9 @@ def capture_teacher_logits(
         teacher_id=teacher_id,
         teacher_revision=teacher_revision,
         teacher_commit=getattr(teacher.config, "_commit_hash", None),
-        teacher_config=json.loads(teacher.config.to_json_string(use_diff=False)),
+        teacher_config=stored_config(teacher.config),
         teacher_config_hash=config_hash(teacher.config),
+        teacher_weights_hash=weights_hash(teacher),
         processor_hash=None if teacher_processor is None else processor_fingerprint(teacher_processor),
         num_classes=num_classes,
         top_k=top_k,
@@ -337,10 +390,8 @@ def capture_teacher_logits(
         dataset_name=dataset_name,
         dataset_config=dataset_config,
     )
-    for key in _VOLATILE_CONFIG_KEYS:
-        metadata.teacher_config.pop(key, None)
     if rank == 0:
-        plan = {k: v for k, v in asdict(metadata).items() if k not in ("files", "hf_kd_version")}
+        plan = {k: v for k, v in asdict(metadata).items() if k not in ("files", "hf_kd_version", "digests")}
         _check_plan(partial, {**plan, "batch_size": batch_size, "shard_size": shard_size})
     _barrier()
 
@@ -420,6 +471,7 @@ def _merge(
         metadata.files = {
             str(p.relative_to(tmp)): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
+        metadata.digests = metadata_digests(asdict(metadata))
         (tmp / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2, sort_keys=True))
         dataset_card(metadata).save(tmp / "README.md")
         if output_dir.exists():
@@ -444,26 +496,64 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 
 def read_metadata(path: str | os.PathLike) -> CacheMetadata:
-    """The metadata of a complete cache directory; a clear error for anything else."""
+    """The verified metadata of a complete cache directory: its format, the digests of its fields
+    (:func:`check_digests`) and the teacher config against its hash; a clear error for anything else."""
     path = Path(path)
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
         raise CacheError(f"{str(path)!r} is not a complete hf_kd teacher cache: it has no {METADATA_FILE}")
     try:
-        metadata = CacheMetadata.from_dict(json.loads(meta_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
+        data = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
         raise CacheError(f"{meta_path} is corrupt: {err}") from err
-    if metadata.format_version != FORMAT_VERSION:
+    if not isinstance(data, dict):
+        raise CacheError(f"{meta_path} is corrupt: it holds a {type(data).__name__}, not an object")
+    if data.get("format_version") != FORMAT_VERSION:
         raise CacheError(
-            f"{str(path)!r} has cache format {metadata.format_version}; this hf_kd reads format {FORMAT_VERSION}"
+            f"{str(path)!r} has cache format {data.get('format_version')!r}; this hf_kd reads format "
+            f"{FORMAT_VERSION} (capture the cache again with this version)"
+        )
+    check_digests(meta_path, data)
+    try:
+        metadata = CacheMetadata.from_dict(data)
+    except TypeError as err:
+        raise CacheError(f"{meta_path} is corrupt: {err}") from err
+    if json_sha256(metadata.teacher_config) != metadata.teacher_config_hash:
+        raise CacheError(
+            f"{meta_path} was changed after capture: teacher_config does not match teacher_config_hash "
+            f"{metadata.teacher_config_hash!r}; capture the cache again instead of editing it"
         )
     return metadata
 
 
-def verify_files(path: Path, metadata: CacheMetadata, checksums: bool = True) -> None:
-    """Every file listed in the metadata exists with its size (and SHA-256 when ``checksums``)."""
+def check_digests(meta_path: Path, data: dict[str, Any]) -> None:
+    """The metadata ``data`` read from ``meta_path`` is what the capture wrote: each field and each entry
+    of a dict field has its recorded digest (:func:`metadata_digests`); names the ones that differ."""
+    recorded = data.get("digests")
+    if not isinstance(recorded, dict) or not recorded:
+        raise CacheError(f"{meta_path} is corrupt: it has no digests of its fields")
+    computed = metadata_digests(data)
+    changed = sorted(k for k in recorded.keys() | computed.keys() if recorded.get(k) != computed.get(k))
+    named = [k for k in changed if not any(other.startswith(k + ".") for other in changed)]
+    if named:
+        raise CacheError(
+            f"{meta_path} was changed after capture, these fields differ from what it recorded: "
+            f"{', '.join(named)}; capture the cache again instead of editing it"
+        )
+
+
+def verify_files(path: Path, metadata: CacheMetadata) -> None:
+    """The directory holds exactly the files the metadata lists (besides :data:`UNLISTED_FILES`), each
+    with its size and SHA-256."""
     if not metadata.files:
         raise CacheError(f"{METADATA_FILE} of {str(path)!r} lists no files")
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(metadata.files) - set(UNLISTED_FILES))
+    if unlisted:
+        raise CacheError(
+            f"teacher cache {str(path)!r} holds files that its {METADATA_FILE} does not list: {unlisted}; "
+            "every file of a cache is listed with its checksum (remove them, or capture the cache again)"
+        )
     for name, record in metadata.files.items():
         file = path / name
         if not file.is_file():
@@ -472,10 +562,35 @@ def verify_files(path: Path, metadata: CacheMetadata, checksums: bool = True) ->
             raise CacheError(
                 f"teacher cache {str(path)!r} is corrupt: {name} has {file.stat().st_size} bytes, expected {record['size']}"
             )
-        if checksums and _file_record(file)["sha256"] != record["sha256"]:
+        if _file_record(file)["sha256"] != record["sha256"]:
             raise CacheError(
                 f"teacher cache {str(path)!r} is corrupt: the SHA-256 of {name} does not match its metadata"
             )
+
+
+def check_teacher(path: Path, metadata: CacheMetadata, teacher: str, revision: str | None) -> None:
+    """A run that names its teacher (``teacher_model_name_or_path``, ``teacher_model_revision``) while
+    reading a cache names the cache's teacher: the same id or local directory, and the same revision
+    when the cache records one."""
+    recorded, named = Path(metadata.teacher_id).expanduser(), Path(teacher).expanduser()
+    same_dir = recorded.exists() and named.exists() and recorded.resolve() == named.resolve()
+    if teacher != metadata.teacher_id and not same_dir:
+        raise CacheMismatchError(
+            str(path),
+            "teacher_id",
+            metadata.teacher_id,
+            teacher,
+            hint="with teacher_source: cached the teacher is the one whose outputs the cache holds; "
+            "drop teacher_model_name_or_path or name that teacher",
+        )
+    if metadata.teacher_revision is not None and revision != metadata.teacher_revision:
+        raise CacheMismatchError(
+            str(path),
+            "teacher_revision",
+            metadata.teacher_revision,
+            revision,
+            hint="set teacher_model_revision to the cache's or drop teacher_model_name_or_path",
+        )
 
 
 @dataclass
@@ -565,12 +680,17 @@ def load_teacher_cache(
     *,
     revision: str | None = None,
     token: str | None = None,
-    checksums: bool = True,
+    teacher: str | None = None,
+    teacher_revision: str | None = None,
 ) -> TeacherCache:
-    """Open a cache (local directory or Hub dataset id) after checking it is complete and intact."""
+    """Open a cache (local directory or Hub dataset id) after verifying every recorded fact: metadata
+    (:func:`read_metadata`), files (:func:`verify_files`), splits and column types. ``teacher`` (with
+    ``teacher_revision``): the teacher a run names, checked against the cache's before the files are read."""
     path = resolve_cache_path(str(name_or_path), revision=revision, token=token)
     metadata = read_metadata(path)
-    verify_files(path, metadata, checksums)
+    if teacher is not None:
+        check_teacher(path, metadata, teacher, teacher_revision)
+    verify_files(path, metadata)
     try:
         splits = load_from_disk(str(path))
     except Exception as err:  # datasets raises many types for a damaged directory
@@ -739,7 +859,8 @@ teacher_source: cached
 teacher_cache: <this dataset id or a local copy>
 ```
 
-hf_kd checks the metadata below against the run (rows, label space or vocabulary, tokenizer) before training.
+Before training, hf_kd verifies the cache itself (the metadata against its digests, every file against
+its checksum) and checks the metadata below against the run (rows, label space or vocabulary, tokenizer).
 
 ## Splits
 
