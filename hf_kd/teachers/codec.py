@@ -5,8 +5,10 @@ Codec ``topk-packed`` (:class:`TopkCodec`, parameters ``max_k``, ``mass``, ``bit
 * support: the most likely tokens, in order, until their cumulative probability reaches ``mass`` or
   there are ``max_k`` of them, and only tokens at most ``step · (2^bits − 1)`` nats below the top-1
   (at least the top-1) — n tokens. Flat positions keep many tokens, peaked ones few;
-* log-probabilities: r_j = log p_top1 − log p_j rounded to a multiple of ``step`` (``bits`` bits each);
-  the absolute level is not stored: the kept tokens are renormalised to the kept mass 1 − m;
+* log-probabilities: r_j = log p_top1 − log p_j rounded to a multiple of ``step`` (``bits`` bits each),
+  at least one step for every token but the top-1, so that the top-1 stays the unique maximum (on a
+  flat teacher many tokens lie within step / 2 of it); the absolute level is not stored: the kept
+  tokens are renormalised to the kept mass 1 − m;
 * tail mass m = 1 − Σ kept p, as the 8-bit code of its log-odds log(m / (1 − m)) on a grid of
   ``TAIL_STEP`` nats over [``TAIL_LOW``, ``TAIL_HIGH``] (code 0: no tail, m < e^TAIL_LOW stored as 0);
 * indices: sorted, as gaps i_0, i_j − i_{j−1} − 1, all in the fewest bits w that hold the largest gap.
@@ -18,10 +20,11 @@ or other parameters, and a damaged row is refused (:class:`CodecError`).
 
 Error bound. For the n tokens kept at a position, let p be the teacher's distribution rebuilt from the
 exact top-n log-probabilities and the exact tail mass (uniform tail, or renormalised), and p̂ the
-decoded one. For every class i, |log p̂_i − log p_i| ≤ ``step`` + ``TAIL_STEP`` / 2
-(:meth:`TopkCodec.error_bound`) whenever e^TAIL_LOW ≤ m / (1 − m) ≤ e^TAIL_HIGH (the step rounds each
-r_j and their log-sum-exp by at most step / 2; the tail grid moves log m and log(1 − m) by at most
-TAIL_STEP / 2). Tails below that range (m < 4e-11) are dropped to 0.
+decoded one. For every class i, |log p̂_i − log p_i| ≤ 1.5 · ``step`` + ``TAIL_STEP`` / 2
+(:meth:`TopkCodec.error_bound`) whenever e^TAIL_LOW ≤ m / (1 − m) ≤ e^TAIL_HIGH: each stored r̂_j − r_j
+lies in [−step / 2, step] (rounding, or the one-step floor), so their log-sum-exp moves by at most
+that too, and the tail grid moves log m and log(1 − m) by at most TAIL_STEP / 2. Tails below that
+range (m < 4e-11) are dropped to 0.
 
 Encoding and decoding are vectorised over all positions of a batch (no Python loop over positions).
 """
@@ -105,7 +108,7 @@ class TopkCodec:
 
     def error_bound(self) -> float:
         """Largest |log p̂_i − log p_i| of a decoded distribution (tail odds within the stored range)."""
-        return self.step + TAIL_STEP / 2
+        return 1.5 * self.step + TAIL_STEP / 2
 
     @staticmethod
     def _widths(num_classes: int, k: int) -> tuple[int, int, int]:
@@ -122,6 +125,7 @@ class TopkCodec:
         k = min(self.max_k, log_p.shape[-1])
         top, idx = log_p.topk(k, dim=-1)
         codes = torch.round((top[:, :1] - top) / self.step)
+        codes[:, 1:] = codes[:, 1:].clamp(min=1)  # the top-1 alone has code 0
         below_mass = (top.exp().cumsum(-1) < self.mass).sum(-1) + 1
         in_range = (codes <= 2**self.bits - 1).sum(-1)
         n = torch.minimum(below_mass, in_range).clamp(max=k)
