@@ -76,19 +76,25 @@ class SparseLogits:
         ``uniform``:      p_i for the top-k, tail_mass / (K − k) for every other class
                           (exactly the paper's ``kd_topk`` target);
         ``renormalize``:  p_i / Σ_topk p for the top-k, 0 elsewhere.
+
+        Entries whose log-prob is −inf are padding (a support smaller than k at this position, as a
+        compressed cache decodes): their classes are tail classes, whatever their index.
         """
         if tail not in TAIL_MODES:
             raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
         lp = self.log_probs.float()
-        k, K = lp.shape[-1], self.num_classes
-        if tail == "uniform" and k < K:
-            fill = self.tail_log_mass.float().unsqueeze(-1) - math.log(K - k)
+        K = self.num_classes
+        stored = lp > -math.inf
+        if tail == "uniform":
+            k = stored.sum(-1, keepdim=True)
+            fill = self.tail_log_mass.float().unsqueeze(-1) - torch.log((K - k).clamp(min=1).float())
+            fill = fill.masked_fill(k >= K, -math.inf)
         else:
             fill = torch.full_like(lp[..., :1], -math.inf)
-            if tail == "renormalize":
-                lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-        dense = fill.expand(*lp.shape[:-1], K).clone()
-        return dense.scatter_(-1, self.indices.long(), lp)
+            lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        dense = fill.expand(*lp.shape[:-1], K + 1).clone()  # column K takes the padding entries
+        index = torch.where(stored, self.indices.long(), K)
+        return dense.scatter_(-1, index, lp)[..., :K]
 
 
 # --------------------------------------------------------------------------------------------

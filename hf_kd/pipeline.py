@@ -165,6 +165,8 @@ def run_distillation(
     )
     splits = load_splits(data_args)
     if cache is not None:  # checked to be the captured rows, joined before any row selection
+        if token_level:
+            task.cache_decoder = cache.decoder()  # None unless the cache is compressed
         splits = cache.join(
             splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name]
         )

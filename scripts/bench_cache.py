@@ -11,8 +11,16 @@
              KL(full ‖ rebuilt) of the distribution rebuilt from the stored columns with the uniform tail
              (KL(rebuilt ‖ full) for the renormalized top-k, whose KL(full ‖ rebuilt) is infinite).
              Anchor: DistillKit stores about 114–300 bytes/token.
+4. curve:    bytes/token vs fidelity of the per-token top-k (float16, k = 16/32/64) and of the
+             ``topk-packed`` codec at several settings — KL(full ‖ rebuilt, uniform tail), top-1 agreement,
+             overlap of the stored tokens with the full top-10, mean kept mass, decode µs/token — on
+             (a) the Zipf-like synthetic logits of ``storage`` and (b) real LM logits: a small Llama trained
+             here, offline, on Python's standard-library sources (byte-level BPE of ``--lm_bpe`` tokens),
+             measured on held-out files. Then, on that LM: a KD step from the compressed cache (decoded in
+             the collator) vs a plain step of the same student (target ≤ 1.05), and a compressed capture
+             vs the raw teacher forward (target ≥ 0.95).
 
-    python scripts/bench_cache.py [--only step|capture|storage] [--repeats 20]
+    python scripts/bench_cache.py [--only step|capture|storage|curve] [--repeats 20]
 
 Models are BERT-style from configs (offline, ``bench_overhead.bert``): teacher 256 × 4 layers, student 128 × 2.
 """
@@ -23,6 +31,7 @@ import argparse
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -35,8 +44,17 @@ from transformers import PreTrainedTokenizerFast
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.losses import SparseLogits, divergence_from_log_probs
 from hf_kd.tasks import TextClassificationTask, split_batch
-from hf_kd.teachers.cache import cache_features, capture_teacher_logits, columns_to_arrow, compress_logits
+from hf_kd.tasks.causal_lm import CausalLMTask
+from hf_kd.teachers.cache import (
+    cache_features,
+    capture_teacher_logits,
+    columns_to_arrow,
+    compress_logits,
+    load_teacher_cache,
+    packed_to_arrow,
+)
 from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.codec import TopkCodec
 
 NUM_LABELS = 4  # bench_overhead.bert's head
 
@@ -204,11 +222,232 @@ def bench_storage(args) -> None:
     print("  anchor: DistillKit about 114–300 bytes/token")
 
 
+CODEC_SETTINGS = [  # (max_k, mass, bits, step)
+    (32, 0.95, 5, 0.25),
+    (32, 0.98, 4, 0.4),
+    (48, 0.98, 4, 0.4),
+    (64, 0.98, 4, 0.4),
+    (64, 0.95, 4, 0.5),
+    (64, 0.99, 4, 0.4),
+]
+
+
+def stdlib_texts() -> tuple[list[str], list[str]]:
+    """Python's standard-library sources (top-level ``*.py``): every 10th file held out."""
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    texts = [f.read_text(errors="replace") for f in files]
+    return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
+
+
+def real_lm(args):
+    """A small Llama trained here on the standard library: (model, tokenizer, held-out rows [R, T])."""
+    from tokenizers import decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    train_texts, held_out = stdlib_texts()
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        train_texts, trainers.BpeTrainer(vocab_size=args.lm_bpe, special_tokens=["<pad>", "<eos>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    length = args.seq_len
+
+    def rows(texts):
+        ids = torch.tensor([i for t in texts for i in tokenizer(t)["input_ids"] + [1]])
+        return ids[: len(ids) // length * length].reshape(-1, length)
+
+    train, test = rows(train_texts), rows(held_out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=length, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.lm_steps):
+        batch = train[torch.randint(0, len(train), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward(), optimizer.step(), optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        held = test[: args.lm_tokens // length]
+        ppl = math.exp(model(input_ids=held, labels=held).loss.item())
+    print(
+        f"[curve] real LM: Llama 128×2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+        f"{args.lm_steps} steps on {train.numel() / 1e6:.2f}M standard-library tokens, BPE {len(tokenizer)}, "
+        f"held-out perplexity {ppl:.1f}"
+    )
+    return model, tokenizer, test
+
+
+def stored_bytes(features, table) -> int:
+    with tempfile.TemporaryDirectory() as out:
+        path = Path(out) / "shard.arrow"
+        with ArrowWriter(features=features, path=str(path)) as writer:
+            writer.write_table(table)
+            writer.finalize()
+        return path.stat().st_size
+
+
+def fidelity(log_p: torch.Tensor, sparse: SparseLogits) -> dict[str, float]:
+    """KL(full ‖ rebuilt), top-1 agreement, overlap of the stored tokens with the full top-10, kept mass."""
+    rebuilt = torch.log_softmax(sparse.to_dense_log_probs("uniform"), -1)
+    stored = sparse.log_probs > -math.inf
+    top10 = log_p.topk(10, -1).indices
+    hits = (top10[:, :, None] == torch.where(stored, sparse.indices, -1)[:, None, :]).any(-1)
+    return {
+        "kl": divergence_from_log_probs("forward_kl", rebuilt, log_p).mean().item(),
+        "top1": (rebuilt.argmax(-1) == log_p.argmax(-1)).float().mean().item(),
+        "top10": hits.float().mean().item(),
+        "kept": sparse.log_probs.exp().masked_fill(~stored, 0).sum(-1).mean().item(),
+    }
+
+
+def curve(name: str, logits: torch.Tensor) -> None:
+    """Bytes/token and fidelity of plain float16 top-k and of the codec on logits [R, T, V]."""
+    rows, length, vocab = logits.shape
+    tokens, mask = rows * length, torch.ones(rows, length, dtype=torch.long)
+    log_p = torch.log_softmax(logits.reshape(tokens, vocab).float(), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1).mean().item()
+    print(
+        f"  {name}: {tokens} tokens, V = {vocab}, mean entropy {entropy:.2f} nats, mean top-1 p {log_p.exp().max(-1).values.mean():.3f}"
+    )
+    print(
+        "    storage                         | bytes/token | KL(full ‖ rebuilt) | top-1 agree | top-10 stored | kept mass | decode µs/token"
+    )
+    for k in (16, 32, 64):
+        features = cache_features(vocab, k, "float16", per_token=True)
+        size = stored_bytes(features, columns_to_arrow(compress_logits(logits, k), features, mask))
+        sparse = SparseLogits(**compress_logits(logits.reshape(tokens, vocab), k), num_classes=vocab)
+        sparse.log_probs = sparse.log_probs.half().float()
+        f = fidelity(log_p, sparse)
+        print(
+            f"    top-{k:<3} float16                 | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} |"
+        )
+    for max_k, mass, bits, step in CODEC_SETTINGS:
+        codec = TopkCodec(max_k, mass, bits, step)
+        features = cache_features(vocab, max_k, "float32", True, codec.spec())
+        table, _ = packed_to_arrow(codec, logits, mask, features)
+        size = stored_bytes(features, table)
+        packed = table.column(0).to_pylist()
+        start = time.perf_counter()
+        sparse = codec.decode(packed, [length] * rows, vocab)
+        decode = (time.perf_counter() - start) / tokens * 1e6
+        f = fidelity(log_p, sparse)
+        setting = f"k≤{max_k}, mass {mass}, {bits} bits × {step}"
+        print(
+            f"    packed {setting:<24} | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} | {decode:8.2f}"
+        )
+
+
+def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
+    """On the real LM: compressed capture vs raw teacher forward, and KD steps from the compressed and
+    the uncompressed cache vs a plain step of the same student (decoding runs in the collator)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    codec = TopkCodec(*CODEC_SETTINGS[args.codec_setting])
+    texts = [tokenizer.decode(row) for row in test[: args.lm_capture_rows]]
+    data = DatasetDict(train=Dataset.from_dict({"text": texts}))
+    task = CausalLMTask(max_length=args.seq_len)
+    prepared = task.prepare(data["train"], student_processor=tokenizer)
+    batches = [
+        split_batch(task.collate([prepared[i] for i in range(s, min(s + 8, len(prepared)))]))[0]
+        for s in range(0, len(prepared), 8)
+    ]
+
+    def raw_forward() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                teacher(**batch)
+
+    def capture(path: Path, compression: TopkCodec | None) -> None:
+        capture_teacher_logits(
+            teacher, tokenizer, task, data, path, teacher_id="lm", batch_size=8, progress=False,
+            top_k=codec.max_k, compression=compression, dtype="float16",
+        )  # fmt: skip
+
+    times = {"raw": [], "packed": [], "top-k": []}
+    raw_forward()
+    kd_batches = {}
+    with tempfile.TemporaryDirectory() as out:
+        for r in range(args.capture_repeats):
+            times["raw"].append(timed(raw_forward))
+            times["packed"].append(timed(capture, Path(out) / f"c{r}", codec))
+            times["top-k"].append(timed(capture, Path(out) / f"p{r}", None))
+        for name, path in (("packed", "c0"), ("top-k", "p0")):
+            cache = load_teacher_cache(Path(out) / path)
+            task.cache_decoder = cache.decoder()
+            rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
+            starts = range(0, len(rows) - 7, 8)
+            kd_batches[name] = [task.collate([rows[i] for i in range(s, s + 8)]) for s in starts]
+    raw, packed, plain = (statistics.median(times[k]) for k in ("raw", "packed", "top-k"))
+    print(
+        f"[curve] capture over {len(texts)} rows × {args.seq_len} tokens, {args.capture_repeats} rounds (medians)"
+    )
+    print(f"  compressed {codec.spec()} capture / raw forward = {raw / packed:.3f}   (target ≥ 0.95)")
+    print(f"  uncompressed top-{codec.max_k} float16 capture / raw forward = {raw / plain:.3f}")
+
+    student_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=args.seq_len, pad_token_id=0,
+    )  # fmt: skip
+    trainers = {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, alpha in (("plain", 0.0), ("packed", 0.5), ("top-k", 0.5)):
+            torch.manual_seed(1)
+            config = DistillationConfig(
+                output_dir=out,
+                alpha=alpha,
+                temperature=2.0,
+                use_cpu=True,
+                report_to="none",
+                learning_rate=1e-4,
+            )
+            trainers[name] = DistillationTrainer(
+                model=LlamaForCausalLM(student_config), args=config, task=task,
+                teacher_signal=CachedTeacher(len(tokenizer)) if alpha else None,
+            )  # fmt: skip
+            trainers[name].create_optimizer_and_scheduler(num_training_steps=10_000)
+    step_times = {name: [] for name in trainers}
+    for r in range(args.repeats + 3):  # the first 3 rounds warm up
+        for name, kd in trainers.items():
+            batch = dict(kd_batches["top-k" if name == "plain" else name][r % len(kd_batches["top-k"])])
+            if name == "plain":
+                batch = {k: v for k, v in batch.items() if not k.startswith("kd_teacher_")}
+            elapsed = timed(kd.training_step, kd.model, batch)
+            if r >= 3:
+                step_times[name].append(elapsed)
+    a, c, t = (statistics.median(step_times[k]) * 1e3 for k in ("plain", "packed", "top-k"))
+    print(f"[curve] LM student Llama 64×2, batch 8 × {args.seq_len} tokens, {args.repeats} rounds (medians)")
+    print(f"  plain step (α = 0)                       {a:7.1f} ms")
+    print(f"  KD step, uncompressed top-{codec.max_k} cache        {t:7.1f} ms   ratio to plain {t / a:.3f}")
+    print(
+        f"  KD step, compressed cache                {c:7.1f} ms   ratio to plain {c / a:.3f}, to top-k {c / t:.3f}"
+    )
+
+
+def bench_curve(args) -> None:
+    """The bytes/token vs fidelity curve on synthetic and real LM logits, then the LM step and capture."""
+    g = torch.Generator().manual_seed(0)
+    print("[curve] bytes/token vs fidelity (uniform tail)")
+    curve("(a) synthetic Zipf", zipf_logits(args.lm_tokens, args.lm_vocab, g).reshape(-1, 128, args.lm_vocab))
+    teacher, tokenizer, test = real_lm(args)
+    with torch.no_grad():
+        logits = teacher(input_ids=test[: args.lm_tokens // args.seq_len]).logits
+    curve("(b) real LM, held-out standard-library files", logits)
+    lm_step_and_capture(args, teacher, tokenizer, test)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=("step", "capture", "storage"), default=None)
+    parser.add_argument("--only", choices=("step", "capture", "storage", "curve"), default=None)
     parser.add_argument("--repeats", type=int, default=20, help="step benchmark rounds")
     parser.add_argument("--capture_repeats", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -217,9 +456,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512, help="rows captured in the capture benchmark")
     parser.add_argument("--lm_vocab", type=int, default=32000)
     parser.add_argument("--lm_tokens", type=int, default=1024)
+    parser.add_argument("--lm_bpe", type=int, default=4096, help="curve: BPE vocabulary of the real LM")
+    parser.add_argument("--lm_steps", type=int, default=300, help="curve: training steps of the real LM")
+    parser.add_argument("--lm_capture_rows", type=int, default=32, help="curve: rows of the LM capture")
+    parser.add_argument(
+        "--codec_setting", type=int, default=3, help="curve: CODEC_SETTINGS index for step/capture"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name, bench in (("step", bench_step), ("capture", bench_capture), ("storage", bench_storage)):
+    benches = (
+        ("step", bench_step),
+        ("capture", bench_capture),
+        ("storage", bench_storage),
+        ("curve", bench_curve),
+    )
+    for name, bench in benches:
         if args.only in (None, name):
             bench(args)
 

@@ -9,6 +9,8 @@ token of every packed sequence.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,6 +80,8 @@ class CausalLMTask(Task):
         self.max_length, self.completion_only_loss, self.packing = max_length, completion_only_loss, packing
         self.tokenizer = None
         self.pad_token_id = 0
+        self.cache_decoder: Callable[[list[bytes], list[int]], SparseLogits] | None = None
+        """Decodes a compressed cache's ``kd_teacher_packed`` rows (``TeacherCache.decoder``)."""
 
     def raw_columns(self) -> tuple[str, ...]:
         return (self.text_column, self.messages_column)
@@ -193,7 +197,8 @@ class CausalLMTask(Task):
         they have one); for packed rows the padding gets its own ``position_ids`` run (a separate block
         nobody attends to). Rows without ``labels`` are their own targets (Transformers' causal-LM
         convention); no position outside the attention mask has one. Cached per-token teacher columns are
-        padded with a valid distribution (uniform over the stored k) so masked positions stay finite."""
+        padded with a valid distribution (uniform over the stored k) so masked positions stay finite.
+        Packed columns (a compressed cache) are decoded here into the same three columns."""
         length = max(len(f["input_ids"]) for f in features)
         lengths = [len(f["input_ids"]) for f in features]
 
@@ -219,9 +224,32 @@ class CausalLMTask(Task):
         else:
             batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
         for key in features[0]:
-            if key.startswith(CACHE_PREFIX):
+            if key == CACHE_PREFIX + "packed":
+                batch.update(self._decode_packed([f[key] for f in features], lengths, length))
+            elif key.startswith(CACHE_PREFIX):
                 batch[key] = self._pad_cached(key, [torch.as_tensor(f[key]) for f in features], length)
         return batch
+
+    def _decode_packed(self, rows: list[bytes], lengths: list[int], length: int) -> dict[str, torch.Tensor]:
+        """Packed per-token top-k rows → the ``log_probs`` / ``indices`` / ``tail_log_mass`` columns
+        [B, length, k], padded positions filled as :meth:`_pad_cached` fills them."""
+        if self.cache_decoder is None:
+            raise ValueError(
+                f"the batch holds {CACHE_PREFIX}packed (a compressed teacher cache) but no decoder was set "
+                "(cache_decoder = TeacherCache.decoder())"
+            )
+        sparse = self.cache_decoder(rows, lengths)
+        k = sparse.log_probs.shape[-1]
+        mask = torch.arange(length) < torch.tensor(lengths)[:, None]
+        log_probs = torch.full((len(rows), length, k), -math.log(k))
+        indices = torch.arange(k).expand(len(rows), length, k).clone()
+        tail = torch.full((len(rows), length), -math.inf)
+        log_probs[mask], indices[mask], tail[mask] = sparse.log_probs, sparse.indices, sparse.tail_log_mass
+        return {
+            CACHE_PREFIX + "log_probs": log_probs,
+            CACHE_PREFIX + "indices": indices,
+            CACHE_PREFIX + "tail_log_mass": tail,
+        }
 
     @staticmethod
     def _pad_cached(key: str, rows: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ Teacher columns (prefix ``kd_teacher_``, raw outputs at τ = 1; the temperature 
     top-k         ``kd_teacher_log_probs``      k values, log p of the k most likely classes (float32 or float16)
                   ``kd_teacher_indices``        k class ids (uint16 when K ≤ 65,536, else int32)
                   ``kd_teacher_tail_log_mass``  log(1 − Σ_topk p), float32 (−inf when k = K)
+    compressed    ``kd_teacher_packed``         per-token top-k packed by a codec (``compression`` in the
+                                                metadata, see :mod:`hf_kd.teachers.codec`), one value per row
 
 For one output per row (classification) each column holds that row's values. For one output per token
 (causal LM) each column holds a list over the row's non-padding positions t (``attention_mask`` = 1),
@@ -38,10 +40,12 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,7 @@ from transformers import AutoConfig
 from hf_kd.hub import format_value, markdown_table, upload_folder_to_repo
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
+from hf_kd.teachers.codec import COMPRESSIONS, CodecError, TopkCodec
 from hf_kd.vocab import shared_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -68,10 +73,16 @@ METADATA_FILE = "hf_kd_cache.json"
 UNLISTED_FILES = (METADATA_FILE, "README.md", ".gitattributes")
 """The files of a cache directory that its ``files`` list leaves out, none of them read when training:
 the metadata itself, the dataset card and the attributes file of a Hub repository."""
+DERIVED_FILE = re.compile(r"(^|/)cache-[0-9a-f]+\.arrow$")
+"""Files ``datasets.Dataset.map`` writes beside the arrow shards it reads (a user's ``prepare`` of the
+cache's splits): ``load_from_disk`` reads only the shards its ``state.json`` lists, never these."""
 PLAN_FILE = "plan.json"
 LOGIT_DTYPES = ("float32", "float16")
 DENSE_COLUMNS = ("logits",)
 SPARSE_COLUMNS = ("log_probs", "indices", "tail_log_mass")
+PACKED_COLUMN = "packed"
+LOW_KEPT_MASS = 0.8
+"""A capture warns when its top-k keeps less than this probability mass on average."""
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
 
 
@@ -124,6 +135,9 @@ class CacheMetadata:
     """Per-token caches: the token limit of the rows (a run must cut its rows at the same length)."""
     dataset_name: str | None = None
     dataset_config: str | None = None
+    compression: dict[str, Any] | None = None
+    """Per-token top-k packed by a codec: its :meth:`TopkCodec.spec` (name and parameters); None when
+    the top-k (or full logits) are stored as plain columns."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per file of the cache directory (relative path): ``size`` in bytes and ``sha256``."""
     hf_kd_version: str = field(default_factory=lambda: version("hf_kd"))
@@ -134,6 +148,8 @@ class CacheMetadata:
     @property
     def columns(self) -> list[str]:
         """The teacher columns, with their ``kd_teacher_`` prefix."""
+        if self.compression is not None:
+            return [CACHE_PREFIX + PACKED_COLUMN]
         return [CACHE_PREFIX + name for name in (DENSE_COLUMNS if self.top_k is None else SPARSE_COLUMNS)]
 
     def provenance(self) -> dict[str, Any]:
@@ -213,8 +229,12 @@ def index_dtype(num_classes: int) -> str:
     return "uint16" if num_classes <= 2**16 else "int32"
 
 
-def cache_features(num_classes: int, top_k: int | None, dtype: str, per_token: bool) -> Features:
+def cache_features(
+    num_classes: int, top_k: int | None, dtype: str, per_token: bool, compression: dict | None = None
+) -> Features:
     """The ``datasets`` features of the teacher columns (see the module docstring)."""
+    if compression is not None:
+        return Features({CACHE_PREFIX + PACKED_COLUMN: Value("binary")})
     if top_k is None:
         columns = {"logits": List(Value(dtype), length=num_classes)}
     else:
@@ -267,6 +287,41 @@ def columns_to_arrow(
             array = pa.ListArray.from_arrays(pa.array(offsets), array)
         arrays.append(array)
     return pa.Table.from_arrays(arrays, schema=features.arrow_schema)
+
+
+def packed_to_arrow(
+    codec: TopkCodec, logits: torch.Tensor, attention_mask: torch.Tensor, features: Features
+) -> tuple[pa.Table, torch.Tensor]:
+    """One packed row per example of per-token logits [B, T, K] (its non-padding positions), and the
+    probability mass kept at each position."""
+    mask = attention_mask.bool()
+    rows, kept = codec.encode(logits[mask], mask.sum(-1).tolist())
+    return pa.Table.from_arrays([pa.array(rows, pa.binary())], schema=features.arrow_schema), kept
+
+
+def report_kept_mass(kept: torch.Tensor, setting: str) -> dict[str, float]:
+    """Log the mean and quantiles of the probability mass a top-k capture kept per position, with a
+    warning when the mean is below ``LOW_KEPT_MASS``; returns them."""
+    if kept.numel() == 0:
+        return {}
+    q = torch.quantile(kept.double()[:1_000_000], torch.tensor([0.1, 0.5, 0.9], dtype=torch.double)).tolist()
+    stats = {"mean": kept.double().mean().item(), "p10": q[0], "p50": q[1], "p90": q[2]}
+    logger.info(
+        "%s kept %.3f of the teacher's probability mass per position on average (10%%/50%%/90%% quantiles %.3f / %.3f / %.3f)",
+        setting,
+        stats["mean"],
+        *q,
+    )
+    if stats["mean"] < LOW_KEPT_MASS:
+        logger.warning(
+            "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): the rest is spread "
+            "uniformly over the other classes, which acts like label smoothing. Keep more tokens (a larger "
+            "top_k, or compression: topk-packed with a higher compression_mass) for this teacher.",
+            setting,
+            stats["mean"],
+            LOW_KEPT_MASS,
+        )
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,12 +389,14 @@ def capture_teacher_logits(
     dataset_config: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    compression: TopkCodec | None = None,
 ) -> CacheMetadata:
     """Run ``teacher`` once over every split of ``dataset`` and write a cache to ``output_dir``.
 
     The teacher reads its own preprocessing (``task.prepare`` with ``teacher_processor``) in batches of
     ``batch_size`` under ``torch.inference_mode``. ``top_k`` None stores the full logits, else the top-k
-    log-probabilities, their indices and the tail mass. Every process of an initialised
+    log-probabilities, their indices and the tail mass; ``compression`` packs a per-token top-k with a
+    codec (its ``max_k`` is the top-k). Every process of an initialised
     ``torch.distributed`` group must call it; the main process merges and returns the metadata (the
     others return it too, read from disk). Resumes an interrupted capture with the same settings.
     """
@@ -364,6 +421,14 @@ def capture_teacher_logits(
         )
     else:
         num_classes = teacher.config.num_labels
+    if compression is not None:
+        if task.name != "causal-lm":
+            raise ValueError(
+                f"compression={compression.name!r} packs per-token (causal-lm) caches; task is {task.name!r}"
+            )
+        if top_k not in (None, compression.max_k):
+            raise ValueError(f"top_k={top_k} differs from the compression's max_k={compression.max_k}")
+        top_k = compression.max_k
     if top_k is not None and top_k > num_classes:
         raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
 
@@ -389,13 +454,15 @@ def capture_teacher_logits(
         },
         dataset_name=dataset_name,
         dataset_config=dataset_config,
+        compression=None if compression is None else compression.spec(),
     )
     if rank == 0:
         plan = {k: v for k, v in asdict(metadata).items() if k not in ("files", "hf_kd_version", "digests")}
         _check_plan(partial, {**plan, "batch_size": batch_size, "shard_size": shard_size})
     _barrier()
 
-    features = cache_features(num_classes, top_k, dtype, metadata.per_token)
+    features = cache_features(num_classes, top_k, dtype, metadata.per_token, metadata.compression)
+    kept_mass = []
     jobs = [
         (name, index, start, min(start + shard_size, len(split)))
         for name, split in dataset.items()
@@ -427,10 +494,20 @@ def capture_teacher_logits(
                         raise ValueError(
                             "per-token capture needs padded rows with an attention_mask (no packing)"
                         )
-                    writer.write_table(columns_to_arrow(compress_logits(logits, top_k), features, mask))
+                    if compression is not None:
+                        table, kept = packed_to_arrow(compression, logits, mask, features)
+                    else:
+                        columns = compress_logits(logits, top_k)
+                        table = columns_to_arrow(columns, features, mask)
+                        kept = _kept_mass(columns, mask)
+                    writer.write_table(table)
+                    kept_mass.append(kept.cpu())
                     bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
                 writer.finalize()
             os.replace(tmp, path)
+    if metadata.per_token and top_k is not None and kept_mass:
+        setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
+        report_kept_mass(torch.cat(kept_mass), setting)
     _barrier()
     if rank == 0:
         _merge(
@@ -442,6 +519,14 @@ def capture_teacher_logits(
         )
     _barrier()
     return read_metadata(output_dir)
+
+
+def _kept_mass(columns: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Probability mass of the stored top-k at each (non-padding) position; empty for full logits."""
+    if "tail_log_mass" not in columns:
+        return torch.empty(0)
+    tail = columns["tail_log_mass"] if mask is None else columns["tail_log_mass"][mask.bool()]
+    return -torch.expm1(tail.float())
 
 
 def _merge(
@@ -548,7 +633,9 @@ def verify_files(path: Path, metadata: CacheMetadata) -> None:
     if not metadata.files:
         raise CacheError(f"{METADATA_FILE} of {str(path)!r} lists no files")
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
-    unlisted = sorted(present - set(metadata.files) - set(UNLISTED_FILES))
+    unlisted = sorted(
+        name for name in present - set(metadata.files) - set(UNLISTED_FILES) if not DERIVED_FILE.search(name)
+    )
     if unlisted:
         raise CacheError(
             f"teacher cache {str(path)!r} holds files that its {METADATA_FILE} does not list: {unlisted}; "
@@ -633,6 +720,14 @@ class TeacherCache:
             )
         return joined
 
+    def decoder(self):
+        """For a compressed cache: ``decode(rows, lengths)`` of its codec over its classes, else None."""
+        if self.metadata.compression is None:
+            return None
+        return partial(
+            TopkCodec.from_spec(self.metadata.compression).decode, num_classes=self.metadata.num_classes
+        )
+
     def teacher_config(self):
         """The teacher's config, rebuilt from the metadata (no weights are loaded)."""
         data = dict(self.metadata.teacher_config)
@@ -695,7 +790,18 @@ def load_teacher_cache(
         splits = load_from_disk(str(path))
     except Exception as err:  # datasets raises many types for a damaged directory
         raise CacheError(f"teacher cache {str(path)!r} cannot be read: {err}") from err
-    expected = cache_features(metadata.num_classes, metadata.top_k, metadata.dtype, metadata.per_token)
+    if metadata.compression is not None:
+        try:
+            TopkCodec.from_spec(metadata.compression)
+        except (CodecError, ValueError) as err:
+            raise CacheError(f"teacher cache {str(path)!r}: {err}") from err
+        if not metadata.per_token:
+            raise CacheError(
+                f"teacher cache {str(path)!r}: compression is recorded for a cache that is not per-token"
+            )
+    expected = cache_features(
+        metadata.num_classes, metadata.top_k, metadata.dtype, metadata.per_token, metadata.compression
+    )
     for name, record in metadata.splits.items():
         if name not in splits or len(splits[name]) != record["num_rows"]:
             raise CacheError(
@@ -741,6 +847,23 @@ class CacheArguments:
         default="float32",
         metadata={"help": f"Storage dtype of logits / log-probabilities, one of {LOGIT_DTYPES}."},
     )
+    compression: str = field(
+        default="none",
+        metadata={
+            "help": f"Per-token top-k storage, one of {COMPRESSIONS}: topk-packed keeps up to top_k tokens per "
+            "position until compression_mass, quantised and bit-packed (hf_kd.teachers.codec)."
+        },
+    )
+    compression_mass: float = field(
+        default=TopkCodec.mass,
+        metadata={"help": "topk-packed: keep tokens until this cumulative probability."},
+    )
+    compression_bits: int = field(
+        default=TopkCodec.bits, metadata={"help": "topk-packed: bits per quantised log-probability."}
+    )
+    compression_step: float = field(
+        default=TopkCodec.step, metadata={"help": "topk-packed: nats per quantisation step below the top-1."}
+    )
     batch_size: int = field(default=64, metadata={"help": "Rows per teacher forward pass."})
     shard_size: int = field(
         default=4096, metadata={"help": "Rows per shard (the unit of resuming and of work per process)."}
@@ -762,10 +885,23 @@ class CacheArguments:
     def __post_init__(self) -> None:
         if self.logits_dtype not in LOGIT_DTYPES:
             raise ValueError(f"logits_dtype={self.logits_dtype!r} is not one of {LOGIT_DTYPES}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression={self.compression!r} is not one of {COMPRESSIONS}")
+        if self.compression != "none" and self.top_k is None:
+            raise ValueError(
+                f"compression={self.compression!r} needs top_k (the most tokens kept per position)"
+            )
+        self.codec()  # checks the parameters
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError(
                 "push_to_hub needs hub_dataset_id (the Hub dataset repository to create or update)"
             )
+
+    def codec(self) -> TopkCodec | None:
+        """The codec of ``compression`` with its parameters, or None."""
+        if self.compression == "none":
+            return None
+        return TopkCodec(self.top_k, self.compression_mass, self.compression_bits, self.compression_step)
 
 
 def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
@@ -810,6 +946,7 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         dataset_config=data_args.dataset_config,
         overwrite=cache_args.overwrite,
         progress=state.is_local_main_process,
+        compression=cache_args.codec(),
     )
     if cache_args.push_to_hub and state.is_main_process:
         push_cache_to_hub(cache_args.output_dir, cache_args.hub_dataset_id, private=cache_args.hub_private)
@@ -839,6 +976,8 @@ def dataset_card(metadata: CacheMetadata) -> DatasetCard:
         if metadata.top_k is None
         else f"top-{metadata.top_k} log-probabilities, their indices and the tail mass"
     )
+    if metadata.compression is not None:
+        stored += f", packed by the `{metadata.compression['codec']}` codec"
     rows = [
         [f"`{key}`", format_value(value)] for key, value in metadata.provenance().items() if value is not None
     ]

@@ -1,0 +1,229 @@
+"""Compressed per-token teacher caches (``compression: topk-packed``): the codec's error bound, losses
+from a compressed cache, refusal of damaged rows and of another codec, and capture → training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from datasets import load_from_disk
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
+from hf_kd.data.toy_chat import write_toy_chat
+from hf_kd.losses import SparseLogits, divergence
+from hf_kd.tasks import CausalLMTask
+from hf_kd.teachers.cache import (
+    METADATA_FILE,
+    CacheArguments,
+    CacheError,
+    load_teacher_cache,
+    run_capture,
+)
+from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.codec import CodecError, TopkCodec
+
+V = 512
+
+
+def lm_like_logits(n: int, seed: int = 0) -> torch.Tensor:
+    """Positions from very flat to very peaked: Zipf over a random ranking with sharpness 0.3–4."""
+    g = torch.Generator().manual_seed(seed)
+    sharpness = torch.linspace(0.3, 4.0, n)[:, None]
+    by_rank = -sharpness * torch.log(torch.arange(1, V + 1.0)) + 0.3 * torch.randn(n, V, generator=g)
+    ranking = torch.argsort(torch.rand(n, V, generator=g), dim=-1)
+    return torch.empty_like(by_rank).scatter_(-1, ranking, by_rank)
+
+
+def exact_support(codec: TopkCodec, logits: torch.Tensor) -> SparseLogits:
+    """The tokens the codec keeps, with their exact log-probabilities and exact tail mass."""
+    return codec.select(logits)[0]
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        TopkCodec(32, mass=0.95, bits=5, step=0.25),
+        TopkCodec(16, mass=1.0, bits=4, step=0.5),
+        TopkCodec(64, mass=0.9, bits=8, step=0.05),
+    ],
+)
+def test_round_trip_is_within_the_stated_error_bound(codec):
+    logits = lm_like_logits(200)
+    lengths = [60, 0, 1, 139]
+    rows, kept = codec.encode(logits, lengths)
+    assert [len(r) for r in rows][1] == 8  # an empty row is its prefix alone
+    decoded = codec.decode(rows, lengths, V)
+    exact = exact_support(codec, logits)
+    stored = exact.log_probs > -math.inf
+    assert torch.equal((decoded.log_probs > -math.inf).sum(-1), stored.sum(-1))
+    chosen = torch.where(stored, exact.indices, -1).sort(-1).values[:, -decoded.indices.shape[-1] :]
+    got = torch.where(decoded.log_probs > -math.inf, decoded.indices, -1).sort(-1).values
+    assert torch.equal(got, chosen)  # the same tokens are kept
+    for tail in ("uniform", "renormalize"):
+        a, b = exact.to_dense_log_probs(tail), decoded.to_dense_log_probs(tail)
+        finite = a > -math.inf
+        assert torch.equal(finite, b > -math.inf)
+        error = (a - b)[finite].abs().max().item()
+        assert error <= codec.error_bound() + 1e-5, (tail, error)
+        assert error > codec.step / 10  # the bound is met by a lossy code, not by storing exact values
+    torch.testing.assert_close(kept, -torch.expm1(exact.tail_log_mass))
+
+
+def test_support_follows_the_mass_up_to_the_cap():
+    codec = TopkCodec(32, mass=0.9, bits=8, step=0.05)
+    logits = lm_like_logits(100)
+    kept, _, n = codec.select(logits)
+    kept_mass = kept.log_probs.exp().sum(-1)
+    assert n[0] == 32 and kept_mass[0] < 0.9  # the flattest position hits the cap
+    assert n[-1] <= 3 and kept_mass[-1] >= 0.9  # the most peaked keeps a few tokens
+    below = kept.log_probs.exp().masked_fill(kept.log_probs == -math.inf, 0)
+    without_last = kept_mass - below.gather(-1, (n - 1)[:, None]).squeeze(-1)
+    assert bool(((n == 32) | (without_last < 0.9)).all())  # no token beyond what reaches the mass
+
+
+def test_losses_from_compressed_equal_uncompressed_topk_within_the_bound():
+    """mass 1 and a wide code range: the codec keeps exactly the top-k, so its losses differ from the
+    float32 top-k's by at most what the bound η on every log p allows:
+    forward KL ≤ η + (e^η − 1)·Σ p|log p/q|, reverse KL ≤ η, TVD ≤ (e^η − 1)/2."""
+    codec = TopkCodec(16, mass=1.0, bits=8, step=0.1)
+    logits = lm_like_logits(120, seed=1)
+    exact = SparseLogits.from_logits(logits, 16)
+    rows, _ = codec.encode(logits, [120])
+    decoded = codec.decode(rows, [120], V)
+    student = torch.randn(120, V, generator=torch.Generator().manual_seed(2))
+    eta = codec.error_bound()
+    log_p, log_q = exact.to_dense_log_probs(), torch.log_softmax(student, -1)
+    spread = (log_p.exp() * (log_p - log_q).abs()).sum(-1)
+    bounds = {"forward_kl": eta + math.expm1(eta) * spread, "reverse_kl": eta, "tvd": math.expm1(eta) / 2}
+    for name, bound in bounds.items():
+        for tail in ("uniform", "renormalize"):
+            gap = (
+                divergence(name, student, decoded, tail=tail) - divergence(name, student, exact, tail=tail)
+            ).abs()
+            assert bool((gap <= torch.as_tensor(bound) + 1e-5).all()), (name, tail)
+            assert gap.max() > 0
+    for name in ("jsd", "skew_kl", "skew_rkl"):
+        assert torch.isfinite(divergence(name, student, decoded, temperature=2.0)).all()
+
+
+def test_damaged_rows_are_refused():
+    codec = TopkCodec(32)
+    rows, _ = codec.encode(lm_like_logits(30), [30])
+    row = rows[0]
+    flipped = bytearray(row)
+    flipped[len(row) // 2] ^= 0x10
+    with pytest.raises(CodecError, match="fails its checksum"):
+        codec.decode([bytes(flipped)], [30], V)
+    with pytest.raises(CodecError, match="fails its checksum"):
+        codec.decode([row[:-3]], [30], V)
+    with pytest.raises(CodecError, match="fails its checksum"):
+        codec.decode([row + b"\x00"], [30], V)
+    with pytest.raises(CodecError, match="holds 30 positions, its tokens are 31"):
+        codec.decode([row], [31], V)
+    with pytest.raises(CodecError, match="is not a packed row"):
+        codec.decode([b"\x01\x02"], [30], V)
+
+
+def test_another_codec_never_decodes_the_rows():
+    rows, _ = TopkCodec(32, step=0.25).encode(lm_like_logits(10), [10])
+    for other in (TopkCodec(32, step=0.3), TopkCodec(16, step=0.25), TopkCodec(32, mass=0.9)):
+        with pytest.raises(CodecError, match="another codec or other parameters"):
+            other.decode(rows, [10], V)
+    with pytest.raises(CodecError, match="codec 'zstd-topk' is not known"):
+        TopkCodec.from_spec({"codec": "zstd-topk", "max_k": 32})
+    with pytest.raises(CodecError, match="do not describe a topk-packed codec"):
+        TopkCodec.from_spec({"codec": "topk-packed", "max_k": 32, "levels": 3})
+    assert TopkCodec.from_spec(TopkCodec(8, 0.5, 6, 0.1).spec()) == TopkCodec(8, 0.5, 6, 0.1)
+    with pytest.raises(ValueError, match="compression bits=0 must be an integer in 1..16"):
+        TopkCodec(8, bits=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Capture → training
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory):
+    """The toy chat data, its tokenizer and a saved 1-layer Llama teacher over it."""
+    root = tmp_path_factory.mktemp("lm")
+    data = write_toy_chat(root / "data", num_train=48, num_test=8)
+    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, use_cache=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    return root, data, tokenizer
+
+
+def capture(lm_setup, out, **cache_fields):
+    root, data, _ = lm_setup
+    data_args = DataArguments(task="causal-lm", dataset_name=str(data), max_length=48, eval_split="test")
+    cache_args = CacheArguments(
+        teacher_model_name_or_path=str(root / "teacher"), output_dir=str(out), batch_size=8, shard_size=16,
+        use_cpu=True, **cache_fields,
+    )  # fmt: skip
+    return run_capture(data_args, cache_args)
+
+
+def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_path, caplog):
+    root, data, tokenizer = lm_setup
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache"):
+        capture(lm_setup, tmp_path / "packed", top_k=8, compression="topk-packed", compression_mass=0.9)
+    assert "top_k=8 ({'codec': 'topk-packed'" in caplog.text and "quantiles" in caplog.text
+    assert "acts like label smoothing" in caplog.text  # a random 1-layer teacher is flat: 8 tokens keep < 0.8
+    capture(lm_setup, tmp_path / "plain", top_k=8)
+    packed, plain = load_teacher_cache(tmp_path / "packed"), load_teacher_cache(tmp_path / "plain")
+    assert packed.metadata.compression == TopkCodec(8, 0.9).spec()
+    assert packed.metadata.columns == ["kd_teacher_packed"]
+    packed_size = sum(r["size"] for n, r in packed.metadata.files.items() if n.endswith(".arrow"))
+    plain_size = sum(r["size"] for n, r in plain.metadata.files.items() if n.endswith(".arrow"))
+    assert packed_size < plain_size
+
+    # The collator decodes to the top-k the uncompressed cache holds, within the bound.
+    batches = {}
+    for name, cache in (("packed", packed), ("plain", plain)):
+        task = CausalLMTask(max_length=48)
+        task.cache_decoder = cache.decoder()
+        rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
+        batches[name] = task.collate([rows[i] for i in range(6)])
+    mask = batches["plain"]["attention_mask"].bool()
+    a = CachedTeacher(len(tokenizer))(batches["plain"])[mask].to_dense_log_probs()
+    b = CachedTeacher(len(tokenizer))(batches["packed"])[mask].to_dense_log_probs()
+    assert (a - b).abs().max() <= TopkCodec(8, 0.9).error_bound() + 1e-3  # plain's log-probs are float32
+
+    # A cache whose metadata names another codec is refused when opened (the metadata's digests name the field).
+    meta = json.loads((tmp_path / "packed" / METADATA_FILE).read_text())
+    meta["compression"]["codec"] = "topk-other"
+    (tmp_path / "packed" / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="compression"):
+        load_teacher_cache(tmp_path / "packed")
+    meta["compression"]["codec"] = "topk-packed"
+    (tmp_path / "packed" / METADATA_FILE).write_text(json.dumps(meta))
+
+    student = dict(
+        model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    results = {}
+    for divergence_name in ("forward_kl", "jsd"):
+        args = DistillationConfig(
+            output_dir=str(tmp_path / divergence_name), teacher_source="cached", teacher_cache=str(tmp_path / "packed"),
+            max_steps=3, per_device_train_batch_size=8, learning_rate=3e-3, alpha=0.5, temperature=2.0,
+            divergence=divergence_name, sparse_tail="renormalize" if divergence_name == "jsd" else "uniform",
+            use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        data_args = DataArguments(task="causal-lm", dataset_name=str(data), max_length=48, eval_split="test")
+        model_args = ModelArguments(student_config=student, student_processor=str(data / "tokenizer"))
+        results[divergence_name] = run_distillation(data_args, model_args, args).metrics
+    for metrics in results.values():
+        assert 0 < metrics["eval_loss_soft"] < math.inf
+        assert metrics["eval_loss_hard"] < math.log(len(tokenizer)) + 0.5
+    assert load_from_disk(str(tmp_path / "packed"))["train"].features["kd_teacher_packed"].dtype == "binary"
