@@ -62,6 +62,16 @@ BERT_STUDENT = {
 }
 
 
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
 def write_text_run(root: Path, tokenizer=None, train=None, **overrides) -> Path:
     """A sentiment data set (``save_to_disk``), a tokenizer and a recipe that trains a BERT student from
     ``student_config`` with alpha = 0 (no teacher); returns the recipe path."""
@@ -249,7 +259,7 @@ def test_infinite_temperature_from_a_recipe_stops_before_training(tmp_path):
         ),
         ({"label_column": "sentiment"}, r"split 'train' .* has no column 'sentiment' \(label_column\)"),
         (
-            {"task": "causal-lm", "student_config": {"model_type": "llama"}, "text_column": "body"},
+            {"task": "causal-lm", "student_config": TINY_LLAMA, "text_column": "body"},
             r"has neither column 'messages' \(messages_column\) nor 'body' \(text_column\)",
         ),
     ],
@@ -373,6 +383,13 @@ def test_unlabelled_rows_without_a_soft_term_are_dropped_out_loud(tmp_path, capl
     assert (
         "dropping the 48 unlabelled training rows" in caplog.text and "16 labelled rows remain" in caplog.text
     )
+    # Every row labelled (the demo's teacher and no-KD twin): nothing dropped, the same 64 / 8 steps.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_kd.pipeline"):
+        full = run(
+            recipe, *soft_term_off, "--num_labeled_examples", "64", "--output_dir", str(tmp_path / "c")
+        )
+    assert full.trainer.state.global_step == 8 and "unlabelled" not in caplog.text
 
 
 def test_python_trainer_warns_of_unlabelled_rows_without_a_soft_term(tmp_path, caplog):
@@ -387,14 +404,6 @@ def test_python_trainer_warns_of_unlabelled_rows_without_a_soft_term(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="hf_kd.trainer"):
         trainer.train()
     assert "4 of the 16 training rows have no label and alpha=0.0" in caplog.text
-
-
-def test_fully_labelled_runs_are_untouched(tmp_path, caplog):
-    """The demo's teacher and no-KD twin (alpha 0, every row labelled): nothing dropped, same steps."""
-    recipe = write_text_run(tmp_path)
-    with caplog.at_level(logging.WARNING):
-        result = run(recipe)
-    assert result.trainer.state.global_step == 8 and "unlabelled" not in caplog.text
 
 
 # ---- 6. eval_split none ----------------------------------------------------------------------------------
