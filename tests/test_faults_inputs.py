@@ -392,6 +392,15 @@ def test_unlabelled_rows_without_a_soft_term_are_dropped_out_loud(tmp_path, capl
     assert full.trainer.state.global_step == 8 and "unlabelled" not in caplog.text
 
 
+def test_unlabelled_image_rows_without_a_soft_term_are_dropped(tmp_path, caplog):
+    """Images are transformed on the fly: the labels are read from the stored rows."""
+    recipe = write_tiny_run(tmp_path, alpha=0.0, num_labeled_examples=16, max_steps=-1, num_train_epochs=1)
+    with caplog.at_level(logging.WARNING, logger="hf_kd.pipeline"):
+        result = run(recipe)
+    assert result.trainer.state.global_step == 1  # 16 labelled rows / batch 16, not 64 / 16
+    assert "dropping the 48 unlabelled training rows" in caplog.text
+
+
 def test_python_trainer_warns_of_unlabelled_rows_without_a_soft_term(tmp_path, caplog):
     tokenizer, task = word_tokenizer(), TextClassificationTask(max_length=32)
     rows = task.prepare(sentiment_dataset(16, unlabeled_every=4), student_processor=tokenizer)

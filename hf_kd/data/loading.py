@@ -115,7 +115,8 @@ def count_unlabeled(dataset: Dataset, label_column: str) -> int:
     )
     if not integers:
         return 0
-    return sum(v is None or v < 0 for v in dataset[label_column])
+    stored = dataset.with_format(None)[label_column]  # the stored values, not an on-the-fly transform's
+    return sum(v is None or v < 0 for v in stored)
 
 
 def drop_unlabeled(dataset: Dataset, label_column: str) -> Dataset:
