@@ -5,6 +5,7 @@ data arguments of ``scripts/distill.py``, and recipe parsing (YAML + command lin
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,8 @@ from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 TEACHER_SOURCES = ("online", "cached")
 RESERVED_INIT_KWARGS = {"revision", "trust_remote_code", "use_safetensors"}
 """``from_pretrained`` arguments hf_kd sets itself (from its own fields), not through teacher_model_init_kwargs."""
+NO_SPLIT = ("none", "null", "")
+"""Values of eval_split that turn evaluation off (compared lower-case)."""
 TASKS = ("text-classification", "image-classification", "causal-lm", "feature-classification")
 
 
@@ -136,6 +139,7 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = yaml.safe_load(self.teacher_model_init_kwargs)
@@ -191,6 +195,14 @@ class DistillationConfig(TrainingArguments):
         return self.alpha > 0 and self.synthetic_teacher not in ("none", "ls")
 
 
+def check_finite(arguments: Any) -> None:
+    """Refuse inf and nan in every float field of an argument dataclass, naming the field and value."""
+    for f in fields(arguments):
+        value = getattr(arguments, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value!r}: expected a finite number")
+
+
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
     if not (low < value <= high if low_open else low <= value <= high):
         bracket = "(" if low_open else "["
@@ -233,6 +245,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if isinstance(self.student_config, str):
             self.student_config = yaml.safe_load(self.student_config)
         if self.student_model_name_or_path is None and self.student_config is None:
@@ -258,7 +271,7 @@ class DataArguments:
     )
     train_split: str = field(default="train", metadata={"help": "Training split."})
     eval_split: str | None = field(
-        default="test", metadata={"help": "Evaluation split (None: no evaluation)."}
+        default="test", metadata={"help": "Evaluation split ('none', null or empty: no evaluation)."}
     )
     text_column: str = field(default="text", metadata={"help": "Text column (text tasks)."})
     text_pair_column: str | None = field(
@@ -316,7 +329,10 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         _check_choice("task", self.task, TASKS)
+        if self.eval_split is not None and self.eval_split.strip().lower() in NO_SPLIT:
+            self.eval_split = None
         if isinstance(self.data_files, str) and self.data_files.lstrip().startswith("{"):
             self.data_files = yaml.safe_load(self.data_files)
         if self.num_labeled_examples is not None and self.num_labeled_examples < 0:

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+"""Config fields that size a model's learned position table, in the order they are read."""
 
 
 def looks_like_local_path(name_or_path: str) -> bool:
@@ -39,15 +42,62 @@ def load_pretrained(
     )
 
 
-def build_from_config(model_class, config: dict[str, Any], **overrides: Any) -> PreTrainedModel:
-    """A freshly initialised model from a config dict with a ``model_type`` (to train a student from scratch)."""
-    config = dict(config)
+def config_from_dict(
+    config: dict[str, Any], defaults: dict[str, Any] | None = None, **overrides: Any
+) -> PretrainedConfig:
+    """A model config from a dict with a ``model_type`` (``student_config``, to train from scratch);
+    ``defaults`` fill the keys the dict leaves unset, ``overrides`` replace them."""
+    config = {**(defaults or {}), **config, **overrides}
     if "model_type" not in config:
         raise ValueError(
             f"student_config needs a 'model_type' (e.g. 'bert', 'vit', 'llama'); got keys {sorted(config)}"
         )
-    model_type = config.pop("model_type")
-    return model_class.from_config(AutoConfig.for_model(model_type, **config, **overrides))
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def tokenizer_sizes(processor: Any) -> dict[str, int]:
+    """``vocab_size`` and ``pad_token_id`` of a model built for a tokenizer (nothing for an image
+    processor; no pad id when the tokenizer has none)."""
+    if not hasattr(processor, "get_vocab"):
+        return {}
+    sizes = {"vocab_size": len(processor)}
+    if processor.pad_token_id is not None:
+        sizes["pad_token_id"] = processor.pad_token_id
+    return sizes
+
+
+def check_model_fits(
+    task, config: PretrainedConfig, role: str, *, processor: Any = None, max_length: int | None = None
+) -> None:
+    """Refuse, before any weights load, a model (``role``: 'student' or 'teacher') whose architecture
+    has no head for ``task``, whose embedding has fewer rows than the tokenizer has tokens, or whose
+    position table is shorter than ``max_length``."""
+    model_class = task.model_class()
+    mapping = getattr(model_class, "_model_mapping", None)
+    fits = type(config) in mapping if mapping is not None else isinstance(config, model_class.config_class)
+    if not fits:
+        raise ValueError(
+            f"the {role} is a {config.model_type!r} model, which has no head for task={task.name!r}: "
+            f"pick a {role} built for that task, or the task of this {role}"
+        )
+    text = config.get_text_config()
+    if hasattr(processor, "get_vocab") and getattr(text, "vocab_size", None) is not None:
+        if text.vocab_size < len(processor):
+            raise ValueError(
+                f"the {role}'s vocab_size={text.vocab_size} is smaller than its tokenizer ({len(processor)} tokens): "
+                f"token ids beyond {text.vocab_size - 1} have no embedding"
+            )
+    if max_length is None or hasattr(text, "rope_parameters"):  # rotary positions: no table to overflow
+        return
+    for name in POSITION_FIELDS:
+        size = getattr(text, name, None)
+        if isinstance(size, int):
+            if size < max_length:
+                raise ValueError(
+                    f"max_length={max_length} is longer than the {role}'s position table ({name}={size}): "
+                    f"lower max_length to at most {size}"
+                )
+            return
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

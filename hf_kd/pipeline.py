@@ -7,14 +7,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, set_seed
+from transformers import AutoConfig, IntervalStrategy, set_seed
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
-from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_splits
+from hf_kd.data.loading import (
+    count_unlabeled,
+    dataset_inputs,
+    drop_unlabeled,
+    hide_labels,
+    label_names,
+    load_splits,
+)
 from hf_kd.hub import HUB_FAILURES, PUSH_SCRIPT, HubPushError, hub_failure, prepare_repo, push_student
 from hf_kd.knowledge.callback import KnowledgeCallback
 from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
-from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
+from hf_kd.modeling import (
+    check_model_fits,
+    check_model_source,
+    config_from_dict,
+    count_parameters,
+    load_pretrained,
+    tokenizer_sizes,
+)
+from hf_kd.paths import refuse_overlap
 from hf_kd.run_card import run_card_info, teacher_scores
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of
@@ -39,8 +54,20 @@ class RunResult:
     trainer: DistillationTrainer
 
 
-def _check_sources(model_args: ModelArguments, config: DistillationConfig) -> None:
+def _check_sources(data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig) -> None:
     """Everything that can be checked before loading anything."""
+    refuse_overlap(
+        "output_dir",
+        config.output_dir,
+        {
+            "student_model_name_or_path": model_args.student_model_name_or_path,
+            "student_processor": model_args.student_processor,
+            "teacher_model_name_or_path": config.teacher_model_name_or_path,
+            "teacher_processor": model_args.teacher_processor,
+            "teacher_cache": config.teacher_cache,
+            **dataset_inputs(data_args),
+        },
+    )
     if model_args.student_model_name_or_path:
         check_model_source("student_model_name_or_path", model_args.student_model_name_or_path)
     if config.teacher_source == "online" and config.uses_teacher:
@@ -49,6 +76,10 @@ def _check_sources(model_args: ModelArguments, config: DistillationConfig) -> No
                 f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set alpha: 0)"
             )
         check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
+    if data_args.eval_split is None and config.eval_strategy != IntervalStrategy.NO:
+        if config.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end needs an evaluation split, and eval_split is none")
+        config.eval_strategy, config.do_eval = IntervalStrategy.NO, False  # nothing to evaluate on
 
 
 def _prepare_push(config: DistillationConfig) -> str | None:
@@ -73,8 +104,10 @@ def _prepare_push(config: DistillationConfig) -> str | None:
     return repo_id
 
 
-def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None):
-    """The student and its processor, from a checkpoint or freshly built from ``student_config``."""
+def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None, max_length: int | None):
+    """The student and its processor, from a checkpoint or freshly built from ``student_config`` (whose
+    unset ``vocab_size`` and ``pad_token_id`` come from the tokenizer). Whether the architecture fits
+    the task, the tokenizer and ``max_length`` is checked before any weights load."""
     head = (
         {}
         if labels is None
@@ -84,29 +117,37 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
             "label2id": {n: i for i, n in enumerate(labels)},
         }
     )
-    if model_args.student_model_name_or_path:
-        model = load_pretrained(
-            task.model_class(),
-            model_args.student_model_name_or_path,
-            revision=model_args.student_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-            ignore_mismatched_sizes=bool(head),
-            **head,
-        )
-    else:
-        model = build_from_config(task.model_class(), model_args.student_config, **head)
-    processor_source = model_args.student_processor or model_args.student_model_name_or_path
+    checkpoint = model_args.student_model_name_or_path
+    processor_source = model_args.student_processor or checkpoint
     if processor_source is None and task.needs_processor:
         raise ValueError(
             "a student built from student_config needs student_processor (a tokenizer or image processor path)"
         )
     processor = task.load_processor(
         processor_source,
-        revision=model_args.student_model_revision
-        if processor_source == model_args.student_model_name_or_path
-        else "main",
+        revision=model_args.student_model_revision if processor_source == checkpoint else "main",
         trust_remote_code=model_args.trust_remote_code,
     )
+    if checkpoint:
+        model_config = AutoConfig.from_pretrained(
+            checkpoint,
+            revision=model_args.student_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    else:
+        model_config = config_from_dict(model_args.student_config, tokenizer_sizes(processor), **head)
+    check_model_fits(task, model_config, "student", processor=processor, max_length=max_length)
+    if checkpoint:
+        model = load_pretrained(
+            task.model_class(),
+            checkpoint,
+            revision=model_args.student_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+            ignore_mismatched_sizes=bool(head),
+            **head,
+        )
+    else:
+        model = task.model_class().from_config(model_config)
     return model, processor
 
 
@@ -135,6 +176,23 @@ def kd_sim_target_fn(
     )
 
 
+def drop_inert_rows(train, label_column: str, config: DistillationConfig):
+    """Without a soft term (alpha = 0, or a label-only target) an unlabelled row has nothing to learn
+    from: drop such rows, in one log line, so they cannot change the run's budget unannounced."""
+    unlabeled = count_unlabeled(train, label_column)
+    if unlabeled == 0:
+        return train
+    logger.warning(
+        "dropping the %d unlabelled training rows: alpha=%s with synthetic_teacher=%r has no soft term, "
+        "so nothing is learnt from them (they would only fill batches and add steps); %d labelled rows remain",
+        unlabeled,
+        config.alpha,
+        config.synthetic_teacher,
+        len(train) - unlabeled,
+    )
+    return drop_unlabeled(train, label_column)
+
+
 def run_distillation(
     data_args: DataArguments,
     model_args: ModelArguments,
@@ -148,7 +206,7 @@ def run_distillation(
     secrets redacted), the results (``train_results.json``, ``eval_results.json``) and the log history
     (``trainer_state.json``) into ``output_dir``; push the student when ``config.push_to_hub`` (a failed
     push raises :class:`hf_kd.hub.HubPushError` after everything is saved)."""
-    _check_sources(model_args, config)
+    _check_sources(data_args, model_args, config)
     repo_id = _prepare_push(config)
     set_seed(config.seed)
     task = build_task(data_args)
@@ -180,11 +238,14 @@ def run_distillation(
         train = hide_labels(train, data_args.label_column, data_args.num_labeled_examples, config.seed)
     if not data_args.use_unlabeled:
         train = drop_unlabeled(train, data_args.label_column)
+    elif labels is not None and not config.uses_teacher:
+        train = drop_inert_rows(train, data_args.label_column, config)
     evaluation = splits[data_args.eval_split] if data_args.eval_split else None
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
-    student, student_processor = load_student(task, model_args, labels)
+    max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
+    student, student_processor = load_student(task, model_args, labels, max_length)
 
     teacher, teacher_processor = None, None
     if config.teacher_source == "online" and config.uses_teacher:
@@ -193,6 +254,7 @@ def run_distillation(
             revision=config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
+        check_model_fits(task, teacher_config, "teacher", max_length=max_length)
         task.teacher_output_map(
             teacher_config, student.config, config
         )  # label/vocabulary check before loading weights

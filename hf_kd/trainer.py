@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import math
 from collections import defaultdict
 from typing import Any
@@ -16,18 +17,23 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.config import DistillationConfig
+from hf_kd.data.loading import count_unlabeled
 from hf_kd.hub import DistillationCardInfo, write_model_card
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight
+from hf_kd.paths import refuse_overlap
 from hf_kd.run_card import with_latest_evaluation
 from hf_kd.tasks import CausalLMTask, ImageClassificationTask, Task, TextClassificationTask, split_batch
 from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.synthetic import SyntheticTargetFn
+
+logger = logging.getLogger(__name__)
 
 
 def task_for_model(model: PreTrainedModel) -> Task:
@@ -85,6 +91,7 @@ class DistillationTrainer(Trainer):
         self.task = task or task_for_model(model)
         self._prepare_datasets(model, kwargs)
         if isinstance(teacher_model, str):
+            refuse_overlap("output_dir", args.output_dir, {"teacher_model": teacher_model})
             check_model_source("teacher_model_name_or_path", teacher_model)
             teacher_model = load_pretrained(
                 self.task.model_class(),
@@ -153,7 +160,26 @@ class DistillationTrainer(Trainer):
                 "synthetic_teacher='kd_sim' needs target_fn=SyntheticTargetFn('kd_sim', class_similarity=S); "
                 "scripts/distill.py builds S from the teacher (hf_kd.pipeline.kd_sim_target_fn)"
             )
+        self._warn_of_inert_rows()
         return super().train(*args, **kwargs)
+
+    def _warn_of_inert_rows(self) -> None:
+        """Without a soft term, unlabelled rows only fill batches: say how many (scripts/distill.py drops them)."""
+        if self.args.uses_teacher or not isinstance(self.train_dataset, Dataset):
+            return
+        for column in ("labels", "label"):
+            unlabeled = count_unlabeled(self.train_dataset, column)
+            if unlabeled:
+                logger.warning(
+                    "%d of the %d training rows have no label and alpha=%s with synthetic_teacher=%r has no "
+                    "soft term: nothing is learnt from them, yet they fill batches and add optimizer steps; "
+                    "drop them (hf_kd.data.loading.drop_unlabeled)",
+                    unlabeled,
+                    len(self.train_dataset),
+                    self.args.alpha,
+                    self.args.synthetic_teacher,
+                )
+                return
 
     # ---- saving: the distillation card goes wherever the student goes ---------------------------
 

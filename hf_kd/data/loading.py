@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset, load_from_disk
+
+INPUT_FIELD = {
+    "text-classification": "text_column",
+    "image-classification": "image_column",
+    "feature-classification": "feature_column",
+}
+"""The DataArguments field naming the model-input column of each classification task."""
 
 
 def load_splits(data_args) -> DatasetDict:
@@ -25,7 +32,48 @@ def load_splits(data_args) -> DatasetDict:
     for split in (data_args.train_split, data_args.eval_split):
         if split is not None and split not in dataset:
             raise ValueError(f"split {split!r} is not in dataset {name!r}; it has {sorted(dataset)}")
+    check_columns(dataset, data_args, [s for s in (data_args.train_split, data_args.eval_split) if s])
     return dataset
+
+
+def dataset_inputs(data_args) -> dict[str, str]:
+    """What ``data_args`` reads from disk, as field name → path (Hub ids included; see
+    ``hf_kd.paths.local_input``): the dataset and each of its data files."""
+    inputs = {} if data_args.dataset_name is None else {"dataset_name": data_args.dataset_name}
+    files = data_args.data_files
+    named = files.items() if isinstance(files, dict) else [(None, files)]
+    for split, paths in named:
+        for i, path in enumerate([paths] if isinstance(paths, str) else paths or []):
+            inputs["data_files" + (f"[{split!r}]" if split is not None else "") + f"[{i}]"] = path
+    return inputs
+
+
+def column_groups(data_args) -> list[dict[str, str]]:
+    """The columns the task of ``data_args`` reads, in groups of field name → column: a split must hold
+    one column of each group (causal-lm reads conversations or plain text)."""
+    if data_args.task == "causal-lm":
+        return [{"messages_column": data_args.messages_column, "text_column": data_args.text_column}]
+    field_name = INPUT_FIELD[data_args.task]
+    groups = [{field_name: getattr(data_args, field_name)}]
+    if data_args.task == "text-classification" and data_args.text_pair_column:
+        groups.append({"text_pair_column": data_args.text_pair_column})
+    return groups + [{"label_column": data_args.label_column}]
+
+
+def check_columns(dataset: DatasetDict, data_args, splits: list[str]) -> None:
+    """Fail before any model loads when a split lacks a column the task reads, naming the field, the
+    column and the split's columns."""
+    for split in splits:
+        columns = dataset[split].column_names
+        for group in column_groups(data_args):
+            if any(column in columns for column in group.values()):
+                continue
+            named = " nor ".join(f"{column!r} ({field_name})" for field_name, column in group.items())
+            raise ValueError(
+                f"split {split!r} of dataset {data_args.dataset_name!r} has "
+                f"{'neither column' if len(group) > 1 else 'no column'} {named}, which task={data_args.task!r} "
+                f"reads; its columns: {columns}"
+            )
 
 
 def label_names(dataset: Dataset, label_column: str) -> list[str]:
@@ -57,6 +105,18 @@ def hide_labels(dataset: Dataset, label_column: str, num_labeled: int, seed: int
         features=features,
         desc="Hiding labels",
     )
+
+
+def count_unlabeled(dataset: Dataset, label_column: str) -> int:
+    """Rows whose label is missing (None or negative); 0 when the column holds no scalar labels."""
+    feature = dataset.features.get(label_column)
+    integers = isinstance(feature, ClassLabel) or (
+        isinstance(feature, Value) and feature.dtype.startswith("int")
+    )
+    if not integers:
+        return 0
+    stored = dataset.with_format(None)[label_column]  # the stored values, not an on-the-fly transform's
+    return sum(v is None or v < 0 for v in stored)
 
 
 def drop_unlabeled(dataset: Dataset, label_column: str) -> Dataset:

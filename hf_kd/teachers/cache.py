@@ -908,10 +908,20 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
     """What ``scripts/cache_teacher.py`` does: load the data and the teacher, capture, optionally push."""
     from accelerate import PartialState
 
-    from hf_kd.data.loading import load_splits
+    from hf_kd.data.loading import check_columns, dataset_inputs, load_splits
     from hf_kd.modeling import check_model_source, freeze, load_pretrained
+    from hf_kd.paths import refuse_overlap
     from hf_kd.tasks import build_task
 
+    refuse_overlap(
+        "output_dir",
+        cache_args.output_dir,
+        {
+            "teacher_model_name_or_path": cache_args.teacher_model_name_or_path,
+            "teacher_processor": cache_args.teacher_processor,
+            **dataset_inputs(data_args),
+        },
+    )
     check_model_source("teacher_model_name_or_path", cache_args.teacher_model_name_or_path)
     state = PartialState(cpu=cache_args.use_cpu)
     task = build_task(data_args)
@@ -922,6 +932,7 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         raise ValueError(
             f"splits {unknown} are not in dataset {data_args.dataset_name!r}; it has {sorted(raw)}"
         )
+    check_columns(raw, data_args, names)
     teacher_id, revision = cache_args.teacher_model_name_or_path, cache_args.teacher_model_revision
     teacher = load_pretrained(
         task.model_class(), teacher_id, revision=revision, trust_remote_code=cache_args.trust_remote_code
