@@ -76,7 +76,9 @@ def edit_metadata(cache: Path, edit, reseal: bool = False) -> None:
 def distill(captured, out: Path, cache: Path, **config):
     """Two steps of a tiny BERT student trained from ``cache`` (evaluated on the test split)."""
     root, _, tokenizer, _ = captured
-    data_args = DataArguments(task="text-classification", dataset_name=str(root / "data"), eval_split="test")
+    data_args = DataArguments(
+        task="text-classification", dataset_name=str(root / "data"), eval_split="test", max_length=64
+    )  # the student's position table
     student = dict(
         model_type="bert", vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=1,
         num_attention_heads=2, intermediate_size=16, max_position_embeddings=64,
