@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, set_seed
 
+from hf_kd.checkpoints import resolve_resume
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_splits
 from hf_kd.knowledge.callback import KnowledgeCallback
@@ -123,6 +124,7 @@ def run_distillation(
     (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card); push it when
     ``config.push_to_hub``."""
     _check_sources(model_args, config)
+    checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # before any loading
     set_seed(config.seed)
     task = build_task(data_args)
     token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
@@ -225,7 +227,7 @@ def run_distillation(
     if eval_prepared is not None and config.uses_teacher and not token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
     trainer.card_info = card_info
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
     if metrics:
         trainer.save_metrics("eval", metrics)
