@@ -203,7 +203,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
         (out / "checkpoint-7").mkdir()  # and a partial checkpoint as an older version left them
         (out / "checkpoint-7" / "config.json").write_text("{}")
     else:  # killed during step 5, after checkpoint-3 (in this process: faster)
-        interrupt(recipe, out, "compute_loss", 4, real_kill=task == "causal-lm", monkeypatch=monkeypatch)
+        interrupt(recipe, out, "compute_loss", 4, real_kill=False, monkeypatch=monkeypatch)
     assert not (out / "checkpoint-6").exists() and not (out / "model.safetensors").exists()
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
 
@@ -296,3 +296,16 @@ def test_full_disk_while_saving_a_checkpoint(how, tmp_path, monkeypatch):
     distill.main(["--config", str(recipe), "--resume_from_checkpoint", "true"])
     distill.main(["--config", str(recipe), "--output_dir", str(tmp_path / "straight")])
     assert_same_weights(weights(out), weights(tmp_path / "straight"))
+
+
+def test_best_checkpoint_is_loaded_whole_at_the_end(tmp_path):
+    """load_best_model_at_end reads the best checkpoint as from_pretrained does (ViT's saved names)."""
+    schedule = {**SCHEDULE, "eval_strategy": "steps", "eval_steps": 3, "load_best_model_at_end": True}
+    # The worst loss counts as best here, so the best checkpoint is an early one, not the last.
+    recipe = write_tiny_run(tmp_path, **schedule, metric_for_best_model="loss", greater_is_better=True)
+    distill.main(["--config", str(recipe)])
+    out = tmp_path / "out"
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    best = Path(state["best_model_checkpoint"])
+    assert best.parent == out and best.name != "checkpoint-8"
+    assert_same_weights(weights(out), weights(best))
