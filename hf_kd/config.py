@@ -131,6 +131,12 @@ class DistillationConfig(TrainingArguments):
             "student logits never exist (output layer without bias; no compute_metrics, FSDP or ZeRO-3)."
         },
     )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training: true = from the latest complete checkpoint-N in output_dir, or a checkpoint path."
+        },
+    )
     teacher_label_mapping: dict | str | None = field(
         default=None,
         metadata={
@@ -151,6 +157,7 @@ class DistillationConfig(TrainingArguments):
             )
         if isinstance(self.teacher_label_mapping, str):
             self.teacher_label_mapping = yaml.safe_load(self.teacher_label_mapping)
+        self.resume_from_checkpoint = _resume_flag(self.resume_from_checkpoint)
         _check_range("alpha", self.alpha, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)
         _check_range("skew", self.skew, 0.0, 1.0, low_open=True)
@@ -201,6 +208,14 @@ def check_finite(arguments: Any) -> None:
         value = getattr(arguments, f.name, None)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name}={value!r}: expected a finite number")
+
+
+def _resume_flag(value: str | bool | None) -> str | bool | None:
+    """``resume_from_checkpoint`` as ``Trainer.train`` takes it: "true" (command line) or true (recipe) →
+    True (the latest checkpoint), "false"/false/"" → None, anything else a checkpoint path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        value = value.strip().lower() == "true"
+    return value or None
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:

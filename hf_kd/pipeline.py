@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import AutoConfig, IntervalStrategy, set_seed
 
+from hf_kd.checkpoints import resolve_resume
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.loading import (
     count_unlabeled,
@@ -207,6 +208,7 @@ def run_distillation(
     (``trainer_state.json``) into ``output_dir``; push the student when ``config.push_to_hub`` (a failed
     push raises :class:`hf_kd.hub.HubPushError` after everything is saved)."""
     _check_sources(data_args, model_args, config)
+    checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # before any loading
     repo_id = _prepare_push(config)
     set_seed(config.seed)
     task = build_task(data_args)
@@ -321,7 +323,7 @@ def run_distillation(
     if eval_prepared is not None and config.uses_teacher and not token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
     trainer.card_info = card_info
-    trainer.save_metrics("train", trainer.train(resume_from_checkpoint=config.resume_from_checkpoint).metrics)
+    trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
     if teacher is not None and eval_prepared is not None:
         card_info.teacher_metrics = teacher_scores(trainer, eval_prepared)

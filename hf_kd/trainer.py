@@ -11,7 +11,9 @@ import inspect
 import itertools
 import logging
 import math
+import shutil
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -20,7 +22,17 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_sagemaker_mp_enabled
 
+from hf_kd.checkpoints import (
+    STAGING_FOLDER,
+    TRAINER_STATE,
+    disk_full_error,
+    is_disk_full,
+    load_checkpoint_weights,
+    resolve_resume,
+)
 from hf_kd.config import DistillationConfig
 from hf_kd.data.loading import count_unlabeled
 from hf_kd.hub import DistillationCardInfo, write_model_card
@@ -75,6 +87,7 @@ class DistillationTrainer(Trainer):
 
     # compute_loss normalises by the item counts of the whole accumulation window (get_batch_samples).
     loss_is_scaled_for_ga = True
+    _saving_checkpoint = False  # True while _save_checkpoint writes into the staging folder
 
     def __init__(
         self,
@@ -152,16 +165,102 @@ class DistillationTrainer(Trainer):
             elif dataset is not None:
                 kwargs[key] = self.task.prepare_if_raw(dataset, student_processor=processor, name=key)
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after checking that a ``kd_sim`` run was given its target function (its
-        class similarity needs the teacher or data: see ``hf_kd.pipeline.kd_sim_target_fn``)."""
+        class similarity needs the teacher or data: see ``hf_kd.pipeline.kd_sim_target_fn``).
+        ``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint in ``output_dir``
+        (an error when there is none); a path must be a complete checkpoint."""
         if self.args.alpha > 0 and self.args.synthetic_teacher == "kd_sim" and self.target_fn is None:
             raise ValueError(
                 "synthetic_teacher='kd_sim' needs target_fn=SyntheticTargetFn('kd_sim', class_similarity=S); "
                 "scripts/distill.py builds S from the teacher (hf_kd.pipeline.kd_sim_target_fn)"
             )
         self._warn_of_inert_rows()
-        return super().train(*args, **kwargs)
+        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    # ---- checkpoints: read back the way from_pretrained reads them ----------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume with the checkpoint's weights, every one of them (see :func:`load_checkpoint_weights`)."""
+        target = self.model if model is None else model
+        if not self._loads_plain_weights(target, resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Loading the student's weights from %s", resume_from_checkpoint)
+        load_checkpoint_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights, every one of them."""
+        best = self.state.best_model_checkpoint
+        if not self._loads_plain_weights(self.model, best):
+            return super()._load_best_model()
+        logger.info(
+            "Loading the best student (%s: %s) from %s",
+            self.args.metric_for_best_model,
+            self.state.best_metric,
+            best,
+        )
+        load_checkpoint_weights(self.model, best)
+
+    def _loads_plain_weights(self, model, folder: str) -> bool:
+        """Whether ``folder`` holds a whole ``save_pretrained`` model that hf_kd reads itself (not a
+        DeepSpeed/FSDP/SageMaker state or a PEFT adapter: those stay with Transformers)."""
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled or is_sagemaker_mp_enabled()
+        return (
+            not sharded
+            and isinstance(model, PreTrainedModel)
+            and any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+        )
+
+    # ---- checkpoints: visible only when complete ------------------------------------------------
+
+    def _get_output_dir(self, trial) -> str:
+        """While a checkpoint is being saved, the folder it is written into (see :meth:`_save_checkpoint`)."""
+        run_dir = super()._get_output_dir(trial)
+        return str(Path(run_dir) / STAGING_FOLDER) if self._saving_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint`` written into ``<output_dir>/_partial_checkpoint/checkpoint-N`` and
+        renamed to ``<output_dir>/checkpoint-N`` once whole, so no run ever sees a partial checkpoint.
+        A failed save removes what it wrote; one that filled the disk says so (:func:`disk_full_error`)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / STAGING_FOLDER
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed mid-save
+        self.accelerator.wait_for_everyone()
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
+            if self.args.should_save:
+                self._put_checkpoint_in_place(staging / name, run_dir / name)
+        except Exception as error:
+            full = is_disk_full(error, run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            if full:
+                raise disk_full_error(error, run_dir, name) from error
+            raise
+        finally:
+            self._saving_checkpoint = False
+        self.accelerator.wait_for_everyone()
+
+    def _put_checkpoint_in_place(self, written: Path, final: Path) -> None:
+        """Rename a complete checkpoint into place, the best-checkpoint path pointing at its final name,
+        then delete the checkpoints ``save_total_limit`` drops (Trainer did so in the staging folder)."""
+        if self.state.best_model_checkpoint == str(written):
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(written / TRAINER_STATE))
+        if final.exists():  # a checkpoint of the same step from an earlier run, replaced only now
+            shutil.rmtree(final)
+        written.rename(final)
+        written.parent.rmdir()
+        rotate_checkpoints(
+            output_dir=str(final.parent),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
     def _warn_of_inert_rows(self) -> None:
         """Without a soft term, unlabelled rows only fill batches: say how many (scripts/distill.py drops them)."""

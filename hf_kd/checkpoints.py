@@ -1,0 +1,117 @@
+"""Training checkpoints: which one a run resumes from, reading its weights back whole, and what a failed
+save says.
+
+A checkpoint ``checkpoint-N`` is complete when its ``trainer_state.json`` exists: ``DistillationTrainer``
+writes every checkpoint inside :data:`STAGING_FOLDER` and renames it to ``checkpoint-N`` only once it is
+whole, so an incomplete one is left only by an older version or by a process killed mid-rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from hf_kd.modeling import load_pretrained
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint by transformers.Trainer
+JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' own mark of a checkpoint being saved
+STAGING_FOLDER = "_partial_checkpoint"
+"""Where a checkpoint is written before it is renamed into place (its leading ``_`` also keeps it out of
+Trainer's Hub uploads of ``output_dir``)."""
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_LOW_SPACE = 16 * 2**20  # bytes: less free space than this after a failed write means the disk filled up
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The complete ``checkpoint-N`` with the highest N in ``folder`` (None when there is none); an
+    incomplete one (no ``trainer_state.json``) is skipped with a log line."""
+    folder = Path(folder)
+    found = sorted(
+        (int(match.group(1)), path)
+        for path in (folder.iterdir() if folder.is_dir() else ())
+        if path.is_dir() and (match := _CHECKPOINT.match(path.name))
+    )
+    for _, path in reversed(found):
+        if is_complete(path):
+            return path
+        logger.warning("Skipping %s: an incomplete checkpoint (its save was interrupted)", path)
+    return None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A whole checkpoint: its trainer state written, no mark of a save in progress."""
+    return (checkpoint / TRAINER_STATE).is_file() and not (checkpoint / JIT_SENTINEL).exists()
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint to resume from: ``True`` = the latest complete one in ``output_dir``, a path = that
+    checkpoint, which must be complete; None/False = start afresh. Errors name the field and the folder."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint: true, but output_dir={str(output_dir)!r} holds no complete "
+                "checkpoint-N to resume from (drop the flag to start afresh)"
+            )
+        logger.info("Resuming from the latest checkpoint, %s", found)
+        return str(found)
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={value!r}: no such checkpoint directory")
+    if not is_complete(path):
+        raise ValueError(
+            f"resume_from_checkpoint={value!r} is an incomplete checkpoint (no {TRAINER_STATE}: its save "
+            "was interrupted); resume from an earlier one, or pass true for the latest complete one"
+        )
+    return str(path)
+
+
+def load_checkpoint_weights(model: PreTrainedModel, folder: str | os.PathLike) -> None:
+    """Copy the weights saved in ``folder`` into ``model``, read by ``from_pretrained`` (safetensors).
+
+    ``transformers.Trainer`` reads a checkpoint with ``load_state_dict(strict=False)`` on the file's raw
+    names, but ``save_pretrained`` writes some models (ViT, for one) under their original names that only
+    ``from_pretrained`` maps back: the unmatched weights silently kept their fresh values, so a resumed
+    run trained another model. Here every parameter and buffer must be found (strict)."""
+    loaded = load_pretrained(type(model), str(folder), dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def is_disk_full(error: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether a failed write into ``folder`` ran out of space: ENOSPC in the error chain (safetensors
+    and torch report it in their own exception types), or almost no space left on that disk."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    try:
+        return shutil.disk_usage(folder).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def disk_full_error(error: BaseException, folder: str | os.PathLike, name: str) -> OSError:
+    """The error a checkpoint save that filled the disk ends with: what, where, and what is left."""
+    left = latest_checkpoint(folder)
+    return OSError(
+        errno.ENOSPC,
+        f"disk full: no space left on the device of {str(folder)!r} while saving {name} "
+        f"({type(error).__name__}: {error}). Nothing of {name} was kept; "
+        + (
+            f"the latest complete checkpoint is {left.name}: free some space and rerun with "
+            "--resume_from_checkpoint true"
+            if left is not None
+            else "no checkpoint was completed yet: free some space and rerun"
+        ),
+        str(folder),
+    )
