@@ -8,11 +8,11 @@ from typing import Any
 
 from transformers import AutoConfig, set_seed
 
+from hf_kd.callbacks import KnowledgeCallback
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.loading import drop_unlabeled, hide_labels, label_names, load_splits
-from hf_kd.knowledge.callback import KnowledgeCallback
-from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import build_from_config, check_model_source, count_parameters, load_pretrained
+from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.run_card import run_card_info, teacher_scores
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from hf_kd import parse_args
-from hf_kd.knowledge.report import build_report
+from hf_kd.runs.report import build_report
 
 
 def main(argv: list[str] | None = None) -> Path:
