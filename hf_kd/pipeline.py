@@ -9,19 +9,12 @@ from typing import Any
 
 from transformers import AutoConfig, IntervalStrategy, set_seed
 
+from hf_kd.callbacks import KnowledgeCallback
 from hf_kd.checkpoints import resolve_resume
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
-from hf_kd.data.loading import (
-    count_unlabeled,
-    dataset_inputs,
-    drop_unlabeled,
-    hide_labels,
-    label_names,
-    load_splits,
-)
+from hf_kd.data.labels import count_unlabeled, drop_unlabeled, hide_labels, label_names
+from hf_kd.data.loading import dataset_inputs, load_splits
 from hf_kd.hub import HUB_FAILURES, PUSH_SCRIPT, HubPushError, hub_failure, prepare_repo, push_student
-from hf_kd.knowledge.callback import KnowledgeCallback
-from hf_kd.knowledge.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.modeling import (
     check_model_fits,
     check_model_source,
@@ -31,6 +24,7 @@ from hf_kd.modeling import (
     tokenizer_sizes,
 )
 from hf_kd.paths import refuse_overlap
+from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.run_card import run_card_info, teacher_scores
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of

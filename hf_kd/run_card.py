@@ -4,7 +4,7 @@ its evaluation logs and the teacher's own scores.
 ``run_card_info`` gathers the fixed facts once (teacher, data, loss settings, cache provenance, sizes,
 command, recipe); ``with_latest_evaluation`` adds the scores of the latest evaluation in the Trainer's
 ``log_history``, so the card written next to each checkpoint says how good that checkpoint was.
-Knowledge measures logged by ``hf_kd.knowledge.callback`` (``eval_knowledge/...``) become the card's
+Knowledge measures logged by ``hf_kd.callbacks`` (``eval_knowledge/...``) become the card's
 "What was transferred" table instead of result rows.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 from transformers import EvalPrediction
 
 from hf_kd.hub import DistillationCardInfo, redact
-from hf_kd.knowledge.report import diagnose, nested_measures
+from hf_kd.knowledge.diagnosis import diagnose
+from hf_kd.knowledge.measures import nested_measures
 
 KNOWLEDGE_PREFIX = "eval_knowledge/"
 """Prefix of the knowledge measures in the evaluation logs."""
@@ -99,7 +100,7 @@ def with_latest_evaluation(
 
 
 def knowledge_summary(measures: dict[str, float], *, alpha: float, temperature: float) -> str | None:
-    """The knowledge report's diagnosis in words (``hf_kd.knowledge.report.diagnose``) and a markdown
+    """The knowledge report's diagnosis in words (``hf_kd.knowledge.diagnosis.diagnose``) and a markdown
     table of the scalar knowledge measures (histogram bins left out), or None without measures."""
     rows = [
         (name, value)

@@ -34,7 +34,7 @@ from hf_kd.checkpoints import (
     resolve_resume,
 )
 from hf_kd.config import DistillationConfig
-from hf_kd.data.loading import count_unlabeled
+from hf_kd.data.labels import count_unlabeled
 from hf_kd.hub import DistillationCardInfo, write_model_card
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hf_kd.knowledge.ablation import parse_arms, run_ablation, table, write_summary
+from hf_kd.runs.ablation import parse_arms, run_ablation, table, write_summary
 
 
 def main(argv: list[str] | None = None) -> dict:

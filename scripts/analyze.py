@@ -16,8 +16,8 @@ from pathlib import Path
 
 from hf_kd import parse_args
 from hf_kd.data.loading import dataset_inputs
-from hf_kd.knowledge.report import build_report
 from hf_kd.paths import refuse_overlap
+from hf_kd.runs.report import build_report
 
 
 def main(argv: list[str] | None = None) -> Path:

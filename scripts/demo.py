@@ -22,7 +22,7 @@ import transformers
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.data.digits import write_digits
-from hf_kd.knowledge.report import build_report
+from hf_kd.runs.report import build_report
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 STUDENT_ARMS = {

@@ -1,4 +1,4 @@
-"""The ablation runner (hf_kd.knowledge.ablation, scripts/ablate.py): runs kept per arm and seed,
+"""The ablation runner (hf_kd.runs.ablation, scripts/ablate.py): runs kept per arm and seed,
 progress, mean ± std table, the paper's ordering, written files."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_kd.knowledge.ablation import (
+from hf_kd.runs.ablation import (
     paper_ordering,
     parse_arms,
     run_ablation,

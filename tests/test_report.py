@@ -14,16 +14,11 @@ import torch.nn.functional as F
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.hierarchy import class_groups, make_hierarchy_dataset, write_hierarchy_dataset
 from hf_kd.knowledge import class_similarity, rescaling_weight, soft_confusion
-from hf_kd.knowledge.predictions import Predictions, collect_predictions, teacher_class_similarity
-from hf_kd.knowledge.report import (
-    THRESHOLDS,
-    diagnose,
-    knowledge_measures,
-    nested_measures,
-    scalar_measures,
-    write_report,
-)
+from hf_kd.knowledge.diagnosis import THRESHOLDS, diagnose
+from hf_kd.knowledge.measures import Predictions, knowledge_measures, nested_measures, scalar_measures
+from hf_kd.knowledge.report import write_report
 from hf_kd.losses import distillation_loss
+from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.run_card import knowledge_summary
 from hf_kd.tasks.features import FeatureClassificationTask, MLPClassifierConfig, MLPForFeatureClassification
 from hf_kd.teachers.synthetic import SyntheticTargetFn, synthetic_target
@@ -419,7 +414,7 @@ def test_analyze_names_a_missing_label_column(saved_teacher):
 def test_analyze_loads_the_recipes_teacher_at_its_revision(saved_teacher, monkeypatch):
     """Weights and processor of the recipe's teacher at teacher_model_revision; a --teacher that is not
     the recipe's at main (the recipe's revision names a commit of another model)."""
-    import hf_kd.knowledge.report as report
+    import hf_kd.runs.report as report
     from hf_kd.tasks.features import FeatureClassificationTask
 
     root, data = saved_teacher

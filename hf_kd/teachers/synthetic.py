@@ -134,7 +134,7 @@ class SyntheticTargetFn:
     ``synthetic_target(kind, log p^τ, labels, temperature=1)`` is the target of ``shared/PAPER.md``
     built from the teacher at temperature τ. It reads nothing but teacher logits and labels, so an
     online and a cached teacher give the same target. For ``kd_sim`` the class-similarity matrix is
-    fixed before training (see ``hf_kd.knowledge.predictions.teacher_class_similarity``).
+    fixed before training (see ``hf_kd.predictions.teacher_class_similarity``).
     """
 
     def __init__(

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from hf_kd.knowledge.predictions import collect_predictions
-from hf_kd.knowledge.report import knowledge_measures, scalar_measures
+from hf_kd.knowledge.measures import knowledge_measures, scalar_measures
 from hf_kd.modeling import logit_layer_weight_or_none
+from hf_kd.predictions import collect_predictions
 from hf_kd.teachers.placement import full_teacher
 
 
 class KnowledgeCallback(TrainerCallback):
     """After each evaluation, runs the student and the trainer's teacher signal over the evaluation set
-    (at most ``max_items`` items) and logs the scalars of :func:`hf_kd.knowledge.report.knowledge_measures`
+    (at most ``max_items`` items) and logs the scalars of :func:`hf_kd.knowledge.measures.knowledge_measures`
     as ``eval_knowledge/<level>/<measure>`` through ``trainer.log``.
 
         trainer = DistillationTrainer(...)

@@ -9,29 +9,15 @@ the task flattens each batch into distillation items (one per example, or one pe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
 from hf_kd.knowledge.domain import class_similarity, soft_confusion
+from hf_kd.knowledge.measures import Predictions
 from hf_kd.losses import SparseLogits
 from hf_kd.modeling import logit_layer_weight_or_none
 from hf_kd.tasks.base import NO_LABEL, Task, split_batch
-
-
-@dataclass
-class Predictions:
-    """Flattened items of a dataset: logits [N, K] (float32, CPU) and labels [N] (NO_LABEL = none)."""
-
-    student_logits: torch.Tensor | None
-    teacher_logits: torch.Tensor | None
-    labels: torch.Tensor
-
-    @property
-    def num_classes(self) -> int:
-        logits = self.teacher_logits if self.teacher_logits is not None else self.student_logits
-        return logits.shape[-1]
 
 
 def _dense(teacher: torch.Tensor | SparseLogits) -> torch.Tensor:
