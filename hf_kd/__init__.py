@@ -10,13 +10,13 @@ from hf_kd.config import DataArguments, DistillationConfig, ModelArguments, pars
 from hf_kd.losses import SparseLogits, distillation_loss, divergence
 
 if TYPE_CHECKING:
-    from hf_kd.pipeline import RunResult, run_distillation
+    from hf_kd.runs.distill import RunResult, run_distillation
     from hf_kd.trainer import DistillationTrainer
 
 _UPPER_LAYERS = {
     "DistillationTrainer": "hf_kd.trainer",
-    "RunResult": "hf_kd.pipeline",
-    "run_distillation": "hf_kd.pipeline",
+    "RunResult": "hf_kd.runs.distill",
+    "run_distillation": "hf_kd.runs.distill",
 }
 """Names of the trainer and orchestration layers, imported on first use: importing a pure package
 (``hf_kd.losses``, ``hf_kd.knowledge``, ...) runs this file first, and must not load the layers above."""

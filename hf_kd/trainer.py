@@ -167,13 +167,13 @@ class DistillationTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after checking that a ``kd_sim`` run was given its target function (its
-        class similarity needs the teacher or data: see ``hf_kd.pipeline.kd_sim_target_fn``).
+        class similarity needs the teacher or data: see ``hf_kd.runs.distill.kd_sim_target_fn``).
         ``resume_from_checkpoint=True`` resumes from the latest *complete* checkpoint in ``output_dir``
         (an error when there is none); a path must be a complete checkpoint."""
         if self.args.alpha > 0 and self.args.synthetic_teacher == "kd_sim" and self.target_fn is None:
             raise ValueError(
                 "synthetic_teacher='kd_sim' needs target_fn=SyntheticTargetFn('kd_sim', class_similarity=S); "
-                "scripts/distill.py builds S from the teacher (hf_kd.pipeline.kd_sim_target_fn)"
+                "scripts/distill.py builds S from the teacher (hf_kd.runs.distill.kd_sim_target_fn)"
             )
         self._warn_of_inert_rows()
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.hub import HubPushError
-from hf_kd.pipeline import format_metrics
+from hf_kd.runs.distill import format_metrics
 
 
 def main(argv: list[str] | None = None) -> None:

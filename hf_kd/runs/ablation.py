@@ -18,7 +18,7 @@ from typing import Any
 
 from hf_kd.config import SYNTHETIC_KINDS, parse_args
 from hf_kd.files import write_atomic
-from hf_kd.pipeline import run_distillation
+from hf_kd.runs.distill import run_distillation
 
 PAPER_ORDERING = (("kd_pt", "kd_sim"), ("kd_sim", "ls"))
 """The paper's reported benefit ordering: kd_pt > kd_sim > ls (and kd_topk ≥ kd, checked separately)."""
