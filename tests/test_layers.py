@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ABOVE_PURE = ("hf_kd.trainer", "hf_kd.callbacks", "hf_kd.predictions", "hf_kd.runs.distill", "hf_kd.runs")
+ABOVE_PURE = ("hf_kd.trainer", "hf_kd.callbacks", "hf_kd.predictions", "hf_kd.runs")
 """The trainer layer and the orchestration layer: what no pure package may import."""
 
 LOADERS = ("hf_kd.modeling", "hf_kd.data")
@@ -66,4 +66,4 @@ def test_pure_packages_import_no_layer_above(package, forbidden):
 def test_trainer_imports_no_orchestration_and_no_data_loading():
     modules = imported_by("hf_kd.trainer")
     assert "hf_kd.run_card" in modules  # the card the trainer writes is its own layer's
-    assert within(modules, ("hf_kd.runs", "hf_kd.runs.distill", "hf_kd.data.loading")) == []
+    assert within(modules, ("hf_kd.runs", "hf_kd.data.loading")) == []
