@@ -185,9 +185,52 @@ def divergence(
             raise ValueError("divergence='mse' compares logits and needs a dense teacher, not top-k logits")
         return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher_logits, SparseLogits) and name in SPARSE_DIVERGENCES:
+        return sparse_divergence(name, log_q, teacher_logits, temperature, tail)
     return divergence_from_log_probs(
         name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params
     )
+
+
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
+"""Divergences that :func:`sparse_divergence` computes from a sparse teacher without rebuilding it."""
+
+
+def sparse_divergence(
+    name: str, log_q: torch.Tensor, teacher: SparseLogits, temperature: float, tail: str
+) -> torch.Tensor:
+    """forward_kl or reverse_kl of the student's log q^τ [..., K] from a sparse teacher, equal to
+    :func:`divergence_from_log_probs` on ``teacher_log_probs(teacher, temperature, tail)`` but without the
+    dense [..., K] teacher: p^τ takes one value t on every tail class (``uniform``: the tail mass spread
+    evenly, ``renormalize``: 0, taken as e^LOG_ZERO), so the tail's share of each sum is closed-form.
+
+        KL(p ‖ q) = Σ_kept p_i (log p_i − log q_i) + e^t · (n_tail · t − Σ_tail log q)
+        KL(q ‖ p) = Σ q log q − Σ_kept q_i log p_i − t · Σ_tail q,    Σ_tail x = Σ_all x − Σ_kept x
+    """
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
+    K = teacher.num_classes
+    kept = teacher.log_probs.float()
+    stored = kept > -math.inf
+    n_tail = (K - stored.sum(-1)).float()
+    scaled = torch.where(stored, kept / temperature, -math.inf)
+    tail_each = teacher.tail_log_mass.float() - torch.log(n_tail.clamp(min=1))  # τ = 1, uniform
+    if tail == "renormalize":
+        tail_each = torch.full_like(tail_each, -math.inf)
+    tail_each = torch.where(n_tail > 0, tail_each / temperature, -math.inf)
+    log_z = torch.logaddexp(
+        torch.logsumexp(scaled, -1), tail_each + torch.log(n_tail.clamp(min=1))
+    )  # tail_each = −inf when there is no tail
+    log_p = (scaled - log_z[..., None]).clamp(min=LOG_ZERO)  # padding slots: LOG_ZERO, weight 0
+    t = (tail_each - log_z).clamp(min=LOG_ZERO)
+    log_q_kept = log_q.gather(-1, torch.where(stored, teacher.indices.long(), 0))
+    if name == "forward_kl":
+        tail_log_q = log_q.sum(-1) - (log_q_kept * stored).sum(-1)
+        return (log_p.exp() * (log_p - log_q_kept)).sum(-1) + t.exp() * (n_tail * t - tail_log_q)
+    q = log_q.exp()
+    q_kept = log_q_kept.exp() * stored
+    tail_q = (1.0 - q_kept.sum(-1)).clamp(min=0.0)
+    return (q * log_q).sum(-1) - (q_kept * log_p).sum(-1) - t * tail_q
 
 
 # --------------------------------------------------------------------------------------------
