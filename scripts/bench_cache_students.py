@@ -12,6 +12,7 @@ from ``student_config`` (Llama 64 × 2, ~0.6M parameters). Arms (``--arms``):
     online       the teacher runs every step
     packed       the compressed cache (``topk-packed``, ``--codec``), ``sparse_tail: uniform``
     packed-renorm  the same cache, ``sparse_tail: renormalize``
+    packed-bucket  the same cache, ``sparse_tail: bucket`` (the tail matched as one outcome)
     topk16       an uncompressed top-16 float16 cache, ``sparse_tail: uniform``
 
     OMP_NUM_THREADS=1 python scripts/bench_cache_students.py [--seeds 0 1 2] [--steps 120] [--arms ...]
@@ -41,6 +42,7 @@ ARMS = {  # name: (DistillationConfig fields, cache name)
     "online": ({}, None),
     "packed": ({"sparse_tail": "uniform"}, "packed"),
     "packed-renorm": ({"sparse_tail": "renormalize"}, "packed"),
+    "packed-bucket": ({"sparse_tail": "bucket"}, "packed"),
     "topk16": ({"sparse_tail": "uniform"}, "topk16"),
 }
 
@@ -129,7 +131,7 @@ def report(results: dict[str, dict[int, float]], seeds: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["none", "online", "packed"])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["none", "online", "packed", "packed-bucket"])
     parser.add_argument("--steps", type=int, default=120, help="student optimizer steps")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
