@@ -86,7 +86,9 @@ def capture(root: Path, data_args: DataArguments, name: str, args) -> Path:
     )  # fmt: skip
     size = sum(f.stat().st_size for f in out.rglob("*.arrow"))
     tokens = metadata.splits["train"]["num_rows"] * args.seq_len
-    print(f"[students] cache {name}: {settings}, {size / tokens:.1f} bytes/token, {time.perf_counter() - start:.0f} s")
+    print(
+        f"[students] cache {name}: {settings}, {size / tokens:.1f} bytes/token, {time.perf_counter() - start:.0f} s"
+    )
     return out
 
 
@@ -114,7 +116,11 @@ def report(results: dict[str, dict[int, float]], seeds: list[int]) -> None:
     print("  arm            | " + " | ".join(f"seed {s}" for s in seeds) + " | mean")
     for arm, by_seed in results.items():
         values = [by_seed[s] for s in seeds]
-        print(f"  {arm:<14} | " + " | ".join(f"{v:6.1f}" for v in values) + f" | {statistics.fmean(values):6.1f}")
+        print(
+            f"  {arm:<14} | "
+            + " | ".join(f"{v:6.1f}" for v in values)
+            + f" | {statistics.fmean(values):6.1f}"
+        )
     print("[students] paired Δ log-perplexity (nats; negative: better), mean ± std over seeds")
     for base in ("none", "online"):
         if base not in results:
@@ -129,13 +135,19 @@ def report(results: dict[str, dict[int, float]], seeds: list[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["none", "online", "packed", "packed-bucket"])
+    parser.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), default=["none", "online", "packed", "packed-bucket"]
+    )
     parser.add_argument("--steps", type=int, default=120, help="student optimizer steps")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train_rows", type=int, default=960, help="training rows (captured) of the students")
+    parser.add_argument(
+        "--train_rows", type=int, default=960, help="training rows (captured) of the students"
+    )
     parser.add_argument("--held_out_rows", type=int, default=64)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--lm_bpe", type=int, default=4096)
@@ -161,7 +173,12 @@ def main() -> None:
         root = Path(out)
         teacher.save_pretrained(root / "teacher")
         tokenizer.save_pretrained(root / "teacher")
-        texts = [tokenizer.decode(row) for row in train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.train_rows]]]
+        texts = [
+            tokenizer.decode(row)
+            for row in train[
+                torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.train_rows]
+            ]
+        ]
         DatasetDict(train=Dataset.from_dict({"text": texts})).save_to_disk(str(root / "data"))
         data_args = DataArguments(
             task="causal-lm", dataset_name=str(root / "data"), eval_split=None, max_length=args.seq_len

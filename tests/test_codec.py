@@ -295,4 +295,6 @@ def test_bucket_tail_matches_the_tail_mass_and_leaves_its_shape_to_the_student()
     uniform = divergence("forward_kl", student, teacher, temperature=1.0, tail="uniform")
     (grad_uniform,) = torch.autograd.grad(uniform.sum(), student)
     ratio_uniform = torch.where(tail, grad_uniform.double() / q, math.nan)
-    assert (ratio_uniform.nan_to_num(0).amax(-1) - torch.where(tail, ratio_uniform, math.inf).amin(-1)).min() > 1.0
+    assert (
+        ratio_uniform.nan_to_num(0).amax(-1) - torch.where(tail, ratio_uniform, math.inf).amin(-1)
+    ).min() > 1.0
