@@ -252,7 +252,7 @@ def sparse_divergence(
         return (log_p.exp() * (log_p - log_q_kept)).sum(-1) + t.exp() * (n_tail * t - tail_log_q)
     q = log_q.exp()
     q_kept = log_q_kept.exp() * stored
-    tail_q = (1.0 - q_kept.sum(-1)).clamp(min=0.0)
+    tail_q = torch.where(n_tail > 0, (1.0 - q_kept.sum(-1)).clamp(min=0.0), 0.0)  # exact 0: no tail
     return (q * log_q).sum(-1) - (q_kept * log_p).sum(-1) - t * tail_q
 
 
