@@ -115,7 +115,11 @@ class DistillationConfig(TrainingArguments):
     )
     sparse_tail: str = field(
         default="uniform",
-        metadata={"help": f"How a top-k teacher's left-out mass is treated, one of {TAIL_MODES}."},
+        metadata={
+            "help": f"How a top-k teacher's left-out mass is treated, one of {TAIL_MODES}: uniform spreads it "
+            "evenly over the other classes, renormalize drops it, bucket matches it as one outcome to the "
+            "student's own mass outside the kept tokens (no shape imposed on the tail; best for flat teachers)."
+        },
     )
     loss_chunk_size: int | None = field(
         default=None,

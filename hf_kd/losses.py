@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "mse")
-TAIL_MODES = ("uniform", "renormalize")
+TAIL_MODES = ("uniform", "renormalize", "bucket")
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,18 +70,37 @@ class SparseLogits:
             self.num_classes,
         )
 
+    def bucket(self) -> torch.Tensor:
+        """The teacher over k + 1 outcomes [..., k + 1]: each kept class, then the tail as one outcome
+        (``sparse_tail: bucket``); padding slots hold −inf."""
+        return torch.cat([self.log_probs.float(), self.tail_log_mass.float().unsqueeze(-1)], dim=-1)
+
+    def bucket_log_probs(self, log_q: torch.Tensor) -> torch.Tensor:
+        """Another distribution log q [..., K] on this teacher's k + 1 outcomes: q of each kept class and
+        log Σ_tail q = log(1 − Σ_kept q); padding slots hold −inf."""
+        stored = self.log_probs > -math.inf
+        kept = log_q.gather(-1, torch.where(stored, self.indices.long(), 0)).masked_fill(~stored, -math.inf)
+        rest = torch.log(-torch.expm1(torch.logsumexp(kept, -1).clamp(max=0.0)))  # log Σ_tail q
+        return torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
+
     def to_dense_log_probs(self, tail: str = "uniform") -> torch.Tensor:
         """Rebuild a full log-distribution over K classes.
 
         ``uniform``:      p_i for the top-k, tail_mass / (K − k) for every other class
                           (exactly the paper's ``kd_topk`` target);
         ``renormalize``:  p_i / Σ_topk p for the top-k, 0 elsewhere.
+        (``bucket`` has no dense form: the loss compares the k + 1 outcomes of :meth:`bucket`.)
 
         Entries whose log-prob is −inf are padding (a support smaller than k at this position, as a
         compressed cache decodes): their classes are tail classes, whatever their index.
         """
         if tail not in TAIL_MODES:
             raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
+        if tail == "bucket":
+            raise ValueError(
+                "sparse_tail='bucket' compares the kept tokens and the tail as one outcome (see "
+                "bucket_log_probs); it rebuilds no dense distribution: use 'uniform' or 'renormalize' here"
+            )
         lp = self.log_probs.float()
         K = self.num_classes
         stored = lp > -math.inf
@@ -184,10 +203,57 @@ def divergence(
         if isinstance(teacher_logits, SparseLogits):
             raise ValueError("divergence='mse' compares logits and needs a dense teacher, not top-k logits")
         return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
+    if isinstance(teacher_logits, SparseLogits) and tail == "bucket":
+        student = teacher_logits.bucket_log_probs(torch.log_softmax(student_logits.float(), dim=-1))
+        log_q, log_p = (torch.log_softmax(x / temperature, -1) for x in (student, teacher_logits.bucket()))
+        return divergence_from_log_probs(name, log_q.clamp(min=LOG_ZERO), log_p, **params)
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher_logits, SparseLogits) and name in SPARSE_DIVERGENCES:
+        return sparse_divergence(name, log_q, teacher_logits, temperature, tail)
     return divergence_from_log_probs(
         name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params
     )
+
+
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
+"""Divergences that :func:`sparse_divergence` computes from a sparse teacher without rebuilding it."""
+
+
+def sparse_divergence(
+    name: str, log_q: torch.Tensor, teacher: SparseLogits, temperature: float, tail: str
+) -> torch.Tensor:
+    """forward_kl or reverse_kl of the student's log q^τ [..., K] from a sparse teacher, equal to
+    :func:`divergence_from_log_probs` on ``teacher_log_probs(teacher, temperature, tail)`` but without the
+    dense [..., K] teacher: p^τ takes one value t on every tail class (``uniform``: the tail mass spread
+    evenly, ``renormalize``: 0, taken as e^LOG_ZERO), so the tail's share of each sum is closed-form.
+
+        KL(p ‖ q) = Σ_kept p_i (log p_i − log q_i) + e^t · (n_tail · t − Σ_tail log q)
+        KL(q ‖ p) = Σ q log q − Σ_kept q_i log p_i − t · Σ_tail q,    Σ_tail x = Σ_all x − Σ_kept x
+    """
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
+    K = teacher.num_classes
+    kept = teacher.log_probs.float()
+    stored = kept > -math.inf
+    n_tail = (K - stored.sum(-1)).float()
+    scaled = torch.where(stored, kept / temperature, -math.inf)
+    tail_each = teacher.tail_log_mass.float() - torch.log(n_tail.clamp(min=1))  # τ = 1, uniform
+    if tail == "renormalize":
+        tail_each = torch.full_like(tail_each, -math.inf)
+    tail_each = torch.where(n_tail > 0, tail_each / temperature, -math.inf)
+    log_z = torch.logaddexp(
+        torch.logsumexp(scaled, -1), tail_each + torch.log(n_tail.clamp(min=1))
+    )  # tail_each = −inf when there is no tail
+    log_p = (scaled - log_z[..., None]).clamp(min=LOG_ZERO)  # padding slots: LOG_ZERO, weight 0
+    t = (tail_each - log_z).clamp(min=LOG_ZERO)
+    log_q_kept = log_q.gather(-1, torch.where(stored, teacher.indices.long(), 0))
+    if name == "forward_kl":
+        tail_log_q = log_q.sum(-1) - (log_q_kept * stored).sum(-1)
+        return (log_p.exp() * (log_p - log_q_kept)).sum(-1) + t.exp() * (n_tail * t - tail_log_q)
+    q = log_q.exp()
+    q_kept = log_q_kept.exp() * stored
+    tail_q = torch.where(n_tail > 0, (1.0 - q_kept.sum(-1)).clamp(min=0.0), 0.0)  # exact 0: no tail
+    return (q * log_q).sum(-1) - (q_kept * log_p).sum(-1) - t * tail_q
 
 
 # --------------------------------------------------------------------------------------------

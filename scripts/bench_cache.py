@@ -242,7 +242,8 @@ def stdlib_texts() -> tuple[list[str], list[str]]:
 
 
 def real_lm(args):
-    """A small Llama trained here on the standard library: (model, tokenizer, held-out rows [R, T])."""
+    """A small Llama trained here on the standard library: (model, tokenizer, training rows [R, T],
+    held-out rows [R', T]), ``args.seq_len`` tokens a row."""
     from tokenizers import decoders, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -282,7 +283,7 @@ def real_lm(args):
         f"{args.lm_steps} steps on {train.numel() / 1e6:.2f}M standard-library tokens, BPE {len(tokenizer)}, "
         f"held-out perplexity {ppl:.1f}"
     )
-    return model, tokenizer, test
+    return model, tokenizer, train, test
 
 
 def stored_bytes(features, table) -> int:
@@ -436,7 +437,7 @@ def bench_curve(args) -> None:
     g = torch.Generator().manual_seed(0)
     print("[curve] bytes/token vs fidelity (uniform tail)")
     curve("(a) synthetic Zipf", zipf_logits(args.lm_tokens, args.lm_vocab, g).reshape(-1, 128, args.lm_vocab))
-    teacher, tokenizer, test = real_lm(args)
+    teacher, tokenizer, _, test = real_lm(args)
     with torch.no_grad():
         logits = teacher(input_ids=test[: args.lm_tokens // args.seq_len]).logits
     curve("(b) real LM, held-out standard-library files", logits)

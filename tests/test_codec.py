@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
 from hf_kd.data.toy_chat import write_toy_chat
-from hf_kd.losses import SparseLogits, divergence
+from hf_kd.losses import SparseLogits, divergence, divergence_from_log_probs, teacher_log_probs
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache import (
     METADATA_FILE,
@@ -227,3 +227,74 @@ def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_pat
         assert 0 < metrics["eval_loss_soft"] < math.inf
         assert metrics["eval_loss_hard"] < math.log(len(tokenizer)) + 0.5
     assert load_from_disk(str(tmp_path / "packed"))["train"].features["kd_teacher_packed"].dtype == "binary"
+
+
+@pytest.mark.parametrize("tail", ["uniform", "renormalize"])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_sparse_loss_equals_the_dense_rebuild_without_building_it(monkeypatch, name, tail):
+    """forward/reverse KL from a decoded cache (padding slots; a position with no tail mass) on the
+    sparse support plus a closed-form tail: same values and gradients as on the dense rebuild."""
+    codec = TopkCodec(32, mass=0.9, bits=5, step=0.25)
+    logits = lm_like_logits(40)
+    decoded = codec.decode(codec.encode(logits, [40])[0], [40], V)
+    assert bool((decoded.log_probs == -math.inf).any())  # some positions keep fewer than 32 tokens
+    no_tail = SparseLogits.from_logits(torch.full((1, V), -math.inf).index_fill(1, torch.arange(20), 1.0), 32)
+    assert no_tail.tail_log_mass.item() == -math.inf
+    teacher = SparseLogits(
+        torch.cat([decoded.log_probs, no_tail.log_probs]),
+        torch.cat([decoded.indices, no_tail.indices]),
+        torch.cat([decoded.tail_log_mass, no_tail.tail_log_mass]),
+        V,
+    )
+    student = torch.randn(41, V, generator=torch.Generator().manual_seed(3)) * 2
+    for temperature in (0.5, 1.0, 2.0):
+        dense_value, dense_grad = value_and_grad(
+            lambda z, t=temperature: divergence_from_log_probs(
+                name, torch.log_softmax(z / t, -1), teacher_log_probs(teacher, t, tail)
+            ),
+            student,
+        )
+        with monkeypatch.context() as patch:
+            patch.setattr(SparseLogits, "to_dense_log_probs", None)  # the fast path never rebuilds
+            value, grad = value_and_grad(
+                lambda z, t=temperature: divergence(name, z, teacher, temperature=t, tail=tail), student
+            )
+        # float32 round-off, relative to the largest entry (renormalised reverse KL: e^−LOG_ZERO penalties)
+        torch.testing.assert_close(value, dense_value, rtol=1e-5, atol=1e-6 * dense_value.abs().max())
+        torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-5 * dense_grad.abs().max())
+
+
+def value_and_grad(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(z) per position, and the gradient of its sum."""
+    z = z.clone().requires_grad_(True)
+    value = fn(z)
+    return value.detach(), torch.autograd.grad(value.sum(), z)[0]
+
+
+def test_bucket_tail_matches_the_tail_mass_and_leaves_its_shape_to_the_student():
+    """sparse_tail: bucket is the divergence over the kept classes plus the tail as one outcome: by hand
+    at τ = 1; its gradient scales the student's tail classes all alike (their shape is the student's)."""
+    codec = TopkCodec(16, mass=0.9, bits=5, step=0.25)
+    logits = lm_like_logits(8)
+    teacher = codec.decode(codec.encode(logits, [8])[0], [8], V)
+    student = torch.randn(8, V, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    loss = divergence("forward_kl", student, teacher, temperature=1.0, tail="bucket")
+    q = torch.softmax(student.detach().double(), -1)
+    stored = teacher.log_probs > -math.inf
+    for row in range(8):
+        ids = teacher.indices[row][stored[row]]
+        p_kept, q_kept = teacher.log_probs[row][stored[row]].double().exp(), q[row, ids]
+        m, q_tail = teacher.tail_log_mass[row].double().exp(), 1 - q_kept.sum()
+        by_hand = (p_kept * (p_kept / q_kept).log()).sum() + m * (m / q_tail).log()
+        torch.testing.assert_close(loss[row].double(), by_hand, rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    tail = torch.ones(8, V, dtype=torch.bool).scatter_(-1, torch.where(stored, teacher.indices, 0), False)
+    ratio = torch.where(tail, grad.double() / q, math.nan)
+    spread = ratio.nan_to_num(0).amax(-1) - torch.where(tail, ratio, math.inf).amin(-1)
+    assert spread.max() < 1e-4 * ratio.nan_to_num(0).abs().amax()  # ∂L/∂z_i = c · q_i on the tail
+    uniform = divergence("forward_kl", student, teacher, temperature=1.0, tail="uniform")
+    (grad_uniform,) = torch.autograd.grad(uniform.sum(), student)
+    ratio_uniform = torch.where(tail, grad_uniform.double() / q, math.nan)
+    assert (
+        ratio_uniform.nan_to_num(0).amax(-1) - torch.where(tail, ratio_uniform, math.inf).amin(-1)
+    ).min() > 1.0
