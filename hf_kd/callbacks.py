@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from hf_kd.cards.run import KNOWLEDGE_PREFIX
 from hf_kd.knowledge.measures import knowledge_measures, scalar_measures
 from hf_kd.modeling import logit_layer_weight_or_none
 from hf_kd.predictions import collect_predictions
@@ -59,4 +60,4 @@ class KnowledgeCallback(TrainerCallback):
             student_weight=logit_layer_weight_or_none(model),
         )
         measures.pop("settings")
-        trainer.log(scalar_measures(measures, prefix="eval_knowledge/"))
+        trainer.log(scalar_measures(measures, prefix=KNOWLEDGE_PREFIX))

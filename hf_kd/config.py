@@ -17,7 +17,11 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_kd.losses import DIVERGENCES, TAIL_MODES
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
-TEACHER_SOURCES = ("online", "cached")
+TEACHER_SOURCES = {
+    "online": "the teacher ran alongside the student at every step",
+    "cached": "the teacher's outputs were computed once and read back from a cache",
+}
+"""The values of ``teacher_source``, each with what it means for a run (as its model card says it)."""
 RESERVED_INIT_KWARGS = {"revision", "trust_remote_code", "use_safetensors"}
 """``from_pretrained`` arguments hf_kd sets itself (from its own fields), not through teacher_model_init_kwargs."""
 NO_SPLIT = ("none", "null", "")
@@ -168,7 +172,7 @@ class DistillationConfig(TrainingArguments):
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0")
         _check_choice("divergence", self.divergence, DIVERGENCES)
-        _check_choice("teacher_source", self.teacher_source, TEACHER_SOURCES)
+        _check_choice("teacher_source", self.teacher_source, tuple(TEACHER_SOURCES))
         _check_choice("synthetic_teacher", self.synthetic_teacher, SYNTHETIC_KINDS)
         _check_choice("sparse_tail", self.sparse_tail, TAIL_MODES)
         if self.synthetic_teacher == "kd_topk" and (self.synthetic_topk is None or self.synthetic_topk <= 0):

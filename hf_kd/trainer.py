@@ -25,6 +25,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_sagemaker_mp_enabled
 
+from hf_kd.cards.model import DistillationCardInfo, write_model_card
+from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.checkpoints import (
     STAGING_FOLDER,
     TRAINER_STATE,
@@ -35,11 +37,9 @@ from hf_kd.checkpoints import (
 )
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
-from hf_kd.hub import DistillationCardInfo, write_model_card
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight
 from hf_kd.paths import refuse_overlap
-from hf_kd.run_card import with_latest_evaluation
 from hf_kd.tasks import CausalLMTask, ImageClassificationTask, Task, TextClassificationTask, split_batch
 from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
 from hf_kd.teachers.placement import place_teacher
@@ -144,7 +144,7 @@ class DistillationTrainer(Trainer):
             "eval": defaultdict(float),
         }
         self.card_info: DistillationCardInfo | None = None
-        """The distillation model card (``hf_kd.run_card``): when set, written as README.md wherever the
+        """The distillation model card (``hf_kd.cards.run``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
 
     def _prepare_datasets(self, model: PreTrainedModel | None, kwargs: dict[str, Any]) -> None:

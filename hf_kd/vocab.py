@@ -3,7 +3,6 @@ aligning output layers that are padded to different sizes (Qwen2.5: 151936 vs 15
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
@@ -16,16 +15,11 @@ _ID_DEFINING_PARTS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 
 
 def _tokenizer_state(tokenizer: Any) -> dict[str, Any]:
+    """The :data:`_ID_DEFINING_PARTS` of a fast tokenizer's ``tokenizer.json``."""
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise TypeError(f"token-level distillation needs fast tokenizers, got a {type(tokenizer).__name__}")
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     return {part: state.get(part) for part in _ID_DEFINING_PARTS}
-
-
-def vocabulary_fingerprint(tokenizer: Any) -> str:
-    """SHA-256 of the vocabulary, merges, added/special tokens, normaliser and pre-tokeniser: equal
-    fingerprints mean every text becomes the same ids and every id means the same token."""
-    return hashlib.sha256(json.dumps(_tokenizer_state(tokenizer), sort_keys=True).encode()).hexdigest()
 
 
 def first_difference(teacher: Any, student: Any, limit: int = 5) -> str:
@@ -65,8 +59,11 @@ def _part_difference(teacher_part: Any, student_part: Any) -> str:
 
 
 def check_same_vocabulary(teacher: Any, student: Any) -> None:
-    """Raise before training when teacher and student tokenizers map text to ids differently."""
-    if vocabulary_fingerprint(teacher) != vocabulary_fingerprint(student):
+    """Raise before training when teacher and student tokenizers map text to ids differently: their
+    vocabulary, merges, added/special tokens, normaliser or pre-tokeniser differ. Settings that leave
+    the ids alone may differ (padding, the post-processor, which token is EOS), unlike
+    :func:`hf_kd.tasks.processor_fingerprint`, which tells whether the same inputs come out."""
+    if _tokenizer_state(teacher) != _tokenizer_state(student):
         raise ValueError(
             "token-level distillation needs the teacher and the student to share a tokenizer, and theirs differ: "
             f"{first_difference(teacher, student)}. Pick a student of the teacher's family (same tokenizer)."

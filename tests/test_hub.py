@@ -11,8 +11,8 @@ import yaml
 from hub_server import LocalHub
 
 from hf_kd import DataArguments, DistillationConfig, parse_args, run_distillation
+from hf_kd.cards.run import run_card_info, with_latest_evaluation
 from hf_kd.hub import push_student
-from hf_kd.run_card import run_card_info, with_latest_evaluation
 
 SECRET = "hf_local_test_token_0123456789"
 
@@ -57,7 +57,7 @@ def test_card_says_how_the_student_was_made(tmp_path):
         _card_info(tmp_path, synthetic_teacher="kd_pt", teacher_source="cached", teacher_cache="c"), logs
     )
     assert info.student_metrics == {"eval_accuracy": 0.875, "eval_loss": 0.5, "eval_runtime": 1.0}
-    from hf_kd.hub import render_model_card
+    from hf_kd.cards.model import render_model_card
 
     text = str(render_model_card(info))
     metadata = yaml.safe_load(text.split("---")[1])

@@ -1,5 +1,5 @@
 """The layers import top-down only: pure packages (losses, knowledge measures and diagnosis, tasks,
-synthetic targets) import nothing of the trainer or orchestration layers, and the trainer imports no
+synthetic targets, cards) import nothing of the trainer or orchestration layers, and the trainer imports no
 orchestration and no data loading. Each package is imported, with all its submodules, in a fresh
 interpreter, and the hf_kd modules it loaded are listed."""
 
@@ -18,6 +18,9 @@ ABOVE_PURE = ("hf_kd.trainer", "hf_kd.callbacks", "hf_kd.predictions", "hf_kd.ru
 
 LOADERS = ("hf_kd.modeling", "hf_kd.data")
 """Model and dataset loading: what the knowledge measures may not import either."""
+
+HUB_IO = ("hf_kd.hub",)
+"""Requests to the Hub: cards render, the Hub module uploads them."""
 
 IMPORT_ALL = """
 import importlib, json, pkgutil, sys
@@ -55,6 +58,8 @@ def within(modules: list[str], layers: tuple[str, ...]) -> list[str]:
         ("hf_kd.knowledge", ABOVE_PURE + LOADERS),
         ("hf_kd.tasks", ABOVE_PURE),
         ("hf_kd.teachers.synthetic", ABOVE_PURE),
+        ("hf_kd.cards", ABOVE_PURE + LOADERS + HUB_IO),
+        ("hf_kd.redact", ABOVE_PURE + LOADERS + HUB_IO),
     ],
 )
 def test_pure_packages_import_no_layer_above(package, forbidden):
@@ -65,5 +70,5 @@ def test_pure_packages_import_no_layer_above(package, forbidden):
 
 def test_trainer_imports_no_orchestration_and_no_data_loading():
     modules = imported_by("hf_kd.trainer")
-    assert "hf_kd.run_card" in modules  # the card the trainer writes is its own layer's
+    assert "hf_kd.cards.run" in modules  # the card the trainer writes comes from the pure cards package
     assert within(modules, ("hf_kd.runs", "hf_kd.data.loading")) == []

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
+from hf_kd.cards.run import knowledge_summary
 from hf_kd.data.hierarchy import class_groups, make_hierarchy_dataset, write_hierarchy_dataset
 from hf_kd.knowledge import class_similarity, rescaling_weight, soft_confusion
 from hf_kd.knowledge.diagnosis import THRESHOLDS, diagnose
@@ -19,7 +20,6 @@ from hf_kd.knowledge.measures import Predictions, knowledge_measures, nested_mea
 from hf_kd.knowledge.report import write_report
 from hf_kd.losses import distillation_loss
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
-from hf_kd.run_card import knowledge_summary
 from hf_kd.tasks.features import FeatureClassificationTask, MLPClassifierConfig, MLPForFeatureClassification
 from hf_kd.teachers.synthetic import SyntheticTargetFn, synthetic_target
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, IntervalStrategy, set_seed
+from transformers import AutoConfig, EvalPrediction, IntervalStrategy, set_seed
 
 from hf_kd.callbacks import KnowledgeCallback
+from hf_kd.cards.run import run_card_info
 from hf_kd.checkpoints import resolve_resume
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.labels import count_unlabeled, drop_unlabeled, hide_labels, label_names
@@ -25,7 +26,6 @@ from hf_kd.modeling import (
 )
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
-from hf_kd.run_card import run_card_info, teacher_scores
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics
@@ -186,6 +186,26 @@ def drop_inert_rows(train, label_column: str, config: DistillationConfig):
         len(train) - unlabeled,
     )
     return drop_unlabeled(train, label_column)
+
+
+def teacher_scores(trainer, dataset) -> dict[str, float]:
+    """The teacher's scores on ``dataset`` by the student's own evaluation measures: its mean
+    cross-entropy on the labels (``eval_loss_hard``; with ``eval_perplexity`` for a causal LM, see
+    ``DistillationTrainer.teacher_cross_entropy``) and, for a run with ``compute_metrics``, the task
+    metrics of one prediction pass over its logits (gathered over every process). Every process must
+    call it."""
+    if dataset is None:
+        return {}
+    scores = trainer.hard_scores(trainer.teacher_cross_entropy(dataset))
+    if trainer.compute_metrics is None:
+        return scores
+    output = trainer.predict(dataset, metric_key_prefix="eval")
+    if isinstance(output.predictions, tuple) and len(output.predictions) == 2:
+        metrics = trainer.compute_metrics(
+            EvalPrediction(predictions=output.predictions[1], label_ids=output.label_ids)
+        )
+        scores |= {f"eval_{name}": value for name, value in metrics.items()}
+    return scores
 
 
 def run_distillation(

@@ -51,7 +51,8 @@ def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], 
 
 def processor_fingerprint(processor: Any) -> str:
     """SHA-256 of what decides a processor's output: a tokenizer's full vocabulary, merges, normaliser
-    and special tokens (its ``tokenizer.json``), or an image processor's settings."""
+    and special tokens (its ``tokenizer.json``), or an image processor's settings. hf_kd's one processor
+    fingerprint: equal fingerprints, same model inputs (a teacher cache records it as ``processor_hash``)."""
     if hasattr(processor, "backend_tokenizer"):
         payload = processor.backend_tokenizer.to_str() + json.dumps(
             processor.special_tokens_map, sort_keys=True

@@ -60,7 +60,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from hf_kd.hub import format_value, markdown_table, upload_folder_to_repo
+from hf_kd.cards.markdown import format_value, markdown_table
+from hf_kd.hub import upload_folder_to_repo
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
 from hf_kd.teachers.codec import COMPRESSIONS, CodecError, TopkCodec

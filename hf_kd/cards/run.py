@@ -1,5 +1,5 @@
-"""The model card of one distillation run: what ``hf_kd.hub`` renders, filled from the run's arguments,
-its evaluation logs and the teacher's own scores.
+"""The model card of one distillation run: what ``hf_kd.cards.model`` renders, filled from the run's
+arguments, its evaluation logs and the teacher's own scores.
 
 ``run_card_info`` gathers the fixed facts once (teacher, data, loss settings, cache provenance, sizes,
 command, recipe); ``with_latest_evaluation`` adds the scores of the latest evaluation in the Trainer's
@@ -14,11 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from transformers import EvalPrediction
-
-from hf_kd.hub import DistillationCardInfo, redact
+from hf_kd.cards.markdown import markdown_table
+from hf_kd.cards.model import DistillationCardInfo
 from hf_kd.knowledge.diagnosis import diagnose
 from hf_kd.knowledge.measures import nested_measures
+from hf_kd.redact import redact
 
 KNOWLEDGE_PREFIX = "eval_knowledge/"
 """Prefix of the knowledge measures in the evaluation logs."""
@@ -42,7 +42,7 @@ def run_card_info(
     teacher id and revision the cache recorded when the run read a teacher cache, else by
     ``teacher_model_name_or_path`` and ``teacher_model_revision``. A run whose loss uses no teacher
     (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card. ``command`` and ``recipe_yaml`` are
-    quoted with every secret redacted (``hf_kd.hub.redact``).
+    quoted with every secret redacted (``hf_kd.redact.redact``).
     """
     teacher_id, teacher_revision = None, None
     if config.uses_teacher and cache_provenance is not None:
@@ -63,7 +63,7 @@ def run_card_info(
         eval_split=data_args.eval_split,
         student_source=student_source,
         temperature_squared=config.temperature_squared,
-        synthetic_target=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
+        synthetic_teacher=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
         teacher_source=config.teacher_source,
         cache_provenance=cache_provenance,
         teacher_metrics=dict(teacher_metrics or {}),
@@ -103,7 +103,7 @@ def knowledge_summary(measures: dict[str, float], *, alpha: float, temperature: 
     """The knowledge report's diagnosis in words (``hf_kd.knowledge.diagnosis.diagnose``) and a markdown
     table of the scalar knowledge measures (histogram bins left out), or None without measures."""
     rows = [
-        (name, value)
+        [f"`{name}`", f"{value:.4g}"]
         for name, value in measures.items()
         if "histogram" not in name and "bin_edges" not in name
     ]
@@ -118,27 +118,5 @@ def knowledge_summary(measures: dict[str, float], *, alpha: float, temperature: 
         "Knowledge measures of the final evaluation (see hf_kd's README, the three knowledge levels):",
         "",
     ]
-    lines += ["| Measure | Value |", "| --- | --- |"] + [
-        f"| `{name}` | {value:.4g} |" for name, value in rows
-    ]
+    lines.append(markdown_table(["Measure", "Value"], rows))
     return "\n".join(lines)
-
-
-def teacher_scores(trainer, dataset) -> dict[str, float]:
-    """The teacher's scores on ``dataset`` by the student's own evaluation measures: its mean
-    cross-entropy on the labels (``eval_loss_hard``; with ``eval_perplexity`` for a causal LM, see
-    ``DistillationTrainer.teacher_cross_entropy``) and, for a run with ``compute_metrics``, the task
-    metrics of one prediction pass over its logits (gathered over every process). Every process must
-    call it."""
-    if dataset is None:
-        return {}
-    scores = trainer.hard_scores(trainer.teacher_cross_entropy(dataset))
-    if trainer.compute_metrics is None:
-        return scores
-    output = trainer.predict(dataset, metric_key_prefix="eval")
-    if isinstance(output.predictions, tuple) and len(output.predictions) == 2:
-        metrics = trainer.compute_metrics(
-            EvalPrediction(predictions=output.predictions[1], label_ids=output.label_ids)
-        )
-        scores |= {f"eval_{name}": value for name, value in metrics.items()}
-    return scores

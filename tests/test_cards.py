@@ -1,0 +1,59 @@
+"""The cards package: the markdown pieces every card shares, and the student's card naming each teacher
+source and synthetic teacher with the wording defined once beside the option."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_kd.cards.markdown import code_block, field_table, format_value, markdown_table
+from hf_kd.cards.model import SYNTHETIC_TARGETS, DistillationCardInfo, render_model_card
+from hf_kd.config import TEACHER_SOURCES, DistillationConfig
+
+
+def _info(**fields) -> DistillationCardInfo:
+    return DistillationCardInfo(
+        student_id="me/student",
+        teacher_id="org/teacher",
+        task="text-classification",
+        divergence="forward_kl",
+        temperature=2.0,
+        alpha=0.5,
+        hf_kd_version="0.1.0",
+        **fields,
+    )
+
+
+def test_code_block_fence_is_longer_than_any_backtick_run_inside():
+    text = "run:\n```bash\npython x.py\n```\n"
+    block = code_block(text, "yaml")
+    assert block.splitlines()[0] == "````yaml" and block.splitlines()[-1] == "````"
+    assert block.splitlines()[1:-1] == text.strip("\n").splitlines()
+    assert code_block("plain", "bash") == "```bash\nplain\n```"
+
+
+def test_tables_escape_cells_and_leave_out_missing_fields():
+    assert markdown_table(["a", "b"], [["x|y", "1\n2"]]) == "| a | b |\n| --- | --- |\n| x\\|y | 1 2 |"
+    table = field_table({"top_k": 20, "teacher_revision": None, "ratio": 0.123456, "ok": True})
+    assert table.splitlines() == [
+        "| Field | Value |",
+        "| --- | --- |",
+        "| `top_k` | 20 |",
+        "| `ratio` | 0.1235 |",
+        "| `ok` | yes |",
+    ]
+    assert [format_value(v) for v in (None, 1234567, [1, "a"])] == ["—", "1,234,567", '`[1, "a"]`']
+
+
+@pytest.mark.parametrize("source", sorted(TEACHER_SOURCES))
+def test_card_names_every_teacher_source_a_config_accepts(tmp_path, source):
+    DistillationConfig(output_dir=str(tmp_path), teacher_source=source, teacher_cache=str(tmp_path / "cache"))
+    text = str(render_model_card(_info(teacher_source=source)))
+    assert f"- **Teacher signal:** {source}: {TEACHER_SOURCES[source]}" in text
+
+
+def test_card_states_the_synthetic_teacher_and_its_soft_target():
+    text = str(render_model_card(_info(synthetic_teacher="ls")))
+    assert f"- **Target:** `ls`: {SYNTHETIC_TARGETS['ls']}" in text
+    assert "D(uniform^τ ‖ student^τ)" in text
+    plain = str(render_model_card(_info(synthetic_teacher="none")))
+    assert "- **Loss:** CE(labels, student): plain fine-tuning" in plain and "Divergence" not in plain
