@@ -34,7 +34,7 @@ from bench_cache import real_lm
 from datasets import Dataset, DatasetDict
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
-from hf_kd.pipeline import run_distillation
+from hf_kd.runs.distill import run_distillation
 from hf_kd.teachers.cache import CacheArguments, run_capture
 
 ARMS = {  # name: (DistillationConfig fields, cache name)
