@@ -41,7 +41,7 @@ SYNTHETIC_TARGETS = {
     "kd_sim": "class-similarity targets from the teacher's logit-layer weights (universe + domain knowledge)",
     "kd_topk": "the teacher's top-k probabilities, the remaining mass spread uniformly over the other classes",
 }
-"""What the student was pulled toward, per synthetic target kind (see shared/PAPER.md)."""
+"""What the student was pulled toward, per synthetic target kind (see docs/knowledge.md#synthetic-teachers)."""
 
 TEACHER_SOURCES = {
     "online": "online: the teacher ran alongside the student at every step",

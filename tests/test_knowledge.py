@@ -1,4 +1,4 @@
-"""Knowledge measures against the formulas of shared/PAPER.md (levels 1–3 and teacher health)."""
+"""Knowledge measures against the formulas of docs/knowledge.md (the three levels and teacher health)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""hf_kd.losses against formulas written out by hand (shared/PAPER.md)."""
+"""hf_kd.losses against formulas written out by hand (docs/knowledge.md#the-distillation-loss)."""
 
 import math
 

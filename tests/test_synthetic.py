@@ -1,4 +1,4 @@
-"""Synthetic teachers against the formulas of shared/PAPER.md ("Synthetic teachers")."""
+"""Synthetic teachers against the formulas of docs/knowledge.md#synthetic-teachers."""
 
 import math
 

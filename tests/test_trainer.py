@@ -251,7 +251,7 @@ def test_label_mapping_reorders_teacher_classes(tmp_path, tokenizer):
 
 def test_label_smoothing_arm_equals_cross_entropy_with_label_smoothing(tmp_path, tokenizer):
     """synthetic_teacher='ls' at τ = 1: the loss is F.cross_entropy(label_smoothing=α) less the constant
-    α·H(u) = α·log K, since D is KL(u ‖ q) = H(u, q) − H(u) (shared/PAPER.md, level 1; same gradient).
+    α·H(u) = α·log K, since D is KL(u ‖ q) = H(u, q) − H(u) (docs/knowledge.md#universe-level; same gradient).
     No teacher–student agreement is reported for the uniform teacher."""
     task, data = prepared(tokenizer)
     trainer = DistillationTrainer(
