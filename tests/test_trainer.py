@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from formulas import kd_logit_gradient, kd_loss
 from safetensors.torch import load_file
 from tiny import FILLER, NEGATIVE, POSITIVE, bert_classifier, sentiment_dataset, word_tokenizer
 
@@ -66,15 +67,11 @@ def trainer_for(tmp_path, tokenizer, *, n=32, unlabeled_every=0, student_seed=1,
     return trainer, data
 
 
-def hand_loss(student_logits, teacher_logits, labels, alpha, tau):
-    """(1 − α)·mean CE over labelled rows + α·τ²·mean KL(p^τ ‖ q^τ) over all rows, written out."""
-    labelled = labels >= 0
-    log_q1 = torch.log_softmax(student_logits, -1)
-    ce = -log_q1[labelled].gather(-1, labels[labelled, None]).mean() if labelled.any() else torch.tensor(0.0)
-    p = torch.softmax(teacher_logits / tau, -1)
-    log_q = torch.log_softmax(student_logits / tau, -1)
-    kl = (p * (p.log() - log_q)).sum(-1).mean()
-    return (1 - alpha) * ce + alpha * tau**2 * kl
+def hand_loss(student_logits, target, labels, alpha, tau):
+    """(1 − α)·mean CE over labelled rows + α·τ²·mean KL(ρ ‖ q^τ) over all rows (classification: every
+    row takes the soft term); ρ = ``target`` as probabilities."""
+    every_row = torch.ones_like(labels, dtype=torch.bool)
+    return kd_loss(student_logits, target, labels, alpha=alpha, tau=tau, soft_rows=every_row)
 
 
 @pytest.mark.parametrize("unlabeled_every", [0, 3, 1])
@@ -86,7 +83,7 @@ def test_compute_loss_equals_the_kd_formula(tmp_path, tokenizer, unlabeled_every
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         z, v = trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits
-    expected = hand_loss(z, v, batch["labels"], 0.5, 2.0)
+    expected = hand_loss(z, torch.softmax(v / 2.0, -1), batch["labels"], 0.5, 2.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     if unlabeled_every == 1:  # no label at all: the soft term alone
         p = torch.softmax(v / 2, -1)
@@ -110,11 +107,8 @@ def test_gradient_on_logits_matches_the_paper(tmp_path, tokenizer):
     z = student_logits[0]
     with torch.no_grad():
         v = trainer.teacher_model(**{k: t for k, t in batch.items() if k != "labels"}).logits
-    y = F.one_hot(batch["labels"], 2).float()
-    expected = 0.7 * (torch.softmax(z, -1) - y) + 0.3 * 3.0 * (
-        torch.softmax(z / 3, -1) - torch.softmax(v / 3, -1)
-    )
-    torch.testing.assert_close(z.grad, expected.detach() / 8, rtol=1e-4, atol=1e-7)
+    expected = kd_logit_gradient(z.detach(), v, batch["labels"], alpha=0.3, tau=3.0)
+    torch.testing.assert_close(z.grad, expected / 8, rtol=1e-4, atol=1e-7)
 
 
 def test_training_end_to_end(tmp_path, tokenizer):
@@ -282,8 +276,7 @@ def test_synthetic_teachers_from_python(tmp_path, tokenizer):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         z, v = trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits
     rho = synthetic_target("kd_pt", v, batch["labels"], temperature=2.0)
-    kl = (rho * (rho.log() - torch.log_softmax(z / 2, -1))).sum(-1).mean()
-    expected = 0.6 * F.cross_entropy(z, batch["labels"]) + 0.4 * 4 * kl
+    expected = hand_loss(z, rho, batch["labels"], 0.4, 2.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
     trainer, _ = trainer_for(tmp_path, tokenizer, synthetic_teacher="none")
