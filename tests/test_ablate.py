@@ -148,7 +148,15 @@ def test_ablate_script_real_runs(tmp_path, capsys):
         "1",
     ]
     content = ablate.main(argv)
-    assert set(content["summary"]) == {"none", "kd_pt"} and 0.0 <= content["summary"]["kd_pt"]["mean"] <= 1.0
+    accuracy = {
+        arm: json.loads((tmp_path / "abl" / arm / "seed1" / "result.json").read_text())["metrics"][
+            "eval_accuracy"
+        ]
+        for arm in ("none", "kd_pt")
+    }
+    assert set(content["summary"]) == {"none", "kd_pt"}
+    assert content["summary"]["kd_pt"]["mean"] == accuracy["kd_pt"] and content["summary"]["kd_pt"]["n"] == 1
+    assert content["summary"]["kd_pt"]["delta_mean"] == pytest.approx(accuracy["kd_pt"] - accuracy["none"])
     out = capsys.readouterr().out
     assert "[2/2] arm=kd_pt seed=0: training" in out and "ablation table:" in out
     assert ablate.main(argv)["summary"] == content["summary"]

@@ -26,7 +26,7 @@ from tiny import (
 
 from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
 from hf_kd.losses import SparseLogits, divergence, teacher_log_probs
-from hf_kd.tasks import ImageClassificationTask, TextClassificationTask
+from hf_kd.tasks import CausalLMTask, ImageClassificationTask, TextClassificationTask
 from hf_kd.teachers.cache import (
     METADATA_FILE,
     CacheError,
@@ -488,7 +488,6 @@ def tiny_gpt_and_texts(vocab_size: int):
 
 def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tmp_path):
     """Per-token top-k of a tiny GPT-2 over padded rows equals top-k of its logits at every real position."""
-    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask
     tokenizer, teacher, data = tiny_gpt_and_texts(32)
     task = CausalLMTask(max_length=6)
     kwargs = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
