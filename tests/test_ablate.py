@@ -4,7 +4,6 @@ progress, mean ± std table, the paper's ordering, written files."""
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -122,11 +121,8 @@ def test_ablate_script_real_runs(tmp_path, capsys):
         str(tmp_path / "t"),
     ]
     run_distillation(*parse_args(teacher + ["--num_train_epochs", "3", "--disable_tqdm", "true"]))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import ablate
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from scripts import ablate
+
     argv = [
         "--config",
         RECIPE,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from formulas import kd_logit_gradient, kd_loss
 from safetensors.torch import load_file
-from tiny import FILLER, NEGATIVE, POSITIVE, bert_classifier, sentiment_dataset, word_tokenizer
+from tiny import FILLER, NEGATIVE, POSITIVE, bert_classifier, sentiment_dataset, tiny_config, word_tokenizer
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.tasks import TextClassificationTask
@@ -18,23 +18,17 @@ from hf_kd.tasks.classification import ClassificationMetrics
 
 
 def make_config(tmp_path, **overrides) -> DistillationConfig:
+    """One epoch of batch 8 at α = 0.5, τ = 2, logging every step."""
     values = dict(
-        output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
         learning_rate=1e-2,
         num_train_epochs=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        save_strategy="no",
         logging_steps=1,
         alpha=0.5,
         temperature=2.0,
     )
-    values.update(overrides)
-    return DistillationConfig(**values)
+    return tiny_config(tmp_path / "out", **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
