@@ -145,7 +145,7 @@ def test_ablate_script_real_runs(tmp_path, capsys):
     ]
     content = ablate.main(argv)
     accuracy = {
-        arm: json.loads((tmp_path / "abl" / arm / "seed1" / "result.json").read_text())["metrics"][
+        arm: json.loads((tmp_path / "abl" / arm / "seed0" / "result.json").read_text())["metrics"][
             "eval_accuracy"
         ]
         for arm in ("none", "kd_pt")
