@@ -34,8 +34,78 @@ class DistillationConfig(TrainingArguments):
     r"""Training arguments of :class:`hf_kd.DistillationTrainer`.
 
     The loss is ``(1 − alpha) · CE(labels, student) + alpha · s · D(teacher^τ, student^τ)`` with
-    τ = ``temperature``, D = ``divergence`` and s = τ² when ``temperature_squared`` is on.
-    Every other field is a ``transformers.TrainingArguments`` field.
+    τ = ``temperature``, D = ``divergence`` and s = τ² when ``temperature_squared`` is on
+    (docs/knowledge.md#the-distillation-loss). The fields below are the ones this class adds; every
+    other field is a ``transformers.TrainingArguments`` field.
+
+    Parameters:
+        > Teacher
+
+        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            The teacher: a Hub model id or a local directory. Not needed when `alpha` is 0, when
+            `synthetic_teacher` is `"none"` or `"ls"`, or when the teacher is cached.
+        teacher_model_revision (`str`, *optional*, defaults to `"main"`):
+            Revision (branch, tag or commit) of `teacher_model_name_or_path`.
+        teacher_model_init_kwargs (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Extra keyword arguments of the teacher's `from_pretrained`, e.g. `{"dtype": "bfloat16"}`; a
+            string is read as YAML. `revision`, `trust_remote_code` and `use_safetensors` are refused here
+            (set by `teacher_model_revision`, `trust_remote_code`, and always safetensors).
+        teacher_cpu_offload (`bool`, *optional*, defaults to `False`):
+            Keep the online teacher's weights in CPU memory and move them to the device layer by layer
+            (`hf_kd.teachers.placement`).
+        teacher_source (`str`, *optional*, defaults to `"online"`):
+            Where the teacher's logits come from: `"online"` (the teacher runs at every step) or
+            `"cached"` (read from `teacher_cache`).
+        teacher_cache (`str` or `None`, *optional*, defaults to `None`):
+            With `teacher_source="cached"`: a local cache directory or a Hub dataset id written by
+            `scripts/cache_teacher.py`.
+        teacher_label_mapping (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Teacher label name → student label name, when the two label lists differ in order or naming;
+            a string is read as YAML.
+
+        > Loss
+
+        temperature (`float`, *optional*, defaults to `2.0`):
+            Softmax temperature τ > 0 that divides both the teacher's and the student's logits in the
+            soft term (the hard term uses τ = 1).
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight α ∈ [0, 1] of the soft term: 0 is plain fine-tuning on labels, 1 the soft term only.
+        divergence (`str`, *optional*, defaults to `"forward_kl"`):
+            The soft term's divergence D: `"forward_kl"`, `"reverse_kl"`, `"jsd"`, `"tvd"`, `"skew_kl"`,
+            `"skew_rkl"` or `"mse"` (on logits; the real teacher only). See docs/knowledge.md#divergences.
+        beta (`float`, *optional*, defaults to `0.5`):
+            Interpolation β ∈ [0, 1] of the generalised `"jsd"`; 0 is forward KL, 1 reverse KL.
+        skew (`float`, *optional*, defaults to `0.1`):
+            Skew s ∈ (0, 1] of `"skew_kl"` and `"skew_rkl"` (DistiLLM).
+        temperature_squared (`bool`, *optional*, defaults to `True`):
+            Multiply the soft term by τ² (Hinton et al.), so that its gradient scale does not shrink as τ
+            grows; `False` multiplies by 1.
+        sparse_tail (`str`, *optional*, defaults to `"uniform"`):
+            How a top-k (cached) teacher's left-out mass is used: `"uniform"` spreads it evenly over the
+            other classes, `"renormalize"` drops it and rescales the top-k. See
+            docs/knowledge.md#top-k-sparse-teachers.
+        loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Compute the loss and its gradient this many items (token positions) at a time, with the same
+            result, to bound memory for large vocabularies; `None` computes it in one piece.
+        student_logits_from_hidden_states (`bool`, *optional*, defaults to `False`):
+            causal-lm with `loss_chunk_size` only: the student's forward stops at its final hidden states
+            and the loss makes its logits chunk by chunk through the output layer, so the
+            [tokens × vocabulary] student logits never exist. Needs an output layer without bias; not with
+            `compute_metrics`, FSDP or ZeRO-3.
+
+        > Synthetic teachers (docs/knowledge.md#synthetic-teachers)
+
+        synthetic_teacher (`str`, *optional*, defaults to `"kd"`):
+            The target distilled: `"kd"` (the teacher's own distribution), or a synthetic teacher that
+            keeps only some knowledge levels: `"none"` (α = 0, labels only), `"ls"` (uniform: label
+            smoothing), `"kd_pt"` (the teacher's p_t with a uniform tail), `"kd_sim"` (class-similarity
+            targets) or `"kd_topk"` (the teacher's top-k with a uniform tail).
+        synthetic_topk (`float` or `None`, *optional*, defaults to `None`):
+            k of `synthetic_teacher="kd_topk"` (required there): a whole count ≥ 1, or a fraction of the
+            classes in (0, 1).
+        synthetic_sim_temperature (`float`, *optional*, defaults to `1.0`):
+            β > 0 of `synthetic_teacher="kd_sim"`: the target is softmax(S[t] / β), S the teacher's class
+            similarity.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -239,7 +309,23 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelArguments:
-    """The student model and the processors."""
+    """The student model and the processors (``scripts/distill.py``).
+
+    Parameters:
+        student_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            The student: a Hub model id or a local directory. One of it and `student_config` is required.
+        student_model_revision (`str`, *optional*, defaults to `"main"`):
+            Revision (branch, tag or commit) of `student_model_name_or_path`.
+        student_config (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Build the student from this model config instead, untrained (e.g.
+            `{"model_type": "vit", "hidden_size": 32, ...}`); a string is read as YAML.
+        student_processor (`str` or `None`, *optional*, defaults to `None`):
+            The student's tokenizer or image processor (Hub id or directory); `None`: the student model's own.
+        teacher_processor (`str` or `None`, *optional*, defaults to `None`):
+            The teacher's tokenizer or image processor; `None`: the teacher model's own.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow model (and metric) code from the Hub. Leave it off unless you trust the repository.
+    """
 
     student_model_name_or_path: str | None = field(
         default=None,
@@ -279,7 +365,59 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """The dataset and the task."""
+    """The dataset and the task (``scripts/distill.py``).
+
+    Parameters:
+        task (`str`, *optional*, defaults to `"text-classification"`):
+            One of `"text-classification"`, `"image-classification"`, `"causal-lm"`,
+            `"feature-classification"`.
+        dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            A Hub dataset id, a directory written by `save_to_disk`, or a data-file builder name (`csv`,
+            `json`, `parquet`, ...).
+        dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            The dataset's configuration name.
+        data_files (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Data files of a builder dataset; a string starting with `{` is read as YAML.
+        train_split (`str`, *optional*, defaults to `"train"`):
+            The training split.
+        eval_split (`str` or `None`, *optional*, defaults to `"test"`):
+            The evaluation split; `None`: no evaluation.
+        text_column (`str`, *optional*, defaults to `"text"`):
+            The text column (text tasks).
+        text_pair_column (`str` or `None`, *optional*, defaults to `None`):
+            The second text column of sentence-pair tasks.
+        messages_column (`str`, *optional*, defaults to `"messages"`):
+            causal-lm: the column of conversations (`[{role, content}, ...]`, rendered with the chat
+            template).
+        completion_only_loss (`bool`, *optional*, defaults to `True`):
+            causal-lm chat data: train (hard and soft term) on the assistant's tokens only; `False`: on
+            every token.
+        packing (`bool`, *optional*, defaults to `False`):
+            causal-lm: pack whole examples into rows of `max_length` tokens (position ids restart per
+            example).
+        image_column (`str`, *optional*, defaults to `"image"`):
+            The image column (image tasks).
+        feature_column (`str`, *optional*, defaults to `"features"`):
+            The feature-vector column (feature-classification).
+        label_column (`str`, *optional*, defaults to `"label"`):
+            The label column; a label of -1 or -100, or a missing one, marks an unlabelled row (soft term
+            only).
+        max_length (`int`, *optional*, defaults to `128`):
+            Maximum tokens per example (≥ 1).
+        max_train_samples (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first N training rows.
+        max_eval_samples (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first N evaluation rows.
+        num_labeled_examples (`int` or `None`, *optional*, defaults to `None`):
+            Keep the labels of only N training rows (picked with the seed); the others become unlabelled
+            transfer data.
+        use_unlabeled (`bool`, *optional*, defaults to `True`):
+            Train on rows without a label too (soft term only: the teacher labels them); `False` drops
+            them.
+        metrics (`list[str]`, *optional*, defaults to `["accuracy"]`):
+            `evaluate` metrics: a built-in of hf_kd (`accuracy`, `f1`), a local module path, or a Hub
+            metric name (runs its code: needs `trust_remote_code`).
+    """
 
     task: str = field(default="text-classification", metadata={"help": f"One of {TASKS}."})
     dataset_name: str | None = field(

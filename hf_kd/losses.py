@@ -1,6 +1,6 @@
 """Distillation losses: pure tensor math, no Trainer plumbing.
 
-Notation (``shared/PAPER.md``): p is the teacher distribution, q the student's, both at temperature
+Notation (``docs/knowledge.md#notation``): p is the teacher distribution, q the student's, both at temperature
 τ (the logits are divided by τ before the softmax). Every divergence returns one value per position,
 shape ``logits.shape[:-1]``, in float32.
 

@@ -400,6 +400,27 @@ class DistillationTrainer(Trainer):
         return HiddenStates(hidden, weight)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        r"""The distillation loss of one micro-batch (docs/knowledge.md#the-distillation-loss):
+
+            L = (1 − α) · Σ_hard H(y, q¹) / N_hard + α · s · Σ_soft D(p^τ, q^τ) / N_soft
+
+        with q the student's distribution, p the teacher signal's (or the target function's ρ, a
+        synthetic teacher), τ = ``args.temperature``, D = ``args.divergence``, s = τ² when
+        ``args.temperature_squared`` else 1. The task flattens the batch into items (one per example, or
+        one per token with a next-token target); Σ_hard runs over the items with a label, Σ_soft over
+        the task's soft items. Without a teacher signal α is taken as 0 (labels only).
+
+        N_hard and N_soft are the item counts of the whole gradient-accumulation window
+        (``num_items_in_batch``, a [hard, soft] tensor from :meth:`get_batch_samples`, summed over
+        processes with ``average_tokens_across_devices``; the loss is then multiplied by the number of
+        processes, since DDP averages gradients). Without a window (evaluation) they are the batch's own
+        counts. The hard and soft sums are recorded for the ``loss_hard`` / ``loss_soft`` logs.
+
+        Returns:
+            The scalar loss; with ``return_outputs``, ``(loss, outputs)`` where ``outputs`` holds the
+            student's ``logits`` and, for a real teacher's dense logits, ``teacher_logits`` (empty when
+            the student's logits were never made: ``student_logits_from_hidden_states``).
+        """
         labels = inputs["labels"]
         student_inputs, _, _ = split_batch(inputs)
         # The teacher runs first: its activations are freed before the student's are made (~8 % faster steps).

@@ -7,13 +7,18 @@
    training images as unlabelled transfer data (the teacher labels them);
 4. print one table: accuracy (mean ± std over seeds), parameters, evaluation speed.
 
+It prints one line per run; everything a run prints or logs goes to ``<output_dir>/logs/<run>.log``.
+
     python scripts/demo.py [--seeds 0 1 2 3 4] [--output_dir outputs/demo]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -31,6 +36,31 @@ STUDENT_ARMS = {
     "student with KD + unlabeled data": ["--use_unlabeled", "true"],
 }
 """Command-line overrides of recipes/demo/student_kd.yaml for each student row of the table."""
+
+
+@contextlib.contextmanager
+def run_line(description: str, log: Path) -> Iterator[dict]:
+    """One line per run: ``[demo] description ...`` now, the accuracy the block puts into the yielded dict,
+    the time and the log file when it ends. What the block prints (stdout, stderr) and what transformers
+    logs goes to the file ``log``."""
+    print(f"[demo] {description} ...", end="", flush=True)
+    started, result = time.perf_counter(), {}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with log.open("w") as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+            handler = logging.StreamHandler(file)
+            transformers.utils.logging.disable_default_handler()  # it writes to the terminal's stderr
+            transformers.utils.logging.add_handler(handler)
+            try:
+                yield result
+            finally:
+                transformers.utils.logging.remove_handler(handler)
+                transformers.utils.logging.enable_default_handler()
+    except BaseException:
+        print(f" failed (log: {log})", flush=True)
+        raise
+    accuracy = f"accuracy {result['accuracy']:.3f}, " if "accuracy" in result else ""
+    print(f" {accuracy}{time.perf_counter() - started:.0f} s (log: {log})", flush=True)
 
 
 def train(recipe: str, output_dir: Path, *overrides: str):
@@ -81,8 +111,11 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     write_digits("outputs/data/digits")
     started = time.perf_counter()
-    print("[demo] training the teacher (ViT, hidden 64 × 4 layers, all 1,258 training labels)", flush=True)
-    teacher = train("teacher.yaml", args.output_dir / "teacher")
+    logs = args.output_dir / "logs"
+    description = "teacher (ViT, hidden 64 × 4 layers, all 1,258 training labels)"
+    with run_line(description, logs / "teacher.log") as line:
+        teacher = train("teacher.yaml", args.output_dir / "teacher")
+        line["accuracy"] = teacher.metrics["eval_accuracy"]
     rows = [
         (
             "teacher",
@@ -94,17 +127,18 @@ def main() -> None:
     for name, overrides in STUDENT_ARMS.items():
         accuracies, result = [], None
         for seed in args.seeds:
-            print(f"[demo] {name}, seed {seed}", flush=True)
-            out = args.output_dir / name.replace(" ", "_").replace("+", "plus") / f"seed{seed}"
-            result = train(
-                "student_kd.yaml",
-                out,
-                "--seed",
-                str(seed),
-                "--teacher_model_name_or_path",
-                str(args.output_dir / "teacher"),
-                *overrides,
-            )
+            folder = name.replace(" ", "_").replace("+", "plus")
+            with run_line(f"{name}, seed {seed}", logs / f"{folder}-seed{seed}.log") as line:
+                result = train(
+                    "student_kd.yaml",
+                    args.output_dir / folder / f"seed{seed}",
+                    "--seed",
+                    str(seed),
+                    "--teacher_model_name_or_path",
+                    str(args.output_dir / "teacher"),
+                    *overrides,
+                )
+                line["accuracy"] = result.metrics["eval_accuracy"]
             accuracies.append(result.metrics["eval_accuracy"])
         rows.append((name, accuracies, result.student_parameters, eval_speed(result.trainer.model)))
 
@@ -125,15 +159,17 @@ def main() -> None:
     data_args, _, config = parse_args(
         ["--config", str(RECIPES / "student_kd.yaml"), "--output_dir", str(kd_student)]
     )
-    build_report(
-        data_args,
-        config,
-        teacher=str(args.output_dir / "teacher"),
-        student=str(kd_student),
-        report_dir=report_dir,
-    )
+    print()
+    with run_line(f"knowledge report of the KD student (seed {args.seeds[0]})", logs / "report.log"):
+        build_report(
+            data_args,
+            config,
+            teacher=str(args.output_dir / "teacher"),
+            student=str(kd_student),
+            report_dir=report_dir,
+        )
     print(
-        f"\n[demo] knowledge report (what the teacher transferred to the KD student): {report_dir / 'report.md'}"
+        f"[demo] knowledge report (what the teacher transferred to the KD student): {report_dir / 'report.md'}"
     )
 
 

@@ -20,13 +20,14 @@ from tiny import (
     image_processor,
     save_model,
     sentiment_dataset,
+    tiny_config,
     vit_classifier,
     word_tokenizer,
 )
 
-from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
+from hf_kd import DataArguments, ModelArguments, run_distillation
 from hf_kd.losses import SparseLogits, divergence, teacher_log_probs
-from hf_kd.tasks import ImageClassificationTask, TextClassificationTask
+from hf_kd.tasks import CausalLMTask, ImageClassificationTask, TextClassificationTask
 from hf_kd.teachers.cache import (
     METADATA_FILE,
     CacheError,
@@ -195,9 +196,9 @@ def run(root: Path, out: Path, **config):
         num_attention_heads=2, intermediate_size=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
     model_args = ModelArguments(student_config=student, student_processor=str(root / "processor"))
-    args = DistillationConfig(
-        output_dir=str(out), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1, use_cpu=True,
-        seed=0, save_strategy="no", report_to="none", disable_tqdm=True, alpha=0.7, temperature=2.0, **config,
+    args = tiny_config(
+        out, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1, alpha=0.7,
+        temperature=2.0, **config,
     )  # fmt: skip
     return run_distillation(data_args, model_args, args)
 
@@ -275,7 +276,7 @@ def test_each_metadata_mismatch_names_field_cache_and_run_values(text_setup, tmp
         "train",
     ]
 
-    args = DistillationConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    args = tiny_config(tmp_path / "o")
     three = bert_classifier(len(text_setup[2]), labels=["a", "b", "c"]).config
     with pytest.raises(
         CacheError,
@@ -293,7 +294,7 @@ def test_each_metadata_mismatch_names_field_cache_and_run_values(text_setup, tmp
 def test_label_order_of_the_run_is_applied_to_cached_logits(text_setup, tmp_path):
     capture_text(text_setup, tmp_path / "cache")
     capture_text(text_setup, tmp_path / "topk", top_k=1)
-    args = DistillationConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    args = tiny_config(tmp_path / "o")
     swapped = bert_classifier(len(text_setup[2]), labels=["positive", "negative"]).config
     for name in ("cache", "topk"):
         cache = load_teacher_cache(tmp_path / name)
@@ -488,7 +489,6 @@ def tiny_gpt_and_texts(vocab_size: int):
 
 def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tmp_path):
     """Per-token top-k of a tiny GPT-2 over padded rows equals top-k of its logits at every real position."""
-    CausalLMTask = pytest.importorskip("hf_kd.tasks.causal_lm").CausalLMTask
     tokenizer, teacher, data = tiny_gpt_and_texts(32)
     task = CausalLMTask(max_length=6)
     kwargs = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
@@ -506,7 +506,7 @@ def test_causal_lm_capture_stores_per_token_topk_read_back_by_the_lm_collator(tm
     torch.testing.assert_close(
         sparse.tail_log_mass[real], reference.tail_log_mass[real], atol=1e-6, rtol=1e-5
     )
-    args = DistillationConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    args = tiny_config(tmp_path / "o")
     with pytest.raises(CacheMismatchError, match="max_length is 6 in the cache but 8 in the run"):
         cache.check_run(CausalLMTask(max_length=8), teacher.config, tokenizer, args)
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
+from tiny import tiny_config
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -57,12 +58,8 @@ def one_step_config(output_dir, **fields) -> DistillationConfig:
         temperature=2.0,
         divergence="jsd",
         loss_chunk_size=5,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
     )
-    return DistillationConfig(output_dir=str(output_dir), **{**defaults, **fields})
+    return tiny_config(output_dir, **{**defaults, **fields})
 
 
 # ---- preprocessing --------------------------------------------------------------------------------

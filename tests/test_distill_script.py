@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from tiny import (
     word_tokenizer,
 )
 
+import scripts.distill as distill_script
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("distill_script", ROOT / "scripts" / "distill.py")
-distill_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(distill_script)
 
 COMMON = dict(
     num_train_epochs=2,

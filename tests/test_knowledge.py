@@ -1,10 +1,11 @@
-"""Knowledge measures against the formulas of shared/PAPER.md (levels 1–3 and teacher health)."""
+"""Knowledge measures against the formulas of docs/knowledge.md (the three levels and teacher health)."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from formulas import kd_loss
 
 from hf_kd.data.hierarchy import class_centres
 from hf_kd.knowledge import (
@@ -71,12 +72,10 @@ def test_rescaling_weight_is_autograd_gradient_ratio(batch, temperature):
     student, teacher, labels = batch
     alpha, tau = 0.6, temperature
     z = student.clone().requires_grad_(True)
-    log_p_tau = F.log_softmax(teacher / tau, -1)
-    kl = F.kl_div(F.log_softmax(z / tau, -1), log_p_tau, log_target=True, reduction="sum")
-    loss = (1 - alpha) * F.cross_entropy(z, labels, reduction="sum") + alpha * tau**2 * kl
+    loss = kd_loss(z, torch.softmax(teacher / tau, -1), labels, alpha=alpha, tau=tau)
     (g_kd,) = torch.autograd.grad(loss, z)
     z_ce = student.clone().requires_grad_(True)
-    (g_ce,) = torch.autograd.grad(F.cross_entropy(z_ce, labels, reduction="sum"), z_ce)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(z_ce, labels), z_ce)
     rows = torch.arange(N)
     ratio = g_kd[rows, labels] / g_ce[rows, labels]
     w = rescaling_weight(student, teacher, labels, alpha=alpha, temperature=tau)

@@ -3,15 +3,16 @@ label-smoothed-teacher failure diagnosis, on the synthetic hierarchy task (hf_kd
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
+from formulas import kd_loss
+from tiny import tiny_config
 
-from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
+from hf_kd import DistillationTrainer, parse_args, run_distillation
 from hf_kd.cards.run import knowledge_summary
 from hf_kd.data.hierarchy import class_groups, make_hierarchy_dataset, write_hierarchy_dataset
 from hf_kd.knowledge import class_similarity, rescaling_weight, soft_confusion
@@ -22,6 +23,7 @@ from hf_kd.losses import distillation_loss
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.tasks.features import FeatureClassificationTask, MLPClassifierConfig, MLPForFeatureClassification
 from hf_kd.teachers.synthetic import SyntheticTargetFn, synthetic_target
+from scripts import analyze
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 16
@@ -82,14 +84,7 @@ def test_ls_through_trainer_is_torch_label_smoothing(hierarchy, tmp_path):
     cross_entropy(label_smoothing = α) − α log K (KL = H(u, q) − log K), with the same gradient."""
     _, x, y, _, _, _ = hierarchy
     alpha, model = 0.3, mlp(8, 1, 0)
-    args = DistillationConfig(
-        output_dir=str(tmp_path),
-        synthetic_teacher="ls",
-        alpha=alpha,
-        temperature=1.0,
-        use_cpu=True,
-        report_to="none",
-    )
+    args = tiny_config(tmp_path, synthetic_teacher="ls", alpha=alpha, temperature=1.0)
     trainer = DistillationTrainer(model=model, args=args, task=FeatureClassificationTask())
     batch = {"features": x[:64], "labels": y[:64]}
     loss = trainer.compute_loss(model, batch)
@@ -111,8 +106,7 @@ def test_target_fn_loss_is_kl_to_synthetic_target(kind):
     fn = SyntheticTargetFn(kind, k=4.0, class_similarity=sim, sim_temperature=0.5)
     loss = distillation_loss(z, v, y, alpha=alpha, temperature=tau, target_fn=fn).loss
     rho = synthetic_target(kind, v, y, temperature=tau, k=4, class_similarity=sim, sim_temperature=0.5)
-    kl = (rho * (rho.log() - F.log_softmax(z / tau, -1))).sum(-1).mean()
-    torch.testing.assert_close(loss, (1 - alpha) * F.cross_entropy(z, y) + alpha * tau**2 * kl)
+    torch.testing.assert_close(loss, kd_loss(z, rho, y, alpha=alpha, tau=tau))
 
 
 def test_kd_topk_with_k_equal_K_is_kd_through_loss():
@@ -368,11 +362,6 @@ def test_pipeline_kd_sim_and_knowledge_callback(saved_teacher):
 
 def test_analyze_script_writes_report(saved_teacher, capsys):
     root, data = saved_teacher
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import analyze
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     argv = ["--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data)]
     argv += ["--teacher", str(root / "teacher"), "--student", "none", "--output_dir", str(root / "unused")]
     report_dir = analyze.main(argv)
@@ -387,20 +376,11 @@ def test_analyze_script_writes_report(saved_teacher, capsys):
         analyze.main(argv[:4] + ["--teacher", str(root / "missing")])
 
 
-def _analyze():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import analyze
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return analyze
-
-
 def test_analyze_refuses_token_level_task_before_loading(saved_teacher):
     root, _ = saved_teacher
     argv = ["--config", str(ROOT / "recipes/causal_lm/tiny/student.yaml"), "--output_dir", str(root / "lm")]
     with pytest.raises(ValueError, match="task='causal-lm'.*classification tasks"):
-        _analyze().main(argv + ["--teacher", str(root / "teacher"), "--student", "none"])
+        analyze.main(argv + ["--teacher", str(root / "teacher"), "--student", "none"])
 
 
 def test_analyze_names_a_missing_label_column(saved_teacher):
@@ -408,7 +388,7 @@ def test_analyze_names_a_missing_label_column(saved_teacher):
     argv = ["--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data)]
     argv += ["--teacher", str(root / "teacher"), "--student", "none", "--output_dir", str(root / "unused")]
     with pytest.raises(ValueError, match=r"split 'train' .* has no column 'grade' \(label_column\).*'label'"):
-        _analyze().main(argv + ["--label_column", "grade"])
+        analyze.main(argv + ["--label_column", "grade"])
 
 
 def test_analyze_loads_the_recipes_teacher_at_its_revision(saved_teacher, monkeypatch):
@@ -434,10 +414,10 @@ def test_analyze_loads_the_recipes_teacher_at_its_revision(saved_teacher, monkey
     argv = ["--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data)]
     argv += ["--student", "none", "--output_dir", str(root / "revision"), "--max_samples", "32"]
     teacher = ["--teacher_model_name_or_path", str(root / "teacher"), "--teacher_model_revision", "v1.0"]
-    _analyze().main(argv + teacher)
+    analyze.main(argv + teacher)
     assert seen == [("weights", "v1.0"), ("processor", "v1.0")]
     seen.clear()
-    _analyze().main(argv + teacher + ["--teacher", str(root / "teacher") + "/"])
+    analyze.main(argv + teacher + ["--teacher", str(root / "teacher") + "/"])
     assert seen == [("weights", "main"), ("processor", "main")]
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import bert_classifier, sentiment_dataset, word_tokenizer
+from tiny import bert_classifier, sentiment_dataset, tiny_config, word_tokenizer
 from transformers import TrainerCallback
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationTrainer
 from hf_kd.tasks import TextClassificationTask
 
 
@@ -27,8 +27,8 @@ def _trainer(output_dir, callbacks=()):
     tokenizer = word_tokenizer()
     task = TextClassificationTask(max_length=16)
     train = task.prepare(sentiment_dataset(48, seed=0), student_processor=tokenizer)
-    config = DistillationConfig(
-        output_dir=str(output_dir),
+    config = tiny_config(
+        output_dir,
         max_steps=6,
         save_steps=3,
         save_strategy="steps",
@@ -36,10 +36,6 @@ def _trainer(output_dir, callbacks=()):
         learning_rate=5e-3,
         alpha=0.5,
         temperature=2.0,
-        use_cpu=True,
-        seed=0,
-        report_to="none",
-        disable_tqdm=True,
         logging_steps=3,
     )
     return DistillationTrainer(

@@ -1,10 +1,11 @@
-"""Synthetic teachers against the formulas of shared/PAPER.md ("Synthetic teachers")."""
+"""Synthetic teachers against the formulas of docs/knowledge.md#synthetic-teachers."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from formulas import kd_loss
 
 from hf_kd.knowledge import class_similarity
 from hf_kd.teachers.synthetic import (
@@ -42,8 +43,8 @@ def test_ls_loss_is_torch_label_smoothing(batch):
     z = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
     alpha = 0.3
     rho = synthetic_target("ls", logits, labels)
-    mixed = (1 - alpha) * F.cross_entropy(z, labels) + alpha * -(rho * F.log_softmax(z, -1)).sum(-1).mean()
-    torch.testing.assert_close(mixed, F.cross_entropy(z, labels, label_smoothing=alpha))
+    mixed = kd_loss(z, rho, labels, alpha=alpha, tau=1.0)  # its soft term is KL(u ‖ q) = H(u, q) − log K
+    torch.testing.assert_close(mixed + alpha * math.log(K), F.cross_entropy(z, labels, label_smoothing=alpha))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from formulas import kd_logit_gradient, kd_loss
 from safetensors.torch import load_file
-from tiny import FILLER, NEGATIVE, POSITIVE, bert_classifier, sentiment_dataset, word_tokenizer
+from tiny import FILLER, NEGATIVE, POSITIVE, bert_classifier, sentiment_dataset, tiny_config, word_tokenizer
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.tasks import TextClassificationTask
@@ -17,23 +18,17 @@ from hf_kd.tasks.classification import ClassificationMetrics
 
 
 def make_config(tmp_path, **overrides) -> DistillationConfig:
+    """One epoch of batch 8 at α = 0.5, τ = 2, logging every step."""
     values = dict(
-        output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
         per_device_eval_batch_size=16,
         learning_rate=1e-2,
         num_train_epochs=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        save_strategy="no",
         logging_steps=1,
         alpha=0.5,
         temperature=2.0,
     )
-    values.update(overrides)
-    return DistillationConfig(**values)
+    return tiny_config(tmp_path / "out", **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +61,11 @@ def trainer_for(tmp_path, tokenizer, *, n=32, unlabeled_every=0, student_seed=1,
     return trainer, data
 
 
-def hand_loss(student_logits, teacher_logits, labels, alpha, tau):
-    """(1 − α)·mean CE over labelled rows + α·τ²·mean KL(p^τ ‖ q^τ) over all rows, written out."""
-    labelled = labels >= 0
-    log_q1 = torch.log_softmax(student_logits, -1)
-    ce = -log_q1[labelled].gather(-1, labels[labelled, None]).mean() if labelled.any() else torch.tensor(0.0)
-    p = torch.softmax(teacher_logits / tau, -1)
-    log_q = torch.log_softmax(student_logits / tau, -1)
-    kl = (p * (p.log() - log_q)).sum(-1).mean()
-    return (1 - alpha) * ce + alpha * tau**2 * kl
+def hand_loss(student_logits, target, labels, alpha, tau):
+    """(1 − α)·mean CE over labelled rows + α·τ²·mean KL(ρ ‖ q^τ) over all rows (classification: every
+    row takes the soft term); ρ = ``target`` as probabilities."""
+    every_row = torch.ones_like(labels, dtype=torch.bool)
+    return kd_loss(student_logits, target, labels, alpha=alpha, tau=tau, soft_rows=every_row)
 
 
 @pytest.mark.parametrize("unlabeled_every", [0, 3, 1])
@@ -86,7 +77,7 @@ def test_compute_loss_equals_the_kd_formula(tmp_path, tokenizer, unlabeled_every
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         z, v = trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits
-    expected = hand_loss(z, v, batch["labels"], 0.5, 2.0)
+    expected = hand_loss(z, torch.softmax(v / 2.0, -1), batch["labels"], 0.5, 2.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     if unlabeled_every == 1:  # no label at all: the soft term alone
         p = torch.softmax(v / 2, -1)
@@ -110,11 +101,8 @@ def test_gradient_on_logits_matches_the_paper(tmp_path, tokenizer):
     z = student_logits[0]
     with torch.no_grad():
         v = trainer.teacher_model(**{k: t for k, t in batch.items() if k != "labels"}).logits
-    y = F.one_hot(batch["labels"], 2).float()
-    expected = 0.7 * (torch.softmax(z, -1) - y) + 0.3 * 3.0 * (
-        torch.softmax(z / 3, -1) - torch.softmax(v / 3, -1)
-    )
-    torch.testing.assert_close(z.grad, expected.detach() / 8, rtol=1e-4, atol=1e-7)
+    expected = kd_logit_gradient(z.detach(), v, batch["labels"], alpha=0.3, tau=3.0)
+    torch.testing.assert_close(z.grad, expected / 8, rtol=1e-4, atol=1e-7)
 
 
 def test_training_end_to_end(tmp_path, tokenizer):
@@ -251,7 +239,7 @@ def test_label_mapping_reorders_teacher_classes(tmp_path, tokenizer):
 
 def test_label_smoothing_arm_equals_cross_entropy_with_label_smoothing(tmp_path, tokenizer):
     """synthetic_teacher='ls' at τ = 1: the loss is F.cross_entropy(label_smoothing=α) less the constant
-    α·H(u) = α·log K, since D is KL(u ‖ q) = H(u, q) − H(u) (shared/PAPER.md, level 1; same gradient).
+    α·H(u) = α·log K, since D is KL(u ‖ q) = H(u, q) − H(u) (docs/knowledge.md#universe-level; same gradient).
     No teacher–student agreement is reported for the uniform teacher."""
     task, data = prepared(tokenizer)
     trainer = DistillationTrainer(
@@ -282,8 +270,7 @@ def test_synthetic_teachers_from_python(tmp_path, tokenizer):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         z, v = trainer.model(**inputs).logits, trainer.teacher_model(**inputs).logits
     rho = synthetic_target("kd_pt", v, batch["labels"], temperature=2.0)
-    kl = (rho * (rho.log() - torch.log_softmax(z / 2, -1))).sum(-1).mean()
-    expected = 0.6 * F.cross_entropy(z, batch["labels"]) + 0.4 * 4 * kl
+    expected = hand_loss(z, rho, batch["labels"], 0.4, 2.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
     trainer, _ = trainer_for(tmp_path, tokenizer, synthetic_teacher="none")

@@ -19,11 +19,20 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from hf_kd import DistillationConfig
+
 POSITIVE = ["good", "great", "fine", "nice", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]
 FILLER = ["the", "movie", "was", "plot", "and", "very", "a", "it"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 LABELS = ["negative", "positive"]
+
+
+def tiny_config(output_dir: str | Path, **fields) -> DistillationConfig:
+    """The tests' one :class:`DistillationConfig` factory: a deterministic, quiet CPU run writing to
+    ``output_dir`` (no reporting integrations, no checkpoints, seed 0); ``fields`` set or override any field."""
+    defaults = dict(use_cpu=True, report_to="none", seed=0, save_strategy="no", disable_tqdm=True)
+    return DistillationConfig(output_dir=str(output_dir), **{**defaults, **fields})
 
 
 def word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:

@@ -1,4 +1,4 @@
-"""Level 2 — domain knowledge: class relationships and the logit-layer geometry (``shared/PAPER.md``).
+"""Level 2 — domain knowledge: class relationships and the logit-layer geometry (``docs/knowledge.md#domain-level``).
 
 Class-similarity matrices (from logit-layer weights, or the soft confusion of predictions), their
 agreement teacher vs student, and a hierarchy score where a class grouping is known. Correlations

@@ -1,4 +1,4 @@
-"""Teacher health: the failure signals of ``shared/PAPER.md`` ("Diagnosing failures").
+"""Teacher health: the failure signals of ``docs/knowledge.md#teacher-health``.
 
 A saturated (over-large / over-fit) teacher has p_t → 1 and erases level 3; a label-smoothed teacher
 has a flat wrong-class tail and erases level 2. Rows whose label is < 0 are left out (or NaN).

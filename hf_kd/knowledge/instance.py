@@ -1,4 +1,4 @@
-"""Level 3 — instance-specific knowledge: per-instance gradient rescaling (``shared/PAPER.md``).
+"""Level 3 — instance-specific knowledge: per-instance gradient rescaling (``docs/knowledge.md#instance-level``).
 
 For L = (1 − α) H(y, q) + α τ² KL(p^τ ‖ q^τ) the gradient on the true-class logit is
 ∂L/∂z_t = (1 − α)(q_t − 1) + α τ (q^τ_t − p^τ_t); dividing by the hard-label gradient q_t − 1 gives

@@ -111,7 +111,7 @@ def knowledge_measures(
     student_weight: torch.Tensor | None = None,
     max_classes: int = 256,
 ) -> dict[str, Any]:
-    """Every measure of ``shared/PAPER.md`` on the labelled items (label ≥ 0); [N, K] logits, [N] labels.
+    """Every measure of ``docs/knowledge.md`` on the labelled items (label ≥ 0); [N, K] logits, [N] labels.
 
     level1: means of H(p^τ)/log K, KL(p^τ ‖ u), ε_eff = α(1 − p^τ_t).
     level2: soft confusion C of the teacher (and the student), S_W of the logit-layer weights when

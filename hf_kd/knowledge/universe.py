@@ -1,4 +1,4 @@
-"""Level 1 — knowledge of the universe: the teacher as a label smoother (``shared/PAPER.md``).
+"""Level 1 — knowledge of the universe: the teacher as a label smoother (``docs/knowledge.md#universe-level``).
 
 A uniform teacher turns KD into label smoothing with ε = α; the closer p^τ is to u = 1/K, the more KD
 acts as plain regularisation. Per-instance measures of that, on [..., K] logits; rows whose label is

@@ -1,4 +1,4 @@
-"""The paper's synthetic teachers (``shared/PAPER.md``, "Synthetic teachers").
+"""The paper's synthetic teachers (``docs/knowledge.md#synthetic-teachers``).
 
 Each kind replaces the teacher distribution p^τ in the same KD loss
 
@@ -131,7 +131,7 @@ class SyntheticTargetFn:
     """The trainer's ``target_fn`` for a synthetic teacher: (log p^τ [n, K], labels [n]) → log ρ [n, K].
 
     The loss hands over the teacher's tempered log-probabilities; softmax(log p^τ) = p^τ, so
-    ``synthetic_target(kind, log p^τ, labels, temperature=1)`` is the target of ``shared/PAPER.md``
+    ``synthetic_target(kind, log p^τ, labels, temperature=1)`` is the target of ``docs/knowledge.md#synthetic-teachers``
     built from the teacher at temperature τ. It reads nothing but teacher logits and labels, so an
     online and a cached teacher give the same target. For ``kd_sim`` the class-similarity matrix is
     fixed before training (see ``hf_kd.predictions.teacher_class_similarity``).
