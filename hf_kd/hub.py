@@ -7,6 +7,7 @@ transferred and how to reproduce it. A run without a teacher gets an ordinary fi
 ``write_model_card`` writes it as ``README.md``; ``push_student`` uploads a saved student folder
 (weights, config, processor files, card) to a Hub repository, and a failed push raises
 :class:`HubPushError`, whose one-line message says how to push again (``scripts/push.py``).
+``push_cache_to_hub`` uploads a verified teacher cache as a Hub dataset.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_kd.files import write_atomic
+from hf_kd.teachers.cache.load import load_teacher_cache
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +235,28 @@ def push_student(
         raise HubPushError(
             f"{hub_failure(err)}. The student is saved in {folder}; push it again with: {again}"
         ) from err
+
+
+def push_cache_to_hub(
+    cache_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload teacher cache made with hf_kd",
+) -> CommitInfo:
+    """Upload a verified cache directory (data, ``hf_kd_cache.json``, dataset card) as a Hub dataset."""
+    cache = load_teacher_cache(cache_dir)
+    return upload_folder_to_repo(
+        cache.path,
+        repo_id,
+        repo_type="dataset",
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+    )
 
 
 def prepare_repo(
