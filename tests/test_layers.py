@@ -1,6 +1,6 @@
 """The layers import top-down only: pure packages (losses, knowledge measures and diagnosis, tasks,
-synthetic targets) import nothing of the trainer or orchestration layers, and the trainer imports no
-orchestration and no data loading. Each package is imported, with all its submodules, in a fresh
+synthetic targets, the teacher cache, cards) import nothing of the trainer or orchestration layers, and
+the trainer imports no orchestration and no data loading. Each package is imported, with all its submodules, in a fresh
 interpreter, and the hf_kd modules it loaded are listed."""
 
 import json
@@ -55,6 +55,8 @@ def within(modules: list[str], layers: tuple[str, ...]) -> list[str]:
         ("hf_kd.knowledge", ABOVE_PURE + LOADERS),
         ("hf_kd.tasks", ABOVE_PURE),
         ("hf_kd.teachers.synthetic", ABOVE_PURE),
+        ("hf_kd.teachers.cache", ABOVE_PURE + LOADERS),
+        ("hf_kd.cards", ABOVE_PURE + LOADERS),
     ],
 )
 def test_pure_packages_import_no_layer_above(package, forbidden):
@@ -67,3 +69,10 @@ def test_trainer_imports_no_orchestration_and_no_data_loading():
     modules = imported_by("hf_kd.trainer")
     assert "hf_kd.run_card" in modules  # the card the trainer writes is its own layer's
     assert within(modules, ("hf_kd.runs", "hf_kd.data.loading")) == []
+
+
+def test_cache_format_imports_neither_capture_nor_reading_nor_the_hub():
+    """The format is the cache package's bottom: capture and load build on it, never the reverse."""
+    modules = imported_by("hf_kd.teachers.cache.format")
+    assert "hf_kd.teachers.cache.format" in modules
+    assert within(modules, ("hf_kd.teachers.cache.capture", "hf_kd.teachers.cache.load", "hf_kd.hub")) == []
