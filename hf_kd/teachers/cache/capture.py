@@ -4,7 +4,7 @@ format (:mod:`hf_kd.teachers.cache.format`).
 A capture runs shard by shard (``shard_size`` rows); under ``torchrun``/``accelerate launch`` each
 process takes every ``world_size``-th shard. Finished shards are renamed into ``<cache>.partial/``, so
 an interrupted capture restarts from the shards it has (only for the same settings, rows and teacher
-weights: :func:`weights_hash`); the main process merges them in order into a
+weights: :func:`~hf_kd.teachers.cache.format.weights_hash`); the main process merges them in order into a
 temporary directory that is renamed to ``<cache>`` only once complete.
 """
 

@@ -110,7 +110,8 @@ class CacheMetadata:
     hf_kd_version: str = field(default_factory=lambda: version("hf_kd"))
     format_version: int = FORMAT_VERSION
     digests: dict[str, str] = field(default_factory=dict)
-    """:func:`metadata_digests` of every other field, written last and verified by :func:`read_metadata`."""
+    """:func:`metadata_digests` of every other field, written last and verified by
+    :func:`hf_kd.teachers.cache.load.read_metadata`."""
 
     @property
     def columns(self) -> list[str]:
