@@ -3,6 +3,7 @@
 
 A failed push raises :class:`HubPushError`, whose one-line message says how to push again
 (``scripts/push.py``). The model card pushed with a student is ``hf_kd.cards.model``'s.
+``push_cache_to_hub`` uploads a verified teacher cache as a Hub dataset.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from hf_kd.cards.model import retitle_card
+from hf_kd.teachers.cache.load import load_teacher_cache
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,28 @@ def push_student(
         raise HubPushError(
             f"{hub_failure(err)}. The student is saved in {folder}; push it again with: {again}"
         ) from err
+
+
+def push_cache_to_hub(
+    cache_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload teacher cache made with hf_kd",
+) -> CommitInfo:
+    """Upload a verified cache directory (data, ``hf_kd_cache.json``, dataset card) as a Hub dataset."""
+    cache = load_teacher_cache(cache_dir)
+    return upload_folder_to_repo(
+        cache.path,
+        repo_id,
+        repo_type="dataset",
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+    )
 
 
 def prepare_repo(

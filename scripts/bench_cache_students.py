@@ -34,8 +34,8 @@ from bench_cache import real_lm
 from datasets import Dataset, DatasetDict
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
+from hf_kd.runs.capture import CacheArguments, run_capture
 from hf_kd.runs.distill import run_distillation
-from hf_kd.teachers.cache import CacheArguments, run_capture
 
 ARMS = {  # name: (DistillationConfig fields, cache name)
     "none": ({"alpha": 0.0}, None),

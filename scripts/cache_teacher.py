@@ -11,7 +11,7 @@ An interrupted capture resumes when run again with the same settings and teacher
 import torch
 
 from hf_kd.config import DataArguments, parse_args
-from hf_kd.teachers.cache import CacheArguments, run_capture
+from hf_kd.runs.capture import CacheArguments, run_capture
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,14 +15,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
 from hf_kd.data.toy_chat import write_toy_chat
 from hf_kd.losses import SparseLogits, divergence, divergence_from_log_probs, teacher_log_probs
+from hf_kd.runs.capture import CacheArguments, run_capture
 from hf_kd.tasks import CausalLMTask
-from hf_kd.teachers.cache import (
-    METADATA_FILE,
-    CacheArguments,
-    CacheError,
-    load_teacher_cache,
-    run_capture,
-)
+from hf_kd.teachers.cache.format import METADATA_FILE, CacheError
+from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.codec import CodecError, TopkCodec
 
@@ -175,7 +171,7 @@ def capture(lm_setup, out, **cache_fields):
 
 def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_path, caplog):
     root, data, tokenizer = lm_setup
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
         capture(lm_setup, tmp_path / "packed", top_k=8, compression="topk-packed", compression_mass=0.9)
     assert "top_k=8 ({'codec': 'topk-packed'" in caplog.text and "quantiles" in caplog.text
     assert "acts like label smoothing" in caplog.text  # a random 1-layer teacher is flat: 8 tokens keep < 0.8

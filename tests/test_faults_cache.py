@@ -17,16 +17,11 @@ from test_cache import CrashingTeacher
 from tiny import bert_classifier, save_model, sentiment_dataset, word_tokenizer
 
 from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
+from hf_kd.hub import push_cache_to_hub
 from hf_kd.tasks import TextClassificationTask
-from hf_kd.teachers.cache import (
-    METADATA_FILE,
-    CacheError,
-    CacheMismatchError,
-    capture_teacher_logits,
-    load_teacher_cache,
-    metadata_digests,
-    push_cache_to_hub,
-)
+from hf_kd.teachers.cache.capture import capture_teacher_logits
+from hf_kd.teachers.cache.format import METADATA_FILE, CacheError, CacheMismatchError, metadata_digests
+from hf_kd.teachers.cache.load import load_teacher_cache
 
 ARROW = "train/data-00000-of-00001.arrow"
 CAPTURE = {"shard_size": 16, "batch_size": 8, "progress": False}
@@ -210,7 +205,7 @@ def test_a_cache_read_by_hub_id_is_verified_the_same(captured, tmp_path, monkeyp
     import huggingface_hub.constants
     from hub_server import LocalHub
 
-    import hf_kd.teachers.cache as cache_module
+    import hf_kd.teachers.cache.load as cache_load
 
     repo_id = "local-user/tiny-bert-cache"
     with LocalHub() as hub:
@@ -236,7 +231,7 @@ def test_a_cache_read_by_hub_id_is_verified_the_same(captured, tmp_path, monkeyp
     ):
         folder = snapshot(name, tamper)
         monkeypatch.setattr(
-            cache_module,
+            cache_load,
             "snapshot_download",
             lambda repo, folder=folder, **kw: calls.append(repo) or str(folder),
         )

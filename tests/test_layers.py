@@ -1,5 +1,5 @@
 """The layers import top-down only: pure packages (losses, knowledge measures and diagnosis, tasks,
-synthetic targets, cards) import nothing of the trainer or orchestration layers, and the trainer imports no
+synthetic targets, the teacher cache, cards) import nothing of the trainer or orchestration layers, and the trainer imports no
 orchestration and no data loading. Each package is imported, with all its submodules, in a fresh
 interpreter, and the hf_kd modules it loaded are listed."""
 
@@ -58,6 +58,7 @@ def within(modules: list[str], layers: tuple[str, ...]) -> list[str]:
         ("hf_kd.knowledge", ABOVE_PURE + LOADERS),
         ("hf_kd.tasks", ABOVE_PURE),
         ("hf_kd.teachers.synthetic", ABOVE_PURE),
+        ("hf_kd.teachers.cache", ABOVE_PURE + LOADERS + HUB_IO),
         ("hf_kd.cards", ABOVE_PURE + LOADERS + HUB_IO),
         ("hf_kd.redact", ABOVE_PURE + LOADERS + HUB_IO),
     ],
@@ -72,3 +73,10 @@ def test_trainer_imports_no_orchestration_and_no_data_loading():
     modules = imported_by("hf_kd.trainer")
     assert "hf_kd.cards.run" in modules  # the card the trainer writes comes from the pure cards package
     assert within(modules, ("hf_kd.runs", "hf_kd.data.loading")) == []
+
+
+def test_cache_format_imports_neither_capture_nor_reading_nor_the_hub():
+    """The format is the cache package's bottom: capture and load build on it, never the reverse."""
+    modules = imported_by("hf_kd.teachers.cache.format")
+    assert "hf_kd.teachers.cache.format" in modules
+    assert within(modules, ("hf_kd.teachers.cache.capture", "hf_kd.teachers.cache.load", "hf_kd.hub")) == []

@@ -425,7 +425,7 @@ def test_pipeline_kd_sim_with_cached_teacher_uses_soft_confusion(saved_teacher):
     """A cached teacher has no logit layer to read: kd_sim's similarity is the soft confusion of the
     cached logits on the training rows, equal to that of the teacher model run on the same rows."""
     from hf_kd.config import DataArguments
-    from hf_kd.teachers.cache import CacheArguments, run_capture
+    from hf_kd.runs.capture import CacheArguments, run_capture
 
     root, data = saved_teacher
     capture = [

@@ -3,9 +3,6 @@ written as a ``datasets`` image dataset with a matching image processor, fully o
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 from sklearn.datasets import load_digits
 from transformers import ViTImageProcessorPil
+
+from hf_kd.files import write_atomic_dir
 
 TEST_FRACTION = 0.3
 
@@ -46,14 +45,9 @@ def write_digits(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     if (path / "dataset_dict.json").is_file() and (path / "processor").is_dir():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=path.parent))
-    try:
-        digits_dataset(seed).save_to_disk(str(tmp))
-        digits_processor().save_pretrained(str(tmp / "processor"))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    def write(folder: Path) -> None:
+        digits_dataset(seed).save_to_disk(str(folder))
+        digits_processor().save_pretrained(str(folder / "processor"))
+
+    return write_atomic_dir(path, write)

@@ -16,13 +16,12 @@ Everything is deterministic for a seed.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+from hf_kd.files import write_atomic_dir
 
 GROUP_SCALE = 3.0
 CLASS_SCALE = 1.0
@@ -89,11 +88,4 @@ def write_hierarchy_dataset(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     if (path / "dataset_dict.json").is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hierarchy-", dir=path.parent))
-    try:
-        make_hierarchy_dataset(**kwargs).save_to_disk(str(tmp / "data"))
-        os.replace(tmp / "data", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return write_atomic_dir(path, lambda folder: make_hierarchy_dataset(**kwargs).save_to_disk(str(folder)))

@@ -13,13 +13,13 @@ The tokenizer is a word-level ``tokenizers`` model trained on the corpus, wrappe
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from hf_kd.files import write_atomic_dir
 
 SYMBOLS = list("abcdefgh")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -65,11 +65,9 @@ def write_toy_chat(path: str | Path, num_train: int = 512, num_test: int = 64, s
         train=Dataset.from_dict({"messages": conversations[:num_train], "text": texts[:num_train]}),
         test=Dataset.from_dict({"messages": conversations[num_train:], "text": texts[num_train:]}),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    splits.save_to_disk(str(staging))
-    toy_tokenizer(texts + [" ".join(SYMBOLS)]).save_pretrained(str(staging / "tokenizer"))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
-    return path
+
+    def write(folder: Path) -> None:
+        splits.save_to_disk(str(folder))
+        toy_tokenizer(texts + [" ".join(SYMBOLS)]).save_pretrained(str(folder / "tokenizer"))
+
+    return write_atomic_dir(path, write)

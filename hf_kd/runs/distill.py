@@ -29,7 +29,7 @@ from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics
-from hf_kd.teachers.cache import load_teacher_cache
+from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count

@@ -4,7 +4,7 @@ A batch is a flat dict of tensors:
 - the student's model inputs under their usual names (``input_ids``, ``pixel_values``, ...);
 - ``labels``: −100 where an item has no hard label (unlabelled transfer data, masked tokens);
 - ``teacher_<name>``: the teacher's own model inputs, present only when its preprocessing differs;
-- ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache``).
+- ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache.format``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from hf_kd.tasks.base import split_batch
 
 
 class CachedTeacher:
-    """Teacher signal of a cache written by :func:`hf_kd.teachers.cache.capture_teacher_logits`.
+    """Teacher signal of a cache written by :func:`hf_kd.teachers.cache.capture.capture_teacher_logits`.
 
     Full logits come back as a dense float32 tensor; top-k columns as :class:`hf_kd.losses.SparseLogits`
     over ``num_classes`` classes (the loss applies ``sparse_tail``). ``output_map`` reorders the

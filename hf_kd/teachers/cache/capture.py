@@ -1,0 +1,368 @@
+"""Capturing a teacher cache: run the teacher once over a dataset and write its outputs in the cache
+format (:mod:`hf_kd.teachers.cache.format`).
+
+A capture runs shard by shard (``shard_size`` rows); under ``torchrun``/``accelerate launch`` each
+process takes every ``world_size``-th shard. Finished shards are renamed into ``<cache>.partial/``, so
+an interrupted capture restarts from the shards it has (only for the same settings, rows and teacher
+weights: :func:`~hf_kd.teachers.cache.format.weights_hash`); the main process merges them in order into a
+temporary directory that is renamed to ``<cache>`` only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, DatasetDict, Features, concatenate_datasets
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+from hf_kd.cards.dataset import dataset_card
+from hf_kd.files import write_atomic, write_atomic_dir
+from hf_kd.losses import SparseLogits
+from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
+from hf_kd.teachers.cache.format import (
+    LOGIT_DTYPES,
+    METADATA_FILE,
+    CacheError,
+    CacheMetadata,
+    cache_features,
+    config_hash,
+    content_fingerprint,
+    file_record,
+    metadata_digests,
+    stored_config,
+    weights_hash,
+)
+from hf_kd.teachers.cache.load import read_metadata
+from hf_kd.teachers.codec import TopkCodec
+from hf_kd.vocab import shared_vocab_size
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+LOW_KEPT_MASS = 0.8
+"""A capture warns when its top-k keeps less than this probability mass on average."""
+
+
+# --------------------------------------------------------------------------------------------
+# From teacher outputs to columns
+# --------------------------------------------------------------------------------------------
+
+
+def compress_logits(logits: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:
+    """The tensors stored for raw teacher logits [..., K]: the logits themselves, or for ``top_k``
+
+    log_probs = top-k of log_softmax(v),  indices = their class ids,
+    tail_log_mass = log(1 − Σ_topk exp(log_probs))   (see :class:`hf_kd.losses.SparseLogits`).
+    """
+    if top_k is None:
+        return {"logits": logits.float()}
+    sparse = SparseLogits.from_logits(logits, top_k)
+    return {"log_probs": sparse.log_probs, "indices": sparse.indices, "tail_log_mass": sparse.tail_log_mass}
+
+
+def columns_to_arrow(
+    columns: dict[str, torch.Tensor], features: Features, attention_mask: torch.Tensor | None = None
+) -> pa.Table:
+    """One arrow table row per example from tensors [B, ...]; with ``attention_mask`` [B, T] (per-token
+    outputs [B, T, ...]) each row keeps its non-padding positions, in order."""
+    arrays = []
+    for name, feature in features.items():
+        tensor = columns[name[len(CACHE_PREFIX) :]]
+        lengths = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            tensor, lengths = tensor[mask], mask.sum(-1)
+            feature = feature.feature
+        width = getattr(feature, "length", None)
+        dtype = np.dtype((feature.feature if width else feature).dtype)
+        values = pa.array(tensor.detach().cpu().numpy().astype(dtype, copy=False).reshape(-1))
+        array = pa.FixedSizeListArray.from_arrays(values, width) if width else values
+        if lengths is not None:
+            offsets = np.concatenate([[0], np.cumsum(lengths.cpu().numpy())]).astype(np.int32)
+            array = pa.ListArray.from_arrays(pa.array(offsets), array)
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=features.arrow_schema)
+
+
+def packed_to_arrow(
+    codec: TopkCodec, logits: torch.Tensor, attention_mask: torch.Tensor, features: Features
+) -> tuple[pa.Table, torch.Tensor]:
+    """One packed row per example of per-token logits [B, T, K] (its non-padding positions), and the
+    probability mass kept at each position."""
+    mask = attention_mask.bool()
+    rows, kept = codec.encode(logits[mask], mask.sum(-1).tolist())
+    return pa.Table.from_arrays([pa.array(rows, pa.binary())], schema=features.arrow_schema), kept
+
+
+def report_kept_mass(kept: torch.Tensor, setting: str) -> dict[str, float]:
+    """Log the mean and quantiles of the probability mass a top-k capture kept per position, with a
+    warning when the mean is below ``LOW_KEPT_MASS``; returns them."""
+    if kept.numel() == 0:
+        return {}
+    q = torch.quantile(kept.double()[:1_000_000], torch.tensor([0.1, 0.5, 0.9], dtype=torch.double)).tolist()
+    stats = {"mean": kept.double().mean().item(), "p10": q[0], "p50": q[1], "p90": q[2]}
+    logger.info(
+        "%s kept %.3f of the teacher's probability mass per position on average (10%%/50%%/90%% quantiles %.3f / %.3f / %.3f)",
+        setting,
+        stats["mean"],
+        *q,
+    )
+    if stats["mean"] < LOW_KEPT_MASS:
+        logger.warning(
+            "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): the rest is spread "
+            "uniformly over the other classes, which acts like label smoothing. Keep more tokens (a larger "
+            "top_k, or compression: topk-packed with a higher compression_mass) for this teacher.",
+            setting,
+            stats["mean"],
+            LOW_KEPT_MASS,
+        )
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Capture
+# --------------------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _shard_path(partial: Path, split: str, index: int) -> Path:
+    return partial / "shards" / split / f"shard-{index:05d}.arrow"
+
+
+def _rows_of(columns: dict[str, Any]) -> list[dict[str, Any]]:
+    """A batch fetched as columns (``dataset[a:b]``) as the list of row dicts a collator takes."""
+    names = list(columns)
+    return [
+        dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)
+    ]
+
+
+def _check_plan(partial: Path, plan: dict[str, Any]) -> None:
+    """Start ``partial`` with ``plan``, or check that the partial capture found there used the same plan."""
+    path = partial / PLAN_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        for key in sorted(set(plan) | set(previous)):
+            if previous.get(key) != plan.get(key):
+                raise CacheError(
+                    f"an interrupted capture at {str(partial)!r} was started with {key}={previous.get(key)!r}, this run has "
+                    f"{key}={plan.get(key)!r}: its rows cannot be mixed with this run's. Rerun with the same settings "
+                    "and teacher to resume, or start a fresh cache (delete that directory, or choose another output_dir)"
+                )
+        return
+    partial.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(plan, indent=2, sort_keys=True)))
+
+
+def capture_teacher_logits(
+    teacher: torch.nn.Module,
+    teacher_processor: Any,
+    task: Task,
+    dataset: DatasetDict | dict[str, Dataset],
+    output_dir: str | os.PathLike,
+    *,
+    teacher_id: str,
+    teacher_revision: str | None = None,
+    top_k: int | None = None,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    shard_size: int = 4096,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    compression: TopkCodec | None = None,
+) -> CacheMetadata:
+    """Run ``teacher`` once over every split of ``dataset`` and write a cache to ``output_dir``.
+
+    The teacher reads its own preprocessing (``task.prepare`` with ``teacher_processor``) in batches of
+    ``batch_size`` under ``torch.inference_mode``. ``top_k`` None stores the full logits, else the top-k
+    log-probabilities, their indices and the tail mass; ``compression`` packs a per-token top-k with a
+    codec (its ``max_k`` is the top-k). Every process of an initialised
+    ``torch.distributed`` group must call it; the main process merges and returns the metadata (the
+    others return it too, read from disk). Resumes an interrupted capture with the same settings.
+    """
+    output_dir = Path(output_dir)
+    if dtype not in LOGIT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {LOGIT_DTYPES}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k!r} must be a positive number of classes (or None for full logits)")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} and shard_size={shard_size!r} must be ≥ 1")
+    if not dataset:
+        raise ValueError("no split to capture: dataset is empty")
+    if (output_dir / METADATA_FILE).is_file() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a teacher cache; pass overwrite=True to replace it"
+        )
+    if (
+        task.name == "causal-lm"
+    ):  # the tokenizer's ids only: rows padded onto the output layer are never targets
+        num_classes = shared_vocab_size(
+            teacher.config.get_text_config().vocab_size, len(teacher_processor), len(teacher_processor)
+        )
+    else:
+        num_classes = teacher.config.num_labels
+    if compression is not None:
+        if task.name != "causal-lm":
+            raise ValueError(
+                f"compression={compression.name!r} packs per-token (causal-lm) caches; task is {task.name!r}"
+            )
+        if top_k not in (None, compression.max_k):
+            raise ValueError(f"top_k={top_k} differs from the compression's max_k={compression.max_k}")
+        top_k = compression.max_k
+    if top_k is not None and top_k > num_classes:
+        raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
+
+    rank, world_size = _distributed()
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    metadata = CacheMetadata(
+        task=task.name,
+        teacher_id=teacher_id,
+        teacher_revision=teacher_revision,
+        teacher_commit=getattr(teacher.config, "_commit_hash", None),
+        teacher_config=stored_config(teacher.config),
+        teacher_config_hash=config_hash(teacher.config),
+        teacher_weights_hash=weights_hash(teacher),
+        processor_hash=None if teacher_processor is None else processor_fingerprint(teacher_processor),
+        num_classes=num_classes,
+        top_k=top_k,
+        dtype=dtype,
+        per_token=task.name == "causal-lm",
+        max_length=getattr(task, "max_length", None) if task.name == "causal-lm" else None,
+        splits={
+            name: {"num_rows": len(split), "fingerprint": content_fingerprint(split)}
+            for name, split in dataset.items()
+        },
+        dataset_name=dataset_name,
+        dataset_config=dataset_config,
+        compression=None if compression is None else compression.spec(),
+    )
+    if rank == 0:
+        plan = {k: v for k, v in asdict(metadata).items() if k not in ("files", "hf_kd_version", "digests")}
+        _check_plan(partial, {**plan, "batch_size": batch_size, "shard_size": shard_size})
+    _barrier()
+
+    features = cache_features(num_classes, top_k, dtype, metadata.per_token, metadata.compression)
+    kept_mass = []
+    jobs = [
+        (name, index, start, min(start + shard_size, len(split)))
+        for name, split in dataset.items()
+        for index, start in enumerate(range(0, len(split), shard_size))
+    ]
+    todo = [job for job in jobs[rank::world_size] if not _shard_path(partial, job[0], job[1]).is_file()]
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    with tqdm(
+        total=sum(end - start for _, _, start, end in todo),
+        desc=f"Teacher logits (rank {rank})",
+        disable=not progress,
+    ) as bar:
+        for name, index, start, end in todo:
+            prepared = task.prepare(
+                dataset[name].select(range(start, end)), student_processor=teacher_processor
+            )
+            path = _shard_path(partial, name, index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with ArrowWriter(features=features, path=str(tmp)) as writer:
+                for batch_start in range(0, end - start, batch_size):
+                    batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
+                    inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
+                    with torch.inference_mode():
+                        logits = teacher(**inputs).logits[..., :num_classes]
+                    mask = inputs.get("attention_mask") if metadata.per_token else None
+                    if metadata.per_token and mask is None:
+                        raise ValueError(
+                            "per-token capture needs padded rows with an attention_mask (no packing)"
+                        )
+                    if compression is not None:
+                        table, kept = packed_to_arrow(compression, logits, mask, features)
+                    else:
+                        columns = compress_logits(logits, top_k)
+                        table = columns_to_arrow(columns, features, mask)
+                        kept = _kept_mass(columns, mask)
+                    writer.write_table(table)
+                    kept_mass.append(kept.cpu())
+                    bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
+                writer.finalize()
+            os.replace(tmp, path)
+    if metadata.per_token and top_k is not None and kept_mass:
+        setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
+        report_kept_mass(torch.cat(kept_mass), setting)
+    _barrier()
+    if rank == 0:
+        _merge(
+            partial,
+            output_dir,
+            dataset,
+            metadata,
+            num_shards={name: sum(1 for j in jobs if j[0] == name) for name in dataset},
+        )
+    _barrier()
+    return read_metadata(output_dir)
+
+
+def _kept_mass(columns: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Probability mass of the stored top-k at each (non-padding) position; empty for full logits."""
+    if "tail_log_mass" not in columns:
+        return torch.empty(0)
+    tail = columns["tail_log_mass"] if mask is None else columns["tail_log_mass"][mask.bool()]
+    return -torch.expm1(tail.float())
+
+
+def _merge(
+    partial: Path, output_dir: Path, dataset, metadata: CacheMetadata, num_shards: dict[str, int]
+) -> None:
+    """Join the shards in order to the source rows, write the cache to a temporary directory renamed
+    to ``output_dir`` once complete (:func:`hf_kd.files.write_atomic_dir`), and drop the partial capture."""
+    merged = {}
+    for name, split in dataset.items():
+        shards = [_shard_path(partial, name, i) for i in range(num_shards[name])]
+        missing = [str(p) for p in shards if not p.is_file()]
+        if missing:
+            raise CacheError(f"capture of split {name!r} is incomplete, missing shards {missing}")
+        teacher_columns = (
+            concatenate_datasets([Dataset.from_file(str(p)) for p in shards]) if shards else None
+        )
+        if teacher_columns is None or len(teacher_columns) != len(split):
+            raise CacheError(
+                f"split {name!r}: the shards hold {0 if teacher_columns is None else len(teacher_columns)} rows, expected {len(split)}"
+            )
+        source = split.remove_columns([c for c in split.column_names if c.startswith(CACHE_PREFIX)])
+        merged[name] = concatenate_datasets([source, teacher_columns], axis=1)
+    write_atomic_dir(output_dir, lambda folder: _write_cache(folder, DatasetDict(merged), metadata))
+    shutil.rmtree(partial)
+
+
+def _write_cache(folder: Path, splits: DatasetDict, metadata: CacheMetadata) -> None:
+    """Write ``splits`` into ``folder``, then the metadata with the files just written and its digests,
+    then the dataset card."""
+    splits.save_to_disk(str(folder))
+    metadata.files = {
+        str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+    metadata.digests = metadata_digests(asdict(metadata))
+    (folder / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2, sort_keys=True))
+    dataset_card(metadata).save(folder / "README.md")
