@@ -67,3 +67,12 @@ def test_trainer_imports_no_orchestration_and_no_data_loading():
     modules = imported_by("hf_kd.trainer")
     assert "hf_kd.run_card" in modules  # the card the trainer writes is its own layer's
     assert within(modules, ("hf_kd.runs", "hf_kd.data.loading")) == []
+
+
+@pytest.mark.parametrize("module", ["hf_kd.teachers.signal", "hf_kd.checkpoints", "hf_kd.hidden_states"])
+def test_trainer_layer_modules_import_no_trainer_and_nothing_above(module):
+    """What the trainer is built from (its teacher signals, checkpoint overrides, hidden-state student)
+    imports neither the trainer nor the orchestration layer nor data loading."""
+    modules = imported_by(module)
+    assert module in modules
+    assert within(modules, ("hf_kd.trainer", "hf_kd.runs", "hf_kd.data.loading")) == []
