@@ -1,8 +1,9 @@
 """DistillationTrainer: a ``transformers.Trainer`` whose loss mixes hard labels with a teacher signal.
 
 Plumbing only. Where the teacher's logits come from (online model, cache, uniform) is a *teacher
-signal* (``hf_kd.teachers.signal``: one interface, built by one factory); what is distilled from them (the real teacher or a synthetic one) is a *target function*;
-how a batch becomes distillation instances is the *task*. The math is ``hf_kd.losses``.
+signal* (``hf_kd.teachers.signal``: one interface, built by one factory); what is distilled from them
+(the real teacher or a synthetic one) is a *target function*; how a batch becomes distillation
+instances is the *task*. The math is ``hf_kd.losses``.
 """
 
 from __future__ import annotations
