@@ -41,14 +41,11 @@ class KnowledgeCallback(TrainerCallback):
             max_items=self.max_items,
             device=args.device,
         )
-        teacher = getattr(trainer.teacher_signal, "model", None)
+        signal = trainer.teacher_signal
         teacher_weight = None
-        if teacher is not None:
-            with full_teacher(teacher) as whole:  # sharded or offloaded weights made whole to be read
-                teacher_weight = logit_layer_weight_or_none(whole)
-        permutation = getattr(trainer.teacher_signal, "label_permutation", None)
-        if teacher_weight is not None and permutation is not None:
-            teacher_weight = teacher_weight[permutation]
+        if signal.model is not None:
+            with full_teacher(signal.model) as whole:  # sharded or offloaded weights made whole to be read
+                teacher_weight = logit_layer_weight_or_none(whole, signal.output_map)
         measures = knowledge_measures(
             predictions.teacher_logits,
             predictions.labels,

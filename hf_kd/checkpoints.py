@@ -2,7 +2,7 @@
 save says.
 
 A checkpoint ``checkpoint-N`` is complete when its ``trainer_state.json`` exists: ``DistillationTrainer``
-writes every checkpoint inside :data:`STAGING_FOLDER` and renames it to ``checkpoint-N`` only once it is
+(through :class:`CompleteCheckpointsMixin`) writes every checkpoint inside :data:`STAGING_FOLDER` and renames it to ``checkpoint-N`` only once it is
 whole, so an incomplete one is left only by an older version or by a process killed mid-rename.
 """
 
@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 
 from transformers import PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_sagemaker_mp_enabled
 
 from hf_kd.modeling import load_pretrained
 
@@ -115,3 +117,94 @@ def disk_full_error(error: BaseException, folder: str | os.PathLike, name: str) 
         ),
         str(folder),
     )
+
+
+class CompleteCheckpointsMixin:
+    """``transformers.Trainer`` overrides (mixed in before ``Trainer``) that make checkpoints whole: each is written into
+    :data:`STAGING_FOLDER` and renamed into place once complete, and resuming or ``load_best_model_at_end``
+    reads every weight back the way ``from_pretrained`` does (:func:`load_checkpoint_weights`)."""
+
+    _saving_checkpoint = False  # True while _save_checkpoint writes into the staging folder
+
+    # ---- checkpoints: read back the way from_pretrained reads them ----------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume with the checkpoint's weights, every one of them (see :func:`load_checkpoint_weights`)."""
+        target = self.model if model is None else model
+        if not self._loads_plain_weights(target, resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Loading the student's weights from %s", resume_from_checkpoint)
+        load_checkpoint_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights, every one of them."""
+        best = self.state.best_model_checkpoint
+        if not self._loads_plain_weights(self.model, best):
+            return super()._load_best_model()
+        logger.info(
+            "Loading the best student (%s: %s) from %s",
+            self.args.metric_for_best_model,
+            self.state.best_metric,
+            best,
+        )
+        load_checkpoint_weights(self.model, best)
+
+    def _loads_plain_weights(self, model, folder: str) -> bool:
+        """Whether ``folder`` holds a whole ``save_pretrained`` model that hf_kd reads itself (not a
+        DeepSpeed/FSDP/SageMaker state or a PEFT adapter: those stay with Transformers)."""
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled or is_sagemaker_mp_enabled()
+        return (
+            not sharded
+            and isinstance(model, PreTrainedModel)
+            and any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+        )
+
+    # ---- checkpoints: visible only when complete ------------------------------------------------
+
+    def _get_output_dir(self, trial) -> str:
+        """While a checkpoint is being saved, the folder it is written into (see :meth:`_save_checkpoint`)."""
+        run_dir = super()._get_output_dir(trial)
+        return str(Path(run_dir) / STAGING_FOLDER) if self._saving_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint`` written into ``<output_dir>/_partial_checkpoint/checkpoint-N`` and
+        renamed to ``<output_dir>/checkpoint-N`` once whole, so no run ever sees a partial checkpoint.
+        A failed save removes what it wrote; one that filled the disk says so (:func:`disk_full_error`)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / STAGING_FOLDER
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed mid-save
+        self.accelerator.wait_for_everyone()
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
+            if self.args.should_save:
+                self._put_checkpoint_in_place(staging / name, run_dir / name)
+        except Exception as error:
+            full = is_disk_full(error, run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            if full:
+                raise disk_full_error(error, run_dir, name) from error
+            raise
+        finally:
+            self._saving_checkpoint = False
+        self.accelerator.wait_for_everyone()
+
+    def _put_checkpoint_in_place(self, written: Path, final: Path) -> None:
+        """Rename a complete checkpoint into place, the best-checkpoint path pointing at its final name,
+        then delete the checkpoints ``save_total_limit`` drops (Trainer did so in the staging folder)."""
+        if self.state.best_model_checkpoint == str(written):
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(written / TRAINER_STATE))
+        if final.exists():  # a checkpoint of the same step from an earlier run, replaced only now
+            shutil.rmtree(final)
+        written.rename(final)
+        written.parent.rmdir()
+        rotate_checkpoints(
+            output_dir=str(final.parent),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )

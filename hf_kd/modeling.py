@@ -42,6 +42,24 @@ def load_pretrained(
     )
 
 
+def load_teacher(
+    task, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False, **init_kwargs: Any
+) -> PreTrainedModel:
+    """The teacher for ``task`` (its ``model_class``), frozen (:func:`freeze`), loaded by
+    :func:`load_pretrained`: safetensors weights only, and model code from the Hub only when the user's
+    ``trust_remote_code`` says so. ``init_kwargs``: further ``from_pretrained`` arguments (the
+    config's ``teacher_model_init_kwargs``, e.g. ``dtype``)."""
+    return freeze(
+        load_pretrained(
+            task.model_class(),
+            name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            **init_kwargs,
+        )
+    )
+
+
 def config_from_dict(
     config: dict[str, Any], defaults: dict[str, Any] | None = None, **overrides: Any
 ) -> PretrainedConfig:
@@ -128,10 +146,14 @@ def logit_layer_weight(model: PreTrainedModel) -> torch.Tensor:
     return head.weight.detach()
 
 
-def logit_layer_weight_or_none(model: torch.nn.Module) -> torch.Tensor | None:
-    """:func:`logit_layer_weight` as float32 on the CPU, or None when the model has no layer to read it
-    from (the knowledge measures then fall back to soft confusion)."""
+def logit_layer_weight_or_none(
+    model: torch.nn.Module, output_map: list[int] | None = None
+) -> torch.Tensor | None:
+    """:func:`logit_layer_weight` as float32 on the CPU, its rows reordered by ``output_map`` (a teacher's
+    classes in the student's label order, see ``TeacherSignal.output_map``), or None when the model has
+    no layer to read it from (the knowledge measures then fall back to soft confusion)."""
     try:
-        return logit_layer_weight(model).float().cpu()
+        weight = logit_layer_weight(model).float().cpu()
     except ValueError:
         return None
+    return weight if output_map is None else weight[output_map]

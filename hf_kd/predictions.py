@@ -71,18 +71,17 @@ def collect_predictions(
 def teacher_class_similarity(
     teacher: torch.nn.Module | None,
     teacher_predictions: Callable[[], Predictions] | None = None,
-    label_permutation: list[int] | None = None,
+    output_map: list[int] | None = None,
 ) -> tuple[torch.Tensor, str]:
     """The teacher's class-similarity matrix [K, K] in the student's label order, and where it came from.
 
     From the logit-layer weights when the teacher has one (S_W = Ŵ Ŵᵀ, rows reordered by
-    ``label_permutation``); otherwise the soft confusion C of the teacher's predictions, which
+    ``output_map``, the teacher signal's); otherwise the soft confusion C of the teacher's predictions, which
     ``teacher_predictions()`` collects (its logits on the training set, in the student's label order).
     """
-    weight = None if teacher is None else logit_layer_weight_or_none(teacher)
+    weight = None if teacher is None else logit_layer_weight_or_none(teacher, output_map)
     if weight is not None:
-        classes = None if label_permutation is None else torch.tensor(label_permutation)
-        return class_similarity(weight, classes), "logit-layer weights"
+        return class_similarity(weight), "logit-layer weights"
     if teacher_predictions is None:
         raise ValueError(
             "the teacher has no readable logit layer: teacher predictions are needed for the soft-confusion fallback"

@@ -1,19 +1,17 @@
 """DistillationTrainer: a ``transformers.Trainer`` whose loss mixes hard labels with a teacher signal.
 
 Plumbing only. Where the teacher's logits come from (online model, cache, uniform) is a *teacher
-signal*; what is distilled from them (the real teacher or a synthetic one) is a *target function*;
-how a batch becomes distillation instances is the *task*. The math is ``hf_kd.losses``.
+signal* (``hf_kd.teachers.signal``: one interface, built by one factory); what is distilled from them
+(the real teacher or a synthetic one) is a *target function*; how a batch becomes distillation
+instances is the *task*. The math is ``hf_kd.losses``.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import math
-import shutil
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -22,45 +20,25 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_sagemaker_mp_enabled
 
 from hf_kd.cards.model import DistillationCardInfo, write_model_card
 from hf_kd.cards.run import with_latest_evaluation
-from hf_kd.checkpoints import (
-    STAGING_FOLDER,
-    TRAINER_STATE,
-    disk_full_error,
-    is_disk_full,
-    load_checkpoint_weights,
-    resolve_resume,
-)
+from hf_kd.checkpoints import CompleteCheckpointsMixin, resolve_resume
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
+from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
-from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight
+from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
 from hf_kd.paths import refuse_overlap
-from hf_kd.tasks import CausalLMTask, ImageClassificationTask, Task, TextClassificationTask, split_batch
-from hf_kd.teachers.online import OnlineTeacher, UniformTeacher
+from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
 from hf_kd.teachers.placement import place_teacher
+from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
 
 logger = logging.getLogger(__name__)
 
 
-def task_for_model(model: PreTrainedModel) -> Task:
-    """The task a model's head implies, for users who pass no task."""
-    name = type(model).__name__
-    if name.endswith("ForImageClassification"):
-        return ImageClassificationTask()
-    if name.endswith("ForSequenceClassification"):
-        return TextClassificationTask()
-    if name.endswith("ForCausalLM"):
-        return CausalLMTask()
-    raise ValueError(f"cannot infer the task of a {name}; pass task=... (see hf_kd.tasks)")
-
-
-class DistillationTrainer(Trainer):
+class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
     """Trains ``model`` (the student) on ``(1 − α)·CE + α·s·D(teacher^τ, student^τ)``.
 
     Args:
@@ -70,8 +48,9 @@ class DistillationTrainer(Trainer):
         args: a :class:`hf_kd.DistillationConfig`.
         task: the task adapter (default: inferred from the student's head: sequence or image
             classification, causal LM).
-        teacher_signal: where teacher logits come from, ``signal(batch) -> logits``;
-            default: the online ``teacher_model`` (or the uniform teacher for ``synthetic_teacher='ls'``).
+        teacher_signal: where teacher logits come from (:class:`hf_kd.teachers.signal.TeacherSignal`);
+            default: :func:`~hf_kd.teachers.signal.build_teacher_signal` from ``args`` and ``teacher_model``
+            (the online teacher, or the uniform teacher for ``synthetic_teacher='ls'``).
         target_fn: maps the teacher's log p^τ to the distilled target (a synthetic teacher); default none.
         **kwargs: any other ``transformers.Trainer`` argument (``compute_metrics``, callbacks, ...), as
             ``transformers.Trainer`` takes them:
@@ -87,7 +66,6 @@ class DistillationTrainer(Trainer):
 
     # compute_loss normalises by the item counts of the whole accumulation window (get_batch_samples).
     loss_is_scaled_for_ga = True
-    _saving_checkpoint = False  # True while _save_checkpoint writes into the staging folder
 
     def __init__(
         self,
@@ -95,7 +73,7 @@ class DistillationTrainer(Trainer):
         teacher_model: PreTrainedModel | str | None = None,
         args: DistillationConfig | None = None,
         task: Task | None = None,
-        teacher_signal=None,
+        teacher_signal: TeacherSignal | None = None,
         target_fn: TargetFn | None = None,
         **kwargs: Any,
     ):
@@ -106,8 +84,8 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher_model, str):
             refuse_overlap("output_dir", args.output_dir, {"teacher_model": teacher_model})
             check_model_source("teacher_model_name_or_path", teacher_model)
-            teacher_model = load_pretrained(
-                self.task.model_class(),
+            teacher_model = load_teacher(
+                self.task,
                 teacher_model,
                 revision=args.teacher_model_revision,
                 **(args.teacher_model_init_kwargs or {}),
@@ -120,24 +98,21 @@ class DistillationTrainer(Trainer):
             self.teacher_model = place_teacher(
                 freeze(teacher_model), self.accelerator, cpu_offload=args.teacher_cpu_offload
             )
-        if teacher_signal is None and args.alpha > 0:
-            if args.synthetic_teacher == "none":  # the paper's α = 0 arm: labels only
-                pass
-            elif args.synthetic_teacher == "ls":
-                teacher_signal = UniformTeacher(num_classes=logit_layer_weight(self.model).shape[0])
-            elif self.teacher_model is not None:
-                output_map = self.task.teacher_output_map(teacher_model.config, self.model.config, args)
-                teacher_signal = OnlineTeacher(self.teacher_model, output_map)
-            elif args.synthetic_teacher != "none":
-                raise ValueError(
-                    f"alpha={args.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
-                )
-        self.teacher_signal = teacher_signal
+        if teacher_signal is None:
+            teacher_signal = build_teacher_signal(
+                args, self.task, self.model, teacher_model=self.teacher_model
+            )
+        self.teacher_signal: TeacherSignal | None = teacher_signal
         if target_fn is None and args.alpha > 0 and args.synthetic_teacher in ("kd_pt", "kd_topk"):
             target_fn = SyntheticTargetFn(args.synthetic_teacher, k=args.synthetic_topk)
         self.target_fn = target_fn
         if args.student_logits_from_hidden_states:
-            self._check_student_logits_from_hidden_states()
+            check_student_for_hidden_states(
+                self.task,
+                self.model,
+                sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+                compute_metrics=self.compute_metrics,
+            )
         self._output_layer_checked = False
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
@@ -178,89 +153,6 @@ class DistillationTrainer(Trainer):
         self._warn_of_inert_rows()
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
-
-    # ---- checkpoints: read back the way from_pretrained reads them ----------------------------
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume with the checkpoint's weights, every one of them (see :func:`load_checkpoint_weights`)."""
-        target = self.model if model is None else model
-        if not self._loads_plain_weights(target, resume_from_checkpoint):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info("Loading the student's weights from %s", resume_from_checkpoint)
-        load_checkpoint_weights(target, resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: the best checkpoint's weights, every one of them."""
-        best = self.state.best_model_checkpoint
-        if not self._loads_plain_weights(self.model, best):
-            return super()._load_best_model()
-        logger.info(
-            "Loading the best student (%s: %s) from %s",
-            self.args.metric_for_best_model,
-            self.state.best_metric,
-            best,
-        )
-        load_checkpoint_weights(self.model, best)
-
-    def _loads_plain_weights(self, model, folder: str) -> bool:
-        """Whether ``folder`` holds a whole ``save_pretrained`` model that hf_kd reads itself (not a
-        DeepSpeed/FSDP/SageMaker state or a PEFT adapter: those stay with Transformers)."""
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled or is_sagemaker_mp_enabled()
-        return (
-            not sharded
-            and isinstance(model, PreTrainedModel)
-            and any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
-        )
-
-    # ---- checkpoints: visible only when complete ------------------------------------------------
-
-    def _get_output_dir(self, trial) -> str:
-        """While a checkpoint is being saved, the folder it is written into (see :meth:`_save_checkpoint`)."""
-        run_dir = super()._get_output_dir(trial)
-        return str(Path(run_dir) / STAGING_FOLDER) if self._saving_checkpoint else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """``Trainer._save_checkpoint`` written into ``<output_dir>/_partial_checkpoint/checkpoint-N`` and
-        renamed to ``<output_dir>/checkpoint-N`` once whole, so no run ever sees a partial checkpoint.
-        A failed save removes what it wrote; one that filled the disk says so (:func:`disk_full_error`)."""
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / STAGING_FOLDER
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed mid-save
-        self.accelerator.wait_for_everyone()
-        self._saving_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
-            if self.args.should_save:
-                self._put_checkpoint_in_place(staging / name, run_dir / name)
-        except Exception as error:
-            full = is_disk_full(error, run_dir)
-            shutil.rmtree(staging, ignore_errors=True)
-            if full:
-                raise disk_full_error(error, run_dir, name) from error
-            raise
-        finally:
-            self._saving_checkpoint = False
-        self.accelerator.wait_for_everyone()
-
-    def _put_checkpoint_in_place(self, written: Path, final: Path) -> None:
-        """Rename a complete checkpoint into place, the best-checkpoint path pointing at its final name,
-        then delete the checkpoints ``save_total_limit`` drops (Trainer did so in the staging folder)."""
-        if self.state.best_model_checkpoint == str(written):
-            self.state.best_model_checkpoint = str(final)
-            self.state.save_to_json(str(written / TRAINER_STATE))
-        if final.exists():  # a checkpoint of the same step from an earlier run, replaced only now
-            shutil.rmtree(final)
-        written.rename(final)
-        written.parent.rmdir()
-        rotate_checkpoints(
-            output_dir=str(final.parent),
-            save_total_limit=self.args.save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-            use_mtime=True,
-        )
 
     def _warn_of_inert_rows(self) -> None:
         """Without a soft term, unlabelled rows only fill batches: say how many (scripts/distill.py drops them)."""
@@ -357,48 +249,6 @@ class DistillationTrainer(Trainer):
 
     # ---- loss ---------------------------------------------------------------------------------
 
-    def _check_student_logits_from_hidden_states(self) -> None:
-        """What ``student_logits_from_hidden_states`` needs, checked before training."""
-        prefix = "student_logits_from_hidden_states: true"
-        if not isinstance(self.task, CausalLMTask):
-            raise ValueError(f"{prefix} needs the causal-lm task, got {self.task.name!r}")
-        name = type(self.model).__name__
-        if "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
-            raise ValueError(
-                f"{prefix}: {name}.forward takes no logits_to_keep, so its logits cannot be skipped"
-            )
-        head = self.model.get_output_embeddings()
-        if getattr(head, "weight", None) is None or getattr(head, "bias", None) is not None:
-            raise ValueError(f"{prefix} needs an output layer with a weight and no bias; {name} has {head!r}")
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
-            raise ValueError(
-                f"{prefix} uses the output layer's weight outside the forward: not with FSDP or ZeRO-3"
-            )
-        if self.compute_metrics is not None:
-            raise ValueError(f"{prefix} never makes the student's logits, which compute_metrics needs")
-
-    def _student_hidden_states(self, model, student_inputs, length: int) -> HiddenStates:
-        """The student's final hidden states [B, T, H] and output-layer weight, its logits not made: the
-        forward runs through ``model`` (DDP's hooks included) with ``logits_to_keep`` selecting no position.
-        The first batch keeps the last position to check that the logits are hidden · weightᵀ (a model that
-        scales or soft-caps them after the output layer is refused)."""
-        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-        check = not self._output_layer_checked
-        keep = torch.arange(length - 1 if check else length, length, device=weight.device)
-        outputs = model(**student_inputs, logits_to_keep=keep, output_hidden_states=True)
-        hidden = outputs.hidden_states[-1]
-        if check:
-            with torch.no_grad():
-                made = (hidden[:, -1:] @ weight.T).float()
-            if not torch.allclose(outputs.logits.float(), made, rtol=1e-2, atol=1e-2):
-                raise ValueError(
-                    f"student_logits_from_hidden_states: {type(model).__name__}'s logits are not its last hidden "
-                    f"state times its output layer (max difference {(outputs.logits - made).abs().max():.3g}); "
-                    "set it to false for this model"
-                )
-            self._output_layer_checked = True
-        return HiddenStates(hidden, weight)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         r"""The distillation loss of one micro-batch (docs/knowledge.md#the-distillation-loss):
 
@@ -426,7 +276,10 @@ class DistillationTrainer(Trainer):
         # The teacher runs first: its activations are freed before the student's are made (~8 % faster steps).
         teacher_logits = self.teacher_signal(inputs) if self.teacher_signal is not None else None
         if self.args.student_logits_from_hidden_states:
-            student = self._student_hidden_states(model, student_inputs, labels.shape[1])
+            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+            check = not self._output_layer_checked
+            student = student_hidden_states(model, weight, student_inputs, labels.shape[1], check=check)
+            self._output_layer_checked = True
         else:
             student = model(**student_inputs).logits
         items = self.task.kd_items(student, teacher_logits, labels)
@@ -463,8 +316,8 @@ class DistillationTrainer(Trainer):
         if isinstance(student, HiddenStates):
             return loss, {}  # the student's logits were never made (no compute_metrics: checked)
         predictions = {"logits": student}
-        if torch.is_tensor(teacher_logits) and not isinstance(self.teacher_signal, UniformTeacher):
-            predictions["teacher_logits"] = teacher_logits  # a real teacher: agreement is reported
+        if torch.is_tensor(teacher_logits) and self.teacher_signal.real_teacher:
+            predictions["teacher_logits"] = teacher_logits  # agreement with a real teacher is reported
         return loss, predictions
 
     # ---- logging ------------------------------------------------------------------------------

@@ -80,3 +80,12 @@ def test_cache_format_imports_neither_capture_nor_reading_nor_the_hub():
     modules = imported_by("hf_kd.teachers.cache.format")
     assert "hf_kd.teachers.cache.format" in modules
     assert within(modules, ("hf_kd.teachers.cache.capture", "hf_kd.teachers.cache.load", "hf_kd.hub")) == []
+
+
+@pytest.mark.parametrize("module", ["hf_kd.teachers.signal", "hf_kd.checkpoints", "hf_kd.hidden_states"])
+def test_trainer_layer_modules_import_no_trainer_and_nothing_above(module):
+    """What the trainer is built from (its teacher signals, checkpoint overrides, hidden-state student)
+    imports neither the trainer nor the orchestration layer nor data loading."""
+    modules = imported_by(module)
+    assert module in modules
+    assert within(modules, ("hf_kd.trainer", "hf_kd.runs", "hf_kd.data.loading")) == []

@@ -139,9 +139,7 @@ def test_teacher_class_similarity_weights_then_fallback(teachers, hierarchy):
     assert source == "logit-layer weights"
     torch.testing.assert_close(sim, class_similarity(teacher.classifier.weight))
     perm = list(reversed(range(K)))
-    torch.testing.assert_close(
-        teacher_class_similarity(teacher, label_permutation=perm)[0], sim[perm][:, perm]
-    )
+    torch.testing.assert_close(teacher_class_similarity(teacher, output_map=perm)[0], sim[perm][:, perm])
     # A cached teacher (no model): the soft confusion of its predictions.
     _, _, _, _, yt, _ = hierarchy
     v = teachers["plain"][2]
@@ -394,12 +392,12 @@ def test_analyze_names_a_missing_label_column(saved_teacher):
 def test_analyze_loads_the_recipes_teacher_at_its_revision(saved_teacher, monkeypatch):
     """Weights and processor of the recipe's teacher at teacher_model_revision; a --teacher that is not
     the recipe's at main (the recipe's revision names a commit of another model)."""
-    import hf_kd.runs.report as report
+    import hf_kd.modeling as modeling
     from hf_kd.tasks.features import FeatureClassificationTask
 
     root, data = saved_teacher
     seen = []
-    real_load, real_processor = report.load_pretrained, FeatureClassificationTask.load_processor
+    real_load, real_processor = modeling.load_pretrained, FeatureClassificationTask.load_processor
 
     def load_pretrained(model_class, name_or_path, *, revision="main", **kwargs):
         seen.append(("weights", revision))
@@ -409,7 +407,7 @@ def test_analyze_loads_the_recipes_teacher_at_its_revision(saved_teacher, monkey
         seen.append(("processor", revision))
         return real_processor(self, name_or_path)
 
-    monkeypatch.setattr(report, "load_pretrained", load_pretrained)
+    monkeypatch.setattr(modeling, "load_pretrained", load_pretrained)  # what load_teacher calls
     monkeypatch.setattr(FeatureClassificationTask, "load_processor", load_processor)
     argv = ["--config", str(ROOT / "recipes/paper/student_kd.yaml"), "--dataset_name", str(data)]
     argv += ["--student", "none", "--output_dir", str(root / "revision"), "--max_samples", "32"]

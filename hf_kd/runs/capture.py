@@ -11,7 +11,7 @@ from datasets import DatasetDict
 
 from hf_kd.data.loading import check_columns, dataset_inputs, load_splits
 from hf_kd.hub import push_cache_to_hub
-from hf_kd.modeling import check_model_source, freeze, load_pretrained
+from hf_kd.modeling import check_model_source, load_teacher
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import build_task
 from hf_kd.teachers.cache.capture import capture_teacher_logits
@@ -126,15 +126,15 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         )
     check_columns(raw, data_args, names)
     teacher_id, revision = cache_args.teacher_model_name_or_path, cache_args.teacher_model_revision
-    teacher = load_pretrained(
-        task.model_class(), teacher_id, revision=revision, trust_remote_code=cache_args.trust_remote_code
+    teacher = load_teacher(
+        task, teacher_id, revision=revision, trust_remote_code=cache_args.trust_remote_code
     )
     processor = None
     if task.needs_processor:
         source = cache_args.teacher_processor or teacher_id
         processor = task.load_processor(source, revision="main" if cache_args.teacher_processor else revision)
     metadata = capture_teacher_logits(
-        freeze(teacher).to(state.device),
+        teacher.to(state.device),
         processor,
         task,
         DatasetDict({name: raw[name] for name in names}),

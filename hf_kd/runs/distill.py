@@ -22,6 +22,7 @@ from hf_kd.modeling import (
     config_from_dict,
     count_parameters,
     load_pretrained,
+    load_teacher,
     tokenizer_sizes,
 )
 from hf_kd.paths import refuse_overlap
@@ -30,8 +31,8 @@ from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics
 from hf_kd.teachers.cache.load import load_teacher_cache
-from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.placement import full_teacher
+from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
 from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
@@ -159,12 +160,12 @@ def kd_sim_target_fn(
         batch_size=config.per_device_eval_batch_size,
         device=config.device,
     )
-    permutation = getattr(trainer.teacher_signal, "label_permutation", None)
-    if trainer.teacher_model is None:  # cached teacher: the soft-confusion fallback
-        similarity, source = teacher_class_similarity(None, predictions, permutation)
+    signal = trainer.teacher_signal
+    if signal.model is None:  # cached teacher: the soft-confusion fallback
+        similarity, source = teacher_class_similarity(None, predictions, signal.output_map)
     else:
-        with full_teacher(trainer.teacher_model) as whole:  # sharded or offloaded weights made whole
-            similarity, source = teacher_class_similarity(whole, predictions, permutation)
+        with full_teacher(signal.model) as whole:  # sharded or offloaded weights made whole
+            similarity, source = teacher_class_similarity(whole, predictions, signal.output_map)
     logger.info("kd_sim: class similarity from the teacher's %s", source)
     return SyntheticTargetFn(
         "kd_sim", class_similarity=similarity, sim_temperature=config.synthetic_sim_temperature
@@ -285,17 +286,17 @@ def run_distillation(
                 vocab_size_of(teacher_config), vocab_size_of(student.config), len(student_processor)
             )
         teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
-        teacher = load_pretrained(
-            task.model_class(),
+        teacher = load_teacher(
+            task,
             config.teacher_model_name_or_path,
             revision=config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
             **(config.teacher_model_init_kwargs or {}),
         )
-    teacher_signal = None
+    teacher_signal = None  # an online teacher's is built by the trainer, once the teacher is placed
     if cache is not None:
-        teacher_signal = CachedTeacher(
-            cache.metadata.num_classes, cache.check_run(task, student.config, student_processor, config)
+        teacher_signal = build_teacher_signal(
+            config, task, student, cache=cache, student_processor=student_processor
         )
 
     train_prepared = task.prepare(

@@ -12,7 +12,13 @@ import torch
 from hf_kd.data.hierarchy import class_groups
 from hf_kd.data.loading import load_splits
 from hf_kd.knowledge.report import write_report
-from hf_kd.modeling import check_model_source, freeze, load_pretrained, logit_layer_weight_or_none
+from hf_kd.modeling import (
+    check_model_source,
+    freeze,
+    load_pretrained,
+    load_teacher,
+    logit_layer_weight_or_none,
+)
 from hf_kd.predictions import collect_predictions
 from hf_kd.tasks import build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import CausalLMTask
@@ -59,7 +65,7 @@ def build_report(
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))
     revision = config.teacher_model_revision if teacher == config.teacher_model_name_or_path else "main"
-    teacher_model = freeze(load_pretrained(task.model_class(), teacher, revision=revision))
+    teacher_model = load_teacher(task, teacher, revision=revision)
     teacher_processor = task.load_processor(teacher, revision=revision)
     student_model, processor = None, teacher_processor
     output_map = None
@@ -90,9 +96,7 @@ def build_report(
         torch.tensor(rows["difficulty"]) if "difficulty" in rows.column_names and one_item_per_row else None
     )
 
-    teacher_weight = logit_layer_weight_or_none(teacher_model)
-    if teacher_weight is not None and output_map is not None:
-        teacher_weight = teacher_weight[output_map]
+    teacher_weight = logit_layer_weight_or_none(teacher_model, output_map)
     student_weight = None if student_model is None else logit_layer_weight_or_none(student_model)
     title = (
         f"Knowledge report: {Path(teacher).name}"

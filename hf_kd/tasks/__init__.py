@@ -36,6 +36,18 @@ def build_task(data_args) -> Task:
     raise ValueError(f"task={data_args.task!r} has no adapter yet")
 
 
+def task_for_model(model) -> Task:
+    """The task a model's head implies (a ``PreTrainedModel``), for users who pass no task."""
+    name = type(model).__name__
+    if name.endswith("ForImageClassification"):
+        return ImageClassificationTask()
+    if name.endswith("ForSequenceClassification"):
+        return TextClassificationTask()
+    if name.endswith("ForCausalLM"):
+        return CausalLMTask()
+    raise ValueError(f"cannot infer the task of a {name}; pass task=... (see hf_kd.tasks)")
+
+
 __all__ = [
     "CACHE_PREFIX",
     "CausalLMTask",
@@ -50,4 +62,5 @@ __all__ = [
     "processor_fingerprint",
     "teacher_own_processor",
     "split_batch",
+    "task_for_model",
 ]

@@ -29,7 +29,7 @@ def label_names_of(config) -> list[str]:
     return [config.id2label[i] for i in range(config.num_labels)]
 
 
-def label_permutation(
+def label_output_map(
     teacher_labels: list[str], student_labels: list[str], mapping: dict | None = None
 ) -> list[int] | None:
     """Indices ``perm`` such that ``teacher_logits[..., perm]`` lists the teacher's scores in the student's
@@ -121,8 +121,8 @@ class ClassificationTask(Task):
     """Shared logic of the classification tasks: logits [B, K], labels [B]."""
 
     def teacher_output_map(self, teacher_config, student_config, args) -> list[int] | None:
-        """Label spaces must match (see :func:`label_permutation`)."""
-        return label_permutation(
+        """Label spaces must match (see :func:`label_output_map`)."""
+        return label_output_map(
             label_names_of(teacher_config), label_names_of(student_config), args.teacher_label_mapping
         )
 

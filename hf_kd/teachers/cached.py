@@ -19,30 +19,34 @@ class CachedTeacher:
     must be a permutation, applied to the stored class ids.
     """
 
+    model = None  # no teacher model runs: its logit layer cannot be read
+    real_teacher = True
+
     def __init__(self, num_classes: int, output_map: list[int] | None = None):
         self.num_classes = num_classes
-        self.output_map = None if output_map is None else torch.as_tensor(output_map)
-        self.inverse_map = None
+        self.output_map = output_map
+        self._columns = None if output_map is None else torch.as_tensor(output_map)
+        self._inverse = None  # _inverse[teacher class] = student class
         if output_map is not None:
             if sorted(output_map) != list(range(num_classes)):
                 raise ValueError(
                     f"a cached teacher reorders its {num_classes} classes by a permutation; got output_map={output_map}"
                 )
-            self.inverse_map = torch.argsort(self.output_map)  # inverse_map[teacher class] = student class
+            self._inverse = torch.argsort(self._columns)
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor | SparseLogits:
         cached = split_batch(batch)[2]
         if "logits" in cached:
             logits = cached["logits"].float()
-            return logits if self.output_map is None else logits[..., self.output_map.to(logits.device)]
+            return logits if self._columns is None else logits[..., self._columns.to(logits.device)]
         missing = [name for name in ("log_probs", "indices", "tail_log_mass") if name not in cached]
         if missing:
             raise KeyError(
                 f"the batch has no cached teacher columns kd_teacher_{missing}; got kd_teacher_{sorted(cached)}"
             )
         indices = cached["indices"].long()
-        if self.inverse_map is not None:
-            indices = self.inverse_map.to(indices.device)[indices]
+        if self._inverse is not None:
+            indices = self._inverse.to(indices.device)[indices]
         return SparseLogits(
             cached["log_probs"].float(), indices, cached["tail_log_mass"].float(), self.num_classes
         )

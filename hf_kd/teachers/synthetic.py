@@ -13,6 +13,9 @@ by a target ρ that keeps only some of the three knowledge levels:
     kd       ρ = p^τ                                                     all three
     kd_topk  top-k of p^τ kept, the rest spread uniformly over K − k     all three, less tail noise
 
+The ``ls`` target needs no teacher at all: :class:`UniformTeacher` is its teacher signal. The others
+transform a real teacher's distribution: :class:`SyntheticTargetFn` is the trainer's ``target_fn``.
+
 Rows whose label is the ignore index (−100, or any negative value) have no true class: for them
 ``kd_pt`` and ``kd_sim`` use the teacher's argmax as t (the class the teacher believes in).
 """
@@ -20,6 +23,7 @@ Rows whose label is the ignore index (−100, or any negative value) have no tru
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -172,3 +176,20 @@ class SyntheticTargetFn:
             sim_temperature=self.sim_temperature,
         )
         return rho.log()
+
+
+class UniformTeacher:
+    """The teacher signal of label smoothing (the ``ls`` target): constant logits over ``num_classes``
+    classes for every item of the batch (shape ``labels.shape + (K,)``), p = u = 1/K. No model runs,
+    so agreement with the student means nothing (``real_teacher`` is False)."""
+
+    output_map = None
+    model = None
+    real_teacher = False
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        labels = batch["labels"]
+        return torch.zeros(*labels.shape, self.num_classes, dtype=torch.float32, device=labels.device)

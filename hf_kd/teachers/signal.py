@@ -1,0 +1,85 @@
+"""The teacher signal: where a batch's teacher logits come from, one interface for every source.
+
+==========  =====================================================  ==========================
+source      what ``signal(batch)`` returns                          built from
+==========  =====================================================  ==========================
+online      the frozen teacher's logits, dense [..., K]             a teacher model
+cached      dense logits, or top-k :class:`SparseLogits`            a teacher cache's columns
+uniform     zeros [..., K] (p = 1/K: the ``ls`` target)             the student's class count
+==========  =====================================================  ==========================
+
+:func:`build_teacher_signal` picks the source from the run's config; the trainer calls the signal and
+reads its attributes, never its kind. A new source is any object with the attributes of
+:class:`TeacherSignal`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+from hf_kd.losses import SparseLogits
+from hf_kd.modeling import logit_layer_weight
+from hf_kd.tasks.base import Task
+from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.online import OnlineTeacher
+from hf_kd.teachers.synthetic import UniformTeacher
+
+
+class TeacherSignal(Protocol):
+    """A source of teacher logits for distillation.
+
+    Attributes:
+        output_map: the index map that put the teacher's classes into the student's label order
+            (``teacher_logits[..., output_map]``), already applied to what the signal returns; None when
+            the orders agree. Callers reorder anything else of the teacher's (its logit layer) by it.
+        model: the teacher model the signal runs, whose weights can be read (its logit layer), or None
+            when no model runs (cached logits, the uniform teacher).
+        real_teacher: True when the logits are a trained teacher's, so that the student's agreement with
+            them is worth reporting; False for a synthetic source (the uniform teacher).
+    """
+
+    output_map: list[int] | None
+    model: torch.nn.Module | None
+    real_teacher: bool
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor | SparseLogits:
+        """The teacher's logits for ``batch`` (a collated batch with ``labels``): dense [..., K] or top-k
+        :class:`SparseLogits`, over the items of the batch as the task lays them out."""
+
+
+def build_teacher_signal(
+    config,
+    task: Task,
+    student: torch.nn.Module,
+    *,
+    teacher_model: torch.nn.Module | None = None,
+    cache=None,
+    student_processor: Any = None,
+) -> TeacherSignal | None:
+    """The run's teacher signal, from ``config`` (a :class:`hf_kd.DistillationConfig`):
+
+    - None without a soft term (``alpha = 0``, or ``synthetic_teacher='none'``);
+    - the uniform teacher over the student's classes for ``synthetic_teacher='ls'``;
+    - the logits of ``cache`` (a loaded teacher cache, checked against the task, the student's config and
+      ``student_processor``) when one is given;
+    - else the online ``teacher_model`` (as placed for the run), its classes checked against the
+      student's and mapped into their order.
+
+    Raises ValueError when the config needs a teacher and neither a cache nor a teacher model is given.
+    """
+    if not config.alpha > 0 or config.synthetic_teacher == "none":
+        return None
+    if config.synthetic_teacher == "ls":
+        return UniformTeacher(num_classes=logit_layer_weight(student).shape[0])
+    if cache is not None:
+        output_map = cache.check_run(task, student.config, student_processor, config)
+        return CachedTeacher(cache.metadata.num_classes, output_map)
+    if teacher_model is not None:
+        teacher_config = extract_model_from_parallel(teacher_model).config
+        return OnlineTeacher(teacher_model, task.teacher_output_map(teacher_config, student.config, config))
+    raise ValueError(
+        f"alpha={config.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
+    )
