@@ -220,3 +220,39 @@ def test_analyze_reports_the_outcome_from_output_dirs_alone(tmp_path, capsys):
         analyze.main(["--run", str(tmp_path / "kd"), "--config", "x.yaml"])
     with pytest.raises(FileNotFoundError, match="output_dir of a finished hf_kd run"):
         analyze.main(["--run", str(tmp_path / "missing")])
+
+
+def test_tune_sweeps_on_a_carved_validation_split_resumes_and_writes_the_recipe(tmp_path):
+    from hf_kd.runs.tune import VALIDATION_SPLIT, tune
+
+    recipe = write_tiny_run(tmp_path)
+    trained = []
+
+    def train(argv):
+        trained.append(argv)
+        return run_distillation(*parse_args(argv)).metrics
+
+    kwargs = dict(alphas=[0.5], taus=[2.0], budgets=[2], budget_field="max_steps", seeds=[0], train=train)
+    content = tune(str(recipe), tmp_path / "tune", **kwargs, progress=lambda s: None)
+    assert [a[a.index("--output_dir") + 1] for a in trained] == [
+        str(tmp_path / "tune" / name / "seed0") for name in ("none_max_steps=2", "a0.5_t2_max_steps=2")
+    ]
+    assert all(a[a.index("--eval_split") + 1] == VALIDATION_SPLIT for a in trained)  # never the test split
+    from datasets import load_from_disk
+
+    carved = load_from_disk(str(tmp_path / "tune" / "data"))
+    assert sorted(carved) == ["train", VALIDATION_SPLIT] and len(carved[VALIDATION_SPLIT]) == 13  # 20% of 64
+    assert set(content["summary"]) == {"none_max_steps=2", "a0.5_t2_max_steps=2"}
+    best = content["summary"][content["best"]]["mean"]
+    assert best == max(s["mean"] for s in content["summary"].values())
+    recommended = (tmp_path / "tune" / "recommended.yaml").read_text()
+    assert recommended.startswith("# Chosen by scripts/tune.py")
+    data_args, _, config = parse_args(["--config", str(tmp_path / "tune" / "recommended.yaml")])
+    assert config.max_steps == 2 and config.output_dir == str(tmp_path / "out") + "_tuned"
+    assert data_args.eval_split == "test"  # the recipe itself still evaluates on its own test split
+    assert (tmp_path / "tune" / "tune.png").is_file() and "| setting |" in (
+        tmp_path / "tune" / "tune.md"
+    ).read_text()
+    trained.clear()
+    tune(str(recipe), tmp_path / "tune", **kwargs, progress=lambda s: None)
+    assert trained == []  # resumed: nothing trained again

@@ -213,11 +213,21 @@ def unequal_budgets(kd: RunFacts, twin: RunFacts, limit: float) -> dict[str, str
     if not causes:
         return None
     steps = max(kd.optimizer_steps, twin.optimizer_steps)
+    if (
+        min(kd.optimizer_steps, twin.optimizer_steps) * limit >= steps
+        and twin.labelled_rows_seen > kd.labelled_rows_seen
+    ):
+        remedy = (  # same steps: the KD run spends most of each batch on unlabelled rows
+            f"Train the KD run until it has seen each labelled row about as often as the twin "
+            f"(num_train_epochs: {twin.epochs:.3g}), or state both budgets when comparing."
+        )
+    else:
+        remedy = (
+            f"Compare at the same budget: give both runs max_steps: {steps:,} (the longer of the two), and let "
+            "the twin train on its labelled rows only (use_unlabeled: false, or hf_kd's default of dropping inert rows)."
+        )
     return _diagnosis(
-        "unequal budgets",
-        "Unequal budgets: " + "; ".join(causes) + " (limit " + f"{limit}×).",
-        f"Compare at the same budget: give both runs max_steps: {steps:,} (the longer of the two), and let the "
-        "twin train on its labelled rows only (use_unlabeled: false, or hf_kd's default of dropping inert rows).",
+        "unequal budgets", "Unequal budgets: " + "; ".join(causes) + f" (limit {limit}×).", remedy
     )
 
 
