@@ -107,12 +107,15 @@ class DistillationCardInfo:
     """The recipe YAML text used with the command."""
     hf_kd_version: str = field(default_factory=_installed_hf_kd_version)
     license: str | None = None
+    outcome: str | None = None
+    """Markdown: did KD pay against the no-KD twin (``hf_kd.knowledge.outcome``), the card's first section."""
 
 
 def render_model_card(info: DistillationCardInfo) -> ModelCard:
     """Render the model card: Hub metadata and a readable body, absent values omitted."""
     sections = [
         _intro_section(info),
+        _outcome_section(info),
         _method_section(info),
         _results_section(info),
         _knowledge_section(info),
@@ -194,6 +197,10 @@ def _intro_section(info: DistillationCardInfo) -> str:
     else:
         made = f"a student distilled from the teacher {_teacher_ref(info)}"
     return f"# {info.student_id}\n\nThis model is {made} with hf_kd {info.hf_kd_version}, for {info.task}."
+
+
+def _outcome_section(info: DistillationCardInfo) -> str:
+    return f"## Did distillation pay?\n\n{info.outcome.strip()}" if info.outcome else ""
 
 
 def _method_section(info: DistillationCardInfo) -> str:

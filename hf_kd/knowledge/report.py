@@ -19,6 +19,7 @@ from hf_kd.knowledge.diagnosis import THRESHOLDS, diagnose
 from hf_kd.knowledge.domain import most_frequent_classes
 from hf_kd.knowledge.instance import rescaling_weight
 from hf_kd.knowledge.measures import Predictions, knowledge_measures, scalar_measures, similarity_matrices
+from hf_kd.knowledge.outcome import RunFacts, outcome, outcome_markdown, per_class_accuracy
 from hf_kd.knowledge.universe import teacher_entropy, wrong_mass
 
 
@@ -99,8 +100,17 @@ def _plot(
     return written
 
 
-def _markdown(measures: dict[str, Any], diagnosis: dict[str, list[str]], plots: list[str], title: str) -> str:
-    lines = [f"# {title}", "", "## What the teacher transfers", ""]
+def _markdown(
+    measures: dict[str, Any],
+    diagnosis: dict[str, list[str]],
+    plots: list[str],
+    title: str,
+    result: dict[str, Any] | None = None,
+) -> str:
+    lines = [f"# {title}", ""]
+    if result is not None:
+        lines += ["## Did KD pay?", "", outcome_markdown(result), ""]
+    lines += ["## What the teacher transfers", ""]
     lines += [f"- {s}" for s in diagnosis["levels"]]
     lines += ["", "## Failure patterns", ""]
     lines += [f"- {s}" for s in diagnosis["failures"]]
@@ -137,9 +147,15 @@ def write_report(
     student_weight: torch.Tensor | None = None,
     title: str = "Knowledge report",
     plots: bool = True,
+    kd_runs: Sequence[RunFacts] = (),
+    twin_runs: Sequence[RunFacts] = (),
+    metric: str = "accuracy",
+    class_names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write ``report.json`` (every number + the diagnosis), ``report.md`` and the PNG plots into
-    ``folder``; return the JSON content."""
+    ``folder``; return the JSON content. Given the KD runs (the analysed student's first) and their no-KD
+    ``twin_runs``, both lead with the outcome (:func:`hf_kd.knowledge.outcome.outcome`: gain, spread, gap
+    closed, budgets, causes with remedies; per-class accuracies named by ``class_names``)."""
     if predictions.teacher_logits is None:
         raise ValueError("a knowledge report needs the teacher's logits")
     measures = knowledge_measures(
@@ -154,13 +170,28 @@ def write_report(
         student_weight=student_weight,
     )
     diagnosis = diagnose(measures)
+    result = None
+    if kd_runs and twin_runs:
+        per_class = (
+            None
+            if predictions.student_logits is None
+            else per_class_accuracy(
+                predictions.teacher_logits, predictions.student_logits, predictions.labels, class_names
+            )
+        )
+        result = outcome(
+            kd_runs, twin_runs, metric=metric, knowledge_failures=diagnosis["failures"], per_class=per_class
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = _plot(predictions, measures, folder, teacher_weight, student_weight) if plots else []
-    content = {"measures": measures, "diagnosis": diagnosis, "thresholds": THRESHOLDS, "plots": written}
+    content = {"outcome": result} if result is not None else {}
+    content |= {"measures": measures, "diagnosis": diagnosis, "thresholds": THRESHOLDS, "plots": written}
     write_atomic(
         folder / "report.json",
         lambda p: p.write_text(json.dumps(_json_safe(content), indent=2, allow_nan=False)),
     )
-    write_atomic(folder / "report.md", lambda p: p.write_text(_markdown(measures, diagnosis, written, title)))
+    write_atomic(
+        folder / "report.md", lambda p: p.write_text(_markdown(measures, diagnosis, written, title, result))
+    )
     return content

@@ -60,12 +60,31 @@ def run_ablation(
     arguments are parsed before the first one trains, so a bad recipe or override fails at once.
     """
     output_dir = Path(output_dir)
-    plan = [(arm, seed, output_dir / arm / f"seed{seed}") for arm in arms for seed in seeds]
-    for arm, seed, run_dir in plan:
-        parse_args(run_argv(recipe, arm, seed, run_dir, overrides))
+    plan = [
+        (arm, seed, run_argv(recipe, arm, seed, output_dir / arm / f"seed{seed}", overrides))
+        for arm in arms
+        for seed in seeds
+    ]
+    return run_grid(plan, output_dir, train=train, progress=progress)
+
+
+def run_grid(
+    plan: Sequence[tuple[str, int, list[str]]],
+    output_dir: str | Path,
+    *,
+    train: Callable[[list[str]], dict[str, float]] | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train every ``(arm, seed, argv)`` of ``plan`` whose ``<output_dir>/<arm>/seed<seed>/result.json`` is
+    not there yet, keep each result there (written aside, then renamed), and return all results in plan
+    order. Every argv is parsed first, so a bad recipe or override fails before any training."""
+    output_dir = Path(output_dir)
+    for _, _, argv in plan:
+        parse_args(argv)
     train = train or (lambda argv: run_distillation(*parse_args(argv)).metrics)
     results = []
-    for i, (arm, seed, run_dir) in enumerate(plan, 1):
+    for i, (arm, seed, argv) in enumerate(plan, 1):
+        run_dir = output_dir / arm / f"seed{seed}"
         path = run_dir / "result.json"
         tag = f"[{i}/{len(plan)}] arm={arm} seed={seed}"
         if path.is_file():
@@ -74,7 +93,7 @@ def run_ablation(
             continue
         progress(f"{tag}: training")
         start = time.perf_counter()
-        metrics = train(run_argv(recipe, arm, seed, run_dir, overrides))
+        metrics = train(argv)
         result = {"arm": arm, "seed": seed, "metrics": metrics, "seconds": time.perf_counter() - start}
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda p, r=result: p.write_text(json.dumps(r, indent=2)))

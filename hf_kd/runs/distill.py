@@ -27,6 +27,7 @@ from hf_kd.modeling import (
 )
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
+from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics
@@ -253,10 +254,13 @@ def run_distillation(
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.num_labeled_examples is not None:
         train = hide_labels(train, data_args.label_column, data_args.num_labeled_examples, config.seed)
+    rows_before_drop = len(train)
     if not data_args.use_unlabeled:
         train = drop_unlabeled(train, data_args.label_column)
+        rows_before_drop = len(train)  # dropped by choice, not inert
     elif labels is not None and not config.uses_teacher:
         train = drop_inert_rows(train, data_args.label_column, config)
+    unlabelled_rows = count_unlabeled(train, data_args.label_column)
     evaluation = splits[data_args.eval_split] if data_args.eval_split else None
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
@@ -350,6 +354,18 @@ def run_distillation(
     trainer.save_state()  # trainer_state.json: the full log history, whatever the save_strategy
     student.config.use_cache = True
     trainer.save_model(config.output_dir)  # with the card
+    if trainer.is_world_process_zero():
+        record = run_record(
+            data_args,
+            model_args,
+            config,
+            trainer.state,
+            card_info,
+            labelled_rows=len(train) - unlabelled_rows,
+            unlabelled_rows=unlabelled_rows,
+            inert_rows_dropped=rows_before_drop - len(train),
+        )
+        write_run_record(config.output_dir, record)
     if repo_id is not None and trainer.is_world_process_zero():
         push_student(
             config.output_dir,

@@ -4,6 +4,7 @@ arguments of ``scripts/analyze.py``, run them over one split, and write the repo
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from hf_kd.data.hierarchy import class_groups
 from hf_kd.data.loading import load_splits
+from hf_kd.knowledge.outcome import RunFacts
 from hf_kd.knowledge.report import write_report
 from hf_kd.modeling import (
     check_model_source,
@@ -36,10 +38,16 @@ def build_report(
     report_dir: str | Path,
     split: str | None = None,
     max_samples: int | None = None,
+    kd_runs: Sequence[RunFacts] = (),
+    twin_runs: Sequence[RunFacts] = (),
+    metric: str = "accuracy",
 ) -> dict[str, Any]:
     """Load ``teacher`` (and ``student``) model directories, run them on ``split`` of the recipe's
     dataset, and :func:`write_report`. Class groups come from labels named ``g{group}_c{i}`` (the
     synthetic hierarchy task), instance difficulty from a ``difficulty`` column when present.
+
+    With ``kd_runs`` and their no-KD ``twin_runs`` (``hf_kd.runs.run_record.read_run``) the report leads
+    with the outcome of KD (``metric`` names their compared score).
 
     The teacher is loaded at the recipe's ``teacher_model_revision`` when it is the recipe's teacher,
     at ``main`` otherwise. Classification tasks only: a token-level task (``causal-lm``) is refused."""
@@ -113,4 +121,8 @@ def build_report(
         teacher_weight=teacher_weight,
         student_weight=student_weight,
         title=title,
+        kd_runs=kd_runs,
+        twin_runs=twin_runs,
+        metric=metric,
+        class_names=names,
     )

@@ -1,0 +1,438 @@
+"""Did distillation pay? A run compared with its no-KD twin (same student, same data, α = 0): the gain and
+its seed spread, the share of the no-KD → teacher gap closed, the budgets of both, and — when KD did not
+help — each measured cause with what to try, decided by the rules of thumb of :data:`OUTCOME_THRESHOLDS`.
+
+Pure: run facts in (:class:`RunFacts`, read from a run's folder by ``hf_kd.runs.run_record``), numbers and
+sentences out.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+OUTCOME_THRESHOLDS = {
+    "budget_ratio": 1.5,
+    "still_falling": 0.05,
+    "soft_not_learnt": 0.5,
+    "low_agreement": 0.8,
+    "size_ratio": 5.0,
+    "term_dominance": 10.0,
+    "class_deficit": 0.1,
+    "class_min_items": 5,
+}
+"""Where the outcome's diagnoses draw their lines (rules of thumb from the digits runs of BENCHMARKS.md,
+"When KD does not help"; read the numbers next to them):
+
+- ``budget_ratio``: the KD run and its twin differ by more than this factor in optimizer steps or in
+  labelled rows seen → unequal budgets: the comparison measures the budget, not the teacher.
+- ``still_falling``: the mean logged training loss of the last quarter of training is lower than that
+  of the quarter before by at least this share → the loss is still falling: under-trained.
+- ``soft_not_learnt``: the soft loss at the end is at least this share of its first logged value → the
+  student has not come close to the teacher on the transfer rows.
+- ``low_agreement``: student–teacher agreement on the evaluation split below it, with the soft loss no
+  longer falling and the teacher at least ``size_ratio`` times larger → a capacity gap.
+- ``term_dominance``: at the first logged step one weighted term, (1 − α)·CE or α·τ²·D, is this many times
+  the other → its gradient dominates the update: the other term hardly trains the student.
+- ``class_deficit`` / ``class_min_items``: the teacher is less accurate than the student by at least this
+  much on a class with at least this many evaluation items → it teaches that class wrongly.
+"""
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What one finished run's folder records: its settings, budget, final scores and training log."""
+
+    name: str
+    """The run's folder (for the sentences)."""
+    seed: int
+    alpha: float
+    temperature: float
+    temperature_squared: bool = True
+    metric: float | None = None
+    """The compared final evaluation metric of the student (e.g. ``eval_accuracy``)."""
+    teacher_metric: float | None = None
+    """The same metric of the teacher on the same split, when the run evaluated it."""
+    optimizer_steps: int = 0
+    epochs: float = 0.0
+    labelled_rows: int = 0
+    """Training rows with a label (after ``num_labeled_examples`` and any drop)."""
+    unlabelled_rows: int = 0
+    """Training rows without a label the run kept (soft term only)."""
+    inert_rows_dropped: int = 0
+    """Unlabelled rows dropped because nothing learns from them at this setting (α = 0 or no soft term)."""
+    batch_size: int = 0
+    """Rows per optimizer step (all processes, gradient accumulation included)."""
+    student_parameters: int | None = None
+    teacher_parameters: int | None = None
+    agreement: float | None = None
+    """Share of evaluation rows where student and teacher predict the same class."""
+    losses: tuple[dict[str, float], ...] = field(default_factory=tuple)
+    """The logged training entries in order: ``step``, ``loss`` and, when logged, ``loss_hard``, ``loss_soft``."""
+
+    @property
+    def uses_soft_term(self) -> bool:
+        return self.alpha > 0
+
+    @property
+    def labelled_rows_seen(self) -> float:
+        """Labelled rows fed to the loss: every epoch passes each labelled row once."""
+        return self.epochs * self.labelled_rows
+
+    @property
+    def rows_seen(self) -> int:
+        return self.optimizer_steps * self.batch_size
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _pm(mean: float, std: float, digits: int = 3, sign: bool = False) -> str:
+    head = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return head if math.isnan(std) else f"{head} ± {std:.{digits}f}"
+
+
+def compare(kd: Sequence[RunFacts], twin: Sequence[RunFacts], metric: str = "accuracy") -> dict[str, Any]:
+    """The outcome of ``kd`` runs against their no-KD ``twin`` runs: seeds are paired where both ran one
+    (the seed fixes the initialisation and the labelled subset), else the means are compared. Keys:
+    ``kd``/``twin``/``teacher`` (means, stds), ``gain`` and ``gain_std`` (paired when ``paired``),
+    ``gains`` per seed, ``gap_closed`` (share of the twin → teacher gap; None without a teacher score or
+    gap), ``verdict`` (``helped``, ``hurt`` or ``inside the spread``) and ``sentence``."""
+    for side, runs in (("KD", kd), ("no-KD twin", twin)):
+        if not runs:
+            raise ValueError(f"the outcome needs at least one {side} run")
+        missing = [r.name for r in runs if r.metric is None]
+        if missing:
+            raise ValueError(f"{side} runs without a final {metric}: {missing} (did they evaluate?)")
+    twin_by_seed = {r.seed: r.metric for r in twin}
+    gains = {r.seed: r.metric - twin_by_seed[r.seed] for r in kd if r.seed in twin_by_seed}
+    kd_mean, kd_std = mean_std([r.metric for r in kd])
+    twin_mean, twin_std = mean_std([r.metric for r in twin])
+    if gains:
+        gain, gain_std = mean_std(list(gains.values()))
+    else:
+        gain, gain_std = kd_mean - twin_mean, math.hypot(kd_std, twin_std)
+    teachers = [r.teacher_metric for r in kd if r.teacher_metric is not None]
+    teacher = statistics.fmean(teachers) if teachers else None
+    gap_closed = None if teacher is None or teacher <= twin_mean else gain / (teacher - twin_mean)
+    spread = 0.0 if math.isnan(gain_std) else gain_std
+    verdict = "helped" if gain > spread else "hurt" if gain < -spread else "inside the spread"
+    how = (
+        f"paired over {len(gains)} seed{'s' if len(gains) > 1 else ''}"
+        if gains
+        else f"means of {len(kd)} vs {len(twin)} runs, unpaired"
+    )
+    if len(gains) == 1 or (not gains and len(kd) == len(twin) == 1):
+        how += "; one seed: no spread, run more seeds before trusting the sign"
+    head = {
+        "helped": "KD helped",
+        "hurt": "KD did not help: the student is worse than without KD",
+        "inside the spread": "KD did not help: the gain is inside the seed spread",
+    }[verdict]
+    sentence = (
+        f"{head}. {metric} {_pm(kd_mean, kd_std)} with KD vs {_pm(twin_mean, twin_std)} without "
+        f"(gain {_pm(gain, gain_std, sign=True)}, {how})"
+    )
+    if teacher is not None:
+        closed = (
+            ""
+            if gap_closed is None
+            else f"; KD closed {gap_closed:.0%} of the no-KD → teacher gap"
+            if gap_closed >= 0
+            else f"; KD widened the no-KD → teacher gap by {-gap_closed:.0%}"
+        )
+        sentence += f"; teacher {teacher:.3f}{closed}"
+    return {
+        "metric": metric,
+        "kd": {"mean": kd_mean, "std": kd_std, "n": len(kd)},
+        "twin": {"mean": twin_mean, "std": twin_std, "n": len(twin)},
+        "teacher": teacher,
+        "gain": gain,
+        "gain_std": gain_std,
+        "gains": gains,
+        "paired": bool(gains),
+        "gap_closed": gap_closed,
+        "verdict": verdict,
+        "sentence": sentence + ".",
+    }
+
+
+def budget_sentence(run: RunFacts, label: str) -> str:
+    """One run's budget in words: optimizer steps, epochs, labelled and unlabelled rows, inert rows dropped."""
+    text = (
+        f"{label}: {run.optimizer_steps:,} optimizer steps ({run.epochs:.3g} epochs of batch {run.batch_size}), "
+        f"{run.labelled_rows:,} labelled rows seen {run.epochs:.3g} times each ({run.labelled_rows_seen:,.0f} in all), "
+        f"{run.unlabelled_rows:,} unlabelled rows"
+    )
+    return text + (
+        f", {run.inert_rows_dropped:,} inert unlabelled rows dropped" if run.inert_rows_dropped else ""
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _series(run: RunFacts, key: str) -> list[float]:
+    return [entry[key] for entry in run.losses if entry.get(key) is not None and math.isfinite(entry[key])]
+
+
+def still_falling(values: Sequence[float]) -> float | None:
+    """Relative drop of the mean of the last quarter of ``values`` below the quarter before (None with
+    fewer than 4 values): how much the loss still fell at the end of training."""
+    if len(values) < 4:
+        return None
+    q = len(values) // 4
+    before, last = _mean(values[-2 * q : -q]), _mean(values[-q:])
+    return (before - last) / before if before > 0 else None
+
+
+def _diagnosis(name: str, finding: str, remedy: str) -> dict[str, str]:
+    return {"name": name, "finding": finding, "remedy": remedy}
+
+
+def unequal_budgets(kd: RunFacts, twin: RunFacts, limit: float) -> dict[str, str] | None:
+    """The two runs differ by more than ``limit``× in optimizer steps or labelled rows seen, or the twin
+    iterated over unlabelled rows it cannot learn from."""
+    causes = []
+    for what, a, b in (
+        ("optimizer steps", kd.optimizer_steps, twin.optimizer_steps),
+        ("labelled rows seen", kd.labelled_rows_seen, twin.labelled_rows_seen),
+    ):
+        if min(a, b) > 0 and max(a, b) / min(a, b) > limit:
+            causes.append(f"{what} {a:,.0f} (KD) vs {b:,.0f} (no KD), {max(a, b) / min(a, b):.1f}× apart")
+    if not twin.uses_soft_term and twin.unlabelled_rows:
+        causes.append(
+            f"the twin iterated over {twin.unlabelled_rows:,} unlabelled rows from which nothing learns at α = 0"
+        )
+    if not causes:
+        return None
+    steps = max(kd.optimizer_steps, twin.optimizer_steps)
+    if (
+        min(kd.optimizer_steps, twin.optimizer_steps) * limit >= steps
+        and twin.labelled_rows_seen > kd.labelled_rows_seen
+    ):
+        remedy = (  # same steps: the KD run spends most of each batch on unlabelled rows
+            f"Train the KD run until it has seen each labelled row about as often as the twin "
+            f"(num_train_epochs: {twin.epochs:.3g}), or state both budgets when comparing."
+        )
+    else:
+        remedy = (
+            f"Compare at the same budget: give both runs max_steps: {steps:,} (the longer of the two), and let "
+            "the twin train on its labelled rows only (use_unlabeled: false, or hf_kd's default of dropping inert rows)."
+        )
+    return _diagnosis(
+        "unequal budgets", "Unequal budgets: " + "; ".join(causes) + f" (limit {limit}×).", remedy
+    )
+
+
+def under_training(kd: RunFacts, twin: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str] | None:
+    """The KD run's training loss was still falling at the end, or it saw each labelled row fewer times
+    than the twin, or its soft loss stayed near its starting value — while still falling."""
+    drop = still_falling(_series(kd, "loss"))
+    if drop is None or drop < thresholds["still_falling"]:
+        return None
+    evidence = [f"its training loss still fell {drop:.0%} over the last quarter of training"]
+    if twin.epochs > kd.epochs:
+        evidence.append(f"it saw each labelled row {kd.epochs:.3g} times, the twin {twin.epochs:.3g} times")
+    soft = _series(kd, "loss_soft")
+    if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0]:
+        evidence.append(
+            f"its soft loss is still {soft[-1] / soft[0]:.0%} of its start ({soft[0]:.3g} → {soft[-1]:.3g})"
+        )
+    factor = max(2.0, twin.optimizer_steps / kd.optimizer_steps if kd.optimizer_steps else 2.0)
+    return _diagnosis(
+        "under-training",
+        "Under-trained: " + "; ".join(evidence) + ".",
+        f"Train the KD student longer: {factor:.3g}× the steps, at least the twin's (max_steps: "
+        f"{math.ceil(factor * kd.optimizer_steps):,}, or num_train_epochs: {factor * kd.epochs:.3g}), until its loss flattens.",
+    )
+
+
+def capacity_gap(kd: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str] | None:
+    """The student cannot follow the teacher: low agreement and a soft loss that stopped falling far from
+    its floor, with a teacher many times larger."""
+    soft = _series(kd, "loss_soft")
+    if kd.agreement is None or kd.agreement >= thresholds["low_agreement"] or len(soft) < 2:
+        return None
+    falling = still_falling(soft)
+    if falling is not None and falling >= thresholds["still_falling"]:
+        return None  # still learning: under-training, not capacity
+    if soft[-1] < thresholds["soft_not_learnt"] * soft[0]:
+        return None
+    ratio = (
+        kd.teacher_parameters / kd.student_parameters
+        if kd.teacher_parameters and kd.student_parameters
+        else None
+    )
+    if ratio is not None and ratio < thresholds["size_ratio"]:
+        return None
+    size = f"; the teacher is {ratio:.1f}× larger" if ratio is not None else ""
+    return _diagnosis(
+        "capacity gap",
+        f"Capacity gap: the student agrees with the teacher on {kd.agreement:.1%} of evaluation rows and its soft loss "
+        f"stopped at {soft[-1] / soft[0]:.0%} of its start ({soft[-1]:.3g}){size}.",
+        "The student cannot follow this teacher (Cho & Hariharan 2019; Mirzadeh et al. 2020): try an "
+        "early-stopped or smaller teacher, a teacher assistant of intermediate size distilled first, or a lower τ.",
+    )
+
+
+def term_balance(kd: RunFacts, limit: float) -> dict[str, str] | None:
+    """At the first logged step one weighted term of the loss is ``limit`` times the other."""
+    first = next(
+        (e for e in kd.losses if e.get("loss_hard") is not None and e.get("loss_soft") is not None), None
+    )
+    if first is None or not kd.uses_soft_term or kd.alpha >= 1:
+        return None
+    scale = kd.temperature**2 if kd.temperature_squared else 1.0
+    hard, soft = (1 - kd.alpha) * first["loss_hard"], kd.alpha * scale * first["loss_soft"]
+    if min(hard, soft) <= 0 or max(hard, soft) / min(hard, soft) < limit:
+        return None
+    if soft > hard:
+        which, remedy = (
+            "soft",
+            f"lower α (e.g. {max(0.1, kd.alpha - 0.4):.1g}) or τ so that the labels still steer the student",
+        )
+    else:
+        which, remedy = (
+            "hard",
+            f"raise α (e.g. {min(0.9, kd.alpha + 0.4):.1g}) so that the teacher's term counts",
+        )
+    return _diagnosis(
+        "hard/soft balance",
+        f"The {which} term dominates: at the first logged step (1 − α)·CE = {hard:.3g} and α·τ²·D = {soft:.3g} "
+        f"(α = {kd.alpha}, τ = {kd.temperature}), {max(hard, soft) / min(hard, soft):.0f}× apart.",
+        f"Rebalance: {remedy}.",
+    )
+
+
+def teacher_weak_classes(
+    per_class: Mapping[str, tuple[float, float, int]], deficit: float, min_items: int
+) -> dict[str, str] | None:
+    """Classes (``name → (teacher accuracy, student accuracy, items)``) on which the teacher is worse
+    than the student by at least ``deficit``."""
+    weak = sorted(
+        (name for name, (t, s, n) in per_class.items() if n >= min_items and s - t >= deficit),
+        key=lambda name: per_class[name][0] - per_class[name][1],
+    )
+    if not weak:
+        return None
+    listed = ", ".join(f"{n} ({per_class[n][0]:.2f} vs {per_class[n][1]:.2f})" for n in weak[:8])
+    return _diagnosis(
+        "teacher worse on some classes",
+        f"The teacher is worse than the student on {len(weak)} classes (teacher vs student accuracy): {listed}.",
+        "Its soft labels pull the student the wrong way there: use a better teacher for those classes, a lower α, "
+        "or keep those classes' rows labelled.",
+    )
+
+
+KNOWLEDGE_REMEDIES = {
+    "Label-smoothed teacher": "use a teacher trained without label smoothing (its class relations are erased).",
+    "Over-confident teacher": "use an earlier (early-stopped) checkpoint of the teacher, or a higher τ.",
+    "Miscalibrated teacher": "calibrate the teacher (a τ fitted on held-out data) or use an earlier checkpoint.",
+    "Near-uniform teacher": "lower τ: the teacher's distribution is nearly flat at this temperature.",
+}
+"""What to try for each failure pattern of :func:`hf_kd.knowledge.diagnosis.diagnose`, by its first words."""
+
+
+def knowledge_causes(failures: Sequence[str]) -> list[dict[str, str]]:
+    """The knowledge report's failure patterns as diagnoses with a remedy ("No failure pattern" left out)."""
+    found = []
+    for sentence in failures:
+        for start, remedy in KNOWLEDGE_REMEDIES.items():
+            if sentence.startswith(start):
+                found.append(_diagnosis(start.lower(), sentence, remedy[0].upper() + remedy[1:]))
+    return found
+
+
+def diagnose_outcome(
+    kd: Sequence[RunFacts],
+    twin: Sequence[RunFacts],
+    *,
+    knowledge_failures: Sequence[str] = (),
+    per_class: Mapping[str, tuple[float, float, int]] | None = None,
+    thresholds: Mapping[str, float] = OUTCOME_THRESHOLDS,
+) -> list[dict[str, str]]:
+    """Every cause found, each ``{name, finding, remedy}``, measured on the first KD run and its twin of
+    the same seed (else the first twin): budgets, under-training, capacity gap, the hard/soft balance,
+    classes the teacher gets wrong, and the teacher's failure patterns from the knowledge report."""
+    first = kd[0]
+    pair = next((r for r in twin if r.seed == first.seed), twin[0])
+    under_trained = under_training(first, pair, thresholds)
+    found = [
+        unequal_budgets(first, pair, thresholds["budget_ratio"]),
+        under_trained,
+        None
+        if under_trained
+        else capacity_gap(first, thresholds),  # a student still learning is not at its limit
+        term_balance(first, thresholds["term_dominance"]),
+        teacher_weak_classes(
+            per_class or {}, thresholds["class_deficit"], int(thresholds["class_min_items"])
+        ),
+    ]
+    return [d for d in found if d is not None] + knowledge_causes(knowledge_failures)
+
+
+def outcome(
+    kd: Sequence[RunFacts],
+    twin: Sequence[RunFacts],
+    *,
+    metric: str = "accuracy",
+    knowledge_failures: Sequence[str] = (),
+    per_class: Mapping[str, tuple[float, float, int]] | None = None,
+    thresholds: Mapping[str, float] = OUTCOME_THRESHOLDS,
+) -> dict[str, Any]:
+    """:func:`compare` plus both runs' budgets in words and — when KD did not help — the diagnoses of
+    :func:`diagnose_outcome` (when it helped, only unequal budgets, which make any gain unfair)."""
+    result = compare(kd, twin, metric)
+    pair = next((r for r in twin if r.seed == kd[0].seed), twin[0])
+    causes = diagnose_outcome(
+        kd, twin, knowledge_failures=knowledge_failures, per_class=per_class, thresholds=thresholds
+    )
+    if result["verdict"] == "helped":
+        causes = [c for c in causes if c["name"] == "unequal budgets"]
+    result["budgets"] = [budget_sentence(kd[0], "KD"), budget_sentence(pair, "No KD")]
+    result["diagnoses"] = causes
+    result["thresholds"] = dict(thresholds)
+    return result
+
+
+def outcome_markdown(result: Mapping[str, Any]) -> str:
+    """The outcome as markdown: the verdict, the budgets of both runs, then each cause and what to try."""
+    lines = [f"**{result['sentence']}**", "", "Budgets (seed of the first run):", ""]
+    lines += [f"- {s}." for s in result["budgets"]]
+    if result["diagnoses"]:
+        lines += ["", "Why, and what to try:", ""]
+        lines += [f"- {d['finding']} **Try:** {d['remedy']}" for d in result["diagnoses"]]
+    elif result["verdict"] != "helped":
+        lines += [
+            "",
+            "No cause found by the rules of thumb; try the sweep (scripts/tune.py) over α, τ and the budget.",
+        ]
+    return "\n".join(lines)
+
+
+def per_class_accuracy(
+    teacher_logits, student_logits, labels, names: Sequence[str] = ()
+) -> dict[str, tuple[float, float, int]]:
+    """``class name → (teacher accuracy, student accuracy, items)`` over the labelled items (torch tensors
+    ``[N, K]``, ``[N, K]``, ``[N]``; a label < 0 is unlabelled); a class without a name is named by its index."""
+    keep = labels >= 0
+    y = labels[keep]
+    teacher_right = teacher_logits[keep].argmax(-1) == y
+    student_right = student_logits[keep].argmax(-1) == y
+    table = {}
+    for k in y.unique().tolist():
+        rows = y == k
+        name = names[k] if k < len(names) else str(k)
+        table[name] = (
+            teacher_right[rows].float().mean().item(),
+            student_right[rows].float().mean().item(),
+            int(rows.sum()),
+        )
+    return table
