@@ -17,6 +17,7 @@ import httpx2
 from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
+from hf_kd.cards.dataset import write_dataset_card
 from hf_kd.cards.model import retitle_card
 from hf_kd.teachers.cache.load import load_teacher_cache
 
@@ -84,8 +85,10 @@ def push_cache_to_hub(
     revision: str | None = None,
     commit_message: str = "Upload teacher cache made with hf_kd",
 ) -> CommitInfo:
-    """Upload a verified cache directory (data, ``hf_kd_cache.json``, dataset card) as a Hub dataset."""
+    """Upload a verified cache directory (data, ``hf_kd_cache.json``) as a Hub dataset, with its dataset
+    card written from the verified metadata."""
     cache = load_teacher_cache(cache_dir)
+    write_dataset_card(cache.path, cache.metadata)
     return upload_folder_to_repo(
         cache.path,
         repo_id,

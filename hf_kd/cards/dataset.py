@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from hf_kd.cards.markdown import format_value, markdown_table
+from hf_kd.files import write_atomic
 from hf_kd.teachers.cache.format import CacheMetadata
 
 
@@ -59,3 +62,11 @@ its checksum) and checks the metadata below against the run (rows, label space o
 {markdown_table(["Field", "Value"], rows)}
 """
     return DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def write_dataset_card(folder: str | Path, metadata: CacheMetadata) -> Path:
+    """Write :func:`dataset_card` as the cache folder's ``README.md`` (written aside, then renamed). The
+    card is derived from the metadata and left out of its verified file list, so writing it changes no
+    fact of the cache."""
+    card = dataset_card(metadata)
+    return write_atomic(Path(folder) / "README.md", lambda path: card.save(path))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from datasets import DatasetDict
 
+from hf_kd.cards.dataset import write_dataset_card
 from hf_kd.data.loading import check_columns, dataset_inputs, load_splits
 from hf_kd.hub import push_cache_to_hub
 from hf_kd.modeling import check_model_source, load_teacher
@@ -151,6 +152,8 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         progress=state.is_local_main_process,
         compression=cache_args.codec(),
     )
+    if state.is_main_process:
+        write_dataset_card(cache_args.output_dir, metadata)
     if cache_args.push_to_hub and state.is_main_process:
         push_cache_to_hub(cache_args.output_dir, cache_args.hub_dataset_id, private=cache_args.hub_private)
     state.wait_for_everyone()

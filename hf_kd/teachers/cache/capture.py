@@ -25,7 +25,6 @@ from datasets import Dataset, DatasetDict, Features, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from hf_kd.cards.dataset import dataset_card
 from hf_kd.files import write_atomic, write_atomic_dir
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
@@ -357,12 +356,11 @@ def _merge(
 
 
 def _write_cache(folder: Path, splits: DatasetDict, metadata: CacheMetadata) -> None:
-    """Write ``splits`` into ``folder``, then the metadata with the files just written and its digests,
-    then the dataset card."""
+    """Write ``splits`` into ``folder``, then the metadata with the files just written and its digests
+    (the dataset card is the orchestration's: ``hf_kd.cards.dataset.write_dataset_card``)."""
     splits.save_to_disk(str(folder))
     metadata.files = {
         str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*")) if p.is_file()
     }
     metadata.digests = metadata_digests(asdict(metadata))
     (folder / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2, sort_keys=True))
-    dataset_card(metadata).save(folder / "README.md")
