@@ -361,8 +361,9 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` too for a causal LM) and
-        ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over every process since
-        the last log."""
+        ``loss_soft`` (mean divergence over soft items, before α and τ²), and with feature losses
+        ``loss_hidden`` / ``loss_attention`` (mean over items, before their weights), averaged over every
+        process since the last log."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
