@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from hf_kd.feature_losses import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCES, TAIL_MODES
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
@@ -26,6 +27,8 @@ RESERVED_INIT_KWARGS = {"revision", "trust_remote_code", "use_safetensors"}
 """``from_pretrained`` arguments hf_kd sets itself (from its own fields), not through teacher_model_init_kwargs."""
 NO_SPLIT = ("none", "null", "")
 """Values of eval_split that turn evaluation off (compared lower-case)."""
+STUDENT_INITS = ("config", "teacher")
+"""The values of ``student_init``: fresh weights from ``student_config``, or the teacher's own layers."""
 TASKS = ("text-classification", "image-classification", "causal-lm", "feature-classification")
 
 
@@ -106,6 +109,27 @@ class DistillationConfig(TrainingArguments):
         synthetic_sim_temperature (`float`, *optional*, defaults to `1.0`):
             β > 0 of `synthetic_teacher="kd_sim"`: the target is softmax(S[t] / β), S the teacher's class
             similarity.
+
+        > Feature distillation (docs/knowledge.md#feature-distillation; an online teacher only)
+
+        hidden_loss (`str`, *optional*, defaults to `"none"`):
+            A loss on hidden states added to the total: `"mse"` (TinyBERT: mean squared difference over the
+            teacher's width) or `"cosine"` (DistilBERT: 1 − cosine), between each student layer and its
+            teacher layer of `layer_mapping`, through a learned linear projection when the widths differ
+            (trained with the student, not saved into it), on the positions that count (the attention
+            mask; tokens with a target for a causal LM). `"none"`: off.
+        hidden_weight (`float`, *optional*, defaults to `1.0`):
+            Weight ≥ 0 of the hidden-state loss in the total (it is not scaled by α).
+        layer_mapping (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            `{student_layer: teacher_layer}` (layer numbers count block outputs from 1; 0 is the
+            embeddings); a string is read as YAML. `None`: student layer s ↦ teacher layer
+            round(s · L_t / L_s), spread evenly over depth.
+        attention_weight (`float`, *optional*, defaults to `0.0`):
+            Weight ≥ 0 of MiniLM's last-layer self-attention distribution and value-relation KL; needs
+            separate query/key/value projections of one width. 0: off.
+        attention_relation_heads (`int`, *optional*, defaults to `1`):
+            Relation heads R of the attention relations: both models' queries, keys and values are split
+            into R heads, so their head counts may differ (R must divide both widths).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -209,6 +233,28 @@ class DistillationConfig(TrainingArguments):
             "student logits never exist (output layer without bias; no compute_metrics, FSDP or ZeRO-3)."
         },
     )
+    hidden_loss: str = field(
+        default="none",
+        metadata={
+            "help": f"Hidden-state loss, one of {HIDDEN_LOSSES}: mse (TinyBERT) or cosine (DistilBERT) between "
+            "mapped student and teacher layers, through a learned projection when widths differ."
+        },
+    )
+    hidden_weight: float = field(default=1.0, metadata={"help": "Weight ≥ 0 of the hidden-state loss."})
+    layer_mapping: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "{student_layer: teacher_layer} of the hidden loss (0 = embeddings); default: spread evenly over depth."
+        },
+    )
+    attention_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight ≥ 0 of MiniLM's last-layer attention and value-relation KL (0: off)."},
+    )
+    attention_relation_heads: int = field(
+        default=1,
+        metadata={"help": "Relation heads of the attention relations (must divide both models' widths)."},
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -235,6 +281,9 @@ class DistillationConfig(TrainingArguments):
             )
         if isinstance(self.teacher_label_mapping, str):
             self.teacher_label_mapping = yaml.safe_load(self.teacher_label_mapping)
+        if isinstance(self.layer_mapping, str):
+            self.layer_mapping = yaml.safe_load(self.layer_mapping)
+        self._check_feature_losses()
         self.resume_from_checkpoint = _resume_flag(self.resume_from_checkpoint)
         _check_range("alpha", self.alpha, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)
@@ -269,6 +318,35 @@ class DistillationConfig(TrainingArguments):
                 f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
             )
 
+    def _check_feature_losses(self) -> None:
+        """The feature-distillation fields, checked before anything loads."""
+        _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
+        for name in ("hidden_weight", "attention_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be ≥ 0")
+        if self.attention_relation_heads < 1:
+            raise ValueError(f"attention_relation_heads={self.attention_relation_heads!r} must be ≥ 1")
+        if self.layer_mapping is not None and not isinstance(self.layer_mapping, dict):
+            raise ValueError(
+                f"layer_mapping={self.layer_mapping!r}: expected {{student_layer: teacher_layer}}"
+            )
+        if not self.uses_features:
+            return
+        if not self.uses_teacher:
+            raise ValueError(
+                f"hidden_loss / attention_weight need the teacher: alpha={self.alpha} with "
+                f"synthetic_teacher={self.synthetic_teacher!r} runs none (use alpha > 0 and a teacher-based target)"
+            )
+        if self.teacher_source == "cached":
+            raise ValueError(
+                "hidden_loss / attention_weight read the teacher's hidden states, which a cached teacher "
+                "does not have: use teacher_source: online"
+            )
+        if self.student_logits_from_hidden_states:
+            raise ValueError(
+                "hidden_loss / attention_weight are not supported with student_logits_from_hidden_states"
+            )
+
     def __getstate__(self) -> dict[str, Any]:
         """The pickled state (``training_args.bin``, written next to every saved student) without
         ``hub_token``: a token never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
@@ -278,6 +356,11 @@ class DistillationConfig(TrainingArguments):
     def uses_teacher(self) -> bool:
         """Whether the soft term is on (alpha > 0 and a teacher-based target)."""
         return self.alpha > 0 and self.synthetic_teacher not in ("none", "ls")
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether a feature loss is on (a hidden-state loss or the attention relations)."""
+        return self.hidden_loss != "none" or self.attention_weight > 0
 
 
 def check_finite(arguments: Any) -> None:
@@ -325,6 +408,15 @@ class ModelArguments:
             The teacher's tokenizer or image processor; `None`: the teacher model's own.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow model (and metric) code from the Hub. Leave it off unless you trust the repository.
+        student_init (`str`, *optional*, defaults to `"config"`):
+            How the student starts when it is not a checkpoint: `"config"` (fresh weights from
+            `student_config`) or `"teacher"` (a copy of the teacher keeping only the layers
+            `student_layers` / every `every_k`-th one, with its embeddings, head and norms: DistilBERT's
+            initialisation; `hf_kd.student_init`). The teacher's labels must be the dataset's, in order.
+        student_layers (`list[int]` or `None`, *optional*, defaults to `None`):
+            With `student_init="teacher"`: the teacher layers kept (0-based, increasing), e.g. `[0, 2, 4]`.
+        every_k (`int` or `None`, *optional*, defaults to `None`):
+            With `student_init="teacher"`: keep teacher layers 0, k, 2k, ... instead of `student_layers`.
     """
 
     student_model_name_or_path: str | None = field(
@@ -352,11 +444,36 @@ class ModelArguments:
         default=False,
         metadata={"help": "Allow model code from the Hub. Off unless you trust the repository."},
     )
+    student_init: str = field(
+        default="config",
+        metadata={
+            "help": f"One of {STUDENT_INITS}: fresh weights from student_config, or the teacher's own layers "
+            "(student_layers / every_k) with its embeddings and head."
+        },
+    )
+    student_layers: list[int] | None = field(
+        default=None, metadata={"help": "student_init=teacher: the teacher layers kept (0-based)."}
+    )
+    every_k: int | None = field(
+        default=None, metadata={"help": "student_init=teacher: keep teacher layers 0, k, 2k, ..."}
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)
         if isinstance(self.student_config, str):
             self.student_config = yaml.safe_load(self.student_config)
+        _check_choice("student_init", self.student_init, STUDENT_INITS)
+        if self.student_init == "teacher":
+            if self.student_model_name_or_path or self.student_config:
+                raise ValueError(
+                    "student_init: teacher builds the student from the teacher's layers; remove "
+                    "student_model_name_or_path / student_config"
+                )
+            if (self.student_layers is None) == (self.every_k is None):
+                raise ValueError("student_init: teacher needs exactly one of student_layers and every_k")
+            return
+        if self.student_layers is not None or self.every_k is not None:
+            raise ValueError("student_layers / every_k need student_init: teacher")
         if self.student_model_name_or_path is None and self.student_config is None:
             raise ValueError(
                 "Give a student: student_model_name_or_path (Hub id or path) or student_config (train from scratch)"

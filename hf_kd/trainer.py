@@ -26,6 +26,7 @@ from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.checkpoints import CompleteCheckpointsMixin, resolve_resume
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
+from hf_kd.features import FeatureDistiller
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
@@ -113,6 +114,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                 sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
                 compute_metrics=self.compute_metrics,
             )
+        self.features = (
+            FeatureDistiller(args, self.task, self.model, getattr(self.teacher_signal, "model", None))
+            if args.uses_features
+            else None
+        )
+        """Feature losses (``hf_kd.features``): hidden states and attention relations, with the projection
+        trained alongside the student (in its optimizer, never saved into it); None when off."""
         self._output_layer_checked = False
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
@@ -274,14 +282,20 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         labels = inputs["labels"]
         student_inputs, _, _ = split_batch(inputs)
         # The teacher runs first: its activations are freed before the student's are made (~8 % faster steps).
-        teacher_logits = self.teacher_signal(inputs) if self.teacher_signal is not None else None
+        feature_kwargs, teacher_outputs = {}, None
+        if self.features is not None:  # the teacher's features come from the same forward as its logits
+            feature_kwargs = self.features.forward_kwargs
+            teacher_logits, teacher_outputs = self.teacher_signal.run(inputs, **feature_kwargs)
+        else:
+            teacher_logits = self.teacher_signal(inputs) if self.teacher_signal is not None else None
         if self.args.student_logits_from_hidden_states:
             weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
             check = not self._output_layer_checked
             student = student_hidden_states(model, weight, student_inputs, labels.shape[1], check=check)
             self._output_layer_checked = True
         else:
-            student = model(**student_inputs).logits
+            student_outputs = model(**student_inputs, **feature_kwargs)
+            student = student_outputs.logits
         items = self.task.kd_items(student, teacher_logits, labels)
         window = (
             num_items_in_batch is not None
@@ -308,6 +322,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             skew=args.skew,
         )
         loss = terms.loss
+        if self.features is not None:
+            features = self.features.terms(student_outputs, teacher_outputs, inputs, counts[1])
+            loss = loss + features.loss
+            self._record_features(features.sums, "train" if model.training else "eval")
         if window and args.average_tokens_across_devices and args.world_size > 1:
             loss = loss * args.world_size  # DDP averages gradients over ranks; the normaliser is global
         self._record(terms, items, "train" if model.training else "eval")
@@ -329,18 +347,31 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         sums["soft"] += terms.soft_sum.detach().float()
         sums["n_soft"] += items.soft_mask.sum().float()
 
+    def _record_features(self, feature_sums: dict[str, torch.Tensor], mode: str) -> None:
+        for key, value in feature_sums.items():
+            self._kd_sums[mode][key] += value
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the feature projection's parameters (if any) as one more group."""
+        optimizer = super().create_optimizer(model)
+        projection = [] if self.features is None else list(self.features.parameters())
+        if projection and not any(p is projection[0] for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group({"params": projection, "weight_decay": self.args.weight_decay})
+        return optimizer
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` too for a causal LM) and
-        ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over every process since
-        the last log."""
+        ``loss_soft`` (mean divergence over soft items, before α and τ²), and with feature losses
+        ``loss_hidden`` / ``loss_attention`` (mean over items, before their weights), averaged over every
+        process since the last log."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
-            keys = ("hard", "n_hard", "soft", "n_soft")
+            keys = ("hard", "n_hard", "soft", "n_soft", "hidden", "attention", "n_feature")
             totals = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            hard, n_hard, soft, n_soft = totals.tolist()
+            hard, n_hard, soft, n_soft, hidden, attention, n_feature = totals.tolist()
             prefix = "eval_" if mode == "eval" else ""
             if n_hard:
                 logs.update(
@@ -348,5 +379,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                 )
             if n_soft and self.teacher_signal is not None:
                 logs[prefix + "loss_soft"] = soft / n_soft
+            if n_feature and self.features is not None:
+                if self.features.mapping:
+                    logs[prefix + "loss_hidden"] = hidden / n_feature
+                if self.args.attention_weight > 0:
+                    logs[prefix + "loss_attention"] = attention / n_feature
             sums.clear()
         super().log(logs, start_time)

@@ -86,6 +86,10 @@ class DistillationCardInfo:
     """The split both models were evaluated on (``model-index`` results)."""
     student_source: str | None = None
     """The checkpoint the student started from (None: built from a config); a fine-tuning card's base."""
+    student_init: str | None = None
+    """How the student was initialised from the teacher's layers (``hf_kd.student_init``), or None."""
+    feature_losses: str | None = None
+    """The feature losses added to the logit terms (hidden states, attention relations), or None."""
     temperature_squared: bool = True
     """Whether the soft term was multiplied by τ²."""
     synthetic_teacher: str | None = None
@@ -209,6 +213,10 @@ def _method_section(info: DistillationCardInfo) -> str:
         lines.append(f"- **Teacher:** {_teacher_ref(info)}")
     if info.datasets:
         lines.append(f"- **Data:** {', '.join(f'`{name}`' for name in info.datasets)}")
+    if info.student_init:
+        lines.append(f"- **Student initialisation:** {info.student_init}")
+    if info.feature_losses:
+        lines.append(f"- **Feature losses:** {info.feature_losses}")
     soft = _soft_target(info)
     if soft is None:
         lines.append("- **Loss:** CE(labels, student): plain fine-tuning")

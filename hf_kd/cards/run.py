@@ -35,6 +35,8 @@ def run_card_info(
     command: str | None = None,
     recipe_yaml: str | None = None,
     student_source: str | None = None,
+    student_init: str | None = None,
+    feature_losses: str | None = None,
 ) -> DistillationCardInfo:
     """The card's facts from a run's ``DataArguments`` and ``DistillationConfig``.
 
@@ -42,7 +44,8 @@ def run_card_info(
     teacher id and revision the cache recorded when the run read a teacher cache, else by
     ``teacher_model_name_or_path`` and ``teacher_model_revision``. A run whose loss uses no teacher
     (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card. ``command`` and ``recipe_yaml`` are
-    quoted with every secret redacted (``hf_kd.redact.redact``).
+    quoted with every secret redacted (``hf_kd.redact.redact``). ``student_init`` and ``feature_losses``
+    say how the student was initialised from the teacher and which feature losses were used.
     """
     teacher_id, teacher_revision = None, None
     if config.uses_teacher and cache_provenance is not None:
@@ -62,6 +65,8 @@ def run_card_info(
         datasets=[data_args.dataset_name] if data_args.dataset_name else [],
         eval_split=data_args.eval_split,
         student_source=student_source,
+        student_init=student_init,
+        feature_losses=feature_losses,
         temperature_squared=config.temperature_squared,
         synthetic_teacher=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
         teacher_source=config.teacher_source,

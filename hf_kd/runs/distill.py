@@ -15,6 +15,7 @@ from hf_kd.checkpoints import resolve_resume
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.labels import count_unlabeled, drop_unlabeled, hide_labels, label_names
 from hf_kd.data.loading import dataset_inputs, load_splits
+from hf_kd.features import describe_feature_losses
 from hf_kd.hub import HUB_FAILURES, PUSH_SCRIPT, HubPushError, hub_failure, prepare_repo, push_student
 from hf_kd.modeling import (
     check_model_fits,
@@ -28,9 +29,10 @@ from hf_kd.modeling import (
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.runs.run_record import run_record, write_run_record
+from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import vocab_size_of
-from hf_kd.tasks.classification import ClassificationMetrics
+from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.signal import build_teacher_signal
@@ -67,6 +69,12 @@ def _check_sources(data_args: DataArguments, model_args: ModelArguments, config:
     )
     if model_args.student_model_name_or_path:
         check_model_source("student_model_name_or_path", model_args.student_model_name_or_path)
+    if model_args.student_init == "teacher":
+        if not config.teacher_model_name_or_path:
+            raise ValueError(
+                "student_init: teacher needs teacher_model_name_or_path (the model whose layers it copies)"
+            )
+        check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
     if config.teacher_source == "online" and config.uses_teacher:
         if not config.teacher_model_name_or_path:
             raise ValueError(
@@ -146,6 +154,43 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
     else:
         model = task.model_class().from_config(model_config)
     return model, processor
+
+
+def teacher_initialised_student(
+    task: Task,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    labels: list[str] | None,
+    max_length: int | None,
+):
+    """``student_init: teacher``: the student is a copy of the teacher keeping the layers
+    ``student_layers`` (or every ``every_k``-th), with its embeddings, head and norms, in float32. The
+    teacher's config, labels (the dataset's, in order) and layer choice are checked before its weights
+    load. Returns (student, processor, teacher, description for the card), the frozen teacher reused as
+    the online teacher."""
+    source, revision = config.teacher_model_name_or_path, config.teacher_model_revision
+    trust = model_args.trust_remote_code
+    teacher_config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust)
+    check_model_fits(task, teacher_config, "teacher", max_length=max_length)
+    if labels is not None and label_names_of(teacher_config) != labels:
+        raise ValueError(
+            f"student_init: teacher copies the teacher's head, whose labels {label_names_of(teacher_config)} "
+            f"are not the dataset's {labels} in order"
+        )
+    depth = getattr(teacher_config, "num_hidden_layers", None)
+    if not isinstance(depth, int):
+        raise ValueError(f"student_init: teacher: {source}'s config has no num_hidden_layers")
+    layers = choose_layers(depth, model_args.student_layers, model_args.every_k)
+    processor = task.load_processor(
+        model_args.student_processor or source,
+        revision="main" if model_args.student_processor else revision,
+        trust_remote_code=trust,
+    )
+    teacher = load_teacher(
+        task, source, revision=revision, trust_remote_code=trust, **(config.teacher_model_init_kwargs or {})
+    )
+    student = student_from_teacher(teacher, layers).float()
+    return student, processor, teacher, describe_student_init(layers, depth, source)
 
 
 def kd_sim_target_fn(
@@ -266,7 +311,13 @@ def run_distillation(
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
     max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
-    student, student_processor = load_student(task, model_args, labels, max_length)
+    init_teacher, student_init = None, None
+    if model_args.student_init == "teacher":
+        student, student_processor, init_teacher, student_init = teacher_initialised_student(
+            task, model_args, config, labels, max_length
+        )
+    else:
+        student, student_processor = load_student(task, model_args, labels, max_length)
 
     teacher, teacher_processor = None, None
     if config.teacher_source == "online" and config.uses_teacher:
@@ -290,13 +341,19 @@ def run_distillation(
                 vocab_size_of(teacher_config), vocab_size_of(student.config), len(student_processor)
             )
         teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
-        teacher = load_teacher(
+        if config.uses_features and teacher_processor is not None:
+            raise ValueError(
+                "hidden_loss / attention_weight compare the two models position by position: the teacher "
+                "must read the student's inputs (same tokenizer or image processor)"
+            )
+        teacher = init_teacher or load_teacher(
             task,
             config.teacher_model_name_or_path,
             revision=config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
             **(config.teacher_model_init_kwargs or {}),
         )
+    del init_teacher  # a teacher loaded only to initialise the student is not kept
     teacher_signal = None  # an online teacher's is built by the trainer, once the teacher is placed
     if cache is not None:
         teacher_signal = build_teacher_signal(
@@ -325,6 +382,8 @@ def run_distillation(
         command=command,
         recipe_yaml=recipe_yaml,
         student_source=model_args.student_model_name_or_path,
+        student_init=student_init,
+        feature_losses=describe_feature_losses(config),
     )
     trainer = DistillationTrainer(
         model=student,

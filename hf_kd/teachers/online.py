@@ -24,9 +24,15 @@ class OnlineTeacher:
         self.output_map = output_map
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.run(batch)[0]
+
+    def run(self, batch: dict[str, Any], **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The teacher's logits and its whole forward output, asked for ``forward_kwargs`` (e.g.
+        ``output_hidden_states=True``: feature losses read them from this same forward)."""
         student_inputs, teacher_inputs, _ = split_batch(batch)
         with torch.no_grad():
-            logits = self.model(**(teacher_inputs or student_inputs)).logits
+            outputs = self.model(**(teacher_inputs or student_inputs), **forward_kwargs)
+        logits = outputs.logits
         if self.output_map is not None:
             logits = logits[..., self.output_map]
-        return logits
+        return logits, outputs
