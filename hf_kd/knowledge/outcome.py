@@ -298,26 +298,35 @@ def unequal_budgets(kd: RunFacts, twin: RunFacts, limit: float) -> dict[str, str
 
 
 def under_training(kd: RunFacts, twin: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str] | None:
-    """The KD run was still learning when it stopped: its evaluation metric, when evaluated during
-    training, still rose by ``still_improving`` over the last quarter of its evaluations; else its soft
-    loss (its training loss without a soft term) made at least ``still_falling`` of its whole fall in
-    the last quarter of training. Also stated: labelled rows seen fewer times than by the twin, a soft
-    loss far from its floor."""
+    """The KD run was still learning when it stopped, or stopped early: its evaluation metric, when
+    evaluated during training, still rose by ``still_improving`` over the last quarter of its
+    evaluations (else its soft loss — its training loss without a soft term — made at least
+    ``still_falling`` of its whole fall in the last quarter); or it made ``budget_ratio``× fewer optimizer
+    steps than the twin with its soft loss still above ``soft_not_learnt`` of its start (a decaying
+    learning rate flattens any curve at the end of a short run). Also stated: labelled rows seen fewer
+    times than by the twin."""
     soft = _series(kd, "loss_soft")
+    evidence = []
     if len(kd.evals) >= 4:
         rise = still_improving([e["metric"] for e in kd.evals])
-        if rise < thresholds["still_improving"]:
-            return None
-        evidence = [
-            f"its evaluation metric still rose {rise:+.3f} over the last quarter of its {len(kd.evals)} "
-            f"evaluations during training ({kd.evals[0]['metric']:.3f} → {kd.evals[-1]['metric']:.3f})"
-        ]
+        if rise >= thresholds["still_improving"]:
+            evidence.append(
+                f"its evaluation metric still rose {rise:+.3f} over the last quarter of its {len(kd.evals)} "
+                f"evaluations during training ({kd.evals[0]['metric']:.3f} → {kd.evals[-1]['metric']:.3f})"
+            )
     else:
         which = "soft loss" if soft else "training loss"
         share = still_falling(soft or _series(kd, "loss"))
-        if share is None or share < thresholds["still_falling"]:
-            return None
-        evidence = [f"its {which} made {share:.0%} of its whole fall in the last quarter of training"]
+        if share is not None and share >= thresholds["still_falling"]:
+            evidence.append(f"its {which} made {share:.0%} of its whole fall in the last quarter of training")
+    short = kd.optimizer_steps * thresholds["budget_ratio"] < twin.optimizer_steps
+    if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0] and (evidence or short):
+        evidence.append(
+            f"its soft loss is still {soft[-1] / soft[0]:.0%} of its start ({soft[0]:.3g} → {soft[-1]:.3g}) "
+            f"after {kd.optimizer_steps:,} optimizer steps (the twin made {twin.optimizer_steps:,})"
+        )
+    if not evidence:
+        return None
     if twin.epochs > kd.epochs:
         evidence.append(f"it saw each labelled row {kd.epochs:.3g} times, the twin {twin.epochs:.3g} times")
     if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0]:
@@ -465,14 +474,18 @@ def outcome(
     thresholds: Mapping[str, float] = OUTCOME_THRESHOLDS,
 ) -> dict[str, Any]:
     """:func:`compare` plus both runs' budgets in words and — when KD did not help — the diagnoses of
-    :func:`diagnose_outcome` (when it helped, only unequal budgets, which make any gain unfair)."""
+    :func:`diagnose_outcome` (when it helped, only a budget that favoured KD, which makes its gain unfair)."""
     result = compare(kd, twin, metric, thresholds["confidence"])
     pair = next((r for r in twin if r.seed == kd[0].seed), twin[0])
     causes = diagnose_outcome(
         kd, twin, knowledge_failures=knowledge_failures, per_class=per_class, thresholds=thresholds
     )
-    if result["verdict"] == "helped":
-        causes = [c for c in causes if c["name"] == "unequal budgets"]
+    if result["verdict"] == "helped":  # only a budget that favoured KD makes its gain unfair
+        limit = thresholds["budget_ratio"]
+        favoured = kd[0].optimizer_steps > limit * pair.optimizer_steps or (
+            kd[0].labelled_rows_seen > limit * pair.labelled_rows_seen
+        )
+        causes = [c for c in causes if c["name"] == "unequal budgets" and favoured]
     result["budgets"] = [budget_sentence(kd[0], "KD"), budget_sentence(pair, "No KD")]
     result["diagnoses"] = causes
     result["thresholds"] = dict(thresholds)
