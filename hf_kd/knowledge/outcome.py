@@ -17,7 +17,7 @@ from typing import Any
 OUTCOME_THRESHOLDS = {
     "confidence": 0.9,
     "budget_ratio": 1.5,
-    "still_improving": 0.01,
+    "still_improving": 0.02,
     "still_falling": 0.1,
     "soft_not_learnt": 0.5,
     "low_agreement": 0.8,
@@ -39,7 +39,8 @@ OUTCOME_THRESHOLDS = {
 - ``still_improving``: with ≥ 4 evaluations logged during training (``eval_strategy: steps``), the
   compared metric's mean over the last quarter of them exceeds the quarter before by at least this →
   the student was still getting better when it stopped: under-trained. The held-out metric is the
-  direct signal; a training loss keeps falling while a student memorises a few labels.
+  direct signal; a training loss keeps falling while a student memorises a few labels. On digits
+  (evaluated every 10 % of 720 cosine steps) converged runs rose at most 0.013 (7 of 539 images).
 - ``still_falling``: without such evaluations, the soft loss (the training loss when there is no soft
   term) made at least this share of its whole fall (first quarter's mean → last quarter's) over the
   last quarter of training → still falling: under-trained. A straight line scores 1/3, a flattened
@@ -329,10 +330,6 @@ def under_training(kd: RunFacts, twin: RunFacts, thresholds: Mapping[str, float]
         return None
     if twin.epochs > kd.epochs:
         evidence.append(f"it saw each labelled row {kd.epochs:.3g} times, the twin {twin.epochs:.3g} times")
-    if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0]:
-        evidence.append(
-            f"its soft loss is still {soft[-1] / soft[0]:.0%} of its start ({soft[0]:.3g} → {soft[-1]:.3g})"
-        )
     factor = max(2.0, twin.optimizer_steps / kd.optimizer_steps if kd.optimizer_steps else 2.0)
     return _diagnosis(
         "under-training",
