@@ -36,6 +36,9 @@ from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
 
+GRAD_KEYS = ("grad_hard", "grad_soft", "n_grad")
+"""Sums of the logged terms' gradient norms (:meth:`DistillationTrainer._record_term_gradients`) and their count."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -304,23 +307,22 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         )
         counts = num_items_in_batch if window else self.task.count_items(inputs).to(labels.device)
         args = self.args
-        terms = distillation_loss(
-            items.student_logits,
-            items.teacher,
-            items.labels,
-            alpha=args.alpha if items.teacher is not None else 0.0,
-            temperature=args.temperature,
-            divergence_name=args.divergence,
-            soft_mask=items.soft_mask,
-            num_hard=counts[0],
-            num_soft=counts[1],
-            temperature_squared=args.temperature_squared,
-            tail=args.sparse_tail,
-            target_fn=self.target_fn,
-            chunk_size=args.loss_chunk_size,
-            beta=args.beta,
-            skew=args.skew,
-        )
+        alpha = args.alpha if items.teacher is not None else 0.0
+        settings = {
+            "alpha": alpha,
+            "temperature": args.temperature,
+            "divergence_name": args.divergence,
+            "soft_mask": items.soft_mask,
+            "num_hard": counts[0],
+            "num_soft": counts[1],
+            "temperature_squared": args.temperature_squared,
+            "tail": args.sparse_tail,
+            "target_fn": self.target_fn,
+            "chunk_size": args.loss_chunk_size,
+            "beta": args.beta,
+            "skew": args.skew,
+        }
+        terms = distillation_loss(items.student_logits, items.teacher, items.labels, **settings)
         loss = terms.loss
         if self.features is not None:
             features = self.features.terms(student_outputs, teacher_outputs, inputs, counts[1])
@@ -328,7 +330,15 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             self._record_features(features.sums, "train" if model.training else "eval")
         if window and args.average_tokens_across_devices and args.world_size > 1:
             loss = loss * args.world_size  # DDP averages gradients over ranks; the normaliser is global
-        self._record(terms, items, "train" if model.training else "eval")
+        mode = "train" if model.training else "eval"
+        if (
+            mode == "train"
+            and not self._kd_sums[mode]
+            and 0 < alpha < 1
+            and torch.is_tensor(items.student_logits)
+        ):
+            self._record_term_gradients(items, settings)  # first micro-batch of each logging window
+        self._record(terms, items, mode)
         if not return_outputs:
             return loss
         if isinstance(student, HiddenStates):
@@ -339,6 +349,24 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         return loss, predictions
 
     # ---- logging ------------------------------------------------------------------------------
+
+    def _record_term_gradients(self, items, settings: dict) -> None:
+        """Record the norms of the two weighted terms' gradients with respect to the student's logits
+        (logged as ``grad_norm_hard`` / ``grad_norm_soft``): the parameters' gradient is the same
+        Jacobian applied to their sum, so their ratio says which term steers the update. Two extra loss
+        evaluations on detached logits (no pass through the model), once per logging window."""
+        logits = items.student_logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (total,) = torch.autograd.grad(
+                distillation_loss(logits, items.teacher, items.labels, **settings).loss, logits
+            )
+            (hard,) = torch.autograd.grad(
+                distillation_loss(logits, None, items.labels, **settings).loss, logits
+            )
+        sums = self._kd_sums["train"]
+        sums["grad_hard"] += hard.float().norm()
+        sums["grad_soft"] += (total - hard).float().norm()
+        sums["n_grad"] += 1.0
 
     def _record(self, terms, items, mode: str) -> None:
         sums = self._kd_sums[mode]
@@ -384,5 +412,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                     logs[prefix + "loss_hidden"] = hidden / n_feature
                 if self.args.attention_weight > 0:
                     logs[prefix + "loss_attention"] = attention / n_feature
+            if sums.get("n_grad"):
+                grads = torch.stack(
+                    [torch.as_tensor(sums[k], device=self.args.device).float() for k in GRAD_KEYS]
+                )
+                if self.args.world_size > 1:
+                    grads = self.accelerator.reduce(grads, reduction="sum")
+                grad_hard, grad_soft, n_grad = grads.tolist()
+                logs.update(grad_norm_hard=grad_hard / n_grad, grad_norm_soft=grad_soft / n_grad)
             sums.clear()
         super().log(logs, start_time)

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OUTCOME_THRESHOLDS = {
+    "confidence": 0.9,
     "budget_ratio": 1.5,
-    "still_falling": 0.05,
+    "still_improving": 0.02,
+    "still_falling": 0.1,
     "soft_not_learnt": 0.5,
     "low_agreement": 0.8,
     "size_ratio": 5.0,
@@ -27,16 +29,30 @@ OUTCOME_THRESHOLDS = {
 """Where the outcome's diagnoses draw their lines (rules of thumb from the digits runs of BENCHMARKS.md,
 "When KD does not help"; read the numbers next to them):
 
+- ``confidence``: the verdict's t interval of the mean gain (paired by seed: mean ± t·s/√n over the n
+  per-seed gains, t the Student quantile at (1 + confidence)/2 with n − 1 degrees of freedom; unpaired:
+  Welch's). "Helped" when the whole interval is above 0, "hurt" when below: each a one-sided test at
+  (1 − confidence)/2 = 5 %. At 3 seeds the mean gain must exceed 1.69× the per-seed gains' std, at 5
+  seeds 0.95×, at 10 seeds 0.55×; one seed decides nothing.
 - ``budget_ratio``: the KD run and its twin differ by more than this factor in optimizer steps or in
   labelled rows seen → unequal budgets: the comparison measures the budget, not the teacher.
-- ``still_falling``: the mean logged training loss of the last quarter of training is lower than that
-  of the quarter before by at least this share → the loss is still falling: under-trained.
+- ``still_improving``: with ≥ 4 evaluations logged during training (``eval_strategy: steps``), the
+  compared metric's mean over the last quarter of them exceeds the quarter before by at least this →
+  the student was still getting better when it stopped: under-trained. The held-out metric is the
+  direct signal; a training loss keeps falling while a student memorises a few labels. On digits
+  (evaluated every 10 % of 720 cosine steps) converged runs rose at most 0.013 (7 of 539 images).
+- ``still_falling``: without such evaluations, the soft loss (the training loss when there is no soft
+  term) made at least this share of its whole fall (first quarter's mean → last quarter's) over the
+  last quarter of training → still falling: under-trained. A straight line scores 1/3, a flattened
+  curve near 0 (a relative drop would flag a loss that is tiny and still halving).
 - ``soft_not_learnt``: the soft loss at the end is at least this share of its first logged value → the
   student has not come close to the teacher on the transfer rows.
 - ``low_agreement``: student–teacher agreement on the evaluation split below it, with the soft loss no
   longer falling and the teacher at least ``size_ratio`` times larger → a capacity gap.
-- ``term_dominance``: at the first logged step one weighted term, (1 − α)·CE or α·τ²·D, is this many times
-  the other → its gradient dominates the update: the other term hardly trains the student.
+- ``term_dominance``: over the first quarter of training, the mean gradient norm of one weighted term
+  on the student's logits (``grad_norm_hard`` = ‖∂(1 − α)·CE/∂z‖, ``grad_norm_soft`` = ‖∂α·s·D/∂z‖,
+  logged by the trainer once per logging window) is this many times the other's → the other term
+  hardly steers the update (the parameters' gradient is the same Jacobian applied to their sum).
 - ``class_deficit`` / ``class_min_items``: the teacher is less accurate than the student by at least this
   much on a class with at least this many evaluation items → it teaches that class wrongly.
 """
@@ -71,7 +87,10 @@ class RunFacts:
     agreement: float | None = None
     """Share of evaluation rows where student and teacher predict the same class."""
     losses: tuple[dict[str, float], ...] = field(default_factory=tuple)
-    """The logged training entries in order: ``step``, ``loss`` and, when logged, ``loss_hard``, ``loss_soft``."""
+    """The logged training entries in order: ``step``, ``loss`` and, when logged, ``loss_hard``,
+    ``loss_soft``, ``grad_norm_hard``, ``grad_norm_soft`` (the weighted terms' gradient norms)."""
+    evals: tuple[dict[str, float], ...] = field(default_factory=tuple)
+    """The evaluations logged during training in order: ``step`` and the compared ``metric``."""
 
     @property
     def uses_soft_term(self) -> bool:
@@ -97,12 +116,37 @@ def _pm(mean: float, std: float, digits: int = 3, sign: bool = False) -> str:
     return head if math.isnan(std) else f"{head} ± {std:.{digits}f}"
 
 
-def compare(kd: Sequence[RunFacts], twin: Sequence[RunFacts], metric: str = "accuracy") -> dict[str, Any]:
+def gain_interval(
+    gains: Sequence[float], confidence: float, other: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """The ``confidence`` t interval of the mean of ``gains`` (paired differences), or — with ``other`` —
+    of mean(gains) − mean(other) (Welch, unpaired). ``(nan, nan)`` when a side has fewer than 2 values."""
+    from scipy.stats import t as student_t
+
+    if len(gains) < 2 or (other is not None and len(other) < 2):
+        return math.nan, math.nan
+    mean, std = mean_std(gains)
+    if other is None:
+        se, df = std / math.sqrt(len(gains)), len(gains) - 1
+    else:
+        mean_b, std_b = mean_std(other)
+        a, b = std**2 / len(gains), std_b**2 / len(other)
+        mean, se = mean - mean_b, math.sqrt(a + b)
+        df = (a + b) ** 2 / (a**2 / (len(gains) - 1) + b**2 / (len(other) - 1)) if a + b else 1
+    half = student_t.ppf((1 + confidence) / 2, df) * se
+    return mean - half, mean + half
+
+
+def compare(
+    kd: Sequence[RunFacts], twin: Sequence[RunFacts], metric: str = "accuracy", confidence: float = 0.9
+) -> dict[str, Any]:
     """The outcome of ``kd`` runs against their no-KD ``twin`` runs: seeds are paired where both ran one
     (the seed fixes the initialisation and the labelled subset), else the means are compared. Keys:
     ``kd``/``twin``/``teacher`` (means, stds), ``gain`` and ``gain_std`` (paired when ``paired``),
-    ``gains`` per seed, ``gap_closed`` (share of the twin → teacher gap; None without a teacher score or
-    gap), ``verdict`` (``helped``, ``hurt`` or ``inside the spread``) and ``sentence``."""
+    ``gains`` per seed, ``interval`` (the ``confidence`` t interval of the mean gain, see
+    :data:`OUTCOME_THRESHOLDS`), ``gap_closed`` (share of the twin → teacher gap; None without a teacher
+    score or gap), ``verdict`` (``helped``, ``hurt`` or ``inside the spread``: the interval holds 0 or
+    there is one seed) and ``sentence``."""
     for side, runs in (("KD", kd), ("no-KD twin", twin)):
         if not runs:
             raise ValueError(f"the outcome needs at least one {side} run")
@@ -115,24 +159,27 @@ def compare(kd: Sequence[RunFacts], twin: Sequence[RunFacts], metric: str = "acc
     twin_mean, twin_std = mean_std([r.metric for r in twin])
     if gains:
         gain, gain_std = mean_std(list(gains.values()))
+        low, high = gain_interval(list(gains.values()), confidence)
     else:
         gain, gain_std = kd_mean - twin_mean, math.hypot(kd_std, twin_std)
+        low, high = gain_interval([r.metric for r in kd], confidence, [r.metric for r in twin])
     teachers = [r.teacher_metric for r in kd if r.teacher_metric is not None]
     teacher = statistics.fmean(teachers) if teachers else None
     gap_closed = None if teacher is None or teacher <= twin_mean else gain / (teacher - twin_mean)
-    spread = 0.0 if math.isnan(gain_std) else gain_std
-    verdict = "helped" if gain > spread else "hurt" if gain < -spread else "inside the spread"
+    verdict = "helped" if low > 0 else "hurt" if high < 0 else "inside the spread"  # NaN: neither
     how = (
         f"paired over {len(gains)} seed{'s' if len(gains) > 1 else ''}"
         if gains
         else f"means of {len(kd)} vs {len(twin)} runs, unpaired"
     )
-    if len(gains) == 1 or (not gains and len(kd) == len(twin) == 1):
-        how += "; one seed: no spread, run more seeds before trusting the sign"
+    if math.isnan(low):
+        how += "; one seed: no spread, no verdict — run at least 3 seeds"
+    else:
+        how += f"; {confidence:.0%} interval {low:+.3f} … {high:+.3f}"
     head = {
         "helped": "KD helped",
         "hurt": "KD did not help: the student is worse than without KD",
-        "inside the spread": "KD did not help: the gain is inside the seed spread",
+        "inside the spread": "KD did not help measurably: the gain's interval includes 0",
     }[verdict]
     sentence = (
         f"{head}. {metric} {_pm(kd_mean, kd_std)} with KD vs {_pm(twin_mean, twin_std)} without "
@@ -156,6 +203,8 @@ def compare(kd: Sequence[RunFacts], twin: Sequence[RunFacts], metric: str = "acc
         "gain_std": gain_std,
         "gains": gains,
         "paired": bool(gains),
+        "interval": (low, high),
+        "confidence": confidence,
         "gap_closed": gap_closed,
         "verdict": verdict,
         "sentence": sentence + ".",
@@ -182,14 +231,32 @@ def _series(run: RunFacts, key: str) -> list[float]:
     return [entry[key] for entry in run.losses if entry.get(key) is not None and math.isfinite(entry[key])]
 
 
-def still_falling(values: Sequence[float]) -> float | None:
-    """Relative drop of the mean of the last quarter of ``values`` below the quarter before (None with
-    fewer than 4 values): how much the loss still fell at the end of training."""
+def _quarters(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """Means of the first quarter, the second-to-last quarter and the last quarter of ``values`` (None
+    with fewer than 4 values)."""
     if len(values) < 4:
         return None
     q = len(values) // 4
-    before, last = _mean(values[-2 * q : -q]), _mean(values[-q:])
-    return (before - last) / before if before > 0 else None
+    return _mean(values[:q]), _mean(values[-2 * q : -q]), _mean(values[-q:])
+
+
+def still_falling(values: Sequence[float]) -> float | None:
+    """Share of the whole fall of ``values`` (first quarter's mean → last quarter's) made over the last
+    quarter (None with fewer than 4 values or no fall): about 1/3 on a straight line, near 0 once a curve
+    has flattened — whatever the size of the values, so a hard loss memorising its few labels (tiny and
+    still halving) does not count as falling."""
+    quarters = _quarters(values)
+    if quarters is None or quarters[0] <= quarters[2]:
+        return None
+    first, before, last = quarters
+    return (before - last) / (first - last)
+
+
+def still_improving(values: Sequence[float]) -> float | None:
+    """How much the mean of the last quarter of ``values`` (a metric, higher is better) exceeds the
+    quarter before (None with fewer than 4 values)."""
+    quarters = _quarters(values)
+    return None if quarters is None else quarters[2] - quarters[1]
 
 
 def _diagnosis(name: str, finding: str, remedy: str) -> dict[str, str]:
@@ -232,37 +299,52 @@ def unequal_budgets(kd: RunFacts, twin: RunFacts, limit: float) -> dict[str, str
 
 
 def under_training(kd: RunFacts, twin: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str] | None:
-    """The KD run's training loss was still falling at the end, or it saw each labelled row fewer times
-    than the twin, or its soft loss stayed near its starting value — while still falling."""
-    drop = still_falling(_series(kd, "loss"))
-    if drop is None or drop < thresholds["still_falling"]:
+    """The KD run was still learning when it stopped, or stopped early: its evaluation metric, when
+    evaluated during training, still rose by ``still_improving`` over the last quarter of its
+    evaluations (else its soft loss — its training loss without a soft term — made at least
+    ``still_falling`` of its whole fall in the last quarter); or it made ``budget_ratio``× fewer optimizer
+    steps than the twin with its soft loss still above ``soft_not_learnt`` of its start (a decaying
+    learning rate flattens any curve at the end of a short run). Also stated: labelled rows seen fewer
+    times than by the twin."""
+    soft = _series(kd, "loss_soft")
+    evidence = []
+    if len(kd.evals) >= 4:
+        rise = still_improving([e["metric"] for e in kd.evals])
+        if rise >= thresholds["still_improving"]:
+            evidence.append(
+                f"its evaluation metric still rose {rise:+.3f} over the last quarter of its {len(kd.evals)} "
+                f"evaluations during training ({kd.evals[0]['metric']:.3f} → {kd.evals[-1]['metric']:.3f})"
+            )
+    else:
+        which = "soft loss" if soft else "training loss"
+        share = still_falling(soft or _series(kd, "loss"))
+        if share is not None and share >= thresholds["still_falling"]:
+            evidence.append(f"its {which} made {share:.0%} of its whole fall in the last quarter of training")
+    short = kd.optimizer_steps * thresholds["budget_ratio"] < twin.optimizer_steps
+    if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0] and (evidence or short):
+        evidence.append(
+            f"its soft loss is still {soft[-1] / soft[0]:.0%} of its start ({soft[0]:.3g} → {soft[-1]:.3g}) "
+            f"after {kd.optimizer_steps:,} optimizer steps (the twin made {twin.optimizer_steps:,})"
+        )
+    if not evidence:
         return None
-    evidence = [f"its training loss still fell {drop:.0%} over the last quarter of training"]
     if twin.epochs > kd.epochs:
         evidence.append(f"it saw each labelled row {kd.epochs:.3g} times, the twin {twin.epochs:.3g} times")
-    soft = _series(kd, "loss_soft")
-    if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0]:
-        evidence.append(
-            f"its soft loss is still {soft[-1] / soft[0]:.0%} of its start ({soft[0]:.3g} → {soft[-1]:.3g})"
-        )
     factor = max(2.0, twin.optimizer_steps / kd.optimizer_steps if kd.optimizer_steps else 2.0)
     return _diagnosis(
         "under-training",
         "Under-trained: " + "; ".join(evidence) + ".",
         f"Train the KD student longer: {factor:.3g}× the steps, at least the twin's (max_steps: "
-        f"{math.ceil(factor * kd.optimizer_steps):,}, or num_train_epochs: {factor * kd.epochs:.3g}), until its loss flattens.",
+        f"{math.ceil(factor * kd.optimizer_steps):,}, or num_train_epochs: {factor * kd.epochs:.3g}), until it stops improving.",
     )
 
 
 def capacity_gap(kd: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str] | None:
-    """The student cannot follow the teacher: low agreement and a soft loss that stopped falling far from
-    its floor, with a teacher many times larger."""
+    """The student cannot follow the teacher: low agreement and a soft loss far from its floor, with a
+    teacher many times larger (asked only of a run that is not under-trained: it stopped learning)."""
     soft = _series(kd, "loss_soft")
     if kd.agreement is None or kd.agreement >= thresholds["low_agreement"] or len(soft) < 2:
         return None
-    falling = still_falling(soft)
-    if falling is not None and falling >= thresholds["still_falling"]:
-        return None  # still learning: under-training, not capacity
     if soft[-1] < thresholds["soft_not_learnt"] * soft[0]:
         return None
     ratio = (
@@ -283,17 +365,17 @@ def capacity_gap(kd: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str
 
 
 def term_balance(kd: RunFacts, limit: float) -> dict[str, str] | None:
-    """At the first logged step one weighted term of the loss is ``limit`` times the other."""
-    first = next(
-        (e for e in kd.losses if e.get("loss_hard") is not None and e.get("loss_soft") is not None), None
-    )
-    if first is None or not kd.uses_soft_term or kd.alpha >= 1:
+    """Over the first quarter of training (where the student's direction is set), the mean logged gradient
+    norm of one weighted term (``grad_norm_hard``, ``grad_norm_soft``: with respect to the student's
+    logits, logged by the distillation trainer) is ``limit`` times the other's."""
+    hard, soft = _series(kd, "grad_norm_hard"), _series(kd, "grad_norm_soft")
+    if not hard or len(hard) != len(soft) or not 0 < kd.alpha < 1:
         return None
-    scale = kd.temperature**2 if kd.temperature_squared else 1.0
-    hard, soft = (1 - kd.alpha) * first["loss_hard"], kd.alpha * scale * first["loss_soft"]
-    if min(hard, soft) <= 0 or max(hard, soft) / min(hard, soft) < limit:
+    early = max(1, len(hard) // 4)
+    hard_norm, soft_norm = _mean(hard[:early]), _mean(soft[:early])
+    if min(hard_norm, soft_norm) <= 0 or max(hard_norm, soft_norm) / min(hard_norm, soft_norm) < limit:
         return None
-    if soft > hard:
+    if soft_norm > hard_norm:
         which, remedy = (
             "soft",
             f"lower α (e.g. {max(0.1, kd.alpha - 0.4):.1g}) or τ so that the labels still steer the student",
@@ -305,8 +387,9 @@ def term_balance(kd: RunFacts, limit: float) -> dict[str, str] | None:
         )
     return _diagnosis(
         "hard/soft balance",
-        f"The {which} term dominates: at the first logged step (1 − α)·CE = {hard:.3g} and α·τ²·D = {soft:.3g} "
-        f"(α = {kd.alpha}, τ = {kd.temperature}), {max(hard, soft) / min(hard, soft):.0f}× apart.",
+        f"The {which} term dominates: over the first quarter of training its gradient (on the student's logits) "
+        f"is {max(hard_norm, soft_norm) / min(hard_norm, soft_norm):.0f}× the other's: hard {hard_norm:.3g}, "
+        f"soft {soft_norm:.3g} (α = {kd.alpha}, τ = {kd.temperature}).",
         f"Rebalance: {remedy}.",
     )
 
@@ -388,14 +471,18 @@ def outcome(
     thresholds: Mapping[str, float] = OUTCOME_THRESHOLDS,
 ) -> dict[str, Any]:
     """:func:`compare` plus both runs' budgets in words and — when KD did not help — the diagnoses of
-    :func:`diagnose_outcome` (when it helped, only unequal budgets, which make any gain unfair)."""
-    result = compare(kd, twin, metric)
+    :func:`diagnose_outcome` (when it helped, only a budget that favoured KD, which makes its gain unfair)."""
+    result = compare(kd, twin, metric, thresholds["confidence"])
     pair = next((r for r in twin if r.seed == kd[0].seed), twin[0])
     causes = diagnose_outcome(
         kd, twin, knowledge_failures=knowledge_failures, per_class=per_class, thresholds=thresholds
     )
-    if result["verdict"] == "helped":
-        causes = [c for c in causes if c["name"] == "unequal budgets"]
+    if result["verdict"] == "helped":  # only a budget that favoured KD makes its gain unfair
+        limit = thresholds["budget_ratio"]
+        favoured = kd[0].optimizer_steps > limit * pair.optimizer_steps or (
+            kd[0].labelled_rows_seen > limit * pair.labelled_rows_seen
+        )
+        causes = [c for c in causes if c["name"] == "unequal budgets" and favoured]
     result["budgets"] = [budget_sentence(kd[0], "KD"), budget_sentence(pair, "No KD")]
     result["diagnoses"] = causes
     result["thresholds"] = dict(thresholds)

@@ -22,6 +22,9 @@ from hf_kd.knowledge.outcome import RunFacts
 
 RECORD_NAME = "run_record.json"
 
+TRAINING_LOGS = ("loss_hard", "loss_soft", "grad_norm_hard", "grad_norm_soft")
+"""The distillation trainer's logged training measures a :class:`RunFacts` keeps."""
+
 RECORDED_SETTINGS = (
     "alpha",
     "temperature",
@@ -107,11 +110,14 @@ def read_run(output_dir: str | Path, metric: str = "eval_accuracy") -> RunFacts:
             f"metric {metric!r} is not in {folder / 'eval_results.json'}: it has {sorted(results)}"
         )
     recipe, budget = record["recipe"], record["budget"]
+    history = state.get("log_history", [])
     losses = tuple(
-        {k: entry[k] for k in ("step", "loss", "loss_hard", "loss_soft") if k in entry}
-        for entry in state.get("log_history", [])
+        {k: entry[k] for k in ("step", "loss", *TRAINING_LOGS) if k in entry}
+        for entry in history
         if "loss" in entry
     )
+    evaluated = {entry["step"]: entry[metric] for entry in history if metric in entry}  # final: once
+    evals = tuple({"step": step, "metric": value} for step, value in sorted(evaluated.items()))
     return RunFacts(
         name=str(folder),
         seed=recipe["seed"],
@@ -130,6 +136,7 @@ def read_run(output_dir: str | Path, metric: str = "eval_accuracy") -> RunFacts:
         teacher_parameters=budget["teacher_parameters"],
         agreement=results.get("eval_agreement"),
         losses=losses,
+        evals=evals,
     )
 
 
