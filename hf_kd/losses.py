@@ -75,17 +75,14 @@ class SparseLogits:
         (``sparse_tail: bucket``); padding slots hold −inf."""
         return torch.cat([self.log_probs.float(), self.tail_log_mass.float().unsqueeze(-1)], dim=-1)
 
-    def bucket_log_probs(self, log_q: torch.Tensor) -> torch.Tensor:
-        """Another distribution log q [..., K] on this teacher's k + 1 outcomes: q of each kept class and
-        log Σ_tail q = log(1 − Σ_kept q); padding slots hold −inf."""
-        return self.bucket_from_kept(log_q.gather(-1, self.gather_index()))
-
     def gather_index(self) -> torch.Tensor:
         """``indices`` as gather positions [..., k]; padding slots read class 0 (callers mask them)."""
         return torch.where(self.log_probs > -math.inf, self.indices.long(), 0)
 
     def bucket_from_kept(self, kept: torch.Tensor) -> torch.Tensor:
-        """:meth:`bucket_log_probs` from the other distribution's log q at the kept slots [..., k]."""
+        """Another distribution on this teacher's k + 1 outcomes, from its log q at the kept slots
+        [..., k] (``log_q.gather(-1, self.gather_index())``): q of each kept class and
+        log Σ_tail q = log(1 − Σ_kept q); padding slots hold −inf."""
         kept = kept.masked_fill(self.log_probs <= -math.inf, -math.inf)
         rest = torch.log(-torch.expm1(torch.logsumexp(kept, -1).clamp(max=0.0)))  # log Σ_tail q
         return torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
@@ -106,7 +103,7 @@ class SparseLogits:
         if tail == "bucket":
             raise ValueError(
                 "sparse_tail='bucket' compares the kept tokens and the tail as one outcome (see "
-                "bucket_log_probs); it rebuilds no dense distribution: use 'uniform' or 'renormalize' here"
+                "bucket_divergence); it rebuilds no dense distribution: use 'uniform' or 'renormalize' here"
             )
         lp = self.log_probs.float()
         K = self.num_classes
@@ -332,7 +329,7 @@ class _SparseKDSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, labels, soft_mask, teacher, name, temperature, tail, params):  # noqa: D102
-        zf = z.float()
+        zf = z.detach().float()
         lse_1 = torch.logsumexp(zf, -1)
         labelled = labels != -100
         label = labels.clamp(min=0)[:, None]
@@ -345,8 +342,11 @@ class _SparseKDSums(torch.autograd.Function):
             if tail == "bucket":
                 leaves, per_item = (kept,), bucket_divergence(name, kept, teacher, temperature, params)
             else:
-                log_q = zf / scale - lse[:, None]
-                stat = log_q.sum(-1) if name == "forward_kl" else (log_q.exp() * log_q).sum(-1)
+                if name == "forward_kl":  # Σ log q = Σ z / s − K · lse
+                    stat = zf.sum(-1) / scale - zf.shape[-1] * lse
+                else:
+                    log_q = zf / scale - lse[:, None]
+                    stat = (log_q.exp() * log_q).sum(-1)
                 leaves = (kept, stat.requires_grad_(True))
                 per_item = sparse_divergence_from_stats(name, kept, stat, teacher, temperature, tail)
             soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
