@@ -330,61 +330,52 @@ class _SparseKDSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, labels, soft_mask, teacher, name, temperature, tail, params):  # noqa: D102
         zf = z.detach().float()
-        lse_1 = torch.logsumexp(zf, -1)
+        log_q1 = torch.log_softmax(zf, -1)
         labelled = labels != -100
         label = labels.clamp(min=0)[:, None]
-        hard = torch.where(labelled, lse_1 - zf.gather(-1, label).squeeze(-1), 0.0).sum()
+        hard = -torch.where(labelled, log_q1.gather(-1, label).squeeze(-1), 0.0).sum()
         scale = 1.0 if tail == "bucket" else temperature
-        lse = lse_1 if scale == 1.0 else torch.logsumexp(zf / scale, -1)
+        log_q = log_q1 if scale == 1.0 else torch.log_softmax(zf / scale, -1)
         index = teacher.gather_index()
         with torch.enable_grad():
-            kept = (zf.gather(-1, index) / scale - lse[:, None]).requires_grad_(True)
+            kept = log_q.gather(-1, index).requires_grad_(True)
             if tail == "bucket":
                 leaves, per_item = (kept,), bucket_divergence(name, kept, teacher, temperature, params)
             else:
-                if name == "forward_kl":  # Σ log q = Σ z / s − K · lse
-                    stat = zf.sum(-1) / scale - zf.shape[-1] * lse
-                else:
-                    log_q = zf / scale - lse[:, None]
-                    stat = (log_q.exp() * log_q).sum(-1)
+                stat = log_q.sum(-1) if name == "forward_kl" else (log_q.exp() * log_q).sum(-1)
                 leaves = (kept, stat.requires_grad_(True))
                 per_item = sparse_divergence_from_stats(name, kept, stat, teacher, temperature, tail)
             soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
             grads = torch.autograd.grad(soft, leaves) if ctx.needs_input_grad[0] else ()
-        stat_grad = grads[1] if len(grads) > 1 else lse.new_zeros(())
-        ctx.setup = (name, scale, len(leaves) > 1)
+        ctx.setup = (name, scale, z.dtype)
         ctx.save_for_backward(
-            z, lse_1, lse, index, labelled, label, *grads[:1], stat_grad, *(x.detach() for x in leaves[1:])
+            log_q1, log_q, index, labelled, label, *grads, *(x.detach() for x in leaves[1:])
         )
-        return hard.detach(), soft.detach()
+        return hard, soft.detach()
 
     @staticmethod
     def backward(ctx, grad_hard, grad_soft):  # noqa: D102
-        name, scale, with_stat = ctx.setup
-        z, lse_1, lse, index, labelled, label, kept_grad, stat_grad, *stat = ctx.saved_tensors
-        zf = z.float()
+        name, scale, dtype = ctx.setup
+        log_q1, log_q, index, labelled, label, kept_grad, *stat = ctx.saved_tensors
         kept_grad = kept_grad * (grad_soft / scale)
-        stat_grad = stat_grad * (grad_soft / scale)
         hard_rows = grad_hard * labelled
         a, b, c = -kept_grad.sum(-1), None, None  # per row: ∂L/∂z = a q + b q log q + c (+ scatters)
-        if with_stat and name == "forward_kl":
-            a, c = a - z.shape[-1] * stat_grad, stat_grad
-        elif with_stat:
-            a, b = a - stat_grad * stat[0], stat_grad
-        log_q = zf / scale - lse[:, None]
-        q_log_q = None if b is None else log_q.exp() * log_q
-        grad = log_q.exp_()  # q, in place: one [n, K] buffer becomes the gradient
-        if scale == 1.0:
-            grad.mul_((a + hard_rows)[:, None])
-        else:
-            grad.mul_(a[:, None]).add_((zf - lse_1[:, None]).exp_().mul_(hard_rows[:, None]))
-        if b is not None:
-            grad.add_(q_log_q.mul_(b[:, None]))
+        if stat:
+            stat_grad, total = stat[0] * (grad_soft / scale), stat[1]
+            if name == "forward_kl":
+                a, c = a - log_q.shape[-1] * stat_grad, stat_grad
+            else:
+                a, b = a - stat_grad * total, stat_grad
+        row = a + hard_rows if scale == 1.0 else a  # s = 1: the hard term's q¹ is the same q
+        coef = row[:, None] if b is None else torch.addcmul(row[:, None], log_q, b[:, None])
+        grad = log_q.exp().mul_(coef)
+        if scale != 1.0:
+            grad.add_(log_q1.exp().mul_(hard_rows[:, None]))
         if c is not None:
             grad.add_(c[:, None])
         grad.scatter_add_(-1, index, kept_grad)
         grad.scatter_add_(-1, label, -hard_rows[:, None])
-        return grad.to(z.dtype), None, None, None, None, None, None, None
+        return grad.to(dtype), None, None, None, None, None, None, None
 
 
 def _loss_sums(
