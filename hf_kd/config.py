@@ -216,7 +216,8 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": f"How a top-k teacher's left-out mass is treated, one of {TAIL_MODES}: uniform spreads it "
             "evenly over the other classes, renormalize drops it, bucket matches it as one outcome to the "
-            "student's own mass outside the kept tokens (no shape imposed on the tail; best for flat teachers)."
+            "student's own mass outside the kept tokens (no shape imposed on the tail; best for flat teachers, "
+            "where temperature 1 and alpha 0.8 measured best from a cache)."
         },
     )
     loss_chunk_size: int | None = field(

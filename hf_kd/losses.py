@@ -75,11 +75,15 @@ class SparseLogits:
         (``sparse_tail: bucket``); padding slots hold −inf."""
         return torch.cat([self.log_probs.float(), self.tail_log_mass.float().unsqueeze(-1)], dim=-1)
 
-    def bucket_log_probs(self, log_q: torch.Tensor) -> torch.Tensor:
-        """Another distribution log q [..., K] on this teacher's k + 1 outcomes: q of each kept class and
+    def gather_index(self) -> torch.Tensor:
+        """``indices`` as gather positions [..., k]; padding slots read class 0 (callers mask them)."""
+        return torch.where(self.log_probs > -math.inf, self.indices.long(), 0)
+
+    def bucket_from_kept(self, kept: torch.Tensor) -> torch.Tensor:
+        """Another distribution on this teacher's k + 1 outcomes, from its log q at the kept slots
+        [..., k] (``log_q.gather(-1, self.gather_index())``): q of each kept class and
         log Σ_tail q = log(1 − Σ_kept q); padding slots hold −inf."""
-        stored = self.log_probs > -math.inf
-        kept = log_q.gather(-1, torch.where(stored, self.indices.long(), 0)).masked_fill(~stored, -math.inf)
+        kept = kept.masked_fill(self.log_probs <= -math.inf, -math.inf)
         rest = torch.log(-torch.expm1(torch.logsumexp(kept, -1).clamp(max=0.0)))  # log Σ_tail q
         return torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
 
@@ -99,7 +103,7 @@ class SparseLogits:
         if tail == "bucket":
             raise ValueError(
                 "sparse_tail='bucket' compares the kept tokens and the tail as one outcome (see "
-                "bucket_log_probs); it rebuilds no dense distribution: use 'uniform' or 'renormalize' here"
+                "bucket_divergence); it rebuilds no dense distribution: use 'uniform' or 'renormalize' here"
             )
         lp = self.log_probs.float()
         K = self.num_classes
@@ -204,15 +208,26 @@ def divergence(
             raise ValueError("divergence='mse' compares logits and needs a dense teacher, not top-k logits")
         return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
     if isinstance(teacher_logits, SparseLogits) and tail == "bucket":
-        student = teacher_logits.bucket_log_probs(torch.log_softmax(student_logits.float(), dim=-1))
-        log_q, log_p = (torch.log_softmax(x / temperature, -1) for x in (student, teacher_logits.bucket()))
-        return divergence_from_log_probs(name, log_q.clamp(min=LOG_ZERO), log_p, **params)
+        log_q = torch.log_softmax(student_logits.float(), dim=-1)
+        return bucket_divergence(
+            name, log_q.gather(-1, teacher_logits.gather_index()), teacher_logits, temperature, params
+        )
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     if isinstance(teacher_logits, SparseLogits) and name in SPARSE_DIVERGENCES:
         return sparse_divergence(name, log_q, teacher_logits, temperature, tail)
     return divergence_from_log_probs(
         name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params
     )
+
+
+def bucket_divergence(
+    name: str, log_q_kept: torch.Tensor, teacher: SparseLogits, temperature: float, params: dict
+) -> torch.Tensor:
+    """D over the k + 1 outcomes of ``sparse_tail: bucket`` from the student's log q¹ at the teacher's kept
+    slots [..., k] (padding slots are ignored): both sides tempered alike on those outcomes."""
+    student = teacher.bucket_from_kept(log_q_kept)
+    log_q, log_p = (torch.log_softmax(x / temperature, -1) for x in (student, teacher.bucket()))
+    return divergence_from_log_probs(name, log_q.clamp(min=LOG_ZERO), log_p, **params)
 
 
 SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
@@ -230,6 +245,22 @@ def sparse_divergence(
         KL(p ‖ q) = Σ_kept p_i (log p_i − log q_i) + e^t · (n_tail · t − Σ_tail log q)
         KL(q ‖ p) = Σ q log q − Σ_kept q_i log p_i − t · Σ_tail q,    Σ_tail x = Σ_all x − Σ_kept x
     """
+    log_q_kept = log_q.gather(-1, teacher.gather_index())
+    total = log_q.sum(-1) if name == "forward_kl" else (log_q.exp() * log_q).sum(-1)
+    return sparse_divergence_from_stats(name, log_q_kept, total, teacher, temperature, tail)
+
+
+def sparse_divergence_from_stats(
+    name: str,
+    log_q_kept: torch.Tensor,
+    total: torch.Tensor,
+    teacher: SparseLogits,
+    temperature: float,
+    tail: str,
+) -> torch.Tensor:
+    """:func:`sparse_divergence` from the only dense statistics it reads: the student's log q^τ at the
+    teacher's kept slots [..., k] and ``total`` [...] — Σ_all log q^τ (forward_kl) or Σ_all q^τ log q^τ
+    (reverse_kl)."""
     if tail not in TAIL_MODES:
         raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
     K = teacher.num_classes
@@ -246,14 +277,12 @@ def sparse_divergence(
     )  # tail_each = −inf when there is no tail
     log_p = (scaled - log_z[..., None]).clamp(min=LOG_ZERO)  # padding slots: LOG_ZERO, weight 0
     t = (tail_each - log_z).clamp(min=LOG_ZERO)
-    log_q_kept = log_q.gather(-1, torch.where(stored, teacher.indices.long(), 0))
     if name == "forward_kl":
-        tail_log_q = log_q.sum(-1) - (log_q_kept * stored).sum(-1)
+        tail_log_q = total - (log_q_kept * stored).sum(-1)
         return (log_p.exp() * (log_p - log_q_kept)).sum(-1) + t.exp() * (n_tail * t - tail_log_q)
-    q = log_q.exp()
     q_kept = log_q_kept.exp() * stored
     tail_q = torch.where(n_tail > 0, (1.0 - q_kept.sum(-1)).clamp(min=0.0), 0.0)  # exact 0: no tail
-    return (q * log_q).sum(-1) - (q_kept * log_p).sum(-1) - t * tail_q
+    return total - (q_kept * log_p).sum(-1) - t * tail_q
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +303,81 @@ class LossTerms:
     soft_sum: torch.Tensor
 
 
+def _fused(teacher, divergence_name: str, tail: str, target_fn: TargetFn | None) -> bool:
+    """Whether :class:`_SparseKDSums` computes this loss (a top-k teacher distilled as stored)."""
+    if not isinstance(teacher, SparseLogits) or target_fn is not None:
+        return False
+    return divergence_name in SPARSE_DIVERGENCES or (tail == "bucket" and divergence_name != "mse")
+
+
+class _SparseKDSums(torch.autograd.Function):
+    """(Σ hard CE, Σ soft D) of student logits z [n, K] against a top-k teacher, as :func:`_loss_sums`
+    computes them, with one dense pass each way instead of two log-softmaxes and their backward.
+
+    The soft term reads the student only through a few statistics: log q at the k kept slots and, for
+    forward/reverse KL with a uniform or renormalised tail, one row total (Σ log q^τ or Σ q^τ log q^τ).
+    Forward differentiates the divergence w.r.t. those small statistics (g); backward maps g to z in
+    closed form. With s the scale of the statistics' softmax (τ, or 1 for ``bucket``, which tempers the
+    k + 1 outcomes instead) and q = softmax(z / s):
+
+        ∂ log q_i / ∂z_j = (δ_ij − q_j) / s,   ∂ Σ log q / ∂z_j = (1 − K q_j) / s,
+        ∂ Σ q log q / ∂z_j = q_j (log q_j − Σ q log q) / s,   ∂ CE / ∂z_j = q¹_j − δ_jy,
+
+    so ∂L/∂z = (a q + b q log q + c) + (hard: w_h q¹, the same q when s = 1) plus a scatter onto the
+    kept and label slots: a, b, c are per row.
+    """
+
+    @staticmethod
+    def forward(ctx, z, labels, soft_mask, teacher, name, temperature, tail, params):  # noqa: D102
+        zf = z.detach().float()
+        log_q1 = torch.log_softmax(zf, -1)
+        labelled = labels != -100
+        label = labels.clamp(min=0)[:, None]
+        hard = -torch.where(labelled, log_q1.gather(-1, label).squeeze(-1), 0.0).sum()
+        scale = 1.0 if tail == "bucket" else temperature
+        log_q = log_q1 if scale == 1.0 else torch.log_softmax(zf / scale, -1)
+        index = teacher.gather_index()
+        with torch.enable_grad():
+            kept = log_q.gather(-1, index).requires_grad_(True)
+            if tail == "bucket":
+                leaves, per_item = (kept,), bucket_divergence(name, kept, teacher, temperature, params)
+            else:
+                stat = log_q.sum(-1) if name == "forward_kl" else (log_q.exp() * log_q).sum(-1)
+                leaves = (kept, stat.requires_grad_(True))
+                per_item = sparse_divergence_from_stats(name, kept, stat, teacher, temperature, tail)
+            soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
+            grads = torch.autograd.grad(soft, leaves) if ctx.needs_input_grad[0] else ()
+        ctx.setup = (name, scale, z.dtype)
+        ctx.save_for_backward(
+            log_q1, log_q, index, labelled, label, *grads, *(x.detach() for x in leaves[1:])
+        )
+        return hard, soft.detach()
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_soft):  # noqa: D102
+        name, scale, dtype = ctx.setup
+        log_q1, log_q, index, labelled, label, kept_grad, *stat = ctx.saved_tensors
+        kept_grad = kept_grad * (grad_soft / scale)
+        hard_rows = grad_hard * labelled
+        a, b, c = -kept_grad.sum(-1), None, None  # per row: ∂L/∂z = a q + b q log q + c (+ scatters)
+        if stat:
+            stat_grad, total = stat[0] * (grad_soft / scale), stat[1]
+            if name == "forward_kl":
+                a, c = a - log_q.shape[-1] * stat_grad, stat_grad
+            else:
+                a, b = a - stat_grad * total, stat_grad
+        row = a + hard_rows if scale == 1.0 else a  # s = 1: the hard term's q¹ is the same q
+        coef = row[:, None] if b is None else torch.addcmul(row[:, None], log_q, b[:, None])
+        grad = log_q.exp().mul_(coef)
+        if scale != 1.0:
+            grad.add_(log_q1.exp().mul_(hard_rows[:, None]))
+        if c is not None:
+            grad.add_(c[:, None])
+        grad.scatter_add_(-1, index, kept_grad)
+        grad.scatter_add_(-1, label, -hard_rows[:, None])
+        return grad.to(dtype), None, None, None, None, None, None, None
+
+
 def _loss_sums(
     student_logits: torch.Tensor,
     teacher: torch.Tensor | SparseLogits,
@@ -287,6 +391,10 @@ def _loss_sums(
     params: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ hard CE over labelled items, Σ D over soft-masked items) for one chunk of positions."""
+    if _fused(teacher, divergence_name, tail, target_fn):
+        return _SparseKDSums.apply(
+            student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
+        )
     hard = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
     if teacher is None:
         return hard, torch.zeros_like(hard)

@@ -13,7 +13,11 @@ from ``student_config`` (Llama 64 × 2, ~0.6M parameters). Arms (``--arms``):
     packed       the compressed cache (``topk-packed``, ``--codec``), ``sparse_tail: uniform``
     packed-renorm  the same cache, ``sparse_tail: renormalize``
     packed-bucket  the same cache, ``sparse_tail: bucket`` (the tail matched as one outcome)
+    wide-bucket  a second compressed cache (``--wide_codec``: more tokens, fewer bits), ``bucket``
     topk16       an uncompressed top-16 float16 cache, ``sparse_tail: uniform``
+
+Every arm runs at α = 0.5, τ = 2 unless suffixes say otherwise: ``online:t1`` is online KD at τ = 1,
+``packed-bucket:t1:a0.8`` the bucket arm at τ = 1 and α = 0.8.
 
     OMP_NUM_THREADS=1 python scripts/bench_cache_students.py [--seeds 0 1 2] [--steps 120] [--arms ...]
 """
@@ -43,8 +47,30 @@ ARMS = {  # name: (DistillationConfig fields, cache name)
     "packed": ({"sparse_tail": "uniform"}, "packed"),
     "packed-renorm": ({"sparse_tail": "renormalize"}, "packed"),
     "packed-bucket": ({"sparse_tail": "bucket"}, "packed"),
+    "wide-bucket": ({"sparse_tail": "bucket"}, "wide"),
     "topk16": ({"sparse_tail": "uniform"}, "topk16"),
 }
+SUFFIXES = {"t": "temperature", "a": "alpha"}  # arm suffix letter: DistillationConfig field
+
+
+def parse_arm(arm: str) -> tuple[dict, str | None]:
+    """(DistillationConfig fields, cache name) of an arm name with optional ``:t<τ>`` / ``:a<α>`` suffixes."""
+    base, *suffixes = arm.split(":")
+    if base not in ARMS:
+        raise argparse.ArgumentTypeError(f"arm {arm!r}: {base!r} is not one of {list(ARMS)}")
+    fields, cache = ARMS[base]
+    fields = dict(fields)
+    for suffix in suffixes:
+        if suffix[:1] not in SUFFIXES:
+            raise argparse.ArgumentTypeError(f"arm {arm!r}: suffix {suffix!r} is not :t<τ> or :a<α>")
+        fields[SUFFIXES[suffix[0]]] = float(suffix[1:])
+    return fields, cache
+
+
+def arm_name(arm: str) -> str:
+    """The ``--arms`` value after checking that it parses."""
+    parse_arm(arm)
+    return arm
 
 
 def flatness(teacher, rows: torch.Tensor) -> str:
@@ -70,7 +96,7 @@ def capture(root: Path, data_args: DataArguments, name: str, args) -> Path:
     """A cache of the saved teacher over the training split, through ``run_capture``."""
     settings = {"topk16": {"top_k": 16, "logits_dtype": "float16"}}.get(name)
     if settings is None:
-        max_k, mass, bits, step = args.codec
+        max_k, mass, bits, step = args.wide_codec if name == "wide" else args.codec
         settings = {
             "top_k": int(max_k), "compression": "topk-packed", "compression_mass": mass,
             "compression_bits": int(bits), "compression_step": step,
@@ -94,9 +120,9 @@ def capture(root: Path, data_args: DataArguments, name: str, args) -> Path:
 
 def train_student(root: Path, data_args, arm: str, seed: int, caches: dict[str, Path], args) -> float:
     """One ``run_distillation`` run of arm ``arm``; the student's held-out perplexity."""
-    fields, cache = ARMS[arm]
+    fields, cache = parse_arm(arm)
     settings = {
-        "output_dir": str(root / f"run-{arm}-{seed}"), "seed": seed, "max_steps": args.steps,
+        "output_dir": str(root / f"run-{arm.replace(':', '_')}-{seed}"), "seed": seed, "max_steps": args.steps,
         "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr, "alpha": 0.5,
         "temperature": 2.0, "teacher_model_name_or_path": str(root / "teacher"), "use_cpu": True,
         "report_to": "none", "save_strategy": "no", "eval_strategy": "no", "logging_steps": args.steps,
@@ -113,11 +139,11 @@ def train_student(root: Path, data_args, arm: str, seed: int, caches: dict[str, 
 def report(results: dict[str, dict[int, float]], seeds: list[int]) -> None:
     """Per-seed perplexities, means, and paired log-perplexity differences against no KD and online KD."""
     print("[students] held-out perplexity")
-    print("  arm            | " + " | ".join(f"seed {s}" for s in seeds) + " | mean")
+    print("  arm                    | " + " | ".join(f"seed {s}" for s in seeds) + " | mean")
     for arm, by_seed in results.items():
         values = [by_seed[s] for s in seeds]
         print(
-            f"  {arm:<14} | "
+            f"  {arm:<22} | "
             + " | ".join(f"{v:6.1f}" for v in values)
             + f" | {statistics.fmean(values):6.1f}"
         )
@@ -131,7 +157,7 @@ def report(results: dict[str, dict[int, float]], seeds: list[int]) -> None:
             deltas = [math.log(results[arm][s] / results[base][s]) for s in seeds]
             spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
             per_seed = " ".join(f"{d:+.3f}" for d in deltas)
-            print(f"  {arm:<14} − {base:<7}: {statistics.fmean(deltas):+.3f} ± {spread:.3f}   ({per_seed})")
+            print(f"  {arm:<22} − {base:<7}: {statistics.fmean(deltas):+.3f} ± {spread:.3f}   ({per_seed})")
 
 
 def main() -> None:
@@ -140,7 +166,11 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--arms", nargs="+", choices=list(ARMS), default=["none", "online", "packed", "packed-bucket"]
+        "--arms",
+        nargs="+",
+        type=arm_name,
+        default=["none", "online", "packed", "packed-bucket"],
+        help=f"arms {list(ARMS)}, each with optional :t<τ> / :a<α> suffixes",
     )
     parser.add_argument("--steps", type=int, default=120, help="student optimizer steps")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -154,6 +184,14 @@ def main() -> None:
     parser.add_argument("--lm_steps", type=int, default=300, help="teacher training steps")
     parser.add_argument(
         "--codec", type=float, nargs=4, default=[32, 0.98, 4, 0.4], metavar=("MAX_K", "MASS", "BITS", "STEP")
+    )
+    parser.add_argument(
+        "--wide_codec",
+        type=float,
+        nargs=4,
+        default=[40, 0.98, 3, 0.6],
+        metavar=("MAX_K", "MASS", "BITS", "STEP"),
+        help="codec of the wide-bucket arm's cache (61 bytes/token on the default teacher)",
     )
     args = parser.parse_args()
     datasets.disable_progress_bars()
@@ -183,7 +221,7 @@ def main() -> None:
         data_args = DataArguments(
             task="causal-lm", dataset_name=str(root / "data"), eval_split=None, max_length=args.seq_len
         )
-        names = {ARMS[arm][1] for arm in args.arms} - {None}
+        names = {parse_arm(arm)[1] for arm in args.arms} - {None}
         caches = {name: capture(root, data_args, name, args) for name in sorted(names)}
         for seed in args.seeds:
             for arm in args.arms:
