@@ -15,7 +15,7 @@ from test_resume import Interrupt
 from tiny import tiny_config
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import write_toy_chat
 from hf_kd.generation import SamplingSettings
 from hf_kd.losses import DIVERGENCES
@@ -280,3 +280,21 @@ def test_packed_rows_are_refused(toy, tmp_path):
             train_dataset=train,
             processing_class=tokenizer,
         )
+
+
+def test_tiny_on_policy_recipe_runs_from_the_script(tmp_path):
+    """scripts/distill.py with the on-policy recipe: the teacher scores the student's samples, the
+    on-policy logs are written, the student is saved."""
+    data = write_toy_chat(tmp_path / "toy_chat", num_train=32, num_test=8)
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(48, seed=1).save_pretrained(teacher_dir)
+    AutoTokenizer.from_pretrained(str(data / "tokenizer")).save_pretrained(teacher_dir)
+    argv = ["--config", "recipes/causal_lm/tiny/on_policy.yaml", "--dataset_name", str(data)]
+    argv += ["--student_processor", str(data / "tokenizer"), "--teacher_model_name_or_path", str(teacher_dir)]
+    argv += ["--output_dir", str(tmp_path / "student"), "--max_steps", "2", "--logging_steps", "1"]
+    argv += ["--lmbda", "1.0"]
+    result = run_distillation(*parse_args(argv))
+    logged = [entry for entry in result.trainer.state.log_history if "loss_soft_generated" in entry]
+    assert len(logged) == 2 and all(entry["loss_soft_generated"] > 0 for entry in logged)
+    assert all(1 <= entry["completion_length"] <= 12 for entry in logged)
+    assert (tmp_path / "student" / "model.safetensors").is_file()
