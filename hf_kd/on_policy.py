@@ -173,12 +173,14 @@ class OnPolicyBatches:
         return {**generated, GENERATED_KEY: writer}
 
     def pop_logs(self) -> dict[str, float]:
-        """Since the last call: ``completion_length`` (mean tokens per generated completion, EOS
-        included) and ``generation_time_share`` (share of this process's wall time spent generating)."""
+        """Since the last call, when something was generated: ``completion_length`` (mean tokens per
+        generated completion, EOS included) and ``generation_time_share`` (share of this process's wall
+        time spent generating)."""
         now = time.perf_counter()
-        logs = {"generation_time_share": self._seconds / max(now - self._since, 1e-9)}
+        logs = {}
         if self._completions:
             logs["completion_length"] = self._tokens / self._completions
+            logs["generation_time_share"] = self._seconds / max(now - self._since, 1e-9)
         self._seconds, self._tokens, self._completions, self._since = 0.0, 0, 0, now
         return logs
 
