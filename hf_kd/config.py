@@ -130,6 +130,25 @@ class DistillationConfig(TrainingArguments):
         attention_relation_heads (`int`, *optional*, defaults to `1`):
             Relation heads R of the attention relations: both models' queries, keys and values are split
             into R heads, so their head counts may differ (R must divide both widths).
+
+        > On-policy distillation (causal-lm; TRL's names; docs in README "On-policy distillation")
+
+        lmbda (`float`, *optional*, defaults to `0.0`):
+            Share λ ∈ [0, 1] of micro-batches whose completions the student samples from the batch's
+            prompts, scored by the teacher token by token (GKD); 0 is off-policy KD on the data, 1 fully
+            on-policy. Needs an online teacher and a soft term (`alpha` > 0; `alpha: 1` trains on the
+            divergence only, as GKD). The coin is seeded: a run and its resumption draw the same.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            The micro-batches the student does not write get the teacher's sampled completions instead of
+            the data's (sequence-level KD); needs an online teacher (with `alpha: 0` it is SFT on them).
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Most tokens sampled per completion.
+        generation_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature (> 0) of generated completions; `temperature` stays the loss's τ.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1].
+        top_k (`int`, *optional*, defaults to `0`):
+            Sample among the k most likely tokens only; 0 keeps them all.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -269,6 +288,36 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share in [0, 1] of micro-batches whose completions the student samples, scored by the "
+            "teacher (on-policy KD, GKD); 0 = off-policy KD on the data. causal-lm, online teacher, alpha > 0."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "The micro-batches the student does not write get the teacher's sampled completions "
+            "instead of the data's (sequence-level KD); needs an online teacher."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "On-policy / seq_kd: most tokens sampled per completion."}
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "On-policy / seq_kd: sampling temperature (> 0); `temperature` stays the loss's τ."
+        },
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "On-policy / seq_kd: nucleus sampling mass in (0, 1] (1 = off)."}
+    )
+    top_k: int = field(
+        default=0, metadata={"help": "On-policy / seq_kd: sample among the k most likely tokens (0 = all)."}
+    )
+
     def __post_init__(self) -> None:
         check_finite(self)
         super().__post_init__()
@@ -314,6 +363,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 "teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)"
             )
+        self._check_generation()
         if self.divergence == "mse" and self.synthetic_teacher not in ("kd", "none"):
             raise ValueError(
                 f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
@@ -352,6 +402,39 @@ class DistillationConfig(TrainingArguments):
         """The pickled state (``training_args.bin``, written next to every saved student) without
         ``hub_token``: a token never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
         return {**self.__dict__, "hub_token": None}
+
+    def _check_generation(self) -> None:
+        """The on-policy fields: ranges, and a teacher that can score (or write) new tokens."""
+        _check_range("lmbda", self.lmbda, 0.0, 1.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive number of tokens")
+        if not self.generation_temperature > 0:
+            raise ValueError(f"generation_temperature={self.generation_temperature!r} must be > 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be ≥ 0 (0 keeps every token)")
+        if self.generates and self.teacher_source == "cached":
+            raise ValueError(
+                f"lmbda={self.lmbda} / seq_kd={self.seq_kd} with teacher_source='cached': a cached teacher "
+                "cannot score (or write) newly sampled tokens; use teacher_source: online, or lmbda: 0 and "
+                "seq_kd: false"
+            )
+        if self.lmbda > 0 and not self.uses_teacher:
+            raise ValueError(
+                f"lmbda={self.lmbda} with alpha={self.alpha} and synthetic_teacher={self.synthetic_teacher!r}: "
+                "on the student's own samples only the teacher's soft term teaches anything; set alpha > 0 "
+                "with synthetic_teacher: kd"
+            )
+
+    @property
+    def generates(self) -> bool:
+        """Whether some completions are sampled during training (``lmbda`` > 0 or ``seq_kd``)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        """Whether the run loads an online teacher model: for the soft term, or to write completions."""
+        return self.teacher_source == "online" and (self.uses_teacher or self.seq_kd)
 
     @property
     def uses_teacher(self) -> bool:

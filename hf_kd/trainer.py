@@ -27,9 +27,11 @@ from hf_kd.checkpoints import CompleteCheckpointsMixin, resolve_resume
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
 from hf_kd.features import FeatureDistiller
+from hf_kd.generation import Generator
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
+from hf_kd.on_policy import GENERATED_KEY, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
 from hf_kd.teachers.placement import place_teacher
@@ -56,6 +58,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             default: :func:`~hf_kd.teachers.signal.build_teacher_signal` from ``args`` and ``teacher_model``
             (the online teacher, or the uniform teacher for ``synthetic_teacher='ls'``).
         target_fn: maps the teacher's log p^τ to the distilled target (a synthetic teacher); default none.
+        generator: samples the completions of on-policy batches (``args.lmbda`` > 0 or ``args.seq_kd``;
+            :class:`hf_kd.generation.Generator`); default Transformers' ``generate``.
         **kwargs: any other ``transformers.Trainer`` argument (``compute_metrics``, callbacks, ...), as
             ``transformers.Trainer`` takes them:
 
@@ -79,6 +83,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         task: Task | None = None,
         teacher_signal: TeacherSignal | None = None,
         target_fn: TargetFn | None = None,
+        generator: Generator | None = None,
         **kwargs: Any,
     ):
         if not isinstance(args, DistillationConfig):
@@ -125,6 +130,14 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         """Feature losses (``hf_kd.features``): hidden states and attention relations, with the projection
         trained alongside the student (in its optimizer, never saved into it); None when off."""
         self._output_layer_checked = False
+        self.on_policy = on_policy_batches(
+            args,
+            self.task,
+            self.model,
+            self.processing_class,
+            process_index=args.process_index,
+            generator=generator,
+        )
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),
@@ -253,10 +266,23 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         batches = list(itertools.islice(epoch_iterator, num_batches))
         if not batches:
             return batches, None
+        if self.on_policy is not None:  # on-policy: sampled completions replace the data's, before counting
+            batches = [self._generated(batch, index) for index, batch in enumerate(batches)]
         counts = torch.stack([self.task.count_items(batch).to(device) for batch in batches]).sum(0)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return batches, counts
+
+    def _generated(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
+        """Micro-batch ``index`` of this step, its completions sampled when the lmbda coin (or seq_kd)
+        says so (``hf_kd.on_policy``); each process samples from its own prompts with the unwrapped model."""
+        return self.on_policy(
+            batch,
+            student=self.accelerator.unwrap_model(self.model),
+            teacher=None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model),
+            step=self.state.global_step,
+            index=index,
+        )
 
     # ---- loss ---------------------------------------------------------------------------------
 
@@ -282,6 +308,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             student's ``logits`` and, for a real teacher's dense logits, ``teacher_logits`` (empty when
             the student's logits were never made: ``student_logits_from_hidden_states``).
         """
+        writer = inputs.pop(GENERATED_KEY, None)  # an on-policy batch: who wrote its completions
         labels = inputs["labels"]
         student_inputs, _, _ = split_batch(inputs)
         # The teacher runs first: its activations are freed before the student's are made (~8 % faster steps).
@@ -333,12 +360,12 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         mode = "train" if model.training else "eval"
         if (
             mode == "train"
-            and not self._kd_sums[mode]
+            and not self._kd_sums[mode].get("n_grad")
             and 0 < alpha < 1
             and torch.is_tensor(items.student_logits)
         ):
             self._record_term_gradients(items, settings)  # first micro-batch of each logging window
-        self._record(terms, items, mode)
+        self._record(terms, items, mode, generated=writer is not None)
         if not return_outputs:
             return loss
         if isinstance(student, HiddenStates):
@@ -368,12 +395,16 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         sums["grad_soft"] += (total - hard).float().norm()
         sums["n_grad"] += 1.0
 
-    def _record(self, terms, items, mode: str) -> None:
+    def _record(self, terms, items, mode: str, generated: bool = False) -> None:
         sums = self._kd_sums[mode]
         sums["hard"] += terms.hard_sum.detach().float()
         sums["n_hard"] += (items.labels != -100).sum().float()
         sums["soft"] += terms.soft_sum.detach().float()
         sums["n_soft"] += items.soft_mask.sum().float()
+        if self.on_policy is not None:  # the soft term on sampled completions, apart from the data's
+            source = "generated" if generated else "data"
+            sums["soft_" + source] += terms.soft_sum.detach().float()
+            sums["n_soft_" + source] += items.soft_mask.sum().float()
 
     def _record_features(self, feature_sums: dict[str, torch.Tensor], mode: str) -> None:
         for key, value in feature_sums.items():
@@ -389,36 +420,41 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` too for a causal LM) and
-        ``loss_soft`` (mean divergence over soft items, before α and τ²), and with feature losses
-        ``loss_hidden`` / ``loss_attention`` (mean over items, before their weights), averaged over every
-        process since the last log."""
+        ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over every process since
+        the last log; with feature losses ``loss_hidden`` / ``loss_attention`` (mean over items, before their
+        weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
+        logits, once per logging window); with on-policy batches ``loss_soft_generated`` /
+        ``loss_soft_data`` (the soft term on sampled vs the data's completions), ``completion_length`` and
+        ``generation_time_share``."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
-            keys = ("hard", "n_hard", "soft", "n_soft", "hidden", "attention", "n_feature")
+            keys = ["hard", "n_hard", "soft", "n_soft", "hidden", "attention", "n_feature", *GRAD_KEYS]
+            sources = ("generated", "data") if self.on_policy is not None else ()
+            keys += [name + source for source in sources for name in ("soft_", "n_soft_")]
             totals = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            hard, n_hard, soft, n_soft, hidden, attention, n_feature = totals.tolist()
+            total = dict(zip(keys, totals.tolist(), strict=True))
             prefix = "eval_" if mode == "eval" else ""
-            if n_hard:
-                logs.update(
-                    self.hard_scores(hard / n_hard) if mode == "eval" else {"loss_hard": hard / n_hard}
-                )
-            if n_soft and self.teacher_signal is not None:
-                logs[prefix + "loss_soft"] = soft / n_soft
-            if n_feature and self.features is not None:
+            if total["n_hard"]:
+                mean_hard = total["hard"] / total["n_hard"]
+                logs.update(self.hard_scores(mean_hard) if mode == "eval" else {"loss_hard": mean_hard})
+            if self.teacher_signal is not None:
+                for name in ("", *("_" + source for source in sources)):
+                    if total["n_soft" + name]:
+                        logs[prefix + "loss_soft" + name] = total["soft" + name] / total["n_soft" + name]
+            if total["n_feature"] and self.features is not None:
                 if self.features.mapping:
-                    logs[prefix + "loss_hidden"] = hidden / n_feature
+                    logs[prefix + "loss_hidden"] = total["hidden"] / total["n_feature"]
                 if self.args.attention_weight > 0:
-                    logs[prefix + "loss_attention"] = attention / n_feature
-            if sums.get("n_grad"):
-                grads = torch.stack(
-                    [torch.as_tensor(sums[k], device=self.args.device).float() for k in GRAD_KEYS]
+                    logs[prefix + "loss_attention"] = total["attention"] / total["n_feature"]
+            if total["n_grad"]:
+                logs.update(
+                    grad_norm_hard=total["grad_hard"] / total["n_grad"],
+                    grad_norm_soft=total["grad_soft"] / total["n_grad"],
                 )
-                if self.args.world_size > 1:
-                    grads = self.accelerator.reduce(grads, reduction="sum")
-                grad_hard, grad_soft, n_grad = grads.tolist()
-                logs.update(grad_norm_hard=grad_hard / n_grad, grad_norm_soft=grad_soft / n_grad)
             sums.clear()
+        if self.on_policy is not None and mode == "train":
+            logs.update(self.on_policy.pop_logs())
         super().log(logs, start_time)

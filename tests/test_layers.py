@@ -82,7 +82,16 @@ def test_cache_format_imports_neither_capture_nor_reading_nor_the_hub():
     assert within(modules, ("hf_kd.teachers.cache.capture", "hf_kd.teachers.cache.load", "hf_kd.hub")) == []
 
 
-@pytest.mark.parametrize("module", ["hf_kd.teachers.signal", "hf_kd.checkpoints", "hf_kd.hidden_states"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "hf_kd.teachers.signal",
+        "hf_kd.checkpoints",
+        "hf_kd.hidden_states",
+        "hf_kd.on_policy",
+        "hf_kd.generation",
+    ],
+)
 def test_trainer_layer_modules_import_no_trainer_and_nothing_above(module):
     """What the trainer is built from (its teacher signals, checkpoint overrides, hidden-state student)
     imports neither the trainer nor the orchestration layer nor data loading."""

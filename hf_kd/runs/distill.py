@@ -75,10 +75,11 @@ def _check_sources(data_args: DataArguments, model_args: ModelArguments, config:
                 "student_init: teacher needs teacher_model_name_or_path (the model whose layers it copies)"
             )
         check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
-    if config.teacher_source == "online" and config.uses_teacher:
+    if config.needs_teacher_model:
         if not config.teacher_model_name_or_path:
             raise ValueError(
-                f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set alpha: 0)"
+                f"alpha={config.alpha} with an online teacher needs teacher_model_name_or_path (or set "
+                "alpha: 0); seq_kd: true needs it too, to write completions"
             )
         check_model_source("teacher_model_name_or_path", config.teacher_model_name_or_path)
     if data_args.eval_split is None and config.eval_strategy != IntervalStrategy.NO:
@@ -320,7 +321,7 @@ def run_distillation(
         student, student_processor = load_student(task, model_args, labels, max_length)
 
     teacher, teacher_processor = None, None
-    if config.teacher_source == "online" and config.uses_teacher:
+    if config.needs_teacher_model:
         teacher_config = AutoConfig.from_pretrained(
             config.teacher_model_name_or_path,
             revision=config.teacher_model_revision,

@@ -1,0 +1,238 @@
+"""On-policy batches: the completions of a causal-LM batch replaced by sampled ones, before the loss.
+
+With probability ``lmbda`` a micro-batch's completions are written by the student from the batch's
+prompts (GKD, Agarwal et al. 2024; ``lmbda: 1`` is fully on-policy); with ``seq_kd`` the other
+micro-batches get the teacher's completions instead of the data's (sequence-level KD, Kim & Rush 2016).
+A row's prompt is everything before its last run of labelled tokens: a conversation without its last
+assistant turn (``completion_only_loss``), or the ``prompt_column`` part of a prompt/completion row.
+
+The new batch has the layout of a collated one (right-padded ``input_ids``, ``attention_mask``,
+``labels``), with labels on the sampled tokens only: the prompt, the padding and everything after a
+completion's first EOS are masked (the EOS itself is a target, so the student learns to stop). The loss,
+the teacher signal and the item counts then treat it as any other batch.
+
+Every random choice is a function of (seed, optimizer step, micro-batch index[, process]): a run is
+reproducible and a resumed run draws what the uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hf_kd.generation import Generator, SamplingSettings, TransformersGenerator
+from hf_kd.tasks.base import NO_LABEL
+
+logger = logging.getLogger(__name__)
+
+GENERATED_KEY = "kd_generated_by"
+"""Batch key naming who wrote a generated batch's completions ("student" or "teacher"); the trainer pops
+it before the forward passes."""
+
+
+def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the start of its last run of labelled tokens: the length of its prompt. Raises ValueError
+    when a row has no prompt (no labels, or labels from its first token: plain text without a prompt)."""
+    labelled = labels != NO_LABEL
+    starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    lengths = torch.where(starts, positions, -1).max(dim=1).values
+    if bool((lengths <= 0).any()):
+        raise ValueError(
+            "on-policy distillation needs a prompt in every row: conversations (completion_only_loss: true, "
+            "the last assistant turn is the completion) or a prompt_column; this batch has a row whose "
+            "labels start at its first token or that has no label"
+        )
+    return lengths
+
+
+def left_padded_prompts(
+    input_ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``lengths[b]`` tokens of each row, left-padded (as ``generate`` wants them), and their mask."""
+    width = int(lengths.max())
+    ids = torch.full((len(lengths), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, width - length :] = input_ids[row, :length]
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def completion_length(completion: torch.Tensor, eos_token_ids: tuple[int, ...]) -> int:
+    """Tokens of ``completion`` up to and including its first EOS (all of them without one)."""
+    is_eos = torch.isin(completion, torch.tensor(eos_token_ids, device=completion.device))
+    return int(is_eos.nonzero()[0, 0]) + 1 if bool(is_eos.any()) else completion.shape[0]
+
+
+def completion_batch(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: torch.Tensor,
+    settings: SamplingSettings,
+) -> dict[str, torch.Tensor]:
+    """Prompts and completions as a collated causal-LM batch: each row its prompt then its completion
+    through the first EOS, right-padded; labels on the completion tokens only."""
+    rows = []
+    for ids, mask, completion in zip(prompt_ids, prompt_mask, completions, strict=True):
+        prompt = ids[mask.bool()]
+        kept = completion[: completion_length(completion, settings.eos_token_ids)]
+        rows.append((prompt, kept))
+    width = max(len(p) + len(c) for p, c in rows)
+    device = prompt_ids.device
+    input_ids = torch.full((len(rows), width), settings.pad_token_id, dtype=prompt_ids.dtype, device=device)
+    labels = torch.full_like(input_ids, NO_LABEL)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (prompt, kept) in enumerate(rows):
+        end = len(prompt) + len(kept)
+        input_ids[row, :end] = torch.cat([prompt, kept])
+        labels[row, len(prompt) : end] = kept
+        attention_mask[row, :end] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def draw(seed: int, step: int, index: int, *extra: int) -> int:
+    """A 32-bit number fixed by (seed, optimizer step, micro-batch index, extra...)."""
+    return zlib.crc32("/".join(map(str, (seed, step, index, *extra))).encode())
+
+
+class OnPolicyBatches:
+    """Replaces the completions of the micro-batches that the ``lmbda`` coin (or ``seq_kd``) picks.
+
+    Args:
+        lmbda: the share of micro-batches whose completions the student writes.
+        seq_kd: the other micro-batches get the teacher's completions (else they keep the data's).
+        settings: how completions are sampled.
+        seed: the run's seed.
+        generator: the sampler (default :class:`hf_kd.generation.TransformersGenerator`).
+        process_index: this process's rank: each process samples its own prompts with its own stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        lmbda: float,
+        seq_kd: bool,
+        settings: SamplingSettings,
+        seed: int,
+        generator: Generator | None = None,
+        process_index: int = 0,
+    ):
+        self.lmbda, self.seq_kd, self.settings, self.seed = lmbda, seq_kd, settings, seed
+        self.generator = generator or TransformersGenerator()
+        self.process_index = process_index
+        self._seconds = 0.0
+        self._tokens = 0
+        self._completions = 0
+        self._since = time.perf_counter()
+
+    def writer(self, step: int, index: int) -> str | None:
+        """Who writes micro-batch ``index`` of optimizer step ``step``: "student" (probability ``lmbda``;
+        the same on every process), "teacher" (``seq_kd``), or None (the data's completions)."""
+        if random.Random(draw(self.seed, step, index)).random() < self.lmbda:
+            return "student"
+        return "teacher" if self.seq_kd else None
+
+    def __call__(
+        self,
+        batch: dict[str, Any],
+        *,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None,
+        step: int,
+        index: int,
+    ) -> dict[str, Any]:
+        """``batch``, or its prompts with sampled completions (marked with :data:`GENERATED_KEY`).
+        ``student`` and ``teacher`` are the unwrapped models; the writer samples in eval mode and is put
+        back in its own mode afterwards."""
+        writer = self.writer(step, index)
+        if writer is None:
+            return batch
+        model = student if writer == "student" else teacher
+        if model is None:
+            raise ValueError("seq_kd: true needs an online teacher model to generate completions")
+        lengths = prompt_lengths(batch["labels"])
+        prompt_ids, prompt_mask = left_padded_prompts(batch["input_ids"], lengths, self.settings.pad_token_id)
+        started, was_training = time.perf_counter(), model.training
+        model.eval()  # sampling without dropout; back in its mode for the loss
+        try:
+            seed = draw(self.seed, step, index, self.process_index)
+            completions = self.generator(model, prompt_ids, prompt_mask, self.settings, seed)
+        finally:
+            model.train(was_training)
+        self._seconds += time.perf_counter() - started
+        generated = completion_batch(prompt_ids, prompt_mask, completions, self.settings)
+        self._tokens += int((generated["labels"] != NO_LABEL).sum())
+        self._completions += len(lengths)
+        return {**generated, GENERATED_KEY: writer}
+
+    def pop_logs(self) -> dict[str, float]:
+        """Since the last call, when something was generated: ``completion_length`` (mean tokens per
+        generated completion, EOS included) and ``generation_time_share`` (share of this process's wall
+        time spent generating)."""
+        now = time.perf_counter()
+        logs = {}
+        if self._completions:
+            logs["completion_length"] = self._tokens / self._completions
+            logs["generation_time_share"] = self._seconds / max(now - self._since, 1e-9)
+        self._seconds, self._tokens, self._completions, self._since = 0.0, 0, 0, now
+        return logs
+
+
+def eos_token_ids(processor: Any, model: torch.nn.Module) -> tuple[int, ...]:
+    """The ids that end a completion: the tokenizer's EOS, else the model's generation config's, else its
+    config's. Raises ValueError when none is known (a completion would never end before max_new_tokens)."""
+    candidates = [
+        getattr(processor, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ]
+    for candidate in candidates:
+        if candidate is not None:
+            return tuple(candidate) if isinstance(candidate, list | tuple) else (int(candidate),)
+    raise ValueError(
+        "on-policy distillation needs an end-of-sequence token: give processing_class a tokenizer with an "
+        "eos_token, or set the student's config.eos_token_id"
+    )
+
+
+def on_policy_batches(
+    config: Any,
+    task: Any,
+    student: torch.nn.Module,
+    processor: Any,
+    *,
+    process_index: int = 0,
+    generator=None,
+) -> OnPolicyBatches | None:
+    """The run's :class:`OnPolicyBatches` from a ``DistillationConfig`` (None when nothing is generated);
+    checks that the task is an unpacked causal LM."""
+    if not config.generates:
+        return None
+    if getattr(task, "name", None) != "causal-lm" or getattr(task, "packing", False):
+        raise ValueError(
+            f"lmbda={config.lmbda} / seq_kd={config.seq_kd}: on-policy distillation needs task causal-lm "
+            "without packing (completions are generated per prompt)"
+        )
+    settings = SamplingSettings(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.generation_temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        eos_token_ids=eos_token_ids(processor, student),
+        pad_token_id=task.pad_token_id,
+    )
+    return OnPolicyBatches(
+        lmbda=config.lmbda,
+        seq_kd=config.seq_kd,
+        settings=settings,
+        seed=config.seed,
+        generator=generator,
+        process_index=process_index,
+    )

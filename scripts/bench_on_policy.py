@@ -1,0 +1,235 @@
+"""On-policy vs off-policy distillation on a task where a student's own early mistakes compound.
+
+    OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --seeds 0 1 2 --out outputs/bench_on_policy.json
+
+The task, built here (nothing downloaded): reverse a list of 6–10 digits, as a chat turn
+("reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"); each answer token depends on the ones before it being right.
+A 2-layer Llama teacher (width 64) is trained on the data (SFT); a 2-layer student of width 32 is then trained by each regime
+with the same data order, optimizer steps and batch size:
+
+- ``sft``:     labels only (alpha 0);
+- ``kd``:      off-policy token-level KD on the data's replies (forward KL, lmbda 0);
+- ``on_rkl``:  fully on-policy, reverse KL (lmbda 1);
+- ``on_jsd``:  fully on-policy, generalised JSD β = 0.5 (lmbda 1, GKD);
+- ``mixed``:   lmbda 0.5, JSD β = 0.5;
+- ``seq_kd``:  sequence-level KD: SFT on the teacher's sampled replies (seq_kd, alpha 0).
+
+Measures on held-out prompts: the student's greedy exact match, and the teacher's mean per-token NLL of
+the student's greedy replies (how plausible the teacher finds what the student writes). Paired
+differences are against ``kd`` with the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd.data.toy_chat import toy_tokenizer
+from hf_kd.on_policy import left_padded_prompts, prompt_lengths
+from hf_kd.tasks import CausalLMTask
+
+REGIMES = {
+    "sft": dict(alpha=0.0),
+    "kd": dict(alpha=1.0, divergence="forward_kl"),
+    "on_rkl": dict(alpha=1.0, divergence="reverse_kl", lmbda=1.0),
+    "on_jsd": dict(alpha=1.0, divergence="jsd", beta=0.5, lmbda=1.0),
+    "mixed": dict(alpha=1.0, divergence="jsd", beta=0.5, lmbda=0.5),
+    "seq_kd": dict(alpha=0.0, seq_kd=True),
+}
+DIGITS = [str(d) for d in range(10)]
+
+
+def conversations(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[list[dict]]:
+    """``n`` distinct reversal requests (none of ``exclude``) with their answers."""
+    seen, rows = set(exclude), []
+    while len(rows) < n:
+        items = [rng.choice(DIGITS) for _ in range(rng.randint(6, 10))]
+        question = "reverse " + " ".join(items)
+        if question in seen:
+            continue
+        seen.add(question)
+        rows.append(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(items[::-1])}]
+        )
+    return rows
+
+
+def llama(vocab: int, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=5,
+    )
+    return LlamaForCausalLM(config)
+
+
+def train(model, teacher, train_set, task, tokenizer, out: Path, steps: int, seed: int, **fields):
+    args = DistillationConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=seed,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        temperature=1.0,
+        max_new_tokens=12,
+        logging_steps=steps,
+        **fields,
+    )
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=teacher,
+        args=args,
+        task=task,
+        train_dataset=train_set,
+        processing_class=tokenizer,
+    )
+    started = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - started, trainer.state.log_history
+
+
+@torch.no_grad()
+def evaluate(student, teacher, test_set, task) -> dict[str, float]:
+    """Greedy exact match of the student's replies, and the teacher's per-token NLL of them."""
+    student.eval()
+    batch = task.collate([test_set[i] for i in range(len(test_set))])
+    lengths = prompt_lengths(batch["labels"])
+    prompt_ids, prompt_mask = left_padded_prompts(batch["input_ids"], lengths, task.pad_token_id)
+    replies = student.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=False,
+        max_new_tokens=12,
+        eos_token_id=5,
+        pad_token_id=0,
+    )[:, prompt_ids.shape[1] :]
+    correct, nll, tokens = 0, 0.0, 0
+    for row, reply in enumerate(replies.tolist()):
+        reply = reply[: reply.index(5) + 1] if 5 in reply else reply
+        prompt = batch["input_ids"][row, : lengths[row]].tolist()
+        target = batch["input_ids"][row, lengths[row] :][
+            batch["labels"][row, lengths[row] :] != -100
+        ].tolist()
+        correct += reply == target
+        ids = torch.tensor([prompt + reply])
+        log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+        nll -= log_p.gather(-1, torch.tensor(reply)[:, None]).sum().item()
+        tokens += len(reply)
+    return {"exact_match": correct / len(replies), "teacher_nll": nll / tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
+    parser.add_argument("--teacher_steps", type=int, default=600)
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES))
+    parser.add_argument("--out", default="outputs/bench_on_policy.json")
+    parser.add_argument("--work", default="outputs/bench_on_policy")
+    options = parser.parse_args()
+    rng = random.Random(1234)
+    train_rows = conversations(4000, rng)
+    test_rows = conversations(300, rng, exclude={c[0]["content"] for c in train_rows})
+    tokenizer = toy_tokenizer([c[0]["content"] + " " + c[1]["content"] for c in train_rows[:200]])
+    task = CausalLMTask(max_length=64)
+    train_set = task.prepare(Dataset.from_dict({"messages": train_rows}), student_processor=tokenizer)
+    test_set = task.prepare(Dataset.from_dict({"messages": test_rows}), student_processor=tokenizer)
+    vocab = len(tokenizer)
+    work = Path(options.work)
+    teacher = llama(vocab, 64, 2, seed=100)
+    teacher_time, _ = train(
+        teacher, None, train_set, task, tokenizer, work / "teacher", options.teacher_steps, 100, alpha=0.0
+    )
+    teacher.eval()
+    results = {"teacher": {**evaluate(teacher, teacher, test_set, task), "seconds": teacher_time}, "runs": []}
+    print(json.dumps(results["teacher"]), flush=True)
+    for seed in options.seeds:
+        for regime in options.regimes:
+            student = llama(vocab, 32, 2, seed=seed)
+            seconds, logs = train(
+                student,
+                teacher,
+                train_set,
+                task,
+                tokenizer,
+                work / f"{regime}-{seed}",
+                options.steps,
+                seed,
+                **REGIMES[regime],
+            )
+            row = {
+                "regime": regime,
+                "seed": seed,
+                "seconds": seconds,
+                **evaluate(student, teacher, test_set, task),
+            }
+            share = [entry["generation_time_share"] for entry in logs if "generation_time_share" in entry]
+            row["generation_time_share"] = share[-1] if share else 0.0
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    results["summary"] = summarise(results["runs"])
+    Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(options.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per regime: mean and spread (population std) over seeds, and the mean paired difference vs kd."""
+    by = {}
+    for row in runs:
+        by.setdefault(row["regime"], {})[row["seed"]] = row
+    summary = {}
+    for regime, seeds in by.items():
+        entry = {}
+        for key in ("exact_match", "teacher_nll", "seconds"):
+            values = [seeds[s][key] for s in sorted(seeds)]
+            entry[key] = statistics.mean(values)
+            entry[key + "_std"] = statistics.pstdev(values)
+            if "kd" in by and key != "seconds":
+                diffs = [seeds[s][key] - by["kd"][s][key] for s in sorted(seeds) if s in by["kd"]]
+                entry[key + "_vs_kd"] = statistics.mean(diffs)
+                entry[key + "_vs_kd_std"] = statistics.pstdev(diffs)
+        summary[regime] = entry
+    return summary
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| regime | exact match | Δ vs kd (paired) | teacher NLL of student replies | Δ vs kd | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for regime, s in results["summary"].items():
+        lines.append(
+            f"| {regime} | {s['exact_match']:.3f} ± {s['exact_match_std']:.3f} "
+            f"| {s.get('exact_match_vs_kd', 0):+.3f} ± {s.get('exact_match_vs_kd_std', 0):.3f} "
+            f"| {s['teacher_nll']:.3f} ± {s['teacher_nll_std']:.3f} "
+            f"| {s.get('teacher_nll_vs_kd', 0):+.3f} ± {s.get('teacher_nll_vs_kd_std', 0):.3f} | {s['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
