@@ -1,4 +1,4 @@
-"""The KD loss from a top-k teacher in one pass (``hf_kd.losses._SparseKDSums``): the same values and
+"""The KD loss from a top-k teacher in one pass (``hf_kd.losses.distillation._SparseKDSums``): the same values and
 gradients as the hard cross-entropy plus the divergence on the dense rebuild (bucket: on the dense
 student's k + 1 outcomes), with one log-softmax over the full output space for both terms (two when the
 soft term is tempered on all K classes) and no dense teacher."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_kd import losses
 from hf_kd.losses import (
     SparseLogits,
+    distillation,
     distillation_loss,
     divergence,
     divergence_from_log_probs,
@@ -58,7 +58,7 @@ def count_full_softmaxes(monkeypatch) -> list:
         return log_softmax(x, *args, **kwargs)
 
     monkeypatch.setattr(torch, "log_softmax", counted)
-    monkeypatch.setattr(losses.F, "cross_entropy", None)
+    monkeypatch.setattr(distillation.F, "cross_entropy", None)
     monkeypatch.setattr(SparseLogits, "to_dense_log_probs", None)
     return calls
 

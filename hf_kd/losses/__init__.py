@@ -1,0 +1,44 @@
+"""Distillation losses: pure tensor math, no Trainer plumbing.
+
+Notation (``docs/knowledge.md#notation``): p is the teacher distribution, q the student's, both at temperature
+τ (the logits are divided by τ before the softmax). Every divergence returns one value per position,
+shape ``logits.shape[:-1]``, in float32.
+
+The training loss mixes the hard-label cross-entropy with one divergence:
+
+    L = (1 − α) · H(y, q¹) + α · s · D(p^τ, q^τ),      s = τ² (Hinton) or 1
+
+and :func:`distillation_loss` computes it over flattened positions, optionally in chunks of
+positions so that no full-vocabulary float32 tensor for all positions is alive at once.
+
+- ``hf_kd.losses.sparse``: a top-k teacher (:class:`SparseLogits`) and how its left-out mass is read;
+- ``hf_kd.losses.divergences``: every divergence, dense or from a sparse teacher;
+- ``hf_kd.losses.distillation``: the training loss (:func:`distillation_loss`), chunked, in one pass for a
+  sparse teacher, or from the student's hidden states (:class:`HiddenStates`).
+
+The names below are the package's public interface.
+"""
+
+from hf_kd.losses.distillation import HiddenStates, LossTerms, TargetFn, distillation_loss
+from hf_kd.losses.divergences import (
+    DIVERGENCES,
+    LOG_ZERO,
+    divergence,
+    divergence_from_log_probs,
+    teacher_log_probs,
+)
+from hf_kd.losses.sparse import TAIL_MODES, SparseLogits
+
+__all__ = [
+    "DIVERGENCES",
+    "LOG_ZERO",
+    "TAIL_MODES",
+    "HiddenStates",
+    "LossTerms",
+    "SparseLogits",
+    "TargetFn",
+    "distillation_loss",
+    "divergence",
+    "divergence_from_log_probs",
+    "teacher_log_probs",
+]

@@ -1,0 +1,288 @@
+"""The training loss: hard-label cross-entropy mixed with one divergence, normalised over the
+accumulation window, dense, chunked, from a sparse teacher in one pass, or from the student's hidden
+states (docs/knowledge.md#the-distillation-loss)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hf_kd.losses.divergences import (
+    SPARSE_DIVERGENCES,
+    bucket_divergence,
+    divergence,
+    divergence_from_log_probs,
+    sparse_divergence_from_stats,
+    teacher_log_probs,
+)
+from hf_kd.losses.sparse import SparseLogits
+
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Maps (teacher log p^τ [n, K], labels [n]) to the target log-probabilities actually distilled
+(a synthetic teacher, see ``hf_kd.teachers.synthetic``)."""
+
+
+@dataclass
+class LossTerms:
+    """The two parts of the KD loss, summed over items, and the weighted total that is differentiated."""
+
+    loss: torch.Tensor
+    hard_sum: torch.Tensor
+    soft_sum: torch.Tensor
+
+
+def _fused(teacher, divergence_name: str, tail: str, target_fn: TargetFn | None) -> bool:
+    """Whether :class:`_SparseKDSums` computes this loss (a top-k teacher distilled as stored)."""
+    if not isinstance(teacher, SparseLogits) or target_fn is not None:
+        return False
+    return divergence_name in SPARSE_DIVERGENCES or (tail == "bucket" and divergence_name != "mse")
+
+
+class _SparseKDSums(torch.autograd.Function):
+    """(Σ hard CE, Σ soft D) of student logits z [n, K] against a top-k teacher, as :func:`_loss_sums`
+    computes them, with one dense pass each way instead of two log-softmaxes and their backward.
+
+    The soft term reads the student only through a few statistics: log q at the k kept slots and, for
+    forward/reverse KL with a uniform or renormalised tail, one row total (Σ log q^τ or Σ q^τ log q^τ).
+    Forward differentiates the divergence w.r.t. those small statistics (g); backward maps g to z in
+    closed form. With s the scale of the statistics' softmax (τ, or 1 for ``bucket``, which tempers the
+    k + 1 outcomes instead) and q = softmax(z / s):
+
+        ∂ log q_i / ∂z_j = (δ_ij − q_j) / s,   ∂ Σ log q / ∂z_j = (1 − K q_j) / s,
+        ∂ Σ q log q / ∂z_j = q_j (log q_j − Σ q log q) / s,   ∂ CE / ∂z_j = q¹_j − δ_jy,
+
+    so ∂L/∂z = (a q + b q log q + c) + (hard: w_h q¹, the same q when s = 1) plus a scatter onto the
+    kept and label slots: a, b, c are per row.
+    """
+
+    @staticmethod
+    def forward(ctx, z, labels, soft_mask, teacher, name, temperature, tail, params):  # noqa: D102
+        zf = z.detach().float()
+        log_q1 = torch.log_softmax(zf, -1)
+        labelled = labels != -100
+        label = labels.clamp(min=0)[:, None]
+        hard = -torch.where(labelled, log_q1.gather(-1, label).squeeze(-1), 0.0).sum()
+        scale = 1.0 if tail == "bucket" else temperature
+        log_q = log_q1 if scale == 1.0 else torch.log_softmax(zf / scale, -1)
+        index = teacher.gather_index()
+        with torch.enable_grad():
+            kept = log_q.gather(-1, index).requires_grad_(True)
+            if tail == "bucket":
+                leaves, per_item = (kept,), bucket_divergence(name, kept, teacher, temperature, params)
+            else:
+                stat = log_q.sum(-1) if name == "forward_kl" else (log_q.exp() * log_q).sum(-1)
+                leaves = (kept, stat.requires_grad_(True))
+                per_item = sparse_divergence_from_stats(name, kept, stat, teacher, temperature, tail)
+            soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
+            grads = torch.autograd.grad(soft, leaves) if ctx.needs_input_grad[0] else ()
+        ctx.setup = (name, scale, z.dtype)
+        ctx.save_for_backward(
+            log_q1, log_q, index, labelled, label, *grads, *(x.detach() for x in leaves[1:])
+        )
+        return hard, soft.detach()
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_soft):  # noqa: D102
+        name, scale, dtype = ctx.setup
+        log_q1, log_q, index, labelled, label, kept_grad, *stat = ctx.saved_tensors
+        kept_grad = kept_grad * (grad_soft / scale)
+        hard_rows = grad_hard * labelled
+        a, b, c = -kept_grad.sum(-1), None, None  # per row: ∂L/∂z = a q + b q log q + c (+ scatters)
+        if stat:
+            stat_grad, total = stat[0] * (grad_soft / scale), stat[1]
+            if name == "forward_kl":
+                a, c = a - log_q.shape[-1] * stat_grad, stat_grad
+            else:
+                a, b = a - stat_grad * total, stat_grad
+        row = a + hard_rows if scale == 1.0 else a  # s = 1: the hard term's q¹ is the same q
+        coef = row[:, None] if b is None else torch.addcmul(row[:, None], log_q, b[:, None])
+        grad = log_q.exp().mul_(coef)
+        if scale != 1.0:
+            grad.add_(log_q1.exp().mul_(hard_rows[:, None]))
+        if c is not None:
+            grad.add_(c[:, None])
+        grad.scatter_add_(-1, index, kept_grad)
+        grad.scatter_add_(-1, label, -hard_rows[:, None])
+        return grad.to(dtype), None, None, None, None, None, None, None
+
+
+def _loss_sums(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseLogits,
+    labels: torch.Tensor,
+    soft_mask: torch.Tensor,
+    *,
+    temperature: float,
+    divergence_name: str,
+    tail: str,
+    target_fn: TargetFn | None,
+    params: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ hard CE over labelled items, Σ D over soft-masked items) for one chunk of positions."""
+    if _fused(teacher, divergence_name, tail, target_fn):
+        return _SparseKDSums.apply(
+            student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
+        )
+    hard = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
+    if teacher is None:
+        return hard, torch.zeros_like(hard)
+    if divergence_name == "mse" or target_fn is None:
+        per_item = divergence(
+            divergence_name, student_logits, teacher, temperature=temperature, tail=tail, **params
+        )
+    else:
+        log_p = target_fn(teacher_log_probs(teacher, temperature, tail), labels)
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+        per_item = divergence_from_log_probs(divergence_name, log_q, log_p, **params)
+    soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
+    return hard, soft
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Runs forward and backward of the loss chunk by chunk inside the forward pass, keeping only the
+    gradient w.r.t. the student logits (same dtype and size as the logits) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, student_logits, hard_weight, soft_weight, chunk_size, sums_fn):  # noqa: D102
+        grad = torch.empty_like(student_logits)  # every row is written below
+        hard_total = student_logits.new_zeros((), dtype=torch.float32)
+        soft_total = hard_total.clone()
+        for start in range(0, student_logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                chunk = student_logits[rows].detach().requires_grad_(True)
+                hard, soft = sums_fn(chunk, rows)
+                (chunk_grad,) = torch.autograd.grad(hard * hard_weight + soft * soft_weight, chunk)
+            grad[rows] = chunk_grad
+            hard_total += hard.detach()
+            soft_total += soft.detach()
+        ctx.save_for_backward(grad)
+        return hard_total * hard_weight + soft_total * soft_weight, hard_total, soft_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        # In place: a second full-size tensor would double the peak (a second backward then fails loudly).
+        return grad.mul_(grad_loss.to(grad.dtype)), None, None, None, None
+
+
+@dataclass
+class HiddenStates:
+    """A student given by its last hidden states [N, H] and output-layer weight [V, H] (no bias): its
+    logits are ``hidden · weightᵀ``. :func:`distillation_loss` with a ``chunk_size`` makes them one chunk
+    of positions at a time, so the student's [N, V] logits and their gradient never exist in full."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def logits(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.hidden[rows] @ self.weight.T
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """:class:`_ChunkedLoss` through the output layer: per chunk, z = h Wᵀ, then ∂L/∂h = (∂L/∂z) W and
+    ∂L/∂W += (∂L/∂z)ᵀ h (accumulated in float32); only those two gradients are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, hard_weight, soft_weight, chunk_size, sums_fn):  # noqa: D102
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        hard_total = hidden.new_zeros((), dtype=torch.float32)
+        soft_total = hard_total.clone()
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                logits = (hidden[rows] @ weight.T).detach().requires_grad_(True)
+                hard, soft = sums_fn(logits, rows)
+                (grad_logits,) = torch.autograd.grad(hard * hard_weight + soft * soft_weight, logits)
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
+            hard_total += hard.detach()
+            soft_total += soft.detach()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return hard_total * hard_weight + soft_total * soft_weight, hard_total, soft_total
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hard, _grad_soft):  # noqa: D102
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        return grad_hidden, grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
+def distillation_loss(
+    student_logits: torch.Tensor | HiddenStates,
+    teacher: torch.Tensor | SparseLogits | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    divergence_name: str = "forward_kl",
+    soft_mask: torch.Tensor | None = None,
+    num_hard: torch.Tensor | float | None = None,
+    num_soft: torch.Tensor | float | None = None,
+    temperature_squared: bool = True,
+    tail: str = "uniform",
+    target_fn: TargetFn | None = None,
+    chunk_size: int | None = None,
+    **params: float,
+) -> LossTerms:
+    """L = (1 − α) · Σ_hard H(y, q¹) / N_hard + α · s · Σ_soft D(p^τ, q^τ) / N_soft,  s = τ² or 1.
+
+    Inputs are flattened positions: ``student_logits`` [N, K], ``teacher`` [N, K] dense or sparse
+    (None: no soft term),
+    ``labels`` [N] with −100 for items without a hard label (unlabelled transfer data, masked tokens),
+    ``soft_mask`` [N] bool for the items that take the soft term (default: labelled items). ``num_hard``
+    and ``num_soft`` are the normalisers (default: the local counts); pass window totals for exact
+    gradient accumulation. With ``chunk_size`` the loss and its gradient are computed ``chunk_size``
+    positions at a time (same values and gradients as one chunk). ``student_logits`` may be
+    :class:`HiddenStates`: the logits are then made chunk by chunk too.
+    """
+    if soft_mask is None:
+        soft_mask = labels != -100
+    num_hard = (labels != -100).sum() if num_hard is None else num_hard
+    num_soft = soft_mask.sum() if num_soft is None else num_soft
+    hard_weight = (1.0 - alpha) / torch.as_tensor(num_hard, dtype=torch.float32).clamp(min=1)
+    soft_weight = alpha * (temperature**2 if temperature_squared else 1.0)
+    soft_weight = soft_weight / torch.as_tensor(num_soft, dtype=torch.float32).clamp(min=1)
+    from_hidden = isinstance(student_logits, HiddenStates)
+    device = student_logits.hidden.device if from_hidden else student_logits.device
+    hard_weight, soft_weight = hard_weight.to(device), soft_weight.to(device)
+
+    def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return _loss_sums(
+            logits_rows,
+            None if teacher is None else teacher[rows],
+            labels[rows],
+            soft_mask[rows],
+            temperature=temperature,
+            divergence_name=divergence_name,
+            tail=tail,
+            target_fn=target_fn,
+            params=params,
+        )
+
+    logits_of = student_logits.logits if from_hidden else student_logits.__getitem__
+    needs_grad = torch.is_grad_enabled() and (
+        student_logits.hidden.requires_grad or student_logits.weight.requires_grad
+        if from_hidden
+        else student_logits.requires_grad
+    )
+    if chunk_size is None or not needs_grad:
+        if chunk_size is None:
+            hard, soft = sums_fn(logits_of(slice(None)), slice(None))
+        else:
+            chunks = [slice(s, s + chunk_size) for s in range(0, len(labels), chunk_size)]
+            sums = [sums_fn(logits_of(rows), rows) for rows in chunks]
+            hard, soft = (torch.stack(part).sum() for part in zip(*sums, strict=True))
+        return LossTerms(hard * hard_weight + soft * soft_weight, hard.detach(), soft.detach())
+    if from_hidden:
+        loss, hard, soft = _ChunkedHeadLoss.apply(
+            student_logits.hidden, student_logits.weight, hard_weight, soft_weight, chunk_size, sums_fn
+        )
+    else:
+        loss, hard, soft = _ChunkedLoss.apply(student_logits, hard_weight, soft_weight, chunk_size, sums_fn)
+    return LossTerms(loss, hard, soft)

@@ -1,0 +1,172 @@
+"""The divergences D(p^τ, q^τ) between a teacher p and a student q, dense or from a sparse teacher. Each
+returns one value per position, shape ``logits.shape[:-1]``, in float32 (docs/knowledge.md#divergences)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hf_kd.losses.sparse import TAIL_MODES, SparseLogits
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "mse")
+
+
+def teacher_log_probs(
+    teacher: torch.Tensor | SparseLogits, temperature: float, tail: str = "uniform"
+) -> torch.Tensor:
+    """log p^τ = log_softmax(v / τ). A sparse teacher is first rebuilt with ``tail`` handling, then its
+    log-probabilities play the part of v (softmax(log p / τ) = p^τ for the kept entries)."""
+    logits = teacher.to_dense_log_probs(tail) if isinstance(teacher, SparseLogits) else teacher.float()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+LOG_ZERO = -1.0e4
+"""Stands for log 0 in a teacher's log-probabilities: e^LOG_ZERO is exactly 0 in float32, and unlike −inf
+it gives 0 · (LOG_ZERO − log q) = 0 rather than NaN, so the KL sums need no masking pass."""
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) = Σ_i a_i (log a_i − log b_i) for finite log-probabilities (a_i = 0 terms give 0)."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w · a + (1 − w) · b) computed in log space."""
+    w = torch.tensor(weight_a, dtype=log_a.dtype, device=log_a.device)
+    return torch.logaddexp(log_a + torch.log(w), log_b + torch.log1p(-w))
+
+
+def divergence_from_log_probs(
+    name: str, log_q: torch.Tensor, log_p: torch.Tensor, *, beta: float = 0.5, skew: float = 0.1
+) -> torch.Tensor:
+    """Per-position divergence between teacher p and student q given as log-probabilities.
+
+    forward_kl  KL(p ‖ q) = Σ p (log p − log q)
+    reverse_kl  KL(q ‖ p) = Σ q (log q − log p)
+    jsd         β · KL(p ‖ m) + (1 − β) · KL(q ‖ m),  m = β p + (1 − β) q   (TRL's generalized JSD;
+                β = 0 is defined as forward KL and β = 1 as reverse KL, as in TRL)
+    tvd         ½ Σ |p − q|
+    skew_kl     KL(p ‖ s p + (1 − s) q)              (DistiLLM, s = ``skew``)
+    skew_rkl    KL(q ‖ (1 − s) p + s q)
+
+    A zero teacher probability (log p = −inf: a renormalised top-k teacher, a synthetic target) is
+    taken as e^LOG_ZERO: it adds nothing to the KL terms weighted by p, and a large finite penalty
+    instead of +inf to those weighted by q (reverse_kl).
+    """
+    log_p = log_p.clamp(min=LOG_ZERO)
+    if name == "forward_kl":
+        return _kl(log_p, log_q)
+    if name == "reverse_kl":
+        return _kl(log_q, log_p)
+    if name == "jsd":
+        if beta == 0.0:
+            return _kl(log_p, log_q)
+        if beta == 1.0:
+            return _kl(log_q, log_p)
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if name == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if name == "skew_kl":
+        return _kl(log_p, _log_mix(log_p, log_q, skew))
+    if name == "skew_rkl":
+        return _kl(log_q, _log_mix(log_p, log_q, 1.0 - skew))
+    raise ValueError(f"divergence={name!r} is not one of {DIVERGENCES}")
+
+
+def divergence(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseLogits,
+    *,
+    temperature: float = 1.0,
+    tail: str = "uniform",
+    **params: float,
+) -> torch.Tensor:
+    """D(p^τ, q^τ) per position, float32, shape ``student_logits.shape[:-1]``.
+
+    Temperature divides both logits (q^τ = softmax(z/τ), p^τ = softmax(v/τ)); the τ² factor is the
+    caller's. ``mse`` is the mean over classes of (z/τ − v/τ)² and needs dense teacher logits. See
+    :func:`divergence_from_log_probs` for the others; ``params`` are ``beta`` (jsd) and ``skew``.
+    """
+    if name == "mse":
+        if isinstance(teacher_logits, SparseLogits):
+            raise ValueError("divergence='mse' compares logits and needs a dense teacher, not top-k logits")
+        return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
+    if isinstance(teacher_logits, SparseLogits) and tail == "bucket":
+        log_q = torch.log_softmax(student_logits.float(), dim=-1)
+        return bucket_divergence(
+            name, log_q.gather(-1, teacher_logits.gather_index()), teacher_logits, temperature, params
+        )
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher_logits, SparseLogits) and name in SPARSE_DIVERGENCES:
+        return sparse_divergence(name, log_q, teacher_logits, temperature, tail)
+    return divergence_from_log_probs(
+        name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params
+    )
+
+
+def bucket_divergence(
+    name: str, log_q_kept: torch.Tensor, teacher: SparseLogits, temperature: float, params: dict
+) -> torch.Tensor:
+    """D over the k + 1 outcomes of ``sparse_tail: bucket`` from the student's log q¹ at the teacher's kept
+    slots [..., k] (padding slots are ignored): both sides tempered alike on those outcomes."""
+    student = teacher.bucket_from_kept(log_q_kept)
+    log_q, log_p = (torch.log_softmax(x / temperature, -1) for x in (student, teacher.bucket()))
+    return divergence_from_log_probs(name, log_q.clamp(min=LOG_ZERO), log_p, **params)
+
+
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
+"""Divergences that :func:`sparse_divergence` computes from a sparse teacher without rebuilding it."""
+
+
+def sparse_divergence(
+    name: str, log_q: torch.Tensor, teacher: SparseLogits, temperature: float, tail: str
+) -> torch.Tensor:
+    """forward_kl or reverse_kl of the student's log q^τ [..., K] from a sparse teacher, equal to
+    :func:`divergence_from_log_probs` on ``teacher_log_probs(teacher, temperature, tail)`` but without the
+    dense [..., K] teacher: p^τ takes one value t on every tail class (``uniform``: the tail mass spread
+    evenly, ``renormalize``: 0, taken as e^LOG_ZERO), so the tail's share of each sum is closed-form.
+
+        KL(p ‖ q) = Σ_kept p_i (log p_i − log q_i) + e^t · (n_tail · t − Σ_tail log q)
+        KL(q ‖ p) = Σ q log q − Σ_kept q_i log p_i − t · Σ_tail q,    Σ_tail x = Σ_all x − Σ_kept x
+    """
+    log_q_kept = log_q.gather(-1, teacher.gather_index())
+    total = log_q.sum(-1) if name == "forward_kl" else (log_q.exp() * log_q).sum(-1)
+    return sparse_divergence_from_stats(name, log_q_kept, total, teacher, temperature, tail)
+
+
+def sparse_divergence_from_stats(
+    name: str,
+    log_q_kept: torch.Tensor,
+    total: torch.Tensor,
+    teacher: SparseLogits,
+    temperature: float,
+    tail: str,
+) -> torch.Tensor:
+    """:func:`sparse_divergence` from the only dense statistics it reads: the student's log q^τ at the
+    teacher's kept slots [..., k] and ``total`` [...] — Σ_all log q^τ (forward_kl) or Σ_all q^τ log q^τ
+    (reverse_kl)."""
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
+    K = teacher.num_classes
+    kept = teacher.log_probs.float()
+    stored = kept > -math.inf
+    n_tail = (K - stored.sum(-1)).float()
+    scaled = torch.where(stored, kept / temperature, -math.inf)
+    tail_each = teacher.tail_log_mass.float() - torch.log(n_tail.clamp(min=1))  # τ = 1, uniform
+    if tail == "renormalize":
+        tail_each = torch.full_like(tail_each, -math.inf)
+    tail_each = torch.where(n_tail > 0, tail_each / temperature, -math.inf)
+    log_z = torch.logaddexp(
+        torch.logsumexp(scaled, -1), tail_each + torch.log(n_tail.clamp(min=1))
+    )  # tail_each = −inf when there is no tail
+    log_p = (scaled - log_z[..., None]).clamp(min=LOG_ZERO)  # padding slots: LOG_ZERO, weight 0
+    t = (tail_each - log_z).clamp(min=LOG_ZERO)
+    if name == "forward_kl":
+        tail_log_q = total - (log_q_kept * stored).sum(-1)
+        return (log_p.exp() * (log_p - log_q_kept)).sum(-1) + t.exp() * (n_tail * t - tail_log_q)
+    q_kept = log_q_kept.exp() * stored
+    tail_q = torch.where(n_tail > 0, (1.0 - q_kept.sum(-1)).clamp(min=0.0), 0.0)  # exact 0: no tail
+    return total - (q_kept * log_p).sum(-1) - t * tail_q

@@ -1,0 +1,101 @@
+"""A sparse (top-k) teacher: its kept log-probabilities, their class ids and the mass it left out, and
+how that mass is read back (``tail``: uniform, renormalize or bucket; docs/knowledge.md#top-k-teachers)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TAIL_MODES = ("uniform", "renormalize", "bucket")
+
+
+@dataclass
+class SparseLogits:
+    """A teacher distribution kept as its top-k entries plus the mass they leave out.
+
+    ``log_probs[..., j] = log p_{indices[..., j]}`` (at τ = 1) and ``tail_log_mass = log(1 − Σ_j p_j)``.
+    ``num_classes`` is K, the size of the full output space.
+    """
+
+    log_probs: torch.Tensor
+    indices: torch.Tensor
+    tail_log_mass: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> SparseLogits:
+        """Top-k compression of dense logits: keeps the k largest log-probabilities and the tail mass.
+
+        The tail is summed directly, log Σ_{i ∉ top-k} p_i, not as log(1 − Σ_topk p): that difference
+        rounds to log 0 = −inf in float32 once the tail is below ~1e-7, although its classes keep p > 0.
+        """
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        K = logits.shape[-1]
+        top, idx = log_p.topk(min(k, K), dim=-1)
+        tail = torch.logsumexp(log_p.scatter(-1, idx, -math.inf), dim=-1)
+        return cls(top, idx, tail, K)
+
+    def __getitem__(self, rows) -> SparseLogits:
+        return SparseLogits(
+            self.log_probs[rows], self.indices[rows], self.tail_log_mass[rows], self.num_classes
+        )
+
+    def reshape(self, *shape: int) -> SparseLogits:
+        k = self.log_probs.shape[-1]
+        return SparseLogits(
+            self.log_probs.reshape(*shape, k),
+            self.indices.reshape(*shape, k),
+            self.tail_log_mass.reshape(*shape),
+            self.num_classes,
+        )
+
+    def bucket(self) -> torch.Tensor:
+        """The teacher over k + 1 outcomes [..., k + 1]: each kept class, then the tail as one outcome
+        (``sparse_tail: bucket``); padding slots hold −inf."""
+        return torch.cat([self.log_probs.float(), self.tail_log_mass.float().unsqueeze(-1)], dim=-1)
+
+    def gather_index(self) -> torch.Tensor:
+        """``indices`` as gather positions [..., k]; padding slots read class 0 (callers mask them)."""
+        return torch.where(self.log_probs > -math.inf, self.indices.long(), 0)
+
+    def bucket_from_kept(self, kept: torch.Tensor) -> torch.Tensor:
+        """Another distribution on this teacher's k + 1 outcomes, from its log q at the kept slots
+        [..., k] (``log_q.gather(-1, self.gather_index())``): q of each kept class and
+        log Σ_tail q = log(1 − Σ_kept q); padding slots hold −inf."""
+        kept = kept.masked_fill(self.log_probs <= -math.inf, -math.inf)
+        rest = torch.log(-torch.expm1(torch.logsumexp(kept, -1).clamp(max=0.0)))  # log Σ_tail q
+        return torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
+
+    def to_dense_log_probs(self, tail: str = "uniform") -> torch.Tensor:
+        """Rebuild a full log-distribution over K classes.
+
+        ``uniform``:      p_i for the top-k, tail_mass / (K − k) for every other class
+                          (exactly the paper's ``kd_topk`` target);
+        ``renormalize``:  p_i / Σ_topk p for the top-k, 0 elsewhere.
+        (``bucket`` has no dense form: the loss compares the k + 1 outcomes of :meth:`bucket`.)
+
+        Entries whose log-prob is −inf are padding (a support smaller than k at this position, as a
+        compressed cache decodes): their classes are tail classes, whatever their index.
+        """
+        if tail not in TAIL_MODES:
+            raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
+        if tail == "bucket":
+            raise ValueError(
+                "sparse_tail='bucket' compares the kept tokens and the tail as one outcome (see "
+                "bucket_divergence); it rebuilds no dense distribution: use 'uniform' or 'renormalize' here"
+            )
+        lp = self.log_probs.float()
+        K = self.num_classes
+        stored = lp > -math.inf
+        if tail == "uniform":
+            k = stored.sum(-1, keepdim=True)
+            fill = self.tail_log_mass.float().unsqueeze(-1) - torch.log((K - k).clamp(min=1).float())
+            fill = fill.masked_fill(k >= K, -math.inf)
+        else:
+            fill = torch.full_like(lp[..., :1], -math.inf)
+            lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+        dense = fill.expand(*lp.shape[:-1], K + 1).clone()  # column K takes the padding entries
+        index = torch.where(stored, self.indices.long(), K)
+        return dense.scatter_(-1, index, lp)[..., :K]
