@@ -130,9 +130,10 @@ class TopkCodec:
         in_range = (codes <= 2**self.bits - 1).sum(-1)
         n = torch.minimum(below_mass, in_range).clamp(max=k)
         keep = torch.arange(k, device=top.device) < n[:, None]
-        dropped = log_p.scatter(-1, torch.where(keep, idx, idx[:, :1]), -math.inf)
+        num_classes = log_p.shape[-1]
+        dropped = log_p.scatter_(-1, torch.where(keep, idx, idx[:, :1]), -math.inf)  # log_p is spent
         tail = torch.logsumexp(dropped, dim=-1)
-        return SparseLogits(top.masked_fill(~keep, -math.inf), idx, tail, log_p.shape[-1]), codes, n
+        return SparseLogits(top.masked_fill(~keep, -math.inf), idx, tail, num_classes), codes, n
 
     def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
         """Packed rows of logits [N, V] (positions of consecutive rows, ``lengths`` per row) and the
@@ -256,13 +257,22 @@ def _tail_code(odds: torch.Tensor) -> torch.Tensor:
 
 
 def _write_bits(values: torch.Tensor, widths: torch.Tensor) -> np.ndarray:
-    """Fields ``values`` of ``widths`` bits each, most significant bit first, packed into bytes."""
-    used = widths > 0
-    values, widths = values[used], widths[used]
-    bit = torch.arange(int(widths.max()) if len(widths) else 0)
-    mask = bit < widths[:, None]
-    bits = (values[:, None] >> (widths[:, None] - 1 - bit).clamp(min=0)) & 1
-    return np.packbits(bits[mask].to(torch.uint8).numpy())
+    """Fields ``values`` (their low ``widths`` bits each, most significant bit first) packed into bytes.
+
+    Each field is shifted into place within the few bytes it touches, and the bytes are summed (the
+    fields' bits never overlap, so the sum is their OR): O(fields), not O(fields × widest field)."""
+    widths = widths.long()
+    values = values.long() & ((1 << widths) - 1)
+    start = torch.cumsum(widths, 0) - widths
+    span = (int(widths.max()) + 7) // 8 + 1 if len(widths) else 0  # bytes one field can touch
+    first, offset = start // 8, start % 8
+    window = values << (span * 8 - offset - widths)  # the field within bytes first .. first + span − 1
+    shifts = 8 * torch.arange(span - 1, -1, -1)
+    parts = (window[:, None] >> shifts) & 0xFF
+    size = (int(widths.sum()) + 7) // 8
+    at = (first[:, None] + torch.arange(span)).clamp(max=size)  # a spare byte takes the zero overhang
+    stream = torch.zeros(size + 1, dtype=torch.long).index_add_(0, at.reshape(-1), parts.reshape(-1))
+    return stream[:size].to(torch.uint8).numpy()
 
 
 def _read_bits(bits: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:

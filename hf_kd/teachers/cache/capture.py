@@ -99,7 +99,8 @@ def packed_to_arrow(
     """One packed row per example of per-token logits [B, T, K] (its non-padding positions), and the
     probability mass kept at each position."""
     mask = attention_mask.bool()
-    rows, kept = codec.encode(logits[mask], mask.sum(-1).tolist())
+    positions = logits.flatten(0, -2) if bool(mask.all()) else logits[mask]  # no copy without padding
+    rows, kept = codec.encode(positions, mask.sum(-1).tolist())
     return pa.Table.from_arrays([pa.array(rows, pa.binary())], schema=features.arrow_schema), kept
 
 
