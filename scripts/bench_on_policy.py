@@ -1,6 +1,7 @@
 """On-policy vs off-policy distillation on a task where a student's own early mistakes compound.
 
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --seeds 0 1 2 --out outputs/bench_on_policy.json
+    OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --warm_steps 600 --steps 900  # warm-started
 
 The task, built here (nothing downloaded): reverse a list of 6–10 digits, as a chat turn
 ("reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"); each answer token depends on the ones before it being right.
