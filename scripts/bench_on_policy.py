@@ -1,6 +1,7 @@
 """On-policy vs off-policy distillation on a task where a student's own early mistakes compound.
 
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --seeds 0 1 2 --out outputs/bench_on_policy.json
+    OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --warm_steps 600 --steps 900  # warm-started
 
 The task, built here (nothing downloaded): reverse a list of 6–10 digits, as a chat turn
 ("reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"); each answer token depends on the ones before it being right.
@@ -45,6 +46,14 @@ REGIMES = {
     "mixed": dict(alpha=1.0, divergence="jsd", beta=0.5, lmbda=0.5),
     "seq_kd": dict(alpha=0.0, seq_kd=True),
 }
+WARM_REGIMES = {
+    "kd": dict(alpha=1.0, divergence="forward_kl"),
+    "mixed_rkl": dict(alpha=1.0, divergence="reverse_kl", lmbda=0.5),
+    "on_rkl": dict(alpha=1.0, divergence="reverse_kl", lmbda=1.0),
+    "on_jsd": dict(alpha=1.0, divergence="jsd", beta=0.5, lmbda=1.0),
+}
+"""With ``--warm_steps N``: every student is first trained by off-policy KD (forward KL) for N steps,
+then continued by each of these for the rest of the budget (``kd`` = lmbda 0 continued)."""
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -146,7 +155,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
     parser.add_argument("--teacher_steps", type=int, default=600)
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", default=None, help="default: every regime of the setup")
+    parser.add_argument(
+        "--warm_steps", type=int, default=0, help="off-policy KD steps before each regime (of --steps)"
+    )
     parser.add_argument("--out", default="outputs/bench_on_policy.json")
     parser.add_argument("--work", default="outputs/bench_on_policy")
     options = parser.parse_args()
@@ -166,9 +178,19 @@ def main() -> None:
     teacher.eval()
     results = {"teacher": {**evaluate(teacher, teacher, test_set, task), "seconds": teacher_time}, "runs": []}
     print(json.dumps(results["teacher"]), flush=True)
+    regimes = WARM_REGIMES if options.warm_steps else REGIMES
     for seed in options.seeds:
-        for regime in options.regimes:
+        warm, warm_seconds = llama(vocab, 32, 2, seed=seed), 0.0
+        if options.warm_steps:
+            warm_seconds, _ = train(
+                warm, teacher, train_set, task, tokenizer, work / f"warm-{seed}", options.warm_steps, seed,
+                **WARM_REGIMES["kd"],
+            )  # fmt: skip
+            results.setdefault("warm", []).append({"seed": seed, **evaluate(warm, teacher, test_set, task)})
+            print(json.dumps(results["warm"][-1]), flush=True)
+        for regime in options.regimes or list(regimes):
             student = llama(vocab, 32, 2, seed=seed)
+            student.load_state_dict(warm.state_dict())
             seconds, logs = train(
                 student,
                 teacher,
@@ -176,10 +198,11 @@ def main() -> None:
                 task,
                 tokenizer,
                 work / f"{regime}-{seed}",
-                options.steps,
+                options.steps - options.warm_steps,
                 seed,
-                **REGIMES[regime],
+                **regimes[regime],
             )
+            seconds += warm_seconds
             row = {
                 "regime": regime,
                 "seed": seed,

@@ -298,3 +298,24 @@ def test_tiny_on_policy_recipe_runs_from_the_script(tmp_path):
     assert len(logged) == 2 and all(entry["loss_soft_generated"] > 0 for entry in logged)
     assert all(1 <= entry["completion_length"] <= 12 for entry in logged)
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_sampled_batch_is_what_the_student_wrote_under_the_training_forward(toy, tmp_path):
+    """The real sampler (left-padded, KV cache) at a near-zero temperature writes the student's argmax:
+    the right-padded training batch built from it must then have, at every labelled position, the token
+    the student's training forward ranks first (a shifted label, a wrong position id or attention mask,
+    or left padding leaking into the batch breaks this); the student is back in train mode."""
+    task, train, _ = toy
+    trainer = trainer_for(toy, tmp_path, generation_temperature=1e-4)
+    data = task.collate([train[i] for i in range(8)])
+    assert len(set(prompt_lengths(data["labels"]).tolist())) > 1  # rows of the batch are left-padded
+    student = trainer.model
+    student.train()
+    batch = trainer.on_policy(dict(data), student=student, teacher=trainer.teacher_model, step=0, index=0)
+    assert student.training and batch.pop("kd_generated_by") == "student"
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labelled = batch["labels"][:, 1:] != -100
+    assert int(labelled.sum()) >= 8
+    predicted = logits[:, :-1].argmax(-1)
+    assert torch.equal(predicted[labelled], batch["labels"][:, 1:][labelled])
