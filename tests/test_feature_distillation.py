@@ -268,3 +268,38 @@ def test_feature_modules_import_no_layer_above():
         modules = imported_by(module)
         assert module in modules and within(modules, ABOVE_PURE + ("hf_kd.modeling", "hf_kd.data")) == []
     assert within(imported_by("hf_kd.features"), ("hf_kd.trainer", "hf_kd.runs", "hf_kd.data.loading")) == []
+
+
+def test_feature_projection_is_checkpointed_and_a_killed_run_resumes_to_the_same_weights(
+    tmp_path, monkeypatch
+):
+    """hidden_loss with a 16-wide student and a 32-wide teacher: the learned projection is saved beside the
+    student in each checkpoint (not inside it) and read back on resume, so a run killed after checkpoint-3
+    ends with the weights of the run never interrupted."""
+    from safetensors.torch import load_file
+    from test_faults_resume import assert_same_weights, interrupt, text_recipe, weights
+
+    recipe = text_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "hidden_loss: mse\nhidden_weight: 1.0\n")
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    distill_script.main(["--config", str(recipe), "--output_dir", str(straight)])
+    projection = [load_file(straight / f"checkpoint-{n}" / "feature_projection.safetensors") for n in (3, 6)]
+    assert projection[0]["linear.weight"].shape == (32, 16)
+    assert not torch.equal(projection[0]["linear.weight"], projection[1]["linear.weight"])  # it is trained
+    assert not any("linear" in name for name in weights(straight / "checkpoint-3"))
+
+    interrupt(recipe, out, "compute_loss", 4, real_kill=False, monkeypatch=monkeypatch)
+    distill_script.main(
+        ["--config", str(recipe), "--output_dir", str(out), "--resume_from_checkpoint", "true"]
+    )
+    assert_same_weights(weights(out), weights(straight))
+    assert_same_weights(
+        load_file(out / "checkpoint-8" / "feature_projection.safetensors"),
+        load_file(straight / "checkpoint-8" / "feature_projection.safetensors"),
+    )
+
+    (out / "checkpoint-8" / "feature_projection.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-8' has no feature_projection.safetensors"):
+        distill_script.main(
+            ["--config", str(recipe), "--output_dir", str(out), "--resume_from_checkpoint", "true"]
+        )
