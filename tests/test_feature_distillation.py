@@ -15,6 +15,7 @@ from tiny import bert_classifier, tiny_config, vit_classifier
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
 )
@@ -303,3 +304,30 @@ def test_feature_projection_is_checkpointed_and_a_killed_run_resumes_to_the_same
         distill_script.main(
             ["--config", str(recipe), "--output_dir", str(out), "--resume_from_checkpoint", "true"]
         )
+
+
+def test_stdlib_text_task_is_read_from_the_standard_librarys_docstrings(tmp_path):
+    from hf_kd.data.stdlib_text import package_docstrings, stdlib_text_dataset, write_stdlib_text
+
+    json_texts = package_docstrings("json")
+    assert json_texts[0].startswith(
+        "json javascript object notation https json org is a subset of javascript"
+    )
+    assert all(4 <= len(text.split()) <= 24 for text in json_texts) and len(set(json_texts)) == len(
+        json_texts
+    )
+    dataset = stdlib_text_dataset(("json", "email"), seed=1)
+    assert dataset["train"].features["label"].names == ["json", "email"]
+    train, test = set(dataset["train"]["text"]), set(dataset["test"]["text"])
+    assert not train & test and len(train) + len(test) == len(json_texts) + len(package_docstrings("email"))
+    assert {
+        t for t, y in zip(dataset["test"]["text"], dataset["test"]["label"], strict=True) if y == 0
+    } <= set(json_texts)
+    with pytest.raises(FileNotFoundError, match="package 'no_such_package': no standard-library folder"):
+        package_docstrings("no_such_package")
+
+    folder = write_stdlib_text(tmp_path / "text", ("json", "email"))
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    ids = tokenizer("return the name of the message")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == "return the name of the message".split()
