@@ -15,10 +15,13 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, is_sagemaker_mp_enabled
 
+from hf_kd.files import write_atomic
 from hf_kd.modeling import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,31 @@ def disk_full_error(error: BaseException, folder: str | os.PathLike, name: str) 
     )
 
 
+def save_extras(extras: dict[str, nn.Module], folder: Path) -> None:
+    """Each module of ``extras`` with parameters or buffers as ``folder/<name>.safetensors``."""
+    for name, module in extras.items():
+        state = {key: value.detach().contiguous().cpu() for key, value in module.state_dict().items()}
+        if state:
+            write_atomic(folder / f"{name}.safetensors", lambda path, state=state: save_file(state, path))
+
+
+def load_extras(extras: dict[str, nn.Module], folder: str | os.PathLike) -> None:
+    """Read each module of ``extras`` back from ``folder/<name>.safetensors`` (strict); a module with
+    state whose file is missing is refused, since resuming would restart it from fresh values."""
+    for name, module in extras.items():
+        if not module.state_dict():
+            continue
+        path = Path(folder) / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={str(folder)!r} has no {path.name}: the checkpoint was saved by a "
+                f"run without this {name} (other feature-loss options, or an older hf_kd); resume with the "
+                "options it was saved with, or start afresh"
+            )
+        logger.info("Loading the %s from %s", name, path)
+        module.load_state_dict(load_file(path, device=str(next(iter(module.state_dict().values())).device)))
+
+
 class CompleteCheckpointsMixin:
     """``transformers.Trainer`` overrides (mixed in before ``Trainer``) that make checkpoints whole: each is written into
     :data:`STAGING_FOLDER` and renamed into place once complete, and resuming or ``load_best_model_at_end``
@@ -126,15 +154,24 @@ class CompleteCheckpointsMixin:
 
     _saving_checkpoint = False  # True while _save_checkpoint writes into the staging folder
 
+    def checkpoint_extras(self) -> dict[str, nn.Module]:
+        """Modules trained beside the model but not part of it (a feature projection): each is saved as
+        ``<name>.safetensors`` in every checkpoint, inside its complete-or-absent save, and read back on
+        resume. None by default."""
+        return {}
+
     # ---- checkpoints: read back the way from_pretrained reads them ----------------------------
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume with the checkpoint's weights, every one of them (see :func:`load_checkpoint_weights`)."""
+        """Resume with the checkpoint's weights, every one of them (see :func:`load_checkpoint_weights`),
+        and those of the :meth:`checkpoint_extras`."""
         target = self.model if model is None else model
         if not self._loads_plain_weights(target, resume_from_checkpoint):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info("Loading the student's weights from %s", resume_from_checkpoint)
-        load_checkpoint_weights(target, resume_from_checkpoint)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            logger.info("Loading the student's weights from %s", resume_from_checkpoint)
+            load_checkpoint_weights(target, resume_from_checkpoint)
+        load_extras(self.checkpoint_extras(), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the best checkpoint's weights, every one of them."""
@@ -179,6 +216,8 @@ class CompleteCheckpointsMixin:
         self._saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                save_extras(self.checkpoint_extras(), staging / name)
             self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written
             if self.args.should_save:
                 self._put_checkpoint_in_place(staging / name, run_dir / name)

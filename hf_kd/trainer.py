@@ -18,7 +18,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.cards.model import DistillationCardInfo, write_model_card
@@ -42,6 +42,18 @@ GRAD_KEYS = ("grad_hard", "grad_soft", "n_grad")
 """Sums of the logged terms' gradient norms (:meth:`DistillationTrainer._record_term_gradients`) and their count."""
 
 logger = logging.getLogger(__name__)
+
+
+class ZeroGradsAfterStep(TrainerCallback):
+    """Clears ``module``'s gradients after each optimizer step, as Trainer does for the model's only:
+    a module trained beside the model (the feature projection) would otherwise add up its gradients
+    over every step."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.module.zero_grad(set_to_none=True)
 
 
 class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
@@ -129,6 +141,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         )
         """Feature losses (``hf_kd.features``): hidden states and attention relations, with the projection
         trained alongside the student (in its optimizer, never saved into it); None when off."""
+        if self.features is not None:
+            self.add_callback(ZeroGradsAfterStep(self.features))
         self._output_layer_checked = False
         self.on_policy = on_policy_batches(
             args,
@@ -409,6 +423,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
     def _record_features(self, feature_sums: dict[str, torch.Tensor], mode: str) -> None:
         for key, value in feature_sums.items():
             self._kd_sums[mode][key] += value
+
+    def checkpoint_extras(self) -> dict[str, torch.nn.Module]:
+        """The feature projection, saved beside the student in each checkpoint (never inside it)."""
+        return {} if self.features is None else {"feature_projection": self.features.projection}
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the feature projection's parameters (if any) as one more group."""

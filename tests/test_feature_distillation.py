@@ -15,6 +15,7 @@ from tiny import bert_classifier, tiny_config, vit_classifier
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
 )
@@ -268,3 +269,65 @@ def test_feature_modules_import_no_layer_above():
         modules = imported_by(module)
         assert module in modules and within(modules, ABOVE_PURE + ("hf_kd.modeling", "hf_kd.data")) == []
     assert within(imported_by("hf_kd.features"), ("hf_kd.trainer", "hf_kd.runs", "hf_kd.data.loading")) == []
+
+
+def test_feature_projection_is_checkpointed_and_a_killed_run_resumes_to_the_same_weights(
+    tmp_path, monkeypatch
+):
+    """hidden_loss with a 16-wide student and a 32-wide teacher: the learned projection is saved beside the
+    student in each checkpoint (not inside it) and read back on resume, so a run killed after checkpoint-3
+    ends with the weights of the run never interrupted."""
+    from safetensors.torch import load_file
+    from test_faults_resume import assert_same_weights, interrupt, text_recipe, weights
+
+    recipe = text_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "hidden_loss: mse\nhidden_weight: 1.0\n")
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    distill_script.main(["--config", str(recipe), "--output_dir", str(straight)])
+    projection = [load_file(straight / f"checkpoint-{n}" / "feature_projection.safetensors") for n in (3, 6)]
+    assert projection[0]["linear.weight"].shape == (32, 16)
+    assert not torch.equal(projection[0]["linear.weight"], projection[1]["linear.weight"])  # it is trained
+    assert not any("linear" in name for name in weights(straight / "checkpoint-3"))
+
+    interrupt(recipe, out, "compute_loss", 4, real_kill=False, monkeypatch=monkeypatch)
+    distill_script.main(
+        ["--config", str(recipe), "--output_dir", str(out), "--resume_from_checkpoint", "true"]
+    )
+    assert_same_weights(weights(out), weights(straight))
+    assert_same_weights(
+        load_file(out / "checkpoint-8" / "feature_projection.safetensors"),
+        load_file(straight / "checkpoint-8" / "feature_projection.safetensors"),
+    )
+
+    (out / "checkpoint-8" / "feature_projection.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-8' has no feature_projection.safetensors"):
+        distill_script.main(
+            ["--config", str(recipe), "--output_dir", str(out), "--resume_from_checkpoint", "true"]
+        )
+
+
+def test_stdlib_text_task_is_read_from_the_standard_librarys_docstrings(tmp_path):
+    from hf_kd.data.stdlib_text import package_docstrings, stdlib_text_dataset, write_stdlib_text
+
+    json_texts = package_docstrings("json")
+    assert json_texts[0].startswith(
+        "json javascript object notation https json org is a subset of javascript"
+    )
+    assert all(4 <= len(text.split()) <= 24 for text in json_texts) and len(set(json_texts)) == len(
+        json_texts
+    )
+    dataset = stdlib_text_dataset(("json", "email"), seed=1)
+    assert dataset["train"].features["label"].names == ["json", "email"]
+    train, test = set(dataset["train"]["text"]), set(dataset["test"]["text"])
+    assert not train & test and len(train) + len(test) == len(json_texts) + len(package_docstrings("email"))
+    assert {
+        t for t, y in zip(dataset["test"]["text"], dataset["test"]["label"], strict=True) if y == 0
+    } <= set(json_texts)
+    with pytest.raises(FileNotFoundError, match="package 'no_such_package': no standard-library folder"):
+        package_docstrings("no_such_package")
+
+    folder = write_stdlib_text(tmp_path / "text", ("json", "email"))
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    ids = tokenizer("return the name of the message")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == "return the name of the message".split()
