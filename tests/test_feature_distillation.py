@@ -29,6 +29,7 @@ from hf_kd.feature_losses import (
     default_layer_mapping,
     hidden_state_loss,
 )
+from hf_kd.losses import DIVERGENCES
 from hf_kd.student_init import choose_layers, find_layer_list, student_from_teacher
 from hf_kd.tasks.features import MLPClassifierConfig, MLPForFeatureClassification
 
@@ -331,3 +332,56 @@ def test_stdlib_text_task_is_read_from_the_standard_librarys_docstrings(tmp_path
     ids = tokenizer("return the name of the message")["input_ids"]
     assert ids[0] == tokenizer.cls_token_id and tokenizer.unk_token_id not in ids
     assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == "return the name of the message".split()
+
+
+@pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 2.0), (1.0, 1.0)])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_feature_terms_compose_with_alpha_temperature_and_every_divergence(
+    tmp_path, divergence, alpha, temperature
+):
+    """Total = the plain KD loss (same α, τ, divergence, batch) + w_h · L_hidden / N + w_a · L_attention / N,
+    with L_hidden and L_attention rebuilt from the two models' hidden states and last-layer query, key and
+    value projections; the backward reaches the student and the projection with finite gradients."""
+    teacher, student = (
+        bert_classifier(30, hidden=32, layers=2, seed=1),
+        bert_classifier(30, hidden=16, seed=2),
+    )
+    ids = torch.tensor([[2, 5, 7, 9, 3], [2, 6, 3, 0, 0], [2, 8, 9, 3, 0]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0])}
+    kd = dict(alpha=alpha, temperature=temperature, divergence=divergence)
+    plain = DistillationTrainer(model=student, teacher_model=teacher, args=tiny_config(tmp_path, **kd))
+    window = torch.tensor([3, 6])
+    base = plain.compute_loss(student, batch, num_items_in_batch=window).item()
+    args = tiny_config(
+        tmp_path, **kd, hidden_loss="mse", hidden_weight=0.7, attention_weight=0.3, attention_relation_heads=2
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args)
+    total = trainer.compute_loss(student, batch, num_items_in_batch=window)
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        weights = mask.float() / mask.sum(1, keepdim=True)
+        hidden = hidden_state_loss(
+            [s[1]], [t[2]], weights, "mse", trainer.features.projection
+        )  # default mapping
+
+        def qkv(model, layer_input):
+            attention = model.bert.encoder.layer[-1].attention.self
+            return tuple(linear(layer_input) for linear in (attention.query, attention.key, attention.value))
+
+        allowed = mask.bool()[:, None, :].expand(3, 5, 5) | torch.eye(5, dtype=torch.bool)
+        attention = attention_relation_loss(qkv(student, s[0]), qkv(teacher, t[1]), weights, allowed, 2)
+    assert hidden.item() > 0 and attention.item() > 0
+    expected = base + 0.7 * hidden.item() / 6 + 0.3 * attention.item() / 6
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    total.backward()
+    projection = trainer.features.projection.linear.weight
+    assert (
+        projection.grad is not None
+        and torch.isfinite(projection.grad).all()
+        and projection.grad.abs().sum() > 0
+    )
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert student.bert.encoder.layer[-1].attention.self.query.weight.grad.abs().sum() > 0
