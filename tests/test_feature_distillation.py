@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from datasets import load_from_disk
 from distill_run import write_tiny_run
 from tiny import bert_classifier, tiny_config, vit_classifier
 from transformers import (
@@ -23,6 +24,7 @@ from transformers import (
 import scripts.distill as distill_script
 from hf_kd import DistillationTrainer
 from hf_kd.config import ModelArguments
+from hf_kd.data.toy_chat import write_toy_chat
 from hf_kd.feature_losses import (
     FeatureProjection,
     attention_relation_loss,
@@ -31,6 +33,8 @@ from hf_kd.feature_losses import (
 )
 from hf_kd.losses import DIVERGENCES
 from hf_kd.student_init import choose_layers, find_layer_list, student_from_teacher
+from hf_kd.tasks import CausalLMTask
+from hf_kd.tasks.causal_lm import next_token_targets
 from hf_kd.tasks.features import MLPClassifierConfig, MLPForFeatureClassification
 
 
@@ -385,3 +389,109 @@ def test_feature_terms_compose_with_alpha_temperature_and_every_divergence(
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert student.bert.encoder.layer[-1].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def _llama(vocab_size: int, width: int, layers: int, seed: int) -> LlamaForCausalLM:
+    """A tiny Llama causal LM of the given width and depth."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def chat_rows(tmp_path_factory):
+    """Toy chat conversations prepared completion-only (labels −100 on the prompt and the padding)."""
+    path = write_toy_chat(tmp_path_factory.mktemp("chat") / "toy_chat", num_train=8, num_test=2)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    task = CausalLMTask(max_length=64)
+    rows = task.prepare(load_from_disk(str(path))["train"], student_processor=tokenizer)
+    return task, rows, len(tokenizer)
+
+
+def _mse_by_hand(student, teacher, projection, batch, counted: torch.Tensor) -> float:
+    """Σ over the ``counted`` [B, T] positions of mean_h((W s_1 − t_2)²), student layer 1 onto teacher layer 2."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        s = student(**inputs, output_hidden_states=True).hidden_states[1]
+        t = teacher(**inputs, output_hidden_states=True).hidden_states[2]
+    w = projection.linear.weight.detach()  # [32, 16]
+    total = 0.0
+    for b, i in counted.nonzero().tolist():
+        total += ((w @ s[b, i] - t[b, i]) ** 2).mean().item()
+    return total
+
+
+def test_causal_lm_hidden_loss_counts_only_completion_positions(tmp_path, chat_rows):
+    """Causal LM, completion-only labels, widths 16 → 32: the hidden term the trainer adds is
+    w · Σ_{positions with a next-token target} MSE(W s, t) / N; prompt and padding positions do not count,
+    and labels covering more positions change it accordingly."""
+    task, rows, vocab = chat_rows
+    teacher, student = _llama(vocab, 32, 2, seed=1).eval(), _llama(vocab, 16, 1, seed=2).eval()
+    batch = task.collate([rows[i] for i in range(3)])
+    mask, labels = batch["attention_mask"], batch["labels"]
+    assert (mask == 0).any()  # padding present
+    completion = next_token_targets(labels) != -100
+    prompt = mask.bool() & ~completion
+    assert completion.any() and prompt.sum() > completion.sum()  # most real positions are the prompt's
+    plain = DistillationTrainer(model=student, teacher_model=teacher, args=tiny_config(tmp_path), task=task)
+    args = tiny_config(tmp_path, hidden_loss="mse", hidden_weight=0.7)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, task=task)
+    projection = trainer.features.projection
+    assert projection.linear is not None and projection.linear.weight.shape == (32, 16)
+
+    def hidden_term(batch, window):
+        with torch.no_grad():
+            with_hidden = trainer.compute_loss(student, batch, num_items_in_batch=window).item()
+            without = plain.compute_loss(student, batch, num_items_in_batch=window).item()
+        return with_hidden - without
+
+    window = torch.tensor([int(completion.sum()), 40])  # the window's soft-item count: 40
+    added = hidden_term(batch, window)
+    on_completion = _mse_by_hand(student, teacher, projection, batch, completion)
+    on_prompt = _mse_by_hand(student, teacher, projection, batch, prompt)
+    assert on_prompt > 0.1 * on_completion  # counting the prompt would change the value visibly
+    assert added == pytest.approx(0.7 * on_completion / 40, rel=1e-4)
+    # The same inputs, labels on every real token: the prompt positions now count too.
+    full = {**batch, "labels": batch["input_ids"].masked_fill(mask == 0, -100)}
+    every = next_token_targets(full["labels"]) != -100
+    assert torch.equal(every & completion, completion) and every.sum() > completion.sum()
+    added_full = hidden_term(full, window)
+    assert added_full == pytest.approx(
+        0.7 * _mse_by_hand(student, teacher, projection, full, every) / 40, rel=1e-4
+    )
+    assert added_full > added * 1.5
+
+
+def test_causal_lm_training_with_hidden_loss_logs_a_finite_loss_hidden(tmp_path, chat_rows):
+    task, rows, vocab = chat_rows
+    teacher, student = _llama(vocab, 32, 2, seed=1), _llama(vocab, 16, 1, seed=2)
+    args = tiny_config(
+        tmp_path,
+        hidden_loss="mse",
+        hidden_weight=0.5,
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, task=task, train_dataset=rows
+    )
+    before = trainer.features.projection.linear.weight.detach().clone()
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    assert all(math.isfinite(entry["loss_hidden"]) and entry["loss_hidden"] > 0 for entry in logged)
+    assert not torch.equal(
+        trainer.features.projection.linear.weight.detach(), before
+    )  # trained with the student
