@@ -6,6 +6,7 @@ import logging
 import math
 
 import pytest
+import tiny
 import torch
 from datasets import Dataset, load_from_disk
 from tiny import tiny_config
@@ -15,7 +16,6 @@ from transformers import (
     CohereConfig,
     CohereForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
@@ -32,19 +32,7 @@ def toy(tmp_path_factory):
 
 
 def tiny_llama(vocab_size, seed=0, layers=1):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny.tiny_llama(vocab_size, seed, num_hidden_layers=layers, pad_token_id=0, use_cache=False).eval()
 
 
 def one_step_config(output_dir, **fields) -> DistillationConfig:

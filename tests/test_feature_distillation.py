@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 from distill_run import write_tiny_run
-from tiny import bert_classifier, tiny_config, vit_classifier
+from tiny import bert_classifier, tiny_config, tiny_llama, vit_classifier
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -393,19 +393,15 @@ def test_feature_terms_compose_with_alpha_temperature_and_every_divergence(
 
 def _llama(vocab_size: int, width: int, layers: int, seed: int) -> LlamaForCausalLM:
     """A tiny Llama causal LM of the given width and depth."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    return tiny_llama(
+        vocab_size,
+        seed,
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
         pad_token_id=0,
         use_cache=False,
     )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,13 @@ uninterrupted one does."""
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 from datasets import load_from_disk
 from formulas import divergence_by_hand
 from test_resume import Interrupt
 from tiny import tiny_config
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import write_toy_chat
@@ -37,19 +38,7 @@ def toy(tmp_path_factory):
 
 
 def tiny_llama(vocab_size, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(config)
+    return tiny.tiny_llama(vocab_size, seed, pad_token_id=PAD, eos_token_id=EOS)
 
 
 class FixedGenerator:

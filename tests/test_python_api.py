@@ -15,6 +15,7 @@ from tiny import (
     image_dataset,
     image_processor,
     sentiment_dataset,
+    tiny_llama,
     vit_classifier,
     word_tokenizer,
 )
@@ -22,8 +23,6 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from hf_kd import DistillationConfig, DistillationTrainer
@@ -230,20 +229,6 @@ def test_raw_images_prepared_with_image_processor(tmp_path):
 def chat(tmp_path_factory):
     path = write_toy_chat(tmp_path_factory.mktemp("data") / "toy_chat", num_train=96, num_test=16)
     return load_from_disk(str(path)), AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-
-
-def tiny_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config)
 
 
 def test_tokenized_causal_lm(chat, tmp_path):

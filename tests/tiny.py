@@ -13,6 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     ViTConfig,
     ViTForImageClassification,
@@ -128,3 +130,19 @@ def save_model(model, processor, path: Path) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **config) -> LlamaForCausalLM:
+    """A tiny Llama causal LM (1 layer of width 32, 2 heads over 1 key-value head, 128 positions),
+    initialised with ``seed``; ``config`` overrides any of its fields."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(LlamaConfig(**(fields | config)))
