@@ -372,11 +372,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         if window and args.average_tokens_across_devices and args.world_size > 1:
             loss = loss * args.world_size  # DDP averages gradients over ranks; the normaliser is global
         mode = "train" if model.training else "eval"
-        if (
+        if (  # the outcome's hard/soft balance (classification); on an LM's [tokens, V] logits it would
+            # cost two more full-vocabulary gradients per window for a report that does not cover LMs
             mode == "train"
             and not self._kd_sums[mode].get("n_grad")
             and 0 < alpha < 1
             and torch.is_tensor(items.student_logits)
+            and not isinstance(self.task, CausalLMTask)
         ):
             self._record_term_gradients(items, settings)  # first micro-batch of each logging window
         self._record(terms, items, mode, generated=writer is not None)
