@@ -590,6 +590,13 @@ class DataArguments:
         messages_column (`str`, *optional*, defaults to `"messages"`):
             causal-lm: the column of conversations (`[{role, content}, ...]`, rendered with the chat
             template).
+        prompt_column (`str` or `None`, *optional*, defaults to `None`):
+            causal-lm: read plain-text prompts from this column instead of conversations or text (with a
+            chat template, when the tokenizer has one, a prompt is one user turn and its completion the
+            assistant's reply; without one, prompt tokens then completion tokens). Rows without a
+            completion are prompts only: their completions must all be generated (`lmbda: 1` or `seq_kd`).
+        completion_column (`str`, *optional*, defaults to `"completion"`):
+            causal-lm with `prompt_column`: the column of plain-text completions, when the dataset has it.
         completion_only_loss (`bool`, *optional*, defaults to `True`):
             causal-lm chat data: train (hard and soft term) on the assistant's tokens only; `False`: on
             every token.
@@ -644,6 +651,17 @@ class DataArguments:
         metadata={
             "help": "causal-lm: column of conversations ([{role, content}, ...], rendered with the chat template)."
         },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "causal-lm: column of plain-text prompts (as a user turn when the tokenizer has a chat "
+            "template); without completion_column the completions are all generated (lmbda: 1 or seq_kd)."
+        },
+    )
+    completion_column: str = field(
+        default="completion",
+        metadata={"help": "causal-lm with prompt_column: column of plain-text completions, if any."},
     )
     completion_only_loss: bool = field(
         default=True,

@@ -31,9 +31,10 @@ from hf_kd.generation import Generator
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
-from hf_kd.on_policy import GENERATED_KEY, on_policy_batches
+from hf_kd.on_policy import GENERATED_KEY, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
+from hf_kd.tasks.base import row_columns
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
@@ -101,7 +102,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a hf_kd.DistillationConfig, got {type(args).__name__}")
         self.task = task or task_for_model(model)
-        self._prepare_datasets(model, kwargs)
+        self._prepare_datasets(model, args, kwargs)
         if isinstance(teacher_model, str):
             refuse_overlap("output_dir", args.output_dir, {"teacher_model": teacher_model})
             check_model_source("teacher_model_name_or_path", teacher_model)
@@ -160,10 +161,16 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         """The distillation model card (``hf_kd.cards.run``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
 
-    def _prepare_datasets(self, model: PreTrainedModel | None, kwargs: dict[str, Any]) -> None:
+    def _prepare_datasets(
+        self, model: PreTrainedModel | None, args: DistillationConfig, kwargs: dict[str, Any]
+    ) -> None:
         """Set the task's collation up from ``processing_class`` and process raw rows of ``train_dataset``
-        and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads."""
+        and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads; raw
+        prompt-only training rows need every completion generated (``check_prompts_only``)."""
         processor = kwargs.get("processing_class")
+        columns = row_columns(kwargs.get("train_dataset"))
+        if columns is not None and getattr(self.task, "prompt_column", None) in columns:
+            check_prompts_only(args, columns, self.task, "train_dataset")
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.task.use_processor(processor, pad_token_id=pad_token_id)
         for key in ("train_dataset", "eval_dataset"):
@@ -422,6 +429,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             sums["soft_" + source] += terms.soft_sum.detach().float()
             sums["n_soft_" + source] += items.soft_mask.sum().float()
 
+    def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every process (every process must call it)."""
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum").cpu()
+
     def _record_features(self, feature_sums: dict[str, torch.Tensor], mode: str) -> None:
         for key, value in feature_sums.items():
             self._kd_sums[mode][key] += value
@@ -476,5 +487,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                 )
             sums.clear()
         if self.on_policy is not None and mode == "train":
-            logs.update(self.on_policy.pop_logs())
+            logs.update(
+                self.on_policy.pop_logs(self._sum_over_processes if self.args.world_size > 1 else None)
+            )
         super().log(logs, start_time)
