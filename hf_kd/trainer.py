@@ -24,6 +24,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from hf_kd.cards.model import DistillationCardInfo, write_model_card
 from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.checkpoints import CompleteCheckpointsMixin, resolve_resume
+from hf_kd.completion_log import CompletionLog
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
 from hf_kd.features import FeatureDistiller
@@ -153,6 +154,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             process_index=args.process_index,
             generator=generator,
         )
+        self.completion_log = (
+            CompletionLog(args.output_dir, args.num_completions_to_log, self.processing_class)
+            if args.log_completions and self.is_world_process_zero()
+            else None
+        )
+        """A few sampled completions per logging step with both models' per-token log-probs
+        (``hf_kd.completion_log``; ``args.log_completions``, main process); None when off."""
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),
@@ -348,6 +356,9 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             student_outputs = model(**student_inputs, **feature_kwargs)
             student = student_outputs.logits
         items = self.task.kd_items(student, teacher_logits, labels)
+        if writer is not None and self.completion_log is not None:
+            dense = teacher_logits if torch.is_tensor(teacher_logits) else None
+            self.completion_log.record(inputs, writer, self.state.global_step + 1, student, dense)
         window = (
             num_items_in_batch is not None
             and torch.is_tensor(num_items_in_batch)
@@ -456,7 +467,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
         logits, once per logging window); with on-policy batches ``loss_soft_generated`` /
         ``loss_soft_data`` (the soft term on sampled vs the data's completions), ``completion_length`` and
-        ``generation_time_share``."""
+        ``generation_time_share`` (over every process); with ``log_completions`` the kept completions are
+        appended to ``output_dir/completions.jsonl``."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
@@ -486,6 +498,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                     grad_norm_soft=total["grad_soft"] / total["n_grad"],
                 )
             sums.clear()
+        if self.completion_log is not None and mode == "train":
+            self.completion_log.write()
         if self.on_policy is not None and mode == "train":
             logs.update(
                 self.on_policy.pop_logs(self._sum_over_processes if self.args.world_size > 1 else None)
