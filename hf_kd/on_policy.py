@@ -63,18 +63,17 @@ def left_padded_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``lengths[b]`` tokens of each row, left-padded (as ``generate`` wants them), and their mask."""
     width = int(lengths.max())
-    ids = torch.full((len(lengths), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths.tolist()):
-        ids[row, width - length :] = input_ids[row, :length]
-        mask[row, width - length :] = 1
-    return ids, mask
+    source = torch.arange(width, device=input_ids.device) - (width - lengths)[:, None]
+    mask = source >= 0
+    ids = input_ids.gather(1, source.clamp(min=0)).masked_fill(~mask, pad_token_id)
+    return ids, mask.to(input_ids.dtype)
 
 
-def completion_length(completion: torch.Tensor, eos_token_ids: tuple[int, ...]) -> int:
-    """Tokens of ``completion`` up to and including its first EOS (all of them without one)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_token_ids, device=completion.device))
-    return int(is_eos.nonzero()[0, 0]) + 1 if bool(is_eos.any()) else completion.shape[0]
+def completion_lengths(completions: torch.Tensor, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """Per row, its tokens up to and including its first EOS (all of them without one)."""
+    is_eos = torch.isin(completions, torch.tensor(eos_token_ids, device=completions.device))
+    first = is_eos.int().argmax(dim=1) + 1
+    return torch.where(is_eos.any(dim=1), first, completions.shape[1])
 
 
 def completion_batch(
@@ -83,24 +82,24 @@ def completion_batch(
     completions: torch.Tensor,
     settings: SamplingSettings,
 ) -> dict[str, torch.Tensor]:
-    """Prompts and completions as a collated causal-LM batch: each row its prompt then its completion
-    through the first EOS, right-padded; labels on the completion tokens only."""
-    rows = []
-    for ids, mask, completion in zip(prompt_ids, prompt_mask, completions, strict=True):
-        prompt = ids[mask.bool()]
-        kept = completion[: completion_length(completion, settings.eos_token_ids)]
-        rows.append((prompt, kept))
-    width = max(len(p) + len(c) for p, c in rows)
-    device = prompt_ids.device
-    input_ids = torch.full((len(rows), width), settings.pad_token_id, dtype=prompt_ids.dtype, device=device)
-    labels = torch.full_like(input_ids, NO_LABEL)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (prompt, kept) in enumerate(rows):
-        end = len(prompt) + len(kept)
-        input_ids[row, :end] = torch.cat([prompt, kept])
-        labels[row, len(prompt) : end] = kept
-        attention_mask[row, :end] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    """Left-padded prompts and their completions as a collated causal-LM batch: each row its prompt then
+    its completion through the first EOS, right-padded; labels on the completion tokens only. Built with
+    whole-batch index arithmetic (no per-row loop)."""
+    prompt_width, completion_width = prompt_ids.shape[1], completions.shape[1]
+    prompt_length = prompt_mask.sum(dim=1)[:, None]
+    end = prompt_length + completion_lengths(completions, settings.eos_token_ids)[:, None]
+    positions = torch.arange(int(end.max()), device=prompt_ids.device)[None]
+    in_prompt, in_completion = positions < prompt_length, (positions >= prompt_length) & (positions < end)
+    from_prompt = prompt_ids.gather(1, (positions + prompt_width - prompt_length).clamp(max=prompt_width - 1))
+    from_completion = completions.gather(1, (positions - prompt_length).clamp(0, completion_width - 1))
+    input_ids = torch.where(
+        in_prompt, from_prompt, torch.where(in_completion, from_completion, settings.pad_token_id)
+    )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (in_prompt | in_completion).to(prompt_ids.dtype),
+        "labels": torch.where(in_completion, input_ids, NO_LABEL),
+    }
 
 
 def draw(seed: int, step: int, index: int, *extra: int) -> int:
