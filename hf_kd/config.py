@@ -149,6 +149,11 @@ class DistillationConfig(TrainingArguments):
             Nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1].
         top_k (`int`, *optional*, defaults to `0`):
             Sample among the k most likely tokens only; 0 keeps them all.
+        log_completions (`bool`, *optional*, defaults to `False`):
+            Append a few sampled completions per logging step, with the teacher's and the student's
+            log-probability of each of their tokens, to `output_dir/completions.jsonl` (main process).
+        num_completions_to_log (`int`, *optional*, defaults to `2`):
+            With `log_completions`: completions written per logging step (≥ 1).
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -317,6 +322,16 @@ class DistillationConfig(TrainingArguments):
     top_k: int = field(
         default=0, metadata={"help": "On-policy / seq_kd: sample among the k most likely tokens (0 = all)."}
     )
+    log_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "On-policy / seq_kd: append a few sampled completions per logging step, with the teacher's "
+            "and the student's per-token log-probs, to output_dir/completions.jsonl."
+        },
+    )
+    num_completions_to_log: int = field(
+        default=2, metadata={"help": "With log_completions: completions written per logging step (≥ 1)."}
+    )
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -413,6 +428,13 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"generation_temperature={self.generation_temperature!r} must be > 0")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be ≥ 0 (0 keeps every token)")
+        if self.log_completions and not self.generates:
+            raise ValueError(
+                "log_completions: true with lmbda=0 and seq_kd: false: nothing is sampled to log; set lmbda > 0 "
+                "or seq_kd: true"
+            )
+        if self.num_completions_to_log < 1:
+            raise ValueError(f"num_completions_to_log={self.num_completions_to_log!r} must be ≥ 1")
         if self.generates and self.teacher_source == "cached":
             raise ValueError(
                 f"lmbda={self.lmbda} / seq_kd={self.seq_kd} with teacher_source='cached': a cached teacher "
@@ -590,6 +612,13 @@ class DataArguments:
         messages_column (`str`, *optional*, defaults to `"messages"`):
             causal-lm: the column of conversations (`[{role, content}, ...]`, rendered with the chat
             template).
+        prompt_column (`str` or `None`, *optional*, defaults to `None`):
+            causal-lm: read plain-text prompts from this column instead of conversations or text (with a
+            chat template, when the tokenizer has one, a prompt is one user turn and its completion the
+            assistant's reply; without one, prompt tokens then completion tokens). Rows without a
+            completion are prompts only: their completions must all be generated (`lmbda: 1` or `seq_kd`).
+        completion_column (`str`, *optional*, defaults to `"completion"`):
+            causal-lm with `prompt_column`: the column of plain-text completions, when the dataset has it.
         completion_only_loss (`bool`, *optional*, defaults to `True`):
             causal-lm chat data: train (hard and soft term) on the assistant's tokens only; `False`: on
             every token.
@@ -644,6 +673,17 @@ class DataArguments:
         metadata={
             "help": "causal-lm: column of conversations ([{role, content}, ...], rendered with the chat template)."
         },
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "causal-lm: column of plain-text prompts (as a user turn when the tokenizer has a chat "
+            "template); without completion_column the completions are all generated (lmbda: 1 or seq_kd)."
+        },
+    )
+    completion_column: str = field(
+        default="completion",
+        metadata={"help": "causal-lm with prompt_column: column of plain-text completions, if any."},
     )
     completion_only_loss: bool = field(
         default=True,

@@ -4,7 +4,8 @@ With probability ``lmbda`` a micro-batch's completions are written by the studen
 prompts (GKD, Agarwal et al. 2024; ``lmbda: 1`` is fully on-policy); with ``seq_kd`` the other
 micro-batches get the teacher's completions instead of the data's (sequence-level KD, Kim & Rush 2016).
 A row's prompt is everything before its last run of labelled tokens: a conversation without its last
-assistant turn (``completion_only_loss``), or the ``prompt_column`` part of a prompt/completion row.
+assistant turn (``completion_only_loss``), or the ``prompt_column`` part of a prompt/completion row; a
+row without any label (a ``prompt_column`` row without completion) is a prompt as a whole.
 
 The new batch has the layout of a collated one (right-padded ``input_ids``, ``attention_mask``,
 ``labels``), with labels on the sampled tokens only: the prompt, the padding and everything after a
@@ -21,6 +22,7 @@ import logging
 import random
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,13 +38,17 @@ GENERATED_KEY = "kd_generated_by"
 it before the forward passes."""
 
 
-def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the start of its last run of labelled tokens: the length of its prompt. Raises ValueError
-    when a row has no prompt (no labels, or labels from its first token: plain text without a prompt)."""
+def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the start of its last run of labelled tokens: the length of its prompt; with the
+    (right-padded) ``attention_mask``, a row without any label is a prompt only, as long as its mask.
+    Raises ValueError when a row has no prompt (labels from its first token: plain text without a
+    prompt; or no labels and no ``attention_mask``)."""
     labelled = labels != NO_LABEL
     starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     lengths = torch.where(starts, positions, -1).max(dim=1).values
+    if attention_mask is not None:
+        lengths = torch.where(labelled.any(dim=1), lengths, attention_mask.sum(dim=1))
     if bool((lengths <= 0).any()):
         raise ValueError(
             "on-policy distillation needs a prompt in every row: conversations (completion_only_loss: true, "
@@ -57,18 +63,17 @@ def left_padded_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``lengths[b]`` tokens of each row, left-padded (as ``generate`` wants them), and their mask."""
     width = int(lengths.max())
-    ids = torch.full((len(lengths), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths.tolist()):
-        ids[row, width - length :] = input_ids[row, :length]
-        mask[row, width - length :] = 1
-    return ids, mask
+    source = torch.arange(width, device=input_ids.device) - (width - lengths)[:, None]
+    mask = source >= 0
+    ids = input_ids.gather(1, source.clamp(min=0)).masked_fill(~mask, pad_token_id)
+    return ids, mask.to(input_ids.dtype)
 
 
-def completion_length(completion: torch.Tensor, eos_token_ids: tuple[int, ...]) -> int:
-    """Tokens of ``completion`` up to and including its first EOS (all of them without one)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_token_ids, device=completion.device))
-    return int(is_eos.nonzero()[0, 0]) + 1 if bool(is_eos.any()) else completion.shape[0]
+def completion_lengths(completions: torch.Tensor, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """Per row, its tokens up to and including its first EOS (all of them without one)."""
+    is_eos = torch.isin(completions, torch.tensor(eos_token_ids, device=completions.device))
+    first = is_eos.int().argmax(dim=1) + 1
+    return torch.where(is_eos.any(dim=1), first, completions.shape[1])
 
 
 def completion_batch(
@@ -77,24 +82,24 @@ def completion_batch(
     completions: torch.Tensor,
     settings: SamplingSettings,
 ) -> dict[str, torch.Tensor]:
-    """Prompts and completions as a collated causal-LM batch: each row its prompt then its completion
-    through the first EOS, right-padded; labels on the completion tokens only."""
-    rows = []
-    for ids, mask, completion in zip(prompt_ids, prompt_mask, completions, strict=True):
-        prompt = ids[mask.bool()]
-        kept = completion[: completion_length(completion, settings.eos_token_ids)]
-        rows.append((prompt, kept))
-    width = max(len(p) + len(c) for p, c in rows)
-    device = prompt_ids.device
-    input_ids = torch.full((len(rows), width), settings.pad_token_id, dtype=prompt_ids.dtype, device=device)
-    labels = torch.full_like(input_ids, NO_LABEL)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (prompt, kept) in enumerate(rows):
-        end = len(prompt) + len(kept)
-        input_ids[row, :end] = torch.cat([prompt, kept])
-        labels[row, len(prompt) : end] = kept
-        attention_mask[row, :end] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    """Left-padded prompts and their completions as a collated causal-LM batch: each row its prompt then
+    its completion through the first EOS, right-padded; labels on the completion tokens only. Built with
+    whole-batch index arithmetic (no per-row loop)."""
+    prompt_width, completion_width = prompt_ids.shape[1], completions.shape[1]
+    prompt_length = prompt_mask.sum(dim=1)[:, None]
+    end = prompt_length + completion_lengths(completions, settings.eos_token_ids)[:, None]
+    positions = torch.arange(int(end.max()), device=prompt_ids.device)[None]
+    in_prompt, in_completion = positions < prompt_length, (positions >= prompt_length) & (positions < end)
+    from_prompt = prompt_ids.gather(1, (positions + prompt_width - prompt_length).clamp(max=prompt_width - 1))
+    from_completion = completions.gather(1, (positions - prompt_length).clamp(0, completion_width - 1))
+    input_ids = torch.where(
+        in_prompt, from_prompt, torch.where(in_completion, from_completion, settings.pad_token_id)
+    )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (in_prompt | in_completion).to(prompt_ids.dtype),
+        "labels": torch.where(in_completion, input_ids, NO_LABEL),
+    }
 
 
 def draw(seed: int, step: int, index: int, *extra: int) -> int:
@@ -157,7 +162,7 @@ class OnPolicyBatches:
         model = student if writer == "student" else teacher
         if model is None:
             raise ValueError("seq_kd: true needs an online teacher model to generate completions")
-        lengths = prompt_lengths(batch["labels"])
+        lengths = prompt_lengths(batch["labels"], batch.get("attention_mask"))
         prompt_ids, prompt_mask = left_padded_prompts(batch["input_ids"], lengths, self.settings.pad_token_id)
         started, was_training = time.perf_counter(), model.training
         model.eval()  # sampling without dropout; back in its mode for the loss
@@ -172,17 +177,39 @@ class OnPolicyBatches:
         self._completions += len(lengths)
         return {**generated, GENERATED_KEY: writer}
 
-    def pop_logs(self) -> dict[str, float]:
+    def pop_logs(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """Since the last call, when something was generated: ``completion_length`` (mean tokens per
-        generated completion, EOS included) and ``generation_time_share`` (share of this process's wall
-        time spent generating)."""
+        generated completion, EOS included) and ``generation_time_share`` (share of the wall time spent
+        generating). ``reduce`` sums a tensor over the processes (every process must call it then): both
+        are then over every process (all completions; the processes' generation time over their wall time)."""
         now = time.perf_counter()
-        logs = {}
-        if self._completions:
-            logs["completion_length"] = self._tokens / self._completions
-            logs["generation_time_share"] = self._seconds / max(now - self._since, 1e-9)
+        totals = torch.tensor(
+            [self._tokens, self._completions, self._seconds, now - self._since], dtype=torch.float64
+        )
+        if reduce is not None:
+            totals = reduce(totals)
+        tokens, completions, seconds, elapsed = totals.tolist()
         self._seconds, self._tokens, self._completions, self._since = 0.0, 0, 0, now
-        return logs
+        if not completions:
+            return {}
+        return {
+            "completion_length": tokens / completions,
+            "generation_time_share": seconds / max(elapsed, 1e-9),
+        }
+
+
+def check_prompts_only(config: Any, columns: list[str], task: Any, where: str = "the training set") -> None:
+    """Rows that are prompts only (the task's ``prompt_column`` without its ``completion_column`` in
+    ``columns``) hold nothing to learn from unless every micro-batch's completions are generated
+    (``lmbda: 1`` or ``seq_kd``): refuse them otherwise, before anything loads."""
+    prompt_column = getattr(task, "prompt_column", None)
+    if prompt_column is None or task.completion_column in columns or config.lmbda == 1 or config.seq_kd:
+        return
+    raise ValueError(
+        f"prompt_column={prompt_column!r} without completions (no column {task.completion_column!r} "
+        f"(completion_column) in {where}; its columns: {columns}): every completion must be generated, "
+        f"so set lmbda: 1 or seq_kd: true (lmbda={config.lmbda}, seq_kd={config.seq_kd})"
+    )
 
 
 def eos_token_ids(processor: Any, model: torch.nn.Module) -> tuple[int, ...]:

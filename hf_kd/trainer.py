@@ -24,6 +24,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from hf_kd.cards.model import DistillationCardInfo, write_model_card
 from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.checkpoints import CompleteCheckpointsMixin, resolve_resume
+from hf_kd.completion_log import CompletionLog
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
 from hf_kd.features import FeatureDistiller
@@ -31,9 +32,10 @@ from hf_kd.generation import Generator
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
-from hf_kd.on_policy import GENERATED_KEY, on_policy_batches
+from hf_kd.on_policy import GENERATED_KEY, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
+from hf_kd.tasks.base import row_columns
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
@@ -101,7 +103,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a hf_kd.DistillationConfig, got {type(args).__name__}")
         self.task = task or task_for_model(model)
-        self._prepare_datasets(model, kwargs)
+        self._prepare_datasets(model, args, kwargs)
         if isinstance(teacher_model, str):
             refuse_overlap("output_dir", args.output_dir, {"teacher_model": teacher_model})
             check_model_source("teacher_model_name_or_path", teacher_model)
@@ -152,6 +154,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             process_index=args.process_index,
             generator=generator,
         )
+        self.completion_log = (
+            CompletionLog(args.output_dir, args.num_completions_to_log, self.processing_class)
+            if args.log_completions and self.is_world_process_zero()
+            else None
+        )
+        """A few sampled completions per logging step with both models' per-token log-probs
+        (``hf_kd.completion_log``; ``args.log_completions``, main process); None when off."""
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),
@@ -160,10 +169,16 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         """The distillation model card (``hf_kd.cards.run``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
 
-    def _prepare_datasets(self, model: PreTrainedModel | None, kwargs: dict[str, Any]) -> None:
+    def _prepare_datasets(
+        self, model: PreTrainedModel | None, args: DistillationConfig, kwargs: dict[str, Any]
+    ) -> None:
         """Set the task's collation up from ``processing_class`` and process raw rows of ``train_dataset``
-        and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads."""
+        and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads; raw
+        prompt-only training rows need every completion generated (``check_prompts_only``)."""
         processor = kwargs.get("processing_class")
+        columns = row_columns(kwargs.get("train_dataset"))
+        if columns is not None and getattr(self.task, "prompt_column", None) in columns:
+            check_prompts_only(args, columns, self.task, "train_dataset")
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.task.use_processor(processor, pad_token_id=pad_token_id)
         for key in ("train_dataset", "eval_dataset"):
@@ -341,6 +356,9 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             student_outputs = model(**student_inputs, **feature_kwargs)
             student = student_outputs.logits
         items = self.task.kd_items(student, teacher_logits, labels)
+        if writer is not None and self.completion_log is not None:
+            dense = teacher_logits if torch.is_tensor(teacher_logits) else None
+            self.completion_log.record(inputs, writer, self.state.global_step + 1, student, dense)
         window = (
             num_items_in_batch is not None
             and torch.is_tensor(num_items_in_batch)
@@ -422,6 +440,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             sums["soft_" + source] += terms.soft_sum.detach().float()
             sums["n_soft_" + source] += items.soft_mask.sum().float()
 
+    def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every process (every process must call it)."""
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum").cpu()
+
     def _record_features(self, feature_sums: dict[str, torch.Tensor], mode: str) -> None:
         for key, value in feature_sums.items():
             self._kd_sums[mode][key] += value
@@ -445,7 +467,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
         logits, once per logging window); with on-policy batches ``loss_soft_generated`` /
         ``loss_soft_data`` (the soft term on sampled vs the data's completions), ``completion_length`` and
-        ``generation_time_share``."""
+        ``generation_time_share`` (over every process); with ``log_completions`` the kept completions are
+        appended to ``output_dir/completions.jsonl``."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
@@ -475,6 +498,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                     grad_norm_soft=total["grad_soft"] / total["n_grad"],
                 )
             sums.clear()
+        if self.completion_log is not None and mode == "train":
+            self.completion_log.write()
         if self.on_policy is not None and mode == "train":
-            logs.update(self.on_policy.pop_logs())
+            logs.update(
+                self.on_policy.pop_logs(self._sum_over_processes if self.args.world_size > 1 else None)
+            )
         super().log(logs, start_time)

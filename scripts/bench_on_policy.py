@@ -2,6 +2,11 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --seeds 0 1 2 --out outputs/bench_on_policy.json
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --warm_steps 600 --steps 900  # warm-started
+    PYTHONPATH=.:/path/to/trl OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --compare_trl --steps 100
+
+``--compare_trl``: the same teacher, initial students, prompts, GKD settings (λ 1, JSD β 0.5, sampling
+temperature 1, 12 new tokens), batch, schedule and seeds through TRL's ``GKDTrainer`` and through hf_kd:
+time per step split into generation / teacher / student (one instrument for both), and the final metric.
 
 The task, built here (nothing downloaded): reverse a list of 6–10 digits, as a chat turn
 ("reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"); each answer token depends on the ones before it being right.
@@ -23,6 +28,7 @@ differences are against ``kd`` with the same seed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.data.toy_chat import toy_tokenizer
@@ -89,22 +95,31 @@ def llama(vocab: int, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def train(model, teacher, train_set, task, tokenizer, out: Path, steps: int, seed: int, **fields):
+SCHEDULE = dict(
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+    per_device_train_batch_size=32,
+    learning_rate=3e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+)
+"""The training arguments every student (and the teacher) shares, whichever trainer runs it."""
+MAX_NEW_TOKENS = 12
+
+
+def train(
+    model, teacher, train_set, task, tokenizer, out: Path, steps: int, seed: int, callbacks=(), **fields
+):
     args = DistillationConfig(
         output_dir=str(out),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
         seed=seed,
         max_steps=steps,
-        per_device_train_batch_size=32,
-        learning_rate=3e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
         temperature=1.0,
-        max_new_tokens=12,
+        max_new_tokens=MAX_NEW_TOKENS,
         logging_steps=steps,
+        **SCHEDULE,
         **fields,
     )
     trainer = DistillationTrainer(
@@ -114,6 +129,7 @@ def train(model, teacher, train_set, task, tokenizer, out: Path, steps: int, see
         task=task,
         train_dataset=train_set,
         processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
     started = time.perf_counter()
     trainer.train()
@@ -131,7 +147,7 @@ def evaluate(student, teacher, test_set, task) -> dict[str, float]:
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         do_sample=False,
-        max_new_tokens=12,
+        max_new_tokens=MAX_NEW_TOKENS,
         eos_token_id=5,
         pad_token_id=0,
     )[:, prompt_ids.shape[1] :]
@@ -159,6 +175,9 @@ def main() -> None:
     parser.add_argument(
         "--warm_steps", type=int, default=0, help="off-policy KD steps before each regime (of --steps)"
     )
+    parser.add_argument(
+        "--compare_trl", action="store_true", help="hf_kd beside TRL's GKDTrainer (GKD settings), per seed"
+    )
     parser.add_argument("--out", default="outputs/bench_on_policy.json")
     parser.add_argument("--work", default="outputs/bench_on_policy")
     options = parser.parse_args()
@@ -178,6 +197,14 @@ def main() -> None:
     teacher.eval()
     results = {"teacher": {**evaluate(teacher, teacher, test_set, task), "seconds": teacher_time}, "runs": []}
     print(json.dumps(results["teacher"]), flush=True)
+    if options.compare_trl:
+        results["compare_trl"] = compare_trl(
+            options, teacher, train_rows, train_set, test_set, task, tokenizer, work
+        )
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps(results, indent=1))
+        print(trl_table(results["compare_trl"]["summary"]))
+        return
     regimes = WARM_REGIMES if options.warm_steps else REGIMES
     for seed in options.seeds:
         warm, warm_seconds = llama(vocab, 32, 2, seed=seed), 0.0
@@ -251,6 +278,189 @@ def table(results: dict) -> str:
             f"| {s['teacher_nll']:.3f} ± {s['teacher_nll_std']:.3f} "
             f"| {s.get('teacher_nll_vs_kd', 0):+.3f} ± {s.get('teacher_nll_vs_kd_std', 0):.3f} | {s['seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+# ---- beside TRL's GKD ---------------------------------------------------------------------------
+
+GKD = dict(lmbda=1.0, beta=0.5, generation_temperature=1.0)
+"""The GKD run both trainers make with ``--compare_trl``: fully on-policy, generalised JSD β = 0.5 at loss
+temperature 1 (TRL's GKD divides by no temperature), sampling at temperature 1 over the whole vocabulary."""
+TIMES = ("step", "generation", "teacher", "student", "generation_per_decode_step")
+QUALITY = ("exact_match", "teacher_nll")
+TRL_MISSING = (
+    "--compare_trl runs TRL's GKDTrainer, which hf_kd does not depend on: pip install 'trl>=1.16' "
+    "(or put an installed copy on PYTHONPATH)"
+)
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (from one step's end to the next), and how much of it was spent in
+    the student's ``generate`` and in the teacher's forward passes; the rest (the student's forward and
+    backward, the loss, the optimizer, batching) is the student's. Both trainers are measured by this same
+    instrument: ``generate`` is wrapped on the student object and the teacher is timed by forward hooks."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+        self.steps: list[dict[str, float]] = []
+        self._generation = self._teacher = 0.0
+        self._last = self._started = 0.0
+        self._decode_steps = 0
+        generate = student.generate
+
+        def timed_generate(*args, **kwargs):
+            started = self._now()
+            output = generate(*args, **kwargs)
+            self._generation += self._now() - started
+            sequences = getattr(output, "sequences", output)
+            self._decode_steps += sequences.shape[1] - kwargs["input_ids"].shape[1]
+            return output
+
+        student.generate = timed_generate
+        self._hooks = [
+            teacher.register_forward_pre_hook(lambda *_: setattr(self, "_started", self._now())),
+            teacher.register_forward_hook(
+                lambda *_: setattr(self, "_teacher", self._teacher + self._now() - self._started)
+            ),
+        ]
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last, self._generation, self._teacher, self._decode_steps = self._now(), 0.0, 0.0, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        total = now - self._last
+        self.steps.append(
+            {
+                "step": total,
+                "generation": self._generation,
+                "teacher": self._teacher,
+                "student": total - self._generation - self._teacher,
+                "decode_steps": self._decode_steps,
+                "generation_per_decode_step": self._generation / max(self._decode_steps, 1),
+            }
+        )
+        self._last, self._generation, self._teacher, self._decode_steps = now, 0.0, 0.0, 0
+
+    def summary(self) -> dict[str, float]:
+        """Per step, the median seconds of each part and of generation per decoding step (a batch's
+        generation runs until its longest completion ends: its time follows what the student writes), and
+        the median decoding steps; the first step (warm-up) left out."""
+        steps = self.steps[1:] or self.steps
+        return {key: statistics.median(step[key] for step in steps) for key in steps[0]}
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def train_trl(
+    model, teacher, rows: list[list[dict]], tokenizer, out: Path, steps: int, seed: int, callbacks=()
+):
+    """TRL's GKDTrainer on the raw conversations (its ChatML collator builds prompts and labels), with the
+    schedule of :func:`train` and the settings of :data:`GKD`; gradient checkpointing and bf16 off (TRL's
+    SFT defaults turn them on; hf_kd uses neither here)."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError as error:
+        raise SystemExit(TRL_MISSING) from error
+    args = GKDConfig(
+        output_dir=str(out),
+        seed=seed,
+        max_steps=steps,
+        logging_steps=steps,
+        lmbda=GKD["lmbda"],
+        beta=GKD["beta"],
+        temperature=GKD["generation_temperature"],
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_length=64,
+        gradient_checkpointing=False,
+        bf16=False,
+        **SCHEDULE,
+    )
+    trainer = GKDTrainer(
+        model=model,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_dict({"messages": rows}),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.train()
+
+
+def compare_trl(options, teacher, rows, train_set, test_set, task, tokenizer, work: Path) -> dict:
+    """Per seed, the same initial student (with ``--warm_steps``: first trained by off-policy KD) trained on
+    by TRL's GKD and by hf_kd (GKD settings, same schedule, steps, batch and seed; which runs first
+    alternates with the seed); per run the median time per step split into generation / teacher / student,
+    and the greedy exact match and teacher NLL on held-out prompts."""
+    fields = dict(alpha=1.0, divergence="jsd", beta=GKD["beta"], lmbda=GKD["lmbda"])
+    fields["generation_temperature"] = GKD["generation_temperature"]
+    steps, runs = options.steps - options.warm_steps, []
+    for seed in options.seeds:
+        warm = llama(len(tokenizer), 32, 2, seed=seed)
+        if options.warm_steps:  # off-policy KD first (by hf_kd), then both trainers continue from it
+            warm_out = work / f"compare-warm-{seed}"
+            kd = WARM_REGIMES["kd"]
+            train(warm, teacher, train_set, task, tokenizer, warm_out, options.warm_steps, seed, **kd)
+        order = ("trl", "hf_kd") if seed % 2 == 0 else ("hf_kd", "trl")
+        for trainer in order:
+            student = copy.deepcopy(warm)
+            timer = StepTimer(student, teacher)
+            out = work / f"compare-{trainer}-{seed}"
+            if trainer == "trl":
+                train_trl(student, teacher, rows, tokenizer, out, steps, seed, callbacks=[timer])
+            else:
+                train(student, teacher, train_set, task, tokenizer, out, steps, seed, [timer], **fields)
+            timer.remove()
+            del student.generate  # the class's own again
+            row = {
+                "trainer": trainer,
+                "seed": seed,
+                **timer.summary(),
+                **evaluate(student, teacher, test_set, task),
+            }
+            runs.append(row)
+            print(json.dumps(row), flush=True)
+    settings = {**GKD, "steps": steps, "warm_steps": options.warm_steps, **SCHEDULE}
+    return {"settings": settings, "runs": runs, "summary": summarise_trl(runs)}
+
+
+def summarise_trl(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per measure, the mean over seeds of each trainer and of the paired per-seed comparison (times and
+    decoding steps: the hf_kd / TRL ratio; quality: the hf_kd − TRL difference), with its population std."""
+    by = {(row["trainer"], row["seed"]): row for row in runs}
+    seeds = sorted({row["seed"] for row in runs})
+    summary = {}
+    for key in (*TIMES, "decode_steps", *QUALITY):
+        ours, theirs = [by["hf_kd", s][key] for s in seeds], [by["trl", s][key] for s in seeds]
+        pairs = zip(ours, theirs, strict=True)
+        paired = [a - b for a, b in pairs] if key in QUALITY else [a / b for a, b in pairs]
+        summary[key] = {
+            "hf_kd": statistics.mean(ours),
+            "trl": statistics.mean(theirs),
+            "paired": statistics.mean(paired),
+            "paired_std": statistics.pstdev(paired),
+        }
+    return summary
+
+
+def trl_table(summary: dict) -> str:
+    lines = ["| per step | hf_kd | TRL GKD | hf_kd vs TRL (paired, per seed) |", "|---|---|---|---|"]
+    for key, s in summary.items():
+        if key in QUALITY:
+            paired = f"{s['paired']:+.3f} ± {s['paired_std']:.3f} (difference)"
+            lines.append(f"| {key} | {s['hf_kd']:.3f} | {s['trl']:.3f} | {paired} |")
+            continue
+        paired = f"{s['paired']:.2f}× ± {s['paired_std']:.2f} (ratio)"
+        unit, scale = ("", 1) if key == "decode_steps" else (" ms", 1e3)
+        ours, theirs = s["hf_kd"] * scale, s["trl"] * scale
+        lines.append(f"| {key} | {ours:.2f}{unit} | {theirs:.2f}{unit} | {paired} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
 
+from hf_kd.tasks.causal_lm import check_prompt_columns
+
 INPUT_FIELD = {
     "text-classification": "text_column",
     "image-classification": "image_column",
@@ -51,6 +53,8 @@ def dataset_inputs(data_args) -> dict[str, str]:
 def column_groups(data_args) -> list[dict[str, str]]:
     """The columns the task of ``data_args`` reads, in groups of field name → column: a split must hold
     one column of each group (causal-lm reads conversations or plain text)."""
+    if data_args.task == "causal-lm" and data_args.prompt_column:
+        return [{"prompt_column": data_args.prompt_column}]
     if data_args.task == "causal-lm":
         return [{"messages_column": data_args.messages_column, "text_column": data_args.text_column}]
     field_name = INPUT_FIELD[data_args.task]
@@ -73,4 +77,11 @@ def check_columns(dataset: DatasetDict, data_args, splits: list[str]) -> None:
                 f"split {split!r} of dataset {data_args.dataset_name!r} has "
                 f"{'neither column' if len(group) > 1 else 'no column'} {named}, which task={data_args.task!r} "
                 f"reads; its columns: {columns}"
+            )
+        if data_args.task == "causal-lm" and data_args.prompt_column:
+            check_prompt_columns(
+                dataset[split].features,
+                data_args.prompt_column,
+                data_args.completion_column,
+                where=f"split {split!r} of dataset {data_args.dataset_name!r}",
             )

@@ -26,6 +26,7 @@ from hf_kd.modeling import (
     load_teacher,
     tokenizer_sizes,
 )
+from hf_kd.on_policy import check_prompts_only
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.runs.run_record import run_record, write_run_record
@@ -286,6 +287,9 @@ def run_distillation(
         else None
     )
     splits = load_splits(data_args)
+    check_prompts_only(
+        config, splits[data_args.train_split].column_names, task, f"split {data_args.train_split!r}"
+    )
     if cache is not None:  # checked to be the captured rows, joined before any row selection
         if token_level:
             task.cache_decoder = cache.decoder()  # None unless the cache is compressed

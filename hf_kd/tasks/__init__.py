@@ -32,6 +32,8 @@ def build_task(data_args) -> Task:
             data_args.max_length,
             data_args.completion_only_loss,
             data_args.packing,
+            prompt_column=data_args.prompt_column,
+            completion_column=data_args.completion_column,
         )
     raise ValueError(f"task={data_args.task!r} has no adapter yet")
 

@@ -1,7 +1,8 @@
 """Causal language modelling: every token that has a target is one distillation instance.
 
-Rows are plain text (``text_column``) or conversations (``messages_column``, a list of
-``{"role", "content"}`` rendered with the tokenizer's chat template). ``labels`` follow the Hugging
+Rows are plain text (``text_column``), conversations (``messages_column``, a list of
+``{"role", "content"}`` rendered with the tokenizer's chat template), or plain prompts
+(``prompt_column``) with or without their completions (``completion_column``). ``labels`` follow the Hugging
 Face convention: aligned with ``input_ids`` (the model's logit at position t predicts ``labels[t + 1]``),
 −100 where there is no target — prompt tokens when ``completion_only_loss``, padding, and the first
 token of every packed sequence.
@@ -30,6 +31,28 @@ def vocab_size_of(config) -> int:
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """targets[b, t] = labels[b, t + 1]: what position t is trained to predict (−100 at the last position)."""
     return F.pad(labels[:, 1:], (0, 1), value=NO_LABEL)
+
+
+def check_prompt_columns(
+    features: Any, prompt_column: str, completion_column: str, where: str = "dataset"
+) -> None:
+    """Refuse, naming the field and the column, a ``prompt_column`` that ``features`` (a ``datasets``
+    ``Features`` mapping, or a list of column names when the types are unknown) lacks, or a prompt or
+    completion column that does not hold plain strings."""
+    columns = list(features)
+    if prompt_column not in columns:
+        raise ValueError(
+            f"prompt_column={prompt_column!r}: {where} has no column {prompt_column!r}; its columns: {columns}"
+        )
+    if not isinstance(features, dict):
+        return
+    for field_name, column in (("prompt_column", prompt_column), ("completion_column", completion_column)):
+        feature = features.get(column)
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise ValueError(
+                f"{field_name}={column!r}: column {column!r} of {where} must hold plain-text strings, not "
+                f"{feature}; conversations ([{{role, content}}, ...]) go in messages_column"
+            )
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
@@ -73,17 +96,22 @@ class CausalLMTask(Task):
         max_length: int = 1024,
         completion_only_loss: bool = True,
         packing: bool = False,
+        prompt_column: str | None = None,
+        completion_column: str = "completion",
     ):
         if max_length < 2:
             raise ValueError(f"max_length={max_length!r}: a causal LM example needs at least 2 tokens")
         self.text_column, self.messages_column = text_column, messages_column
         self.max_length, self.completion_only_loss, self.packing = max_length, completion_only_loss, packing
+        self.prompt_column, self.completion_column = prompt_column, completion_column
         self.tokenizer = None
         self.pad_token_id = 0
         self.cache_decoder: Callable[[list[bytes], list[int]], SparseLogits] | None = None
         """Decodes a compressed cache's ``kd_teacher_packed`` rows (``TeacherCache.decoder``)."""
 
     def raw_columns(self) -> tuple[str, ...]:
+        if self.prompt_column is not None:
+            return (self.prompt_column,)
         return (self.text_column, self.messages_column)
 
     def use_processor(self, processor, *, pad_token_id=None) -> None:
@@ -123,7 +151,13 @@ class CausalLMTask(Task):
         self.use_processor(student_processor)
         columns = dataset.column_names
         cached = [c for c in columns if c.startswith(CACHE_PREFIX)]
-        if self.messages_column in columns:
+        if self.prompt_column is not None:
+            check_prompt_columns(dataset.features or columns, self.prompt_column, self.completion_column)
+            source = [self.prompt_column]
+            if self.completion_column in columns:
+                source.append(self.completion_column)
+            encode = self._encode_prompt
+        elif self.messages_column in columns:
             if student_processor.chat_template is None:
                 raise ValueError(
                     f"column {self.messages_column!r} holds conversations but the tokenizer has no chat_template"
@@ -155,13 +189,36 @@ class CausalLMTask(Task):
     def _truncate(self, ids: list[int], labels: list[int]) -> dict[str, list[int]]:
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
 
-    def _encode_text(self, text: str) -> dict[str, list[int]]:
-        """Plain text: every token is a target; an EOS is appended so the model learns where text ends."""
-        ids = self.tokenizer(text)["input_ids"]
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        """``ids`` ending with the tokenizer's EOS (when it has one), so the model learns where text ends."""
         eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
+        return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+    def _encode_text(self, text: str) -> dict[str, list[int]]:
+        """Plain text: every token is a target, an EOS appended."""
+        ids = self._with_eos(self.tokenizer(text)["input_ids"])
         return self._truncate(ids, list(ids))
+
+    def _encode_prompt(self, prompt: str, completion: str | None = None) -> dict[str, list[int]]:
+        """A plain prompt and its completion (None: a prompt-only row, without any label; its completion
+        is generated). With a chat template the prompt is one user turn and the completion the assistant's
+        reply (rendered, and labelled, as a conversation); without one the completion's own tokens (no
+        special tokens added, an EOS appended) follow the prompt's, so the prompt ends on a token boundary
+        as it does for generation. Labels follow ``completion_only_loss`` as for conversations."""
+        messages = [{"role": "user", "content": prompt}]
+        templated = self.tokenizer.chat_template is not None
+        if completion is not None and templated:
+            return self._encode_conversation([*messages, {"role": "assistant", "content": completion}])
+        if templated:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
+        if completion is None:
+            return self._truncate(prompt_ids, [NO_LABEL] * len(prompt_ids))
+        completion_ids = self._with_eos(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+        prompt_labels = [NO_LABEL] * len(prompt_ids) if self.completion_only_loss else prompt_ids
+        return self._truncate(prompt_ids + completion_ids, prompt_labels + completion_ids)
 
     def _encode_conversation(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """A conversation through the chat template; with ``completion_only_loss`` only the assistant's
