@@ -3,6 +3,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tiny
@@ -13,12 +17,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from hf_kd import DistillationConfig, parse_args, run_distillation
-from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer
+from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer, write_toy_chat
 from hf_kd.losses import AlignedLogits, distillation_loss, uld_distance
 from hf_kd.tasks import CausalLMTask
 from hf_kd.tasks.alignment import align_spans, aligned_logits, alignment_columns, vocabulary_map
 from hf_kd.tasks.causal_lm import encode_with_eos, next_token_targets
+from hf_kd.teachers.cache.capture import capture_teacher_logits
+from hf_kd.teachers.cache.format import CacheMismatchError
+from hf_kd.teachers.cache.load import load_teacher_cache
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["the café is open, 日本 is far 🙂 away", "hello world said the cat", " leading and trailing  "] * 5
 
 
@@ -419,3 +427,56 @@ def test_part_weights_are_checked(tmp_path):
         DistillationConfig(
             output_dir=str(tmp_path), cross_tokenizer_matched_weight=0.0, cross_tokenizer_unmatched_weight=0.0
         )
+
+
+def test_cross_tokenizer_recipe_runs_from_the_script(tmp_path):
+    data = write_toy_chat(tmp_path / "toy_chat", num_train=48, num_test=16)
+    teacher = tmp_path / "teacher"
+    run_distillation(
+        *parse_args(
+            ["--config", "recipes/causal_lm/tiny/teacher.yaml", "--dataset_name", str(data)]
+            + [
+                "--student_processor",
+                str(data / "tokenizer"),
+                "--output_dir",
+                str(teacher),
+                "--max_steps",
+                "2",
+            ]
+        )
+    )
+    out = tmp_path / "student"
+    command = [
+        sys.executable,
+        "scripts/distill.py",
+        "--config",
+        "recipes/causal_lm/tiny/cross_tokenizer.yaml",
+    ]
+    command += ["--dataset_name", str(data), "--student_processor", str(data / "byte_tokenizer")]
+    command += ["--teacher_model_name_or_path", str(teacher), "--output_dir", str(out), "--max_steps", "3"]
+    command += ["--logging_steps", "1"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_loss_soft_matched"] > 0 and results["eval_loss_soft_unmatched"] > 0
+    steps = [
+        e
+        for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "loss_soft_matched" in e
+    ]
+    assert len(steps) == 3
+    assert "byte_tokenizer" in (out / "README.md").read_text()
+
+
+def test_a_cache_of_another_tokenizer_is_refused_with_the_way_out(pair, tmp_path):
+    student, teacher_tokenizer = pair
+    teacher = tiny.tiny_llama(len(teacher_tokenizer), seed=0)
+    task = CausalLMTask(max_length=16)
+    data = DatasetDict(train=Dataset.from_dict({"text": TEXTS[:3]}))
+    kwargs = dict(teacher_id="t", top_k=4, batch_size=3, shard_size=4, progress=False)
+    capture_teacher_logits(teacher, teacher_tokenizer, task, data, tmp_path / "cache", **kwargs)
+    cache = load_teacher_cache(tmp_path / "cache")
+    with pytest.raises(CacheMismatchError, match="another tokenizer runs online: teacher_source: online"):
+        cache.check_run(CausalLMTask(max_length=16), teacher.config, student, tiny_config(tmp_path / "o"))
