@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from tiny import save_model, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_kd import DistillationConfig, parse_args, run_distillation
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer, write_toy_chat
@@ -349,7 +350,8 @@ def cross_run(tmp_path_factory):
     return root, student_tokenizer, teacher_tokenizer
 
 
-def cross_args(root, **overrides):
+def cross_argv(root, **overrides) -> list[str]:
+    """The command line of a tiny cross-tokenizer run on ``root`` (from :func:`cross_run`)."""
     recipe = {
         "task": "causal-lm",
         "dataset_name": str(root / "data"),
@@ -383,7 +385,11 @@ def cross_args(root, **overrides):
     argv = []
     for key, value in recipe.items():
         argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return parse_args(argv)
+    return argv
+
+
+def cross_args(root, **overrides):
+    return parse_args(cross_argv(root, **overrides))
 
 
 def test_run_with_a_teacher_of_another_tokenizer(cross_run):
@@ -480,3 +486,39 @@ def test_a_cache_of_another_tokenizer_is_refused_with_the_way_out(pair, tmp_path
     cache = load_teacher_cache(tmp_path / "cache")
     with pytest.raises(CacheMismatchError, match="another tokenizer runs online: teacher_source: online"):
         cache.check_run(CausalLMTask(max_length=16), teacher.config, student, tiny_config(tmp_path / "o"))
+
+
+@pytest.mark.slow
+def test_two_processes_end_where_one_process_ends(cross_run, tmp_path):
+    root, _, _ = cross_run
+    # SGD: Adam would turn rounding differences of near-zero gradients (ULD at spans the random teacher
+    # finds unlikely) into full-size updates, hiding what is compared.
+    steps = {"max_steps": 4, "eval_split": "none", "logging_steps": 2, "optim": "sgd", "learning_rate": 0.5}
+    one = run_distillation(*cross_args(root, output_dir=str(tmp_path / "one"), **steps))
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "scripts/distill.py"]
+    command += cross_argv(root, output_dir=str(tmp_path / "two"), per_device_train_batch_size=8, **steps)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"))
+    for name, tensor in one.trainer.model.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    logged = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
+    reference = [e for e in one.trainer.state.log_history if "loss_soft_matched" in e]
+    pairs = zip([e for e in logged if "loss_soft_matched" in e], reference, strict=True)
+    for got, want in pairs:  # the two parts are averaged over both processes' spans
+        assert got["loss_soft_matched"] == pytest.approx(want["loss_soft_matched"], rel=1e-4)
+        assert got["loss_soft_unmatched"] == pytest.approx(want["loss_soft_unmatched"], rel=1e-4)
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_ends(cross_run, tmp_path):
+    root, _, _ = cross_run
+    steps = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "eval_split": "none"}
+    straight = run_distillation(*cross_args(root, output_dir=str(tmp_path / "straight"), **steps))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run_distillation(
+        *cross_args(root, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="true", **steps)
+    )
+    assert resumed.trainer.state.global_step == 4
+    for name, tensor in straight.trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed.trainer.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
