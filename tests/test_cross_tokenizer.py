@@ -274,30 +274,34 @@ def hand_case():
 def test_exact_and_uld_parts_equal_the_formulas_by_hand():
     z, teacher, labels = hand_case()
     tau = 2.0
-    q_shared = torch.softmax(z[0, [0, 2, 3]] / tau, -1)
-    p_shared = torch.softmax(teacher.logits[1, [1, 3, 0]] / tau, -1)
-    exact = (p_shared * (p_shared / q_shared).log()).sum()
-    q_merged = torch.softmax(z[1] / tau, -1) * torch.softmax(z[2] / tau, -1)[3]  # chain rule: × q(token 3)
-    p_merged = torch.softmax(teacher.logits[2] / tau, -1) * torch.softmax(teacher.logits[3] / tau, -1)[4]
-    q_sorted = torch.cat([q_merged.sort(descending=True).values, torch.zeros(1)])  # padded to V_t = 5
-    uld = (q_sorted - p_merged.sort(descending=True).values).abs().sum()
-    hard = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+
+    def by_hand(z):
+        q_shared = torch.softmax(z[0, [0, 2, 3]] / tau, -1)
+        p_shared = torch.softmax(teacher.logits[1, [1, 3, 0]] / tau, -1)
+        exact = (p_shared * (p_shared / q_shared).log()).sum()
+        q_merged = (
+            torch.softmax(z[1] / tau, -1) * torch.softmax(z[2] / tau, -1)[3]
+        )  # chain rule: × q(token 3)
+        p_merged = torch.softmax(teacher.logits[2] / tau, -1) * torch.softmax(teacher.logits[3] / tau, -1)[4]
+        q_sorted = torch.cat([q_merged.sort(descending=True).values, torch.zeros(1)])  # padded to V_t = 5
+        uld = (q_sorted - p_merged.sort(descending=True).values).abs().sum()
+        hard = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+        return exact, uld, 0.5 * hard / 4 + 0.5 * (0.7 * exact + 0.3 * uld) / 4
+
+    z = z.requires_grad_(True)
+    exact, uld, loss = by_hand(z)
+    (expected_grad,) = torch.autograd.grad(loss, z)
     soft_mask = torch.ones(4, dtype=torch.bool)
     for chunk_size in (None, 1, 3):
-        terms = distillation_loss(
-            z,
-            teacher,
-            labels,
-            alpha=0.5,
-            temperature=tau,
-            soft_mask=soft_mask,
-            temperature_squared=False,
-            chunk_size=chunk_size,
-        )
-        torch.testing.assert_close(terms.parts["soft_matched"][0], exact)
-        torch.testing.assert_close(terms.parts["soft_unmatched"][0], uld)
+        settings = dict(alpha=0.5, temperature=tau, soft_mask=soft_mask, temperature_squared=False)
+        terms = distillation_loss(z, teacher, labels, chunk_size=chunk_size, **settings)
+        torch.testing.assert_close(terms.parts["soft_matched"][0], exact.detach())
+        torch.testing.assert_close(terms.parts["soft_unmatched"][0], uld.detach())
         assert int(terms.parts["soft_matched"][1]) == 1 and int(terms.parts["soft_unmatched"][1]) == 1
-        torch.testing.assert_close(terms.loss, 0.5 * hard / 4 + 0.5 * (0.7 * exact + 0.3 * uld) / 4)
+        torch.testing.assert_close(terms.loss, loss)
+        (grad,) = torch.autograd.grad(terms.loss, z)
+        torch.testing.assert_close(grad, expected_grad)  # the chain-rule factor's row 2 included
+    assert expected_grad[3].abs().sum() > 0 and expected_grad[2].abs().sum() > 0
 
 
 def test_uld_distance_is_the_sorted_l1_with_zero_padding():
@@ -495,7 +499,9 @@ def test_two_processes_end_where_one_process_ends(cross_run, tmp_path):
     # finds unlikely) into full-size updates, hiding what is compared.
     steps = {"max_steps": 4, "eval_split": "none", "logging_steps": 2, "optim": "sgd", "learning_rate": 0.5}
     one = run_distillation(*cross_args(root, output_dir=str(tmp_path / "one"), **steps))
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "scripts/distill.py"]
+    # --standalone: a free port, whatever else runs torchrun on this machine
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "scripts/distill.py"]
     command += cross_argv(root, output_dir=str(tmp_path / "two"), per_device_train_batch_size=8, **steps)
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
