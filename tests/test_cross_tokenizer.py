@@ -351,6 +351,7 @@ def cross_run(tmp_path_factory):
     with torch.no_grad():
         teacher.lm_head.weight.mul_(40.0)  # a confident teacher: peaked distributions to learn from
     save_model(teacher, teacher_tokenizer, root / "teacher")
+    byte_level_bpe(texts + TEXTS, vocab_size=320).save_pretrained(root / "too_big")  # > the teacher's rows
     return root, student_tokenizer, teacher_tokenizer
 
 
@@ -421,10 +422,16 @@ def test_run_with_a_teacher_of_another_tokenizer(cross_run):
         ({"lmbda": 0.5}, "does not support lmbda=0.5"),
         ({"student_logits_from_hidden_states": True}, "student_logits_from_hidden_states: true"),
         ({"synthetic_teacher": "kd_pt"}, "synthetic_teacher='kd_pt'"),
+        (
+            {"teacher_processor": "too_big"},
+            "the teacher's tokenizer has 320 tokens but the teacher scores only 268",
+        ),
     ],
 )
 def test_what_cross_tokenizer_runs_do_not_support_is_refused_before_training(cross_run, overrides, message):
     root, _, _ = cross_run
+    if "teacher_processor" in overrides:
+        overrides = {"teacher_processor": str(root / overrides["teacher_processor"])}
     with pytest.raises(ValueError, match=message):
         run_distillation(*cross_args(root, output_dir=str(root / f"never_{len(message)}"), **overrides))
     assert not (root / f"never_{len(message)}").exists()

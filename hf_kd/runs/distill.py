@@ -31,7 +31,7 @@ from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
-from hf_kd.tasks.causal_lm import vocab_size_of
+from hf_kd.tasks.causal_lm import check_output_layer, vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
@@ -128,11 +128,7 @@ def check_cross_tokenizer(
             f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
             "that shares the student's tokenizer"
         )
-    if vocab_size_of(teacher_config) < len(teacher_processor):
-        raise ValueError(
-            f"the teacher's tokenizer has {len(teacher_processor)} tokens but the teacher scores only "
-            f"{vocab_size_of(teacher_config)}: is teacher_processor the teacher's tokenizer?"
-        )
+    check_output_layer("teacher", teacher_config, teacher_processor)
 
 
 def describe_tokenizers(student_name: str | None, teacher_name: str, task: CausalLMTask) -> str:

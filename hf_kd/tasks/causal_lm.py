@@ -34,6 +34,15 @@ def vocab_size_of(config) -> int:
     return config.get_text_config().vocab_size
 
 
+def check_output_layer(name: str, config, tokenizer) -> None:
+    """A model (``name``: teacher or student) must score every token of its own tokenizer."""
+    if vocab_size_of(config) < len(tokenizer):
+        raise ValueError(
+            f"the {name}'s tokenizer has {len(tokenizer)} tokens but the {name} scores only "
+            f"{vocab_size_of(config)}: is it the {name}'s tokenizer?"
+        )
+
+
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """targets[b, t] = labels[b, t + 1]: what position t is trained to predict (−100 at the last position)."""
     return F.pad(labels[:, 1:], (0, 1), value=NO_LABEL)
@@ -142,15 +151,8 @@ class CausalLMTask(Task):
         """Checks that both output layers cover the tokenizer (each its own when they differ); padded
         sizes are sliced by :meth:`kd_items`."""
         if self.teacher_tokenizer is not None:
-            for name, config, tokenizer in (
-                ("teacher", teacher_config, self.teacher_tokenizer),
-                ("student", student_config, self.tokenizer),
-            ):
-                if vocab_size_of(config) < len(tokenizer):
-                    raise ValueError(
-                        f"the {name}'s tokenizer has {len(tokenizer)} tokens but its output layer scores only "
-                        f"{vocab_size_of(config)}"
-                    )
+            check_output_layer("teacher", teacher_config, self.teacher_tokenizer)
+            check_output_layer("student", student_config, self.tokenizer)
             return None
         tokenizer_size = None if self.tokenizer is None else len(self.tokenizer)
         shared_vocab_size(vocab_size_of(teacher_config), vocab_size_of(student_config), tokenizer_size)
