@@ -17,7 +17,7 @@ from tiny import save_model, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from hf_kd import DistillationConfig, parse_args, run_distillation
+from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer, write_toy_chat
 from hf_kd.losses import AlignedLogits, distillation_loss, uld_distance
 from hf_kd.tasks import CausalLMTask
@@ -26,6 +26,7 @@ from hf_kd.tasks.causal_lm import encode_with_eos, next_token_targets
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.format import CacheMismatchError
 from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.online import CrossTokenizerTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["the café is open, 日本 is far 🙂 away", "hello world said the cat", " leading and trailing  "] * 5
@@ -535,3 +536,25 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_ends(cross_run, tmp_path
     assert resumed.trainer.state.global_step == 4
     for name, tensor in straight.trainer.model.state_dict().items():
         torch.testing.assert_close(resumed.trainer.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_python_api_with_rows_prepared_for_two_tokenizers(cross_run, tmp_path):
+    root, student_tokenizer, teacher_tokenizer = cross_run
+    task = CausalLMTask(max_length=48)
+    rows = Dataset.load_from_disk(str(root / "data" / "train"))
+    train = task.prepare(rows, student_processor=student_tokenizer, teacher_processor=teacher_tokenizer)
+    teacher = AutoModelForCausalLM.from_pretrained(str(root / "teacher"))
+    student = tiny.tiny_llama(len(student_tokenizer), seed=0, pad_token_id=0)
+    config = tiny_config(tmp_path, max_steps=2, per_device_train_batch_size=8, logging_steps=1, alpha=0.5)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        task=task,
+        train_dataset=train,
+        processing_class=student_tokenizer,
+    )
+    assert isinstance(trainer.teacher_signal, CrossTokenizerTeacher)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss_soft_matched" in e]
+    assert len(logged) == 2 and all(e["loss_soft_unmatched"] > 0 and e["loss_hard"] > 0 for e in logged)
