@@ -419,7 +419,7 @@ def test_run_with_a_teacher_of_another_tokenizer(cross_run):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"packing": True}, "does not support packing: true"),
+        ({"packing": True}, "packing: true is not supported with a teacher whose tokenizer differs"),
         ({"lmbda": 0.5}, "does not support lmbda=0.5"),
         ({"student_logits_from_hidden_states": True}, "student_logits_from_hidden_states: true"),
         ({"synthetic_teacher": "kd_pt"}, "synthetic_teacher='kd_pt'"),

@@ -168,7 +168,12 @@ class CausalLMTask(Task):
         self.use_processor(student_processor)
         columns = dataset.column_names
         cached = [c for c in columns if c.startswith(CACHE_PREFIX)]
-        self._use_teacher_tokenizer(teacher_processor, cached)
+        self.use_teacher_tokenizer(teacher_processor)
+        if cached and self.teacher_tokenizer is not None:
+            raise ValueError(
+                "cached teacher columns follow the student's tokens; a teacher with another tokenizer must run "
+                "online (teacher_source: online)"
+            )
         if self.messages_column in columns:
             if student_processor.chat_template is None:
                 raise ValueError(
@@ -198,22 +203,21 @@ class CausalLMTask(Task):
             self._pack, batched=True, batch_size=1000, remove_columns=encoded.column_names, desc="Packing"
         )
 
-    def _use_teacher_tokenizer(self, teacher_processor, cached: list[str]) -> None:
-        """Set the cross-tokenizer state from the teacher's tokenizer (none when it shares the student's
-        vocabulary); refuse what cannot be aligned, before any work."""
-        if teacher_processor is None or same_vocabulary(teacher_processor, self.tokenizer):
+    def use_teacher_tokenizer(self, teacher_processor) -> None:
+        """Distil across tokenizers when ``teacher_processor`` (the teacher's tokenizer) maps text to other
+        ids than the student's (set by :meth:`use_processor` first): :attr:`teacher_tokenizer` and
+        :attr:`vocabulary` are set, and packing is refused. A tokenizer with the student's vocabulary
+        turns it off; None keeps the tokenizer set before (rows prepared later get its columns too)."""
+        if teacher_processor is None:
+            return
+        if same_vocabulary(teacher_processor, self.tokenizer):
             self.teacher_tokenizer, self.vocabulary = None, None
             return
         check_tokenizer(self.name, teacher_processor)
         if self.packing:
             raise ValueError(
                 "packing: true is not supported with a teacher whose tokenizer differs from the student's "
-                "(its tokens are aligned row by row); set packing: false"
-            )
-        if cached:
-            raise ValueError(
-                "cached teacher columns follow the student's tokens; a teacher with another tokenizer must run "
-                "online (teacher_source: online)"
+                "(cross-tokenizer distillation aligns the two tokenizations row by row); set packing: false"
             )
         if teacher_processor is not self.teacher_tokenizer:
             self.vocabulary = vocabulary_map(self.tokenizer, teacher_processor)
