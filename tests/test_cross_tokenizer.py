@@ -2,6 +2,7 @@
 (exact part on shared tokens, ULD on the rest) and a run with a teacher of another tokenizer."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -398,9 +399,15 @@ def cross_args(root, **overrides):
     return parse_args(cross_argv(root, **overrides))
 
 
-def test_run_with_a_teacher_of_another_tokenizer(cross_run):
+def test_run_with_a_teacher_of_another_tokenizer(cross_run, caplog):
     root, student_tokenizer, teacher_tokenizer = cross_run
-    result = run_distillation(*cross_args(root, cross_tokenizer_unmatched_weight=0.5))
+    with caplog.at_level(logging.INFO, logger="hf_kd.tasks.causal_lm"):
+        result = run_distillation(*cross_args(root, cross_tokenizer_unmatched_weight=0.5))
+    assert "vocabulary sizes differ: teacher 268, student 34" in caplog.text
+    assert (
+        f"distilling across tokenizers, {len(result.trainer.task.vocabulary.student_ids)} tokens shared"
+        in caplog.text
+    )
     history = [entry for entry in result.trainer.state.log_history if "loss_soft_matched" in entry]
     assert len(history) == 8
     assert all(entry["loss_soft_unmatched"] > 0 for entry in history)

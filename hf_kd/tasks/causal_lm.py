@@ -9,6 +9,7 @@ token of every packed sequence.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,9 @@ from hf_kd.tasks.alignment import (
     vocabulary_map,
 )
 from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, check_tokenizer
-from hf_kd.vocab import same_vocabulary, shared_vocab_size
+from hf_kd.vocab import first_difference, same_vocabulary, shared_vocab_size
+
+logger = logging.getLogger(__name__)
 
 
 def vocab_size_of(config) -> int:
@@ -221,6 +224,12 @@ class CausalLMTask(Task):
             )
         if teacher_processor is not self.teacher_tokenizer:
             self.vocabulary = vocabulary_map(self.tokenizer, teacher_processor)
+            logger.info(
+                "the teacher's tokenizer differs from the student's (%s): distilling across tokenizers, "
+                "%d tokens shared",
+                first_difference(teacher_processor, self.tokenizer),
+                len(self.vocabulary.student_ids),
+            )
         self.teacher_tokenizer = teacher_processor
         ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
         self.teacher_pad_token_id = next(i for i in ids if i is not None)
