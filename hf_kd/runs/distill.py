@@ -32,14 +32,12 @@ from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
-from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
-from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +107,33 @@ def _prepare_push(config: DistillationConfig) -> str | None:
             ) from err
     config.push_to_hub = False
     return repo_id
+
+
+def check_cross_tokenizer(config: DistillationConfig) -> None:
+    """Refuse, before the teacher's weights load, what a teacher with another tokenizer does not support
+    (its tokens are aligned with the student's on the data's text; packing is the task's refusal)."""
+    unsupported = {
+        f"lmbda={config.lmbda} / seq_kd: true (sampled tokens have no teacher alignment)": config.generates,
+        "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
+        f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(
+            f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
+            f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
+            "that shares the student's tokenizer"
+        )
+
+
+def describe_tokenizers(student_name: str | None, teacher_name: str, task: CausalLMTask) -> str:
+    """The card's line for a cross-tokenizer run: both tokenizers and how many tokens they share."""
+    shared = len(task.vocabulary.student_ids)
+    return (
+        f"student `{student_name}` ({len(task.tokenizer)} tokens), teacher `{teacher_name}` "
+        f"({len(task.teacher_tokenizer)} tokens); different vocabularies, {shared} tokens shared: "
+        f"cross-tokenizer distillation (exact part on shared single-token spans, ULD on the rest)"
+    )
 
 
 def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None, max_length: int | None):
@@ -332,19 +357,17 @@ def run_distillation(
             trust_remote_code=model_args.trust_remote_code,
         )
         check_model_fits(task, teacher_config, "teacher", max_length=max_length)
-        task.teacher_output_map(
-            teacher_config, student.config, config
-        )  # label/vocabulary check before loading weights
         teacher_processor = task.load_processor(
             model_args.teacher_processor or config.teacher_model_name_or_path,
             revision="main" if model_args.teacher_processor else config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-        if token_level:
-            check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
-            shared_vocab_size(
-                vocab_size_of(teacher_config), vocab_size_of(student.config), len(student_processor)
-            )
+        if token_level:  # the vocabularies compared: another one makes a cross-tokenizer run
+            task.use_processor(student_processor)
+            task.use_teacher_tokenizer(teacher_processor)
+            if task.vocabulary is not None:
+                check_cross_tokenizer(config)
+        task.teacher_output_map(teacher_config, student.config, config)  # labels / vocabularies
         teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
         if config.uses_features and teacher_processor is not None:
             raise ValueError(
@@ -377,6 +400,14 @@ def run_distillation(
     )
     if task.name == "image-classification":
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
+    cross_tokenizer = token_level and task.vocabulary is not None
+    tokenizers = None
+    if cross_tokenizer:
+        tokenizers = describe_tokenizers(
+            model_args.student_processor or model_args.student_model_name_or_path,
+            model_args.teacher_processor or config.teacher_model_name_or_path,
+            task,
+        )
 
     card_info = run_card_info(
         data_args,
@@ -389,6 +420,7 @@ def run_distillation(
         student_source=model_args.student_model_name_or_path,
         student_init=student_init,
         feature_losses=describe_feature_losses(config),
+        tokenizers=tokenizers,
     )
     trainer = DistillationTrainer(
         model=student,
@@ -408,7 +440,13 @@ def run_distillation(
     trainer.card_info = card_info
     trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
-    if teacher is not None and eval_prepared is not None:
+    if cross_tokenizer:
+        logger.info(
+            "The teacher is not scored on the %r split: its tokens are not the student's, so per-token "
+            "cross-entropy and perplexity are not comparable (and no shared-vocabulary measure applies)",
+            data_args.eval_split,
+        )
+    elif teacher is not None and eval_prepared is not None:
         card_info.teacher_metrics = teacher_scores(trainer, eval_prepared)
         scores = ", ".join(f"{key}={value:.6g}" for key, value in sorted(card_info.teacher_metrics.items()))
         logger.info("Teacher on the %r split: %s", data_args.eval_split, scores)
