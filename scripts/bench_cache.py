@@ -54,7 +54,7 @@ from hf_kd.teachers.cache.capture import (
 from hf_kd.teachers.cache.format import cache_features
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
-from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.codec import CODECS, TopkCodec
 
 NUM_LABELS = 4  # bench_overhead.bert's head
 
@@ -222,14 +222,24 @@ def bench_storage(args) -> None:
     print("  anchor: DistillKit about 114–300 bytes/token")
 
 
-CODEC_SETTINGS = [  # (max_k, mass, bits, step)
-    (32, 0.95, 5, 0.25),
-    (32, 0.98, 4, 0.4),
-    (48, 0.98, 4, 0.4),
-    (64, 0.98, 4, 0.4),
-    (64, 0.95, 4, 0.5),
-    (64, 0.99, 4, 0.4),
+CODEC_SETTINGS = [  # (codec, max_k, mass, bits, step)
+    ("topk-packed", 32, 0.98, 4, 0.4),
+    ("topk-packed", 64, 0.98, 4, 0.4),
+    ("topk-golomb", 32, 0.98, 4, 0.4),
+    ("topk-golomb", 48, 0.98, 3, 0.5),
+    ("topk-golomb", 56, 0.98, 3, 0.6),
+    ("topk-golomb", 64, 0.98, 3, 0.5),
+    ("topk-golomb", 64, 0.98, 3, 0.6),
+    ("topk-golomb", 72, 0.98, 2, 0.9),
+    ("topk-golomb", 128, 0.98, 3, 0.5),
 ]
+DEFAULT_SETTING = 5  # topk-golomb k ≤ 64, 3 bits × 0.5: the curve's pick (≤ 64 B/token on the real LM)
+
+
+def codec_of(setting: tuple) -> TopkCodec:
+    """The codec of a ``CODEC_SETTINGS`` entry."""
+    name, *parameters = setting
+    return CODECS[name](*parameters)
 
 
 def stdlib_texts() -> tuple[list[str], list[str]]:
@@ -330,9 +340,9 @@ def curve(name: str, logits: torch.Tensor) -> None:
         print(
             f"    top-{k:<3} float16                 | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} |"
         )
-    for max_k, mass, bits, step in CODEC_SETTINGS:
-        codec = TopkCodec(max_k, mass, bits, step)
-        features = cache_features(vocab, max_k, "float32", True, codec.spec())
+    for setting in CODEC_SETTINGS:
+        codec = codec_of(setting)
+        features = cache_features(vocab, codec.max_k, "float32", True, codec.spec())
         table, _ = packed_to_arrow(codec, logits, mask, features)
         size = stored_bytes(features, table)
         packed = table.column(0).to_pylist()
@@ -340,9 +350,9 @@ def curve(name: str, logits: torch.Tensor) -> None:
         sparse = codec.decode(packed, [length] * rows, vocab)
         decode = (time.perf_counter() - start) / tokens * 1e6
         f = fidelity(log_p, sparse)
-        setting = f"k≤{max_k}, mass {mass}, {bits} bits × {step}"
+        label = f"{codec.name} k≤{codec.max_k}, {codec.mass}, {codec.bits} × {codec.step}"
         print(
-            f"    packed {setting:<24} | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} | {decode:8.2f}"
+            f"    {label:<31} | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} | {decode:8.2f}"
         )
 
 
@@ -351,7 +361,7 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
     the uncompressed cache vs a plain step of the same student (decoding runs in the collator)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    codec = TopkCodec(*CODEC_SETTINGS[args.codec_setting])
+    codec = codec_of(CODEC_SETTINGS[args.codec_setting])
     texts = [tokenizer.decode(row) for row in test[: args.lm_capture_rows]]
     data = DatasetDict(train=Dataset.from_dict({"text": texts}))
     task = CausalLMTask(max_length=args.seq_len)
@@ -480,7 +490,10 @@ def main() -> None:
     parser.add_argument("--lm_steps", type=int, default=300, help="curve: training steps of the real LM")
     parser.add_argument("--lm_capture_rows", type=int, default=32, help="curve: rows of the LM capture")
     parser.add_argument(
-        "--codec_setting", type=int, default=3, help="curve: CODEC_SETTINGS index for step/capture"
+        "--codec_setting",
+        type=int,
+        default=DEFAULT_SETTING,
+        help="curve: CODEC_SETTINGS index for step/capture",
     )
     parser.add_argument("--lm_temperature", type=float, default=2.0, help="τ of the LM KD steps")
     parser.add_argument("--lm_sparse_tail", default="uniform", help="sparse_tail of the LM KD steps")
