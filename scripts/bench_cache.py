@@ -224,16 +224,15 @@ def bench_storage(args) -> None:
 
 CODEC_SETTINGS = [  # (codec, max_k, mass, bits, step)
     ("topk-packed", 32, 0.98, 4, 0.4),
-    ("topk-packed", 64, 0.98, 4, 0.4),
+    ("topk-packed", 64, 0.99, 4, 0.4),
     ("topk-golomb", 32, 0.98, 4, 0.4),
-    ("topk-golomb", 48, 0.98, 3, 0.5),
-    ("topk-golomb", 56, 0.98, 3, 0.6),
+    ("topk-golomb", 52, 0.99, 4, 0.4),
+    ("topk-golomb", 64, 0.99, 4, 0.4),
     ("topk-golomb", 64, 0.98, 3, 0.5),
-    ("topk-golomb", 64, 0.98, 3, 0.6),
-    ("topk-golomb", 72, 0.98, 2, 0.9),
-    ("topk-golomb", 128, 0.98, 3, 0.5),
+    ("topk-golomb", 64, 0.99, 3, 0.7),
+    ("topk-golomb", 128, 0.99, 4, 0.4),
 ]
-DEFAULT_SETTING = 5  # topk-golomb k ≤ 64, 3 bits × 0.5: the curve's pick (≤ 64 B/token on the real LM)
+DEFAULT_SETTING = 3  # topk-golomb k ≤ 52, 4 bits × 0.4: the curve's pick (≤ 64 B/token, flat and peaked)
 
 
 def codec_of(setting: tuple) -> TopkCodec:

@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--lm_steps", type=int, default=300, help="teacher training steps")
     parser.add_argument("--codec_name", default="topk-golomb", help="codec of the packed and wide caches")
     parser.add_argument(
-        "--codec", type=float, nargs=4, default=[64, 0.98, 3, 0.5], metavar=("MAX_K", "MASS", "BITS", "STEP")
+        "--codec", type=float, nargs=4, default=[52, 0.99, 4, 0.4], metavar=("MAX_K", "MASS", "BITS", "STEP")
     )
     parser.add_argument(
         "--wide_codec",

@@ -73,11 +73,11 @@ class TopkCodec:
 
     max_k: int
     """The most tokens kept at a position (the cache's ``top_k``)."""
-    mass: float = 0.98
+    mass: float = 0.99
     """Keep tokens until their cumulative probability reaches this (1.0: always ``max_k``)."""
-    bits: int = 3
+    bits: int = 4
     """Bits per log-probability code."""
-    step: float = 0.5
+    step: float = 0.4
     """Nats per log-probability code step: the codes span ``step · (2^bits − 1)`` nats below the top-1."""
     name: ClassVar[str] = "topk-packed"
 
