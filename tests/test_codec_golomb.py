@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 
@@ -156,3 +157,23 @@ def test_golomb_capture_decodes_in_the_collator(lm_setup, tmp_path):  # noqa: F8
     b = CachedTeacher(len(tokenizer))(batches["golomb"])[mask].to_dense_log_probs()
     error = (a - b).abs().max().item()
     assert 0 < error <= GolombTopkCodec(8, 0.9).error_bound() + 1e-3  # plain's log-probs are float32
+
+
+def test_golomb_bytes_are_pinned():
+    """The format caches are written in today: SHA-256 of the rows and kept masses of fixed logits under
+    three settings. A change here makes every existing topk-golomb cache unreadable: give it a new name."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(50, 3000, generator=g) * torch.linspace(0.5, 6.0, 50)[
+        :, None
+    ] - 0.003 * torch.arange(3000)
+    digest = hashlib.sha256()
+    for codec in (
+        GolombTopkCodec(64, 0.99, 4, 0.4),
+        GolombTopkCodec(32, 0.95, 5, 0.25),
+        GolombTopkCodec(8, 1.0, 16, 0.01),
+    ):
+        rows, kept = codec.encode(logits, [7, 0, 20, 1, 22])
+        for row in rows:
+            digest.update(row)
+        digest.update(kept.numpy().tobytes())
+    assert digest.hexdigest() == "4461235cfc2c91fa3c947ec643f759f201c5c788bba8b10adbf343a64fc71563"

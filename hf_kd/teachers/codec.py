@@ -284,11 +284,11 @@ class GolombTopkCodec(TopkCodec):
         kept, codes, n = self.select(logits)
         count_bits = self._widths(kept.num_classes, kept.indices.shape[-1])[2]
         keep, gaps, codes, tail_code = _sorted_support(kept, codes)
-        orders = torch.arange(2**ORDER_BITS)
-        high = _bit_length(gaps[..., None] + (1 << orders)) - 1  # bits below the leading 1
-        cost = ((2 * high - orders + 1) * keep[..., None]).sum(1)  # [N, orders]: prefix + 1 + mantissa
+        cost = torch.stack(  # [N, orders]: bits of the position's ids, prefixes and mantissas
+            [((2 * _bit_length(gaps + (1 << r)) - r - 1) * keep).sum(-1) for r in range(2**ORDER_BITS)], -1
+        )
         order = cost.argmin(-1)
-        high = high.gather(-1, order[:, None, None].expand(*gaps.shape, 1)).squeeze(-1)
+        high = _bit_length(gaps + (1 << order[:, None])) - 1  # bits below the leading 1
         header = torch.stack([n - 1, order, tail_code], dim=-1)
         header_widths = torch.tensor([count_bits, ORDER_BITS, TAIL_BITS]).expand_as(header)
         sections = [
