@@ -24,10 +24,10 @@ that makes the position's ids shortest): x = g + 2^r has h + 1 bits; h − r zer
 then the h bits of x below its leading 1 (the mantissa) — 2h − r + 1 bits. A tokenizer's frequent
 tokens, which a teacher's top-k favours, crowd its low ids (BPE numbers merges by frequency), so most
 gaps are short: on the real LM of ``scripts/bench_cache.py`` ~5.5 bits an id against ~8.7 for the
-fixed width. A row of T positions: the prefix, then T headers (n − 1, r, tail code), then every
+fixed width. A row of T positions is ``<T><CRC>``, then T headers (n − 1, r, tail code), then every
 position's n log-prob codes, then every id's prefix, then every id's mantissa, zero-padded to a byte.
-Decoding finds the prefixes' ends as the row's 1 bits by rank (a cumulative sum and a sorted search),
-so it stays vectorised. Its error bound is the same as ``topk-packed``'s; ids are exact.
+Decoding finds where each prefix ends as the row's j-th 1 bit after its codes (one list of the 1 bits,
+indexed by rank), so it stays vectorised. Error bound as ``topk-packed``'s; ids are exact.
 
 Error bound. For the n tokens kept at a position, let p be the teacher's distribution rebuilt from the
 exact top-n log-probabilities and the exact tail mass (uniform tail, or renormalised), and p̂ the
@@ -144,12 +144,18 @@ class TopkCodec:
         tail = torch.logsumexp(dropped, dim=-1)
         return SparseLogits(top.masked_fill(~keep, -math.inf), idx, tail, num_classes), codes, n
 
+    def _select_rows(
+        self, logits: torch.Tensor, lengths: list[int]
+    ) -> tuple[SparseLogits, torch.Tensor, torch.Tensor]:
+        """:meth:`select` of logits [N, V] that are the positions of rows of ``lengths`` positions."""
+        if sum(lengths) != logits.shape[0]:
+            raise ValueError(f"row lengths sum to {sum(lengths)} but there are {logits.shape[0]} positions")
+        return self.select(logits)
+
     def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
         """Packed rows of logits [N, V] (positions of consecutive rows, ``lengths`` per row) and the
         probability mass kept at each position [N]."""
-        if sum(lengths) != logits.shape[0]:
-            raise ValueError(f"row lengths sum to {sum(lengths)} but there are {logits.shape[0]} positions")
-        kept, codes, n = self.select(logits)
+        kept, codes, n = self._select_rows(logits, lengths)
         num_classes, k = kept.num_classes, kept.indices.shape[-1]
         index_bits, width_bits, count_bits = self._widths(num_classes, k)
         keep, gaps, codes, tail_code = _sorted_support(kept, codes)
@@ -279,9 +285,8 @@ class GolombTopkCodec(TopkCodec):
     name: ClassVar[str] = "topk-golomb"
 
     def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
-        if sum(lengths) != logits.shape[0]:
-            raise ValueError(f"row lengths sum to {sum(lengths)} but there are {logits.shape[0]} positions")
-        kept, codes, n = self.select(logits)
+        """As :meth:`TopkCodec.encode`, ids exp-Golomb coded."""
+        kept, codes, n = self._select_rows(logits, lengths)
         count_bits = self._widths(kept.num_classes, kept.indices.shape[-1])[2]
         keep, gaps, codes, tail_code = _sorted_support(kept, codes)
         cost = torch.stack(  # [N, orders]: bits of the position's ids, prefixes and mantissas
@@ -300,6 +305,7 @@ class GolombTopkCodec(TopkCodec):
         return self._pack(sections, lengths), -torch.expm1(kept.tail_log_mass)
 
     def decode(self, rows: list[bytes], lengths: list[int], num_classes: int) -> SparseLogits:
+        """As :meth:`TopkCodec.decode`, ids exp-Golomb coded."""
         k = min(self.max_k, num_classes)
         count_bits = self._widths(num_classes, k)[2]
         unpacked = self._unpack(rows, lengths, [count_bits, ORDER_BITS, TAIL_BITS])
