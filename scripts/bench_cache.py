@@ -16,7 +16,9 @@
              overlap of the stored tokens with the full top-10, mean kept mass, decode µs/token — on
              (a) the Zipf-like synthetic logits of ``storage`` and (b) real LM logits: a small Llama trained
              here, offline, on Python's standard-library sources (byte-level BPE of ``--lm_bpe`` tokens),
-             measured on held-out files. Then, on that LM: a KD step from the compressed cache (decoded in
+             measured on held-out files; on (b) also the KL when the tail mass is spread like the
+             teacher's mean distribution over 32 other held-out rows instead of uniformly (what a cached
+             prior could give). Then, on that LM: a KD step from the compressed cache (decoded in
              the collator) vs a plain step of the same student (target ≤ 1.05), and a compressed capture
              vs the raw teacher forward (target ≥ 0.95).
 
@@ -54,7 +56,7 @@ from hf_kd.teachers.cache.capture import (
 from hf_kd.teachers.cache.format import cache_features
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
-from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.codec import CODECS, TopkCodec
 
 NUM_LABELS = 4  # bench_overhead.bert's head
 
@@ -222,14 +224,23 @@ def bench_storage(args) -> None:
     print("  anchor: DistillKit about 114–300 bytes/token")
 
 
-CODEC_SETTINGS = [  # (max_k, mass, bits, step)
-    (32, 0.95, 5, 0.25),
-    (32, 0.98, 4, 0.4),
-    (48, 0.98, 4, 0.4),
-    (64, 0.98, 4, 0.4),
-    (64, 0.95, 4, 0.5),
-    (64, 0.99, 4, 0.4),
+CODEC_SETTINGS = [  # (codec, max_k, mass, bits, step)
+    ("topk-packed", 32, 0.98, 4, 0.4),
+    ("topk-packed", 64, 0.99, 4, 0.4),
+    ("topk-golomb", 32, 0.98, 4, 0.4),
+    ("topk-golomb", 52, 0.99, 4, 0.4),
+    ("topk-golomb", 64, 0.99, 4, 0.4),
+    ("topk-golomb", 64, 0.98, 3, 0.5),
+    ("topk-golomb", 64, 0.99, 3, 0.7),
+    ("topk-golomb", 128, 0.99, 4, 0.4),
 ]
+DEFAULT_SETTING = 3  # topk-golomb k ≤ 52, 4 bits × 0.4: the curve's pick (≤ 64 B/token, flat and peaked)
+
+
+def codec_of(setting: tuple) -> TopkCodec:
+    """The codec of a ``CODEC_SETTINGS`` entry."""
+    name, *parameters = setting
+    return CODECS[name](*parameters)
 
 
 def stdlib_texts() -> tuple[list[str], list[str]]:
@@ -295,10 +306,23 @@ def stored_bytes(features, table) -> int:
         return path.stat().st_size
 
 
-def fidelity(log_p: torch.Tensor, sparse: SparseLogits) -> dict[str, float]:
-    """KL(full ‖ rebuilt), top-1 agreement, overlap of the stored tokens with the full top-10, kept mass."""
+def fidelity(
+    log_p: torch.Tensor, sparse: SparseLogits, prior: torch.Tensor | None = None
+) -> dict[str, float]:
+    """KL(full ‖ rebuilt), top-1 agreement, overlap of the stored tokens with the full top-10, kept mass;
+    with a ``prior`` [V], also the KL when the tail mass is spread like the prior instead of uniformly."""
     rebuilt = torch.log_softmax(sparse.to_dense_log_probs("uniform"), -1)
     stored = sparse.log_probs > -math.inf
+    kl_prior = math.nan
+    if prior is not None:
+        kept = torch.zeros_like(log_p, dtype=torch.bool).scatter_(
+            -1, torch.where(stored, sparse.indices, 0), stored
+        )
+        tail = torch.where(kept, 0.0, prior)
+        shaped = torch.where(
+            kept, rebuilt, sparse.tail_log_mass[:, None] + (tail / tail.sum(-1, keepdim=True)).log()
+        )
+        kl_prior = divergence_from_log_probs("forward_kl", shaped, log_p).mean().item()
     top10 = log_p.topk(10, -1).indices
     hits = (top10[:, :, None] == torch.where(stored, sparse.indices, -1)[:, None, :]).any(-1)
     return {
@@ -306,11 +330,13 @@ def fidelity(log_p: torch.Tensor, sparse: SparseLogits) -> dict[str, float]:
         "top1": (rebuilt.argmax(-1) == log_p.argmax(-1)).float().mean().item(),
         "top10": hits.float().mean().item(),
         "kept": sparse.log_probs.exp().masked_fill(~stored, 0).sum(-1).mean().item(),
+        "kl_prior": kl_prior,
     }
 
 
-def curve(name: str, logits: torch.Tensor) -> None:
-    """Bytes/token and fidelity of plain float16 top-k and of the codec on logits [R, T, V]."""
+def curve(name: str, logits: torch.Tensor, prior: torch.Tensor | None = None) -> None:
+    """Bytes/token and fidelity of plain float16 top-k and of the codec on logits [R, T, V] (and the KL
+    with the tail spread like ``prior``, the teacher's mean distribution on other positions)."""
     rows, length, vocab = logits.shape
     tokens, mask = rows * length, torch.ones(rows, length, dtype=torch.long)
     log_p = torch.log_softmax(logits.reshape(tokens, vocab).float(), -1)
@@ -319,30 +345,30 @@ def curve(name: str, logits: torch.Tensor) -> None:
         f"  {name}: {tokens} tokens, V = {vocab}, mean entropy {entropy:.2f} nats, mean top-1 p {log_p.exp().max(-1).values.mean():.3f}"
     )
     print(
-        "    storage                         | bytes/token | KL(full ‖ rebuilt) | top-1 agree | top-10 stored | kept mass | decode µs/token"
+        "    storage                         | bytes/token | KL(full ‖ rebuilt) | top-1 agree | top-10 stored | kept mass | decode µs/token | KL, tail ∝ mean teacher"
     )
     for k in (16, 32, 64):
         features = cache_features(vocab, k, "float16", per_token=True)
         size = stored_bytes(features, columns_to_arrow(compress_logits(logits, k), features, mask))
         sparse = SparseLogits(**compress_logits(logits.reshape(tokens, vocab), k), num_classes=vocab)
         sparse.log_probs = sparse.log_probs.half().float()
-        f = fidelity(log_p, sparse)
+        f = fidelity(log_p, sparse, prior)
         print(
-            f"    top-{k:<3} float16                 | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} |"
+            f"    top-{k:<3} float16                 | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} | {'':15} | {f['kl_prior']:.4f}"
         )
-    for max_k, mass, bits, step in CODEC_SETTINGS:
-        codec = TopkCodec(max_k, mass, bits, step)
-        features = cache_features(vocab, max_k, "float32", True, codec.spec())
+    for setting in CODEC_SETTINGS:
+        codec = codec_of(setting)
+        features = cache_features(vocab, codec.max_k, "float32", True, codec.spec())
         table, _ = packed_to_arrow(codec, logits, mask, features)
         size = stored_bytes(features, table)
         packed = table.column(0).to_pylist()
         start = time.perf_counter()
         sparse = codec.decode(packed, [length] * rows, vocab)
         decode = (time.perf_counter() - start) / tokens * 1e6
-        f = fidelity(log_p, sparse)
-        setting = f"k≤{max_k}, mass {mass}, {bits} bits × {step}"
+        f = fidelity(log_p, sparse, prior)
+        label = f"{codec.name} k≤{codec.max_k}, {codec.mass}, {codec.bits} × {codec.step}"
         print(
-            f"    packed {setting:<24} | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} | {decode:8.2f}"
+            f"    {label:<31} | {size / tokens:11.1f} | {f['kl']:18.4f} | {f['top1']:11.3f} | {f['top10']:13.3f} | {f['kept']:9.3f} | {decode:15.2f} | {f['kl_prior']:.4f}"
         )
 
 
@@ -351,7 +377,7 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
     the uncompressed cache vs a plain step of the same student (decoding runs in the collator)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    codec = TopkCodec(*CODEC_SETTINGS[args.codec_setting])
+    codec = codec_of(CODEC_SETTINGS[args.codec_setting])
     texts = [tokenizer.decode(row) for row in test[: args.lm_capture_rows]]
     data = DatasetDict(train=Dataset.from_dict({"text": texts}))
     task = CausalLMTask(max_length=args.seq_len)
@@ -446,9 +472,13 @@ def bench_curve(args) -> None:
     print("[curve] bytes/token vs fidelity (uniform tail)")
     curve("(a) synthetic Zipf", zipf_logits(args.lm_tokens, args.lm_vocab, g).reshape(-1, 128, args.lm_vocab))
     teacher, tokenizer, _, test = real_lm(args)
+    measured = args.lm_tokens // args.seq_len
     with torch.no_grad():
-        logits = teacher(input_ids=test[: args.lm_tokens // args.seq_len]).logits
-    curve("(b) real LM, held-out standard-library files", logits)
+        logits = teacher(input_ids=test[:measured]).logits
+        prior = torch.softmax(teacher(input_ids=test[measured : measured + 32]).logits.float(), -1).mean(
+            (0, 1)
+        )
+    curve("(b) real LM, held-out standard-library files", logits, prior)
     lm_step_and_capture(args, teacher, tokenizer, test)
 
 
@@ -480,7 +510,10 @@ def main() -> None:
     parser.add_argument("--lm_steps", type=int, default=300, help="curve: training steps of the real LM")
     parser.add_argument("--lm_capture_rows", type=int, default=32, help="curve: rows of the LM capture")
     parser.add_argument(
-        "--codec_setting", type=int, default=3, help="curve: CODEC_SETTINGS index for step/capture"
+        "--codec_setting",
+        type=int,
+        default=DEFAULT_SETTING,
+        help="curve: CODEC_SETTINGS index for step/capture",
     )
     parser.add_argument("--lm_temperature", type=float, default=2.0, help="τ of the LM KD steps")
     parser.add_argument("--lm_sparse_tail", default="uniform", help="sparse_tail of the LM KD steps")

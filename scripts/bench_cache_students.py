@@ -10,11 +10,13 @@ from ``student_config`` (Llama 64 × 2, ~0.6M parameters). Arms (``--arms``):
 
     none         α = 0: labels only
     online       the teacher runs every step
-    packed       the compressed cache (``topk-packed``, ``--codec``), ``sparse_tail: uniform``
+    packed       the compressed cache (``--codec_name``, ``--codec``), ``sparse_tail: uniform``
     packed-renorm  the same cache, ``sparse_tail: renormalize``
     packed-bucket  the same cache, ``sparse_tail: bucket`` (the tail matched as one outcome)
     wide-bucket  a second compressed cache (``--wide_codec``: more tokens, fewer bits), ``bucket``
     topk16       an uncompressed top-16 float16 cache, ``sparse_tail: uniform``
+    topk128-bucket, topk512-bucket  uncompressed top-128 / top-512 float16 caches, ``bucket`` (how much
+                 of the online gain a much larger k recovers)
 
 Every arm runs at α = 0.5, τ = 2 unless suffixes say otherwise: ``online:t1`` is online KD at τ = 1,
 ``packed-bucket:t1:a0.8`` the bucket arm at τ = 1 and α = 0.8.
@@ -49,6 +51,8 @@ ARMS = {  # name: (DistillationConfig fields, cache name)
     "packed-bucket": ({"sparse_tail": "bucket"}, "packed"),
     "wide-bucket": ({"sparse_tail": "bucket"}, "wide"),
     "topk16": ({"sparse_tail": "uniform"}, "topk16"),
+    "topk128-bucket": ({"sparse_tail": "bucket"}, "topk128"),
+    "topk512-bucket": ({"sparse_tail": "bucket"}, "topk512"),
 }
 SUFFIXES = {"t": "temperature", "a": "alpha"}  # arm suffix letter: DistillationConfig field
 
@@ -94,11 +98,12 @@ def perplexity(model, rows: torch.Tensor) -> float:
 
 def capture(root: Path, data_args: DataArguments, name: str, args) -> Path:
     """A cache of the saved teacher over the training split, through ``run_capture``."""
-    settings = {"topk16": {"top_k": 16, "logits_dtype": "float16"}}.get(name)
-    if settings is None:
+    if name.startswith("topk"):
+        settings = {"top_k": int(name.removeprefix("topk")), "logits_dtype": "float16"}
+    else:
         max_k, mass, bits, step = args.wide_codec if name == "wide" else args.codec
         settings = {
-            "top_k": int(max_k), "compression": "topk-packed", "compression_mass": mass,
+            "top_k": int(max_k), "compression": args.codec_name, "compression_mass": mass,
             "compression_bits": int(bits), "compression_step": step,
         }  # fmt: skip
     out = root / f"cache-{name}"
@@ -182,8 +187,9 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--lm_bpe", type=int, default=4096)
     parser.add_argument("--lm_steps", type=int, default=300, help="teacher training steps")
+    parser.add_argument("--codec_name", default="topk-golomb", help="codec of the packed and wide caches")
     parser.add_argument(
-        "--codec", type=float, nargs=4, default=[32, 0.98, 4, 0.4], metavar=("MAX_K", "MASS", "BITS", "STEP")
+        "--codec", type=float, nargs=4, default=[46, 0.99, 4, 0.4], metavar=("MAX_K", "MASS", "BITS", "STEP")
     )
     parser.add_argument(
         "--wide_codec",
@@ -191,7 +197,7 @@ def main() -> None:
         nargs=4,
         default=[40, 0.98, 3, 0.6],
         metavar=("MAX_K", "MASS", "BITS", "STEP"),
-        help="codec of the wide-bucket arm's cache (61 bytes/token on the default teacher)",
+        help="codec of the wide-bucket arm's cache (more tokens at fewer bits)",
     )
     args = parser.parse_args()
     datasets.disable_progress_bars()

@@ -17,7 +17,7 @@ from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import build_task
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.format import LOGIT_DTYPES, CacheMetadata
-from hf_kd.teachers.codec import COMPRESSIONS, TopkCodec
+from hf_kd.teachers.codec import CODECS, COMPRESSIONS, TopkCodec
 
 
 @dataclass
@@ -50,8 +50,9 @@ class CacheArguments:
     compression: str = field(
         default="none",
         metadata={
-            "help": f"Per-token top-k storage, one of {COMPRESSIONS}: topk-packed keeps up to top_k tokens per "
-            "position until compression_mass, quantised and bit-packed (hf_kd.teachers.codec)."
+            "help": f"Per-token top-k storage, one of {COMPRESSIONS}: both keep up to top_k tokens per position "
+            "until compression_mass, quantised and bit-packed (hf_kd.teachers.codec); topk-golomb codes the "
+            "token ids in fewer bits (recommended), topk-packed is the first format."
         },
     )
     compression_mass: float = field(
@@ -101,7 +102,8 @@ class CacheArguments:
         """The codec of ``compression`` with its parameters, or None."""
         if self.compression == "none":
             return None
-        return TopkCodec(self.top_k, self.compression_mass, self.compression_bits, self.compression_step)
+        codec = CODECS[self.compression]
+        return codec(self.top_k, self.compression_mass, self.compression_bits, self.compression_step)
 
 
 def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:

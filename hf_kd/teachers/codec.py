@@ -15,8 +15,19 @@ Codec ``topk-packed`` (:class:`TopkCodec`, parameters ``max_k``, ``mass``, ``bit
 
 A row of T positions is ``<T: uint32><CRC-32: uint32>`` then a bit stream: T fixed-size headers
 (n − 1, w, tail code), then the T payloads (n gaps of w bits, n codes of ``bits`` bits), zero-padded
-to a byte. The CRC is seeded with the codec's parameters, so a row never decodes under another codec
-or other parameters, and a damaged row is refused (:class:`CodecError`).
+to a byte. The CRC is seeded with the codec's name and parameters, so a row never decodes under
+another codec or other parameters, and a damaged row is refused (:class:`CodecError`).
+
+Codec ``topk-golomb`` (:class:`GolombTopkCodec`, same parameters; the one to write): the same support,
+log-prob codes and tail code, but each gap g in an exp-Golomb code of order r (r from 0..7, the one
+that makes the position's ids shortest): x = g + 2^r has h + 1 bits; h − r zeros and a 1 (the prefix),
+then the h bits of x below its leading 1 (the mantissa) — 2h − r + 1 bits. A tokenizer's frequent
+tokens, which a teacher's top-k favours, crowd its low ids (BPE numbers merges by frequency), so most
+gaps are short: on the real LM of ``scripts/bench_cache.py`` ~5.5 bits an id against ~8.7 for the
+fixed width. A row of T positions is ``<T><CRC>``, then T headers (n − 1, r, tail code), then every
+position's n log-prob codes, then every id's prefix, then every id's mantissa, zero-padded to a byte.
+Decoding finds where each prefix ends as the row's j-th 1 bit after its codes (one list of the 1 bits,
+indexed by rank), so it stays vectorised. Error bound as ``topk-packed``'s; ids are exact.
 
 Error bound. For the n tokens kept at a position, let p be the teacher's distribution rebuilt from the
 exact top-n log-probabilities and the exact tail mass (uniform tail, or renormalised), and p̂ the
@@ -45,10 +56,10 @@ import torch.nn.functional as F
 
 from hf_kd.losses import SparseLogits
 
-COMPRESSIONS = ("none", "topk-packed")
 TAIL_LOW, TAIL_HIGH, TAIL_CODES = -24.0, 12.0, 255
 TAIL_STEP = (TAIL_HIGH - TAIL_LOW) / (TAIL_CODES - 1)
 TAIL_BITS = 8
+ORDER_BITS = 3  # topk-golomb: exp-Golomb orders 0..7
 ROW_PREFIX = struct.Struct("<II")  # positions, CRC-32 of the bit stream
 
 
@@ -62,11 +73,11 @@ class TopkCodec:
 
     max_k: int
     """The most tokens kept at a position (the cache's ``top_k``)."""
-    mass: float = 0.98
+    mass: float = 0.99
     """Keep tokens until their cumulative probability reaches this (1.0: always ``max_k``)."""
-    bits: int = 5
+    bits: int = 4
     """Bits per log-probability code."""
-    step: float = 0.25
+    step: float = 0.4
     """Nats per log-probability code step: the codes span ``step · (2^bits − 1)`` nats below the top-1."""
     name: ClassVar[str] = "topk-packed"
 
@@ -97,14 +108,12 @@ class TopkCodec:
         """The codec a cache's metadata records; a clear error for another codec or unknown fields."""
         spec = dict(spec)
         name = spec.pop("codec", None)
-        if name != cls.name:
-            raise CodecError(f"compression codec {name!r} is not known; this hf_kd reads {cls.name!r}")
+        if name not in CODECS:
+            raise CodecError(f"compression codec {name!r} is not known; this hf_kd reads {sorted(CODECS)}")
         try:
-            return cls(**spec)
+            return CODECS[name](**spec)
         except TypeError as err:
-            raise CodecError(
-                f"compression parameters {spec} do not describe a {cls.name} codec: {err}"
-            ) from err
+            raise CodecError(f"compression parameters {spec} do not describe a {name} codec: {err}") from err
 
     def error_bound(self) -> float:
         """Largest |log p̂_i − log p_i| of a decoded distribution (tail odds within the stored range)."""
@@ -135,52 +144,57 @@ class TopkCodec:
         tail = torch.logsumexp(dropped, dim=-1)
         return SparseLogits(top.masked_fill(~keep, -math.inf), idx, tail, num_classes), codes, n
 
+    def _select_rows(
+        self, logits: torch.Tensor, lengths: list[int]
+    ) -> tuple[SparseLogits, torch.Tensor, torch.Tensor]:
+        """:meth:`select` of logits [N, V] that are the positions of rows of ``lengths`` positions."""
+        if sum(lengths) != logits.shape[0]:
+            raise ValueError(f"row lengths sum to {sum(lengths)} but there are {logits.shape[0]} positions")
+        return self.select(logits)
+
     def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
         """Packed rows of logits [N, V] (positions of consecutive rows, ``lengths`` per row) and the
         probability mass kept at each position [N]."""
-        if sum(lengths) != logits.shape[0]:
-            raise ValueError(f"row lengths sum to {sum(lengths)} but there are {logits.shape[0]} positions")
-        kept, codes, n = self.select(logits)
+        kept, codes, n = self._select_rows(logits, lengths)
         num_classes, k = kept.num_classes, kept.indices.shape[-1]
         index_bits, width_bits, count_bits = self._widths(num_classes, k)
-        keep = kept.log_probs > -math.inf
-        kept_log = torch.logsumexp(kept.log_probs, dim=-1)
-        tail_code = _tail_code(kept.tail_log_mass - kept_log)
-        ids, order = torch.where(keep, kept.indices, num_classes).sort(dim=-1)
-        codes = codes.gather(-1, order).long()
-        gaps = torch.where(keep, ids - F.pad(ids[:, :-1], (1, 0), value=-1) - 1, 0)
+        keep, gaps, codes, tail_code = _sorted_support(kept, codes)
         width = (gaps.max(-1).values[:, None] >= 2 ** torch.arange(index_bits + 1)).sum(-1)
         header = torch.stack([n - 1, width, tail_code], dim=-1)
         header_widths = torch.tensor([count_bits, width_bits, TAIL_BITS]).expand_as(header)
         payload = torch.cat([gaps, codes], dim=-1)
         payload_widths = torch.cat([width[:, None] * keep, self.bits * keep], dim=-1)
 
-        device = payload.device
+        rows = self._pack([(header, header_widths), (payload, payload_widths)], lengths)
+        return rows, -torch.expm1(kept.tail_log_mass)
+
+    def _pack(self, sections: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int]) -> list[bytes]:
+        """Rows of positions' bit fields: each section is (values, widths) [N, F] per position; a row
+        holds section 0 of its positions (in order, fields in order), then section 1, …, zero-padded to
+        a byte, behind its prefix (positions, CRC)."""
+        device = sections[0][0].device
         row_of = torch.repeat_interleave(
             torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
         )
         row_bits = torch.zeros(len(lengths), dtype=torch.long, device=device).index_add_(
-            0, row_of, payload_widths.sum(-1) + header_widths.sum(-1)
+            0, row_of, sum(widths.sum(-1) for _, widths in sections)
         )
         pad_widths = (-row_bits) % 8
-        values = torch.cat([header.reshape(-1), payload.reshape(-1), torch.zeros_like(pad_widths)])
-        widths = torch.cat([header_widths.reshape(-1), payload_widths.reshape(-1), pad_widths])
+        values = torch.cat([v.reshape(-1) for v, _ in sections] + [torch.zeros_like(pad_widths)])
+        widths = torch.cat([w.reshape(-1) for _, w in sections] + [pad_widths])
+        stride = len(sections) + 1
         section = torch.cat(
-            [
-                (row_of * 3)[:, None].expand_as(header).reshape(-1),
-                (row_of * 3 + 1)[:, None].expand_as(payload).reshape(-1),
-            ]
+            [(row_of * stride + s)[:, None].expand_as(v).reshape(-1) for s, (v, _) in enumerate(sections)]
+            + [torch.arange(len(lengths), device=device) * stride + len(sections)]
         )
-        section = torch.cat([section, torch.arange(len(lengths), device=device) * 3 + 2])
         order = torch.sort(section, stable=True).indices
         stream = _write_bits(values[order], widths[order])
         body_sizes = ((row_bits + pad_widths) // 8).tolist()
         bodies = np.split(stream, np.cumsum(body_sizes)[:-1]) if lengths else []
-        rows = [
+        return [
             ROW_PREFIX.pack(length, zlib.crc32(body, self._seed)) + body.tobytes()
             for length, body in zip(lengths, bodies, strict=True)
         ]
-        return rows, -torch.expm1(kept.tail_log_mass)
 
     # ---- decoding -----------------------------------------------------------------------------
 
@@ -188,12 +202,28 @@ class TopkCodec:
         """The teacher's top-k of packed ``rows`` (``lengths`` positions each) as :class:`SparseLogits`
         [N, k'] over all positions in order; slots past a position's n tokens hold log-prob −inf (the
         loss counts them in the tail). Refuses damaged rows and rows written by another codec."""
+        k = min(self.max_k, num_classes)
+        index_bits, width_bits, count_bits = self._widths(num_classes, k)
+        unpacked = self._unpack(rows, lengths, [count_bits, width_bits, TAIL_BITS])
+        n, width, tail_code = unpacked.header[:, 0] + 1, unpacked.header[:, 1], unpacked.header[:, 2]
+        if bool((n > k).any() | (width > index_bits).any()):
+            raise CodecError("a packed teacher row holds a count or index width out of range: damaged")
+        payload = n * (width + self.bits)
+        unpacked.check_length(unpacked.row_total(payload))
+        payload_start = unpacked.data_start[unpacked.row_of] + unpacked.within_row(payload)
+        slot = torch.arange(int(n.max()) if len(n) else 0)
+        keep = slot < n[:, None]
+        bits = unpacked.bits
+        gaps = _read_bits(bits, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
+        codes = _read_bits(bits, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
+        return self._distribution(gaps, codes, keep, tail_code, num_classes)
+
+    def _unpack(self, rows: list[bytes], lengths: list[int], header_widths: list[int]) -> _Unpacked:
+        """The checked rows' bits and their positions' headers (fields of ``header_widths`` bits)."""
         bodies = [
             self._check_row(i, row, length) for i, (row, length) in enumerate(zip(rows, lengths, strict=True))
         ]
-        k = min(self.max_k, num_classes)
-        index_bits, width_bits, count_bits = self._widths(num_classes, k)
-        header_bits = count_bits + width_bits + TAIL_BITS
+        header_bits = sum(header_widths)
         sizes = torch.tensor([len(b) for b in bodies], dtype=torch.long)
         bits = torch.from_numpy(np.unpackbits(np.frombuffer(b"".join(bodies), dtype=np.uint8)))
         counts = torch.tensor(lengths, dtype=torch.long)
@@ -205,23 +235,21 @@ class TopkCodec:
         row_of = torch.repeat_interleave(torch.arange(len(lengths)), counts)
         first = F.pad(torch.cumsum(counts, 0)[:-1], (1, 0))
         position = torch.arange(len(row_of)) - first[row_of]
-        starts = (row_start[row_of] + position * header_bits)[:, None] + torch.tensor(
-            [0, count_bits, count_bits + width_bits]
-        )
-        header = _read_bits(bits, starts, torch.tensor([count_bits, width_bits, TAIL_BITS]).expand_as(starts))
-        n, width, tail_code = header[:, 0] + 1, header[:, 1], header[:, 2]
-        if bool((n > k).any() | (width > index_bits).any()):
-            raise CodecError("a packed teacher row holds a count or index width out of range: damaged")
-        payload = n * (width + self.bits)
-        total = torch.zeros_like(sizes).index_add_(0, row_of, payload) + counts * header_bits
-        if not torch.equal((total + 7) // 8, sizes):
-            raise CodecError("a packed teacher row's length does not match its headers: damaged")
-        before = torch.cumsum(payload, 0) - payload
-        payload_start = row_start[row_of] + counts[row_of] * header_bits + before - before[first][row_of]
-        slot = torch.arange(int(n.max()) if len(n) else 0)
-        keep = slot < n[:, None]
-        gaps = _read_bits(bits, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
-        codes = _read_bits(bits, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
+        offsets = torch.tensor(header_widths)
+        starts = (row_start[row_of] + position * header_bits)[:, None] + torch.cumsum(offsets, 0) - offsets
+        header = _read_bits(bits, starts, offsets.expand_as(starts))
+        data_start = row_start + counts * header_bits
+        return _Unpacked(bits, row_start, sizes, row_of, first, data_start, header)
+
+    def _distribution(
+        self,
+        gaps: torch.Tensor,
+        codes: torch.Tensor,
+        keep: torch.Tensor,
+        tail_code: torch.Tensor,
+        num_classes: int,
+    ) -> SparseLogits:
+        """The decoded positions from their id gaps, log-prob codes [N, k'] and tail codes [N]."""
         indices = torch.where(keep, torch.cumsum(gaps + 1, -1) - 1, 0)
         if bool((indices >= num_classes).any()):
             raise CodecError(f"a packed teacher row holds a class id ≥ {num_classes}: damaged")
@@ -248,6 +276,135 @@ class TopkCodec:
                 "by another codec or other parameters"
             )
         return body
+
+
+class GolombTopkCodec(TopkCodec):
+    """The ``topk-golomb`` codec: :class:`TopkCodec`'s support, log-prob codes and tail code, with each
+    id gap in an exp-Golomb code of an order chosen per position (see the module docstring)."""
+
+    name: ClassVar[str] = "topk-golomb"
+
+    def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
+        """As :meth:`TopkCodec.encode`, ids exp-Golomb coded."""
+        kept, codes, n = self._select_rows(logits, lengths)
+        count_bits = self._widths(kept.num_classes, kept.indices.shape[-1])[2]
+        keep, gaps, codes, tail_code = _sorted_support(kept, codes)
+        cost = torch.stack(  # [N, orders]: bits of the position's ids, prefixes and mantissas
+            [((2 * _bit_length(gaps + (1 << r)) - r - 1) * keep).sum(-1) for r in range(2**ORDER_BITS)], -1
+        )
+        order = cost.argmin(-1)
+        high = _bit_length(gaps + (1 << order[:, None])) - 1  # bits below the leading 1
+        header = torch.stack([n - 1, order, tail_code], dim=-1)
+        header_widths = torch.tensor([count_bits, ORDER_BITS, TAIL_BITS]).expand_as(header)
+        sections = [
+            (header, header_widths),
+            (codes, self.bits * keep),
+            (torch.ones_like(gaps), (high - order[:, None] + 1) * keep),  # prefix: zeros, then a 1
+            (gaps + (1 << order[:, None]), high * keep),  # mantissa: the bits below the leading 1
+        ]
+        return self._pack(sections, lengths), -torch.expm1(kept.tail_log_mass)
+
+    def decode(self, rows: list[bytes], lengths: list[int], num_classes: int) -> SparseLogits:
+        """As :meth:`TopkCodec.decode`, ids exp-Golomb coded."""
+        k = min(self.max_k, num_classes)
+        count_bits = self._widths(num_classes, k)[2]
+        unpacked = self._unpack(rows, lengths, [count_bits, ORDER_BITS, TAIL_BITS])
+        n, order, tail_code = unpacked.header[:, 0] + 1, unpacked.header[:, 1], unpacked.header[:, 2]
+        if bool((n > k).any()):
+            raise CodecError("a packed teacher row holds a count out of range: damaged")
+        bits, row_of = unpacked.bits, unpacked.row_of
+        slot = torch.arange(int(n.max()) if len(n) else 0)
+        keep = slot < n[:, None]
+        code_bits = n * self.bits
+        codes_start = unpacked.data_start[row_of] + unpacked.within_row(code_bits)
+        codes = _read_bits(bits, codes_start[:, None] + slot * self.bits, self.bits * keep)
+
+        # Prefixes: the j-th id of a row ends at the j-th 1 bit after the row's codes.
+        prefix_start = unpacked.data_start + unpacked.row_total(code_bits)
+        row_end = unpacked.row_start + unpacked.sizes * 8
+        if bool((prefix_start > row_end).any()):
+            raise CodecError("a packed teacher row is shorter than its log-prob codes: damaged")
+        ones = bits.nonzero().squeeze(1)  # where every 1 bit is, in order
+        first_one = torch.searchsorted(ones, prefix_start)[row_of]  # the row's first prefix end
+        rank = (first_one + unpacked.within_row(n))[:, None] + slot
+        if bool(((rank >= len(ones)) & keep).any()):
+            raise CodecError("a packed teacher row ends inside an id code: damaged")
+        last = len(ones) - 1  # slots past n are clamped; empty only with no ids (or refused above)
+        end = ones[rank.clamp(max=last)]
+        previous = torch.where(
+            rank == first_one[:, None], prefix_start[row_of][:, None] - 1, ones[(rank - 1).clamp(0, last)]
+        )
+        high = (end - previous - 1 + order[:, None]) * keep  # mantissa bits of each id
+        if bool(
+            ((end >= row_end[row_of][:, None]) & keep).any()
+            | (high > _bit_length(torch.tensor(num_classes - 1 + 2**ORDER_BITS))).any()
+        ):
+            raise CodecError("a packed teacher row holds an id code past its end or out of range: damaged")
+
+        prefix_bits = ((high - order[:, None] + 1) * keep).sum(-1)
+        mantissa_start = prefix_start + unpacked.row_total(prefix_bits)
+        before = torch.cumsum(high, -1) - high
+        starts = (mantissa_start[row_of] + unpacked.within_row(high.sum(-1)))[:, None] + before
+        gaps = (_read_bits(bits, starts, high) + (1 << high) - (1 << order[:, None])) * keep
+        unpacked.check_length(unpacked.row_total(code_bits + prefix_bits + high.sum(-1)))
+        return self._distribution(gaps, codes, keep, tail_code, num_classes)
+
+
+CODECS: dict[str, type[TopkCodec]] = {codec.name: codec for codec in (TopkCodec, GolombTopkCodec)}
+"""The codecs a cache's metadata may name, by name: every one this hf_kd ever wrote stays readable."""
+COMPRESSIONS = ("none", *CODECS)
+
+
+def _bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Bits of each non-negative integer (0 for 0), exactly (float64 exponents)."""
+    return torch.frexp(x.double()).exponent.long()
+
+
+@dataclass
+class _Unpacked:
+    """Checked packed rows as one bit tensor, with where each row and its positions' data start."""
+
+    bits: torch.Tensor
+    """All rows' bodies, one bit per element [B]."""
+    row_start: torch.Tensor
+    """First bit of each row [R]."""
+    sizes: torch.Tensor
+    """Bytes of each row's body [R]."""
+    row_of: torch.Tensor
+    """Row of each position [N]."""
+    first: torch.Tensor
+    """First position of each row [R]."""
+    data_start: torch.Tensor
+    """First bit after each row's position headers [R]."""
+    header: torch.Tensor
+    """The positions' header fields [N, F]."""
+
+    def row_total(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Per-row sums [R] of a per-position count [N]."""
+        return torch.zeros_like(self.sizes).index_add_(0, self.row_of, per_position)
+
+    def within_row(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Per-position sums [N] of a per-position count over the earlier positions of its row."""
+        before = torch.cumsum(per_position, 0) - per_position
+        return before - before[self.first[self.row_of]]
+
+    def check_length(self, data_bits: torch.Tensor) -> None:
+        """Refuse rows whose bytes are not their headers plus ``data_bits`` [R], padded to a byte."""
+        total = self.data_start - self.row_start + data_bits
+        if not torch.equal((total + 7) // 8, self.sizes):
+            raise CodecError("a packed teacher row's length does not match its headers: damaged")
+
+
+def _sorted_support(
+    kept: SparseLogits, codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept tokens in id order: keep mask, id gaps (i_0, i_j − i_{j−1} − 1; 0 past n) and log-prob
+    codes [N, k], and the tail code [N]."""
+    keep = kept.log_probs > -math.inf
+    tail_code = _tail_code(kept.tail_log_mass - torch.logsumexp(kept.log_probs, dim=-1))
+    ids, order = torch.where(keep, kept.indices, kept.num_classes).sort(dim=-1)
+    gaps = torch.where(keep, ids - F.pad(ids[:, :-1], (1, 0), value=-1) - 1, 0)
+    return keep, gaps, codes.gather(-1, order).long(), tail_code
 
 
 def _tail_code(odds: torch.Tensor) -> torch.Tensor:

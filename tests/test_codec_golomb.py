@@ -1,0 +1,179 @@
+"""The ``topk-golomb`` codec: exp-Golomb-coded token ids, the same support and quantised log-probs as
+``topk-packed``; round trips within the bound, damaged rows refused, older caches still readable."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+
+import pytest
+import torch
+
+from hf_kd.losses import divergence
+from hf_kd.tasks import CausalLMTask
+from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.codec import ROW_PREFIX, CodecError, GolombTopkCodec, TopkCodec
+from tests.test_codec import V, capture, exact_support, lm_like_logits, lm_setup  # noqa: F401 (a fixture)
+
+
+def clustered_logits(n: int, seed: int = 0) -> torch.Tensor:
+    """LM-like positions whose likely tokens crowd the low ids, as a BPE vocabulary's frequent tokens do."""
+    g = torch.Generator().manual_seed(seed)
+    return lm_like_logits(n, seed) - 0.02 * torch.arange(V) + 0.5 * torch.randn(n, V, generator=g)
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        GolombTopkCodec(32, mass=0.95, bits=5, step=0.25),
+        GolombTopkCodec(64, mass=0.98, bits=3, step=0.5),
+        GolombTopkCodec(V, mass=1.0, bits=8, step=0.05),  # every id, gaps of 0
+    ],
+)
+def test_golomb_round_trip_is_within_the_stated_error_bound(codec):
+    logits = clustered_logits(120)
+    lengths = [50, 0, 1, 69]
+    rows, kept = codec.encode(logits, lengths)
+    assert len(rows[1]) == ROW_PREFIX.size  # an empty row is its prefix alone
+    decoded = codec.decode(rows, lengths, V)
+    exact = exact_support(codec, logits)
+    stored = exact.log_probs > -math.inf
+    width = decoded.indices.shape[-1]
+    chosen = torch.where(stored, exact.indices, -1).sort(-1).values[:, -width:]
+    assert torch.equal(
+        torch.where(decoded.log_probs > -math.inf, decoded.indices, -1).sort(-1).values, chosen
+    )
+    for tail in ("uniform", "renormalize"):
+        a, b = exact.to_dense_log_probs(tail), decoded.to_dense_log_probs(tail)
+        finite = a > -math.inf
+        assert torch.equal(finite, b > -math.inf)
+        error = (a - b)[finite].abs().max().item()
+        assert codec.step / 10 < error <= codec.error_bound() + 1e-5, (tail, error)
+    torch.testing.assert_close(kept, -torch.expm1(exact.tail_log_mass))
+
+
+def test_golomb_decodes_what_topk_packed_decodes_in_fewer_bytes():
+    """Same parameters: the same tokens, log-probs and tail as ``topk-packed``, in fewer bytes when the
+    likely ids cluster (as a BPE vocabulary's frequent tokens do); losses from either are equal."""
+    logits = clustered_logits(200, seed=3)
+    lengths = [120, 80]
+    packed, golomb = TopkCodec(48, 0.98, 3, 0.5), GolombTopkCodec(48, 0.98, 3, 0.5)
+    packed_rows, packed_kept = packed.encode(logits, lengths)
+    golomb_rows, golomb_kept = golomb.encode(logits, lengths)
+    a, b = packed.decode(packed_rows, lengths, V), golomb.decode(golomb_rows, lengths, V)
+    for field in ("log_probs", "indices", "tail_log_mass"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert torch.equal(packed_kept, golomb_kept)
+    packed_bytes, golomb_bytes = sum(map(len, packed_rows)), sum(map(len, golomb_rows))
+    assert golomb_bytes < 0.8 * packed_bytes, (golomb_bytes, packed_bytes)
+    student = torch.randn(200, V, generator=torch.Generator().manual_seed(4))
+    for tail in ("uniform", "bucket"):
+        assert torch.equal(
+            divergence("forward_kl", student, a, tail=tail), divergence("forward_kl", student, b, tail=tail)
+        )
+
+
+def resealed(codec: GolombTopkCodec, row: bytes, body: bytes) -> bytes:
+    """``body`` behind ``row``'s position count and a valid checksum: damage the CRC cannot see."""
+    positions, _ = ROW_PREFIX.unpack_from(row)
+    return ROW_PREFIX.pack(positions, zlib.crc32(body, codec._seed)) + body
+
+
+def test_golomb_damaged_rows_are_refused():
+    codec = GolombTopkCodec(32, mass=0.95, bits=4, step=0.4)
+    rows, _ = codec.encode(clustered_logits(30), [30])
+    row = rows[0]
+    flipped = bytearray(row)
+    flipped[len(row) // 2] ^= 0x10
+    for damaged in (bytes(flipped), row[:-3], row + b"\x00"):
+        with pytest.raises(CodecError, match="fails its checksum"):
+            codec.decode([damaged], [30], V)
+    # Damage behind a valid checksum is refused by the structure checks, never an IndexError or a wrong row.
+    body = row[ROW_PREFIX.size :]
+    g = torch.Generator().manual_seed(0)
+    damaged_bodies = [
+        body[:-1],
+        body + b"\x00",
+        body[: len(body) // 2],
+        b"\xff" * len(body),
+        b"\x00" * len(body),
+    ]
+    for _ in range(40):
+        at = int(torch.randint(0, len(body), (1,), generator=g))
+        damaged_bodies.append(
+            body[:at]
+            + bytes([body[at] ^ (1 << int(torch.randint(0, 8, (1,), generator=g)))])
+            + body[at + 1 :]
+        )
+    refused = 0
+    for damaged in damaged_bodies:
+        try:
+            decoded = codec.decode([resealed(codec, row, damaged)], [30], V)
+        except CodecError:
+            refused += 1
+            continue
+        assert bool((decoded.indices < V).all() & (decoded.indices >= 0).all())
+    assert refused >= 5  # every truncated, extended or blanked body, and the flips that break the layout
+
+
+def test_codecs_never_decode_each_other_and_older_caches_stay_readable():
+    logits = clustered_logits(10)
+    v1_rows, _ = TopkCodec(32, 0.98, 4, 0.4).encode(logits, [10])
+    golomb_rows, _ = GolombTopkCodec(32, 0.98, 4, 0.4).encode(logits, [10])
+    with pytest.raises(CodecError, match="another codec or other parameters"):
+        GolombTopkCodec(32, 0.98, 4, 0.4).decode(v1_rows, [10], V)
+    with pytest.raises(CodecError, match="another codec or other parameters"):
+        TopkCodec(32, 0.98, 4, 0.4).decode(golomb_rows, [10], V)
+    # A cache's metadata picks its codec: the first format (recorded before topk-golomb existed) still reads.
+    old_spec = {"codec": "topk-packed", "max_k": 32, "mass": 0.98, "bits": 4, "step": 0.4}
+    old = TopkCodec.from_spec(old_spec)
+    assert type(old) is TopkCodec and old.spec() == old_spec
+    assert type(TopkCodec.from_spec(GolombTopkCodec(32, 0.98, 4, 0.4).spec())) is GolombTopkCodec
+    assert torch.equal(
+        old.decode(v1_rows, [10], V).indices, TopkCodec(32, 0.98, 4, 0.4).decode(v1_rows, [10], V).indices
+    )
+    with pytest.raises(
+        CodecError, match=r"codec 'topk-zstd' is not known; this hf_kd reads \['topk-golomb', 'topk-packed'\]"
+    ):
+        TopkCodec.from_spec({"codec": "topk-zstd", "max_k": 32})
+
+
+def test_golomb_capture_decodes_in_the_collator(lm_setup, tmp_path):  # noqa: F811 (the fixture)
+    _, _, tokenizer = lm_setup
+    capture(lm_setup, tmp_path / "golomb", top_k=8, compression="topk-golomb", compression_mass=0.9)
+    capture(lm_setup, tmp_path / "plain", top_k=8)
+    golomb, plain = load_teacher_cache(tmp_path / "golomb"), load_teacher_cache(tmp_path / "plain")
+    assert golomb.metadata.compression == GolombTopkCodec(8, 0.9).spec()
+    batches = {}
+    for name, cache in (("golomb", golomb), ("plain", plain)):
+        task = CausalLMTask(max_length=48)
+        task.cache_decoder = cache.decoder()
+        rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
+        batches[name] = task.collate([rows[i] for i in range(6)])
+    mask = batches["plain"]["attention_mask"].bool()
+    a = CachedTeacher(len(tokenizer))(batches["plain"])[mask].to_dense_log_probs()
+    b = CachedTeacher(len(tokenizer))(batches["golomb"])[mask].to_dense_log_probs()
+    error = (a - b).abs().max().item()
+    assert 0 < error <= GolombTopkCodec(8, 0.9).error_bound() + 1e-3  # plain's log-probs are float32
+
+
+def test_golomb_bytes_are_pinned():
+    """The format caches are written in today: SHA-256 of the rows and kept masses of fixed logits under
+    three settings. A change here makes every existing topk-golomb cache unreadable: give it a new name."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(50, 3000, generator=g) * torch.linspace(0.5, 6.0, 50)[
+        :, None
+    ] - 0.003 * torch.arange(3000)
+    digest = hashlib.sha256()
+    for codec in (
+        GolombTopkCodec(64, 0.99, 4, 0.4),
+        GolombTopkCodec(32, 0.95, 5, 0.25),
+        GolombTopkCodec(8, 1.0, 16, 0.01),
+    ):
+        rows, kept = codec.encode(logits, [7, 0, 20, 1, 22])
+        for row in rows:
+            digest.update(row)
+        digest.update(kept.numpy().tobytes())
+    assert digest.hexdigest() == "4461235cfc2c91fa3c947ec643f759f201c5c788bba8b10adbf343a64fc71563"
