@@ -195,7 +195,7 @@ class TopkCodec:
         index_bits, width_bits, count_bits = self._widths(num_classes, k)
         header_bits = count_bits + width_bits + TAIL_BITS
         sizes = torch.tensor([len(b) for b in bodies], dtype=torch.long)
-        bits = torch.from_numpy(np.unpackbits(np.frombuffer(b"".join(bodies), dtype=np.uint8)))
+        words = _words(b"".join(bodies))
         counts = torch.tensor(lengths, dtype=torch.long)
         if bool((sizes * 8 < counts * header_bits).any()):
             raise CodecError(
@@ -208,7 +208,9 @@ class TopkCodec:
         starts = (row_start[row_of] + position * header_bits)[:, None] + torch.tensor(
             [0, count_bits, count_bits + width_bits]
         )
-        header = _read_bits(bits, starts, torch.tensor([count_bits, width_bits, TAIL_BITS]).expand_as(starts))
+        header = _read_bits(
+            words, starts, torch.tensor([count_bits, width_bits, TAIL_BITS]).expand_as(starts)
+        )
         n, width, tail_code = header[:, 0] + 1, header[:, 1], header[:, 2]
         if bool((n > k).any() | (width > index_bits).any()):
             raise CodecError("a packed teacher row holds a count or index width out of range: damaged")
@@ -220,8 +222,8 @@ class TopkCodec:
         payload_start = row_start[row_of] + counts[row_of] * header_bits + before - before[first][row_of]
         slot = torch.arange(int(n.max()) if len(n) else 0)
         keep = slot < n[:, None]
-        gaps = _read_bits(bits, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
-        codes = _read_bits(bits, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
+        gaps = _read_bits(words, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
+        codes = _read_bits(words, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
         indices = torch.where(keep, torch.cumsum(gaps + 1, -1) - 1, 0)
         if bool((indices >= num_classes).any()):
             raise CodecError(f"a packed teacher row holds a class id ≥ {num_classes}: damaged")
@@ -275,11 +277,20 @@ def _write_bits(values: torch.Tensor, widths: torch.Tensor) -> np.ndarray:
     return stream[:size].to(torch.uint8).numpy()
 
 
-def _read_bits(bits: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """The fields of ``widths`` bits starting at bit ``starts`` (same shapes; width 0 reads 0)."""
-    span = int(widths.max()) if widths.numel() else 0
-    bit = torch.arange(span)
-    mask = bit < widths[..., None]
-    at = (starts[..., None] + bit).clamp(0, max(len(bits) - 1, 0))
-    read = bits[at].long() * mask if len(bits) else torch.zeros_like(at)
-    return (read << (widths[..., None] - 1 - bit).clamp(min=0)).sum(-1)
+def _words(stream: bytes) -> torch.Tensor:
+    """For each byte of ``stream``, the 8 bytes from it (zeros past the end) as one big-endian int64."""
+    data = torch.frombuffer(bytearray(stream) + bytes(7), dtype=torch.uint8).long()
+    size = len(stream)
+    words = torch.zeros(size, dtype=torch.long)
+    for j in range(8):
+        words.bitwise_or_(data[j : j + size] << (56 - 8 * j))
+    return words
+
+
+def _read_bits(words: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The fields of ``widths`` bits (at most 57) starting at bit ``starts`` (same shapes; width 0 reads
+    0) of the stream whose :func:`_words` are ``words``: one read of the word at each field's first byte."""
+    if not len(words):
+        return torch.zeros_like(starts)
+    word = words[(starts >> 3).clamp(0, len(words) - 1)]
+    return (word >> (64 - (starts & 7) - widths).clamp(max=63)) & ((1 << widths) - 1)

@@ -1,18 +1,20 @@
-"""Pipelined capture: the rows of one batch are computed and written while the teacher runs the next,
-in order, with the same bytes as a serial capture; an error on either side leaves no shard behind."""
+"""The cache's speed work: a pipelined capture (the rows of one batch are computed and written while
+the teacher runs the next, in order, with the same bytes as a serial capture; an error on either side
+leaves no shard behind) and the packed-row reader (one word read per field)."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
+import torch
 from test_cache import arrow_files, tiny_gpt_and_texts
 
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache import capture as capture_module
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.load import load_teacher_cache
-from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.codec import TopkCodec, _read_bits, _words
 
 # 10 rows in shards of 4 + 4 + 2, batches of 3: 2 + 2 + 1 batches
 SETTINGS = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
@@ -84,3 +86,14 @@ def test_an_error_while_writing_rows_surfaces_and_leaves_no_shard(tmp_path, monk
     capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "c", **SETTINGS)
     capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "d", **SETTINGS)
     assert arrow_files(load_teacher_cache(tmp_path / "c")) == arrow_files(load_teacher_cache(tmp_path / "d"))
+
+
+def test_the_word_reader_reads_every_width_at_every_bit_offset_up_to_the_streams_end():
+    g = torch.Generator().manual_seed(0)
+    stream = bytes(torch.randint(0, 256, (40,), generator=g, dtype=torch.uint8).tolist())
+    bits = "".join(f"{byte:08b}" for byte in stream)
+    widths = torch.arange(58).repeat_interleave(8)  # 0..57 bits, each at 8 starts
+    starts = torch.stack([torch.randint(0, len(bits) - int(w) + 1, (), generator=g) for w in widths])
+    starts[-8:] = len(bits) - widths[-8:]  # fields ending on the stream's last bit
+    expected = [int(bits[s : s + w] or "0", 2) for s, w in zip(starts.tolist(), widths.tolist(), strict=True)]
+    assert _read_bits(_words(stream), starts, widths).tolist() == expected
