@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_kd.losses import SparseLogits
+from hf_kd.losses.sparse import top_k
 
 COMPRESSIONS = ("none", "topk-packed")
 TAIL_LOW, TAIL_HIGH, TAIL_CODES = -24.0, 12.0, 255
@@ -123,7 +124,7 @@ class TopkCodec:
         kept, the log-prob codes [N, k] and the count n [N] of kept tokens."""
         log_p = torch.log_softmax(logits.float(), dim=-1)
         k = min(self.max_k, log_p.shape[-1])
-        top, idx = log_p.topk(k, dim=-1)
+        top, idx = top_k(log_p, k)
         codes = torch.round((top[:, :1] - top) / self.step)
         codes[:, 1:] = codes[:, 1:].clamp(min=1)  # the top-1 alone has code 0
         below_mass = (top.exp().cumsum(-1) < self.mass).sum(-1) + 1

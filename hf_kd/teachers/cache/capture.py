@@ -5,7 +5,9 @@ A capture runs shard by shard (``shard_size`` rows); under ``torchrun``/``accele
 process takes every ``world_size``-th shard. Finished shards are renamed into ``<cache>.partial/``, so
 an interrupted capture restarts from the shards it has (only for the same settings, rows and teacher
 weights: :func:`~hf_kd.teachers.cache.format.weights_hash`); the main process merges them in order into a
-temporary directory that is renamed to ``<cache>`` only once complete.
+temporary directory that is renamed to ``<cache>`` only once complete. Within a shard, one writer
+thread turns each batch of teacher outputs into cache rows and appends them, in order, while the
+teacher runs on the next batch (:func:`_write_shard`).
 """
 
 from __future__ import annotations
