@@ -297,6 +297,19 @@ def real_lm(args):
     return model, tokenizer, train, test
 
 
+def random_llama(args, vocab: int):
+    """A Llama of ``--capture_teacher`` HIDDENxLAYERS with random weights (a larger teacher to capture)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers = (int(x) for x in args.capture_teacher.split("x"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq_len, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
 def stored_bytes(features, table) -> int:
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "shard.arrow"
@@ -387,20 +400,22 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
         for s in range(0, len(prepared), 8)
     ]
 
+    capturing = teacher if args.capture_teacher is None else random_llama(args, len(tokenizer))
+
     def raw_forward() -> None:
         with torch.inference_mode():
             for batch in batches:
-                teacher(**batch)
+                capturing(**batch)
 
     def capture(path: Path, compression: TopkCodec | None) -> None:
         capture_teacher_logits(
-            teacher, tokenizer, task, data, path, teacher_id="lm", batch_size=8, progress=False,
+            capturing, tokenizer, task, data, path, teacher_id="lm", batch_size=8, progress=False,
             top_k=codec.max_k, compression=compression, dtype="float16",
         )  # fmt: skip
 
     times = {"raw": [], "packed": [], "top-k": []}
     raw_forward()
-    kd_batches = {}
+    kd_batches, collate_us = {}, {}
     with tempfile.TemporaryDirectory() as out:
         for r in range(args.capture_repeats):
             times["raw"].append(timed(raw_forward))
@@ -411,13 +426,21 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
             task.cache_decoder = cache.decoder()
             rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
             starts = range(0, len(rows) - 7, 8)
+            start = time.perf_counter()
             kd_batches[name] = [task.collate([rows[i] for i in range(s, s + 8)]) for s in starts]
+            collate_us[name] = (time.perf_counter() - start) / (len(starts) * 8 * args.seq_len) * 1e6
     raw, packed, plain = (statistics.median(times[k]) for k in ("raw", "packed", "top-k"))
+    size = sum(p.numel() for p in capturing.parameters()) / 1e6
     print(
-        f"[curve] capture over {len(texts)} rows × {args.seq_len} tokens, {args.capture_repeats} rounds (medians)"
+        f"[curve] capture over {len(texts)} rows × {args.seq_len} tokens, teacher {size:.1f}M parameters"
+        f"{'' if args.capture_teacher is None else ' (random weights)'}, {args.capture_repeats} rounds (medians)"
     )
     print(f"  compressed {codec.spec()} capture / raw forward = {raw / packed:.3f}   (target ≥ 0.95)")
     print(f"  uncompressed top-{codec.max_k} float16 capture / raw forward = {raw / plain:.3f}")
+    print(
+        f"  collate (padding; decoding the packed rows) µs/token: compressed {collate_us['packed']:.2f}, "
+        f"uncompressed {collate_us['top-k']:.2f} (in the step's process unless dataloader_num_workers ≥ 1)"
+    )
 
     student_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -514,6 +537,11 @@ def main() -> None:
         type=int,
         default=DEFAULT_SETTING,
         help="curve: CODEC_SETTINGS index for step/capture",
+    )
+    parser.add_argument(
+        "--capture_teacher",
+        default=None,
+        help="curve/lm-step: capture a random-weights Llama of HIDDENxLAYERS (e.g. 512x4: 13.6M) instead of the real LM",
     )
     parser.add_argument("--lm_temperature", type=float, default=2.0, help="τ of the LM KD steps")
     parser.add_argument("--lm_sparse_tail", default="uniform", help="sparse_tail of the LM KD steps")

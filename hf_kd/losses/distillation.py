@@ -103,10 +103,12 @@ class _SparseKDSums(torch.autograd.Function):
             else:
                 a, b = a - stat_grad * total, stat_grad
         row = a + hard_rows if scale == 1.0 else a  # s = 1: the hard term's q¹ is the same q
-        coef = row[:, None] if b is None else torch.addcmul(row[:, None], log_q, b[:, None])
-        grad = log_q.exp().mul_(coef)
+        coef = row[:, None] if b is None else (log_q * b[:, None]).add_(row[:, None])
+        # In place on the saved [n, K] tensors, spent once read (a second backward fails loudly): no
+        # new full-size tensor, one pass per term.
+        grad = log_q.exp_().mul_(coef)
         if scale != 1.0:
-            grad.add_(log_q1.exp().mul_(hard_rows[:, None]))
+            grad.addcmul_(log_q1.exp_(), hard_rows[:, None])
         if c is not None:
             grad.add_(c[:, None])
         grad.scatter_add_(-1, index, kept_grad)
@@ -312,8 +314,8 @@ def _weighted_sums(
         else student_logits.requires_grad
     )
     if chunk_size is None or not needs_grad:
-        if chunk_size is None:
-            hard, soft = sums_fn(logits_of(slice(None)), slice(None))
+        if chunk_size is None:  # the logits themselves: a [:] view's backward would copy the gradient
+            hard, soft = sums_fn(student_logits.logits() if from_hidden else student_logits, slice(None))
         else:
             chunks = [slice(s, s + chunk_size) for s in range(0, num_rows, chunk_size)]
             sums = [sums_fn(logits_of(rows), rows) for rows in chunks]

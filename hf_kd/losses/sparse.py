@@ -6,9 +6,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 TAIL_MODES = ("uniform", "renormalize", "bucket")
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row of x [..., K], largest first, and their class ids: as
+    ``x.topk(k)`` (equal values may come in another order). On CPU through numpy's introselect, about
+    twice as fast as ``torch.topk`` for k ≪ K; torch's elsewhere."""
+    num_classes = x.shape[-1]
+    if (
+        x.requires_grad
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or k >= num_classes
+    ):
+        return x.topk(min(k, num_classes), dim=-1)
+    rows = x.reshape(-1, num_classes).numpy()
+    ids = np.argpartition(rows, num_classes - k, axis=-1)[:, num_classes - k :]
+    values = np.take_along_axis(rows, ids, -1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    values, ids = np.take_along_axis(values, order, -1), np.take_along_axis(ids, order, -1)
+    shape = (*x.shape[:-1], k)
+    return torch.from_numpy(values).reshape(shape), torch.from_numpy(ids).reshape(shape)
 
 
 @dataclass
@@ -33,7 +55,7 @@ class SparseLogits:
         """
         log_p = torch.log_softmax(logits.float(), dim=-1)
         K = logits.shape[-1]
-        top, idx = log_p.topk(min(k, K), dim=-1)
+        top, idx = top_k(log_p, k)
         tail = torch.logsumexp(log_p.scatter(-1, idx, -math.inf), dim=-1)
         return cls(top, idx, tail, K)
 

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_kd.losses import SparseLogits
+from hf_kd.losses.sparse import top_k
 
 TAIL_LOW, TAIL_HIGH, TAIL_CODES = -24.0, 12.0, 255
 TAIL_STEP = (TAIL_HIGH - TAIL_LOW) / (TAIL_CODES - 1)
@@ -132,7 +133,7 @@ class TopkCodec:
         kept, the log-prob codes [N, k] and the count n [N] of kept tokens."""
         log_p = torch.log_softmax(logits.float(), dim=-1)
         k = min(self.max_k, log_p.shape[-1])
-        top, idx = log_p.topk(k, dim=-1)
+        top, idx = top_k(log_p, k)
         codes = torch.round((top[:, :1] - top) / self.step)
         codes[:, 1:] = codes[:, 1:].clamp(min=1)  # the top-1 alone has code 0
         below_mass = (top.exp().cumsum(-1) < self.mass).sum(-1) + 1
@@ -213,9 +214,9 @@ class TopkCodec:
         payload_start = unpacked.data_start[unpacked.row_of] + unpacked.within_row(payload)
         slot = torch.arange(int(n.max()) if len(n) else 0)
         keep = slot < n[:, None]
-        bits = unpacked.bits
-        gaps = _read_bits(bits, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
-        codes = _read_bits(bits, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
+        words = unpacked.words
+        gaps = _read_bits(words, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
+        codes = _read_bits(words, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
         return self._distribution(gaps, codes, keep, tail_code, num_classes)
 
     def _unpack(self, rows: list[bytes], lengths: list[int], header_widths: list[int]) -> _Unpacked:
@@ -225,7 +226,8 @@ class TopkCodec:
         ]
         header_bits = sum(header_widths)
         sizes = torch.tensor([len(b) for b in bodies], dtype=torch.long)
-        bits = torch.from_numpy(np.unpackbits(np.frombuffer(b"".join(bodies), dtype=np.uint8)))
+        stream = b"".join(bodies)
+        words = _words(stream)
         counts = torch.tensor(lengths, dtype=torch.long)
         if bool((sizes * 8 < counts * header_bits).any()):
             raise CodecError(
@@ -237,9 +239,9 @@ class TopkCodec:
         position = torch.arange(len(row_of)) - first[row_of]
         offsets = torch.tensor(header_widths)
         starts = (row_start[row_of] + position * header_bits)[:, None] + torch.cumsum(offsets, 0) - offsets
-        header = _read_bits(bits, starts, offsets.expand_as(starts))
+        header = _read_bits(words, starts, offsets.expand_as(starts))
         data_start = row_start + counts * header_bits
-        return _Unpacked(bits, row_start, sizes, row_of, first, data_start, header)
+        return _Unpacked(stream, words, row_start, sizes, row_of, first, data_start, header)
 
     def _distribution(
         self,
@@ -312,19 +314,19 @@ class GolombTopkCodec(TopkCodec):
         n, order, tail_code = unpacked.header[:, 0] + 1, unpacked.header[:, 1], unpacked.header[:, 2]
         if bool((n > k).any()):
             raise CodecError("a packed teacher row holds a count out of range: damaged")
-        bits, row_of = unpacked.bits, unpacked.row_of
+        words, row_of = unpacked.words, unpacked.row_of
         slot = torch.arange(int(n.max()) if len(n) else 0)
         keep = slot < n[:, None]
         code_bits = n * self.bits
         codes_start = unpacked.data_start[row_of] + unpacked.within_row(code_bits)
-        codes = _read_bits(bits, codes_start[:, None] + slot * self.bits, self.bits * keep)
+        codes = _read_bits(words, codes_start[:, None] + slot * self.bits, self.bits * keep)
 
         # Prefixes: the j-th id of a row ends at the j-th 1 bit after the row's codes.
         prefix_start = unpacked.data_start + unpacked.row_total(code_bits)
         row_end = unpacked.row_start + unpacked.sizes * 8
         if bool((prefix_start > row_end).any()):
             raise CodecError("a packed teacher row is shorter than its log-prob codes: damaged")
-        ones = bits.nonzero().squeeze(1)  # where every 1 bit is, in order
+        ones = unpacked.bits.nonzero().squeeze(1)  # where every 1 bit is, in order
         first_one = torch.searchsorted(ones, prefix_start)[row_of]  # the row's first prefix end
         rank = (first_one + unpacked.within_row(n))[:, None] + slot
         if bool(((rank >= len(ones)) & keep).any()):
@@ -345,7 +347,7 @@ class GolombTopkCodec(TopkCodec):
         mantissa_start = prefix_start + unpacked.row_total(prefix_bits)
         before = torch.cumsum(high, -1) - high
         starts = (mantissa_start[row_of] + unpacked.within_row(high.sum(-1)))[:, None] + before
-        gaps = (_read_bits(bits, starts, high) + (1 << high) - (1 << order[:, None])) * keep
+        gaps = (_read_bits(words, starts, high) + (1 << high) - (1 << order[:, None])) * keep
         unpacked.check_length(unpacked.row_total(code_bits + prefix_bits + high.sum(-1)))
         return self._distribution(gaps, codes, keep, tail_code, num_classes)
 
@@ -362,10 +364,12 @@ def _bit_length(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Unpacked:
-    """Checked packed rows as one bit tensor, with where each row and its positions' data start."""
+    """Checked packed rows as one stream, with where each row and its positions' data start."""
 
-    bits: torch.Tensor
-    """All rows' bodies, one bit per element [B]."""
+    stream: bytes
+    """All rows' bodies, one after the other."""
+    words: torch.Tensor
+    """The stream's :func:`_words` (what :func:`_read_bits` reads)."""
     row_start: torch.Tensor
     """First bit of each row [R]."""
     sizes: torch.Tensor
@@ -378,6 +382,11 @@ class _Unpacked:
     """First bit after each row's position headers [R]."""
     header: torch.Tensor
     """The positions' header fields [N, F]."""
+
+    @cached_property
+    def bits(self) -> torch.Tensor:
+        """The stream one bit per element [B] (made only when a codec asks for it)."""
+        return torch.from_numpy(np.unpackbits(np.frombuffer(self.stream, dtype=np.uint8)))
 
     def row_total(self, per_position: torch.Tensor) -> torch.Tensor:
         """Per-row sums [R] of a per-position count [N]."""
@@ -432,11 +441,20 @@ def _write_bits(values: torch.Tensor, widths: torch.Tensor) -> np.ndarray:
     return stream[:size].to(torch.uint8).numpy()
 
 
-def _read_bits(bits: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """The fields of ``widths`` bits starting at bit ``starts`` (same shapes; width 0 reads 0)."""
-    span = int(widths.max()) if widths.numel() else 0
-    bit = torch.arange(span)
-    mask = bit < widths[..., None]
-    at = (starts[..., None] + bit).clamp(0, max(len(bits) - 1, 0))
-    read = bits[at].long() * mask if len(bits) else torch.zeros_like(at)
-    return (read << (widths[..., None] - 1 - bit).clamp(min=0)).sum(-1)
+def _words(stream: bytes) -> torch.Tensor:
+    """For each byte of ``stream``, the 8 bytes from it (zeros past the end) as one big-endian int64."""
+    data = torch.frombuffer(bytearray(stream) + bytes(7), dtype=torch.uint8).long()
+    size = len(stream)
+    words = torch.zeros(size, dtype=torch.long)
+    for j in range(8):
+        words.bitwise_or_(data[j : j + size] << (56 - 8 * j))
+    return words
+
+
+def _read_bits(words: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """The fields of ``widths`` bits (at most 57) starting at bit ``starts`` (same shapes; width 0 reads
+    0) of the stream whose :func:`_words` are ``words``: one read of the word at each field's first byte."""
+    if not len(words):
+        return torch.zeros_like(starts)
+    word = words[(starts >> 3).clamp(0, len(words) - 1)]
+    return (word >> (64 - (starts & 7) - widths).clamp(max=63)) & ((1 << widths) - 1)

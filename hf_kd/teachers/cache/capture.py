@@ -5,7 +5,9 @@ A capture runs shard by shard (``shard_size`` rows); under ``torchrun``/``accele
 process takes every ``world_size``-th shard. Finished shards are renamed into ``<cache>.partial/``, so
 an interrupted capture restarts from the shards it has (only for the same settings, rows and teacher
 weights: :func:`~hf_kd.teachers.cache.format.weights_hash`); the main process merges them in order into a
-temporary directory that is renamed to ``<cache>`` only once complete.
+temporary directory that is renamed to ``<cache>`` only once complete. Within a shard, one writer
+thread turns each batch of teacher outputs into cache rows and appends them, in order, while the
+teacher runs on the next batch (:func:`_write_shard`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import json
 import logging
 import os
 import shutil
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,10 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 LOW_KEPT_MASS = 0.8
 """A capture warns when its top-k keeps less than this probability mass on average."""
+PIPELINE_DEPTH = 1
+"""Batches of teacher outputs a capture lets wait for its writer thread while the teacher runs the next
+one (0: the teacher waits for each). At 1 a capture holds two batches of logits at most, as a serial
+loop does while it computes the next batch."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,40 +283,42 @@ def capture_teacher_logits(
     todo = [job for job in jobs[rank::world_size] if not _shard_path(partial, job[0], job[1]).is_file()]
     device = next(teacher.parameters()).device
     teacher.eval()
+
+    def to_arrow(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[pa.Table, torch.Tensor]:
+        """The cache rows of one batch of teacher outputs and the probability mass kept per position."""
+        if compression is not None:
+            return packed_to_arrow(compression, logits, mask, features)
+        columns = compress_logits(logits, top_k)
+        return columns_to_arrow(columns, features, mask), _kept_mass(columns, mask)
+
     with tqdm(
         total=sum(end - start for _, _, start, end in todo),
         desc=f"Teacher logits (rank {rank})",
         disable=not progress,
     ) as bar:
+
+        def outputs(prepared: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            """The teacher's outputs over ``prepared`` rows: (logits, attention mask or None) a batch."""
+            for batch_start in range(0, len(prepared), batch_size):
+                batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
+                inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
+                with torch.inference_mode():
+                    logits = teacher(**inputs).logits[..., :num_classes]
+                mask = inputs.get("attention_mask") if metadata.per_token else None
+                if metadata.per_token and mask is None:
+                    raise ValueError(
+                        "per-token capture needs padded rows with an attention_mask (no packing)"
+                    )
+                yield logits, mask
+                bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
+
         for name, index, start, end in todo:
             prepared = task.prepare(
                 dataset[name].select(range(start, end)), student_processor=teacher_processor
             )
             path = _shard_path(partial, name, index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with ArrowWriter(features=features, path=str(tmp)) as writer:
-                for batch_start in range(0, end - start, batch_size):
-                    batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
-                    inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
-                    with torch.inference_mode():
-                        logits = teacher(**inputs).logits[..., :num_classes]
-                    mask = inputs.get("attention_mask") if metadata.per_token else None
-                    if metadata.per_token and mask is None:
-                        raise ValueError(
-                            "per-token capture needs padded rows with an attention_mask (no packing)"
-                        )
-                    if compression is not None:
-                        table, kept = packed_to_arrow(compression, logits, mask, features)
-                    else:
-                        columns = compress_logits(logits, top_k)
-                        table = columns_to_arrow(columns, features, mask)
-                        kept = _kept_mass(columns, mask)
-                    writer.write_table(table)
-                    kept_mass.append(kept.cpu())
-                    bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
-                writer.finalize()
-            os.replace(tmp, path)
+            kept_mass += _write_shard(path, features, outputs(prepared), to_arrow)
     if metadata.per_token and top_k is not None and kept_mass:
         setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
         report_kept_mass(torch.cat(kept_mass), setting)
@@ -322,6 +333,52 @@ def capture_teacher_logits(
         )
     _barrier()
     return read_metadata(output_dir)
+
+
+def _write_shard(
+    path: Path,
+    features: Features,
+    outputs: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+    to_arrow: Callable[[torch.Tensor, torch.Tensor | None], tuple[pa.Table, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Write the shard ``path`` from the teacher's ``outputs`` (a generator running the teacher batch by
+    batch); returns the kept probability masses (``to_arrow``'s second value) of its batches.
+
+    Each batch is turned into rows (``to_arrow``) and appended by one writer thread, in order, while the
+    caller's thread runs the teacher on the next batch: at most ``PIPELINE_DEPTH`` batches wait for the
+    writer, so memory stays bounded. The rows go to ``<path>.tmp``, renamed to ``path`` once complete; on
+    any error (the teacher's or the writer's) the temporary file is removed and the error raised.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+
+    def append(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        with torch.inference_mode():
+            table, kept = to_arrow(logits, mask)
+        writer.write_table(table)
+        return kept.cpu()
+
+    kept_mass, pending = [], deque()
+    try:
+        with (
+            ArrowWriter(features=features, path=str(tmp)) as writer,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_kd-capture-writer") as pool,
+        ):
+            try:
+                for logits, mask in outputs:
+                    pending.append(pool.submit(append, logits, mask))
+                    while len(pending) > PIPELINE_DEPTH:
+                        kept_mass.append(pending.popleft().result())
+                while pending:
+                    kept_mass.append(pending.popleft().result())
+            finally:
+                for job in pending:
+                    job.cancel()
+            writer.finalize()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return kept_mass
 
 
 def _kept_mass(columns: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
