@@ -2,9 +2,16 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --seeds 0 1 2 --out outputs/bench_on_policy.json
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --warm_steps 600 --steps 900  # warm-started
+    OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --task permute --seeds 0 1 2
 
-The task, built here (nothing downloaded): reverse a list of 6–10 digits, as a chat turn
-("reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"); each answer token depends on the ones before it being right.
+The tasks, built here (nothing downloaded; ``--task``), on a list of 6–10 digits as a chat turn:
+
+- ``reverse`` (default): "reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"; one right answer, each token depends on
+  the ones before it being right;
+- ``permute``: "shuffle 3 1 4 1 5 9" → the same digits in any order (the data's order is random, so the
+  teacher is multi-modal at every step: it spreads over the digits not written yet); right = each digit
+  used exactly as often as in the request.
+
 A 2-layer Llama teacher (width 64) is trained on the data (SFT); a 2-layer student of width 32 is then trained by each regime
 with the same data order, optimizer steps and batch size:
 
@@ -15,7 +22,7 @@ with the same data order, optimizer steps and batch size:
 - ``mixed``:   lmbda 0.5, JSD β = 0.5;
 - ``seq_kd``:  sequence-level KD: SFT on the teacher's sampled replies (seq_kd, alpha 0).
 
-Measures on held-out prompts: the student's greedy exact match, and the teacher's mean per-token NLL of
+Measures on held-out prompts: the student's greedy exact match (with any right answer), and the teacher's mean per-token NLL of
 the student's greedy replies (how plausible the teacher finds what the student writes). Paired
 differences are against ``kd`` with the same seed.
 """
@@ -27,6 +34,8 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,20 +63,56 @@ WARM_REGIMES = {
 }
 """With ``--warm_steps N``: every student is first trained by off-policy KD (forward KL) for N steps,
 then continued by each of these for the rest of the budget (``kd`` = lmbda 0 continued)."""
+ALL_REGIMES = {**REGIMES, **WARM_REGIMES}
+"""``--regimes`` may name any of these in either setup."""
 DIGITS = [str(d) for d in range(10)]
+EOS = 5  # the toy tokenizer's <|end|>
+MAX_NEW_TOKENS = 12  # 10 digits, <|end|>, one spare
 
 
-def conversations(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[list[dict]]:
-    """``n`` distinct reversal requests (none of ``exclude``) with their answers."""
+@dataclass(frozen=True)
+class DigitTask:
+    """A chat task on a list of digits: ``verb`` then the digits as the request; ``reply`` samples one
+    right answer (the data's), ``is_right`` says whether a reply (a list of digit tokens) is one."""
+
+    verb: str
+    reply: Callable[[list[str], random.Random], list[str]]
+    is_right: Callable[[list[str], list[str]], bool]
+    lengths: tuple[int, int] = (6, 10)
+
+
+TASKS = {
+    "reverse": DigitTask(
+        "reverse", lambda items, rng: items[::-1], lambda items, reply: reply == items[::-1]
+    ),
+    "permute": DigitTask(
+        "shuffle",
+        lambda items, rng: rng.sample(items, len(items)),
+        lambda items, reply: sorted(reply) == sorted(items),
+    ),
+}
+"""``reverse``: one right answer; each token depends on the ones before it being right. ``permute``: any
+order of the digits is right and the data's is random, so the teacher spreads its mass over the digits
+not written yet (multi-modal at every step); a reply is right when it uses each digit exactly as often
+as the request does."""
+
+
+def conversations(
+    task: DigitTask, n: int, rng: random.Random, exclude: set[str] = frozenset()
+) -> list[list[dict]]:
+    """``n`` distinct requests of ``task`` (none of ``exclude``), each with one right answer."""
     seen, rows = set(exclude), []
     while len(rows) < n:
-        items = [rng.choice(DIGITS) for _ in range(rng.randint(6, 10))]
-        question = "reverse " + " ".join(items)
+        items = [rng.choice(DIGITS) for _ in range(rng.randint(*task.lengths))]
+        question = f"{task.verb} " + " ".join(items)
         if question in seen:
             continue
         seen.add(question)
         rows.append(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(items[::-1])}]
+            [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": " ".join(task.reply(items, rng))},
+            ]
         )
     return rows
 
@@ -84,7 +129,7 @@ def llama(vocab: int, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
         max_position_embeddings=64,
         pad_token_id=0,
         bos_token_id=None,
-        eos_token_id=5,
+        eos_token_id=EOS,
     )
     return LlamaForCausalLM(config)
 
@@ -103,7 +148,7 @@ def train(model, teacher, train_set, task, tokenizer, out: Path, steps: int, see
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         temperature=1.0,
-        max_new_tokens=12,
+        max_new_tokens=MAX_NEW_TOKENS,
         logging_steps=steps,
         **fields,
     )
@@ -121,8 +166,10 @@ def train(model, teacher, train_set, task, tokenizer, out: Path, steps: int, see
 
 
 @torch.no_grad()
-def evaluate(student, teacher, test_set, task) -> dict[str, float]:
-    """Greedy exact match of the student's replies, and the teacher's per-token NLL of them."""
+def evaluate(student, teacher, test_set, task, digit_task, requests) -> dict[str, float]:
+    """The share of the student's greedy replies that are right answers to ``requests`` (the token ids
+    of the digits of ``test_set``'s rows; a reply is right when it ends with EOS and
+    ``digit_task.is_right``), and the teacher's per-token NLL of those replies."""
     student.eval()
     batch = task.collate([test_set[i] for i in range(len(test_set))])
     lengths = prompt_lengths(batch["labels"])
@@ -131,18 +178,15 @@ def evaluate(student, teacher, test_set, task) -> dict[str, float]:
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         do_sample=False,
-        max_new_tokens=12,
-        eos_token_id=5,
+        max_new_tokens=MAX_NEW_TOKENS,
+        eos_token_id=EOS,
         pad_token_id=0,
     )[:, prompt_ids.shape[1] :]
     correct, nll, tokens = 0, 0.0, 0
     for row, reply in enumerate(replies.tolist()):
-        reply = reply[: reply.index(5) + 1] if 5 in reply else reply
+        reply = reply[: reply.index(EOS) + 1] if EOS in reply else reply
         prompt = batch["input_ids"][row, : lengths[row]].tolist()
-        target = batch["input_ids"][row, lengths[row] :][
-            batch["labels"][row, lengths[row] :] != -100
-        ].tolist()
-        correct += reply == target
+        correct += reply[-1:] == [EOS] and digit_task.is_right(requests[row], reply[:-1])
         ids = torch.tensor([prompt + reply])
         log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
         nll -= log_p.gather(-1, torch.tensor(reply)[:, None]).sum().item()
@@ -152,10 +196,17 @@ def evaluate(student, teacher, test_set, task) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="reverse")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
     parser.add_argument("--teacher_steps", type=int, default=600)
-    parser.add_argument("--regimes", nargs="+", default=None, help="default: every regime of the setup")
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        choices=list(ALL_REGIMES),
+        default=None,
+        help="default: every regime of the setup",
+    )
     parser.add_argument(
         "--warm_steps", type=int, default=0, help="off-policy KD steps before each regime (of --steps)"
     )
@@ -163,20 +214,28 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/bench_on_policy")
     options = parser.parse_args()
     rng = random.Random(1234)
-    train_rows = conversations(4000, rng)
-    test_rows = conversations(300, rng, exclude={c[0]["content"] for c in train_rows})
+    digit_task = TASKS[options.task]
+    train_rows = conversations(digit_task, 4000, rng)
+    test_rows = conversations(digit_task, 300, rng, exclude={c[0]["content"] for c in train_rows})
     tokenizer = toy_tokenizer([c[0]["content"] + " " + c[1]["content"] for c in train_rows[:200]])
     task = CausalLMTask(max_length=64)
     train_set = task.prepare(Dataset.from_dict({"messages": train_rows}), student_processor=tokenizer)
     test_set = task.prepare(Dataset.from_dict({"messages": test_rows}), student_processor=tokenizer)
     vocab = len(tokenizer)
+    requests = [tokenizer.convert_tokens_to_ids(c[0]["content"].split()[1:]) for c in test_rows]
     work = Path(options.work)
     teacher = llama(vocab, 64, 2, seed=100)
     teacher_time, _ = train(
         teacher, None, train_set, task, tokenizer, work / "teacher", options.teacher_steps, 100, alpha=0.0
     )
     teacher.eval()
-    results = {"teacher": {**evaluate(teacher, teacher, test_set, task), "seconds": teacher_time}, "runs": []}
+    results = {
+        "teacher": {
+            **evaluate(teacher, teacher, test_set, task, digit_task, requests),
+            "seconds": teacher_time,
+        },
+        "runs": [],
+    }
     print(json.dumps(results["teacher"]), flush=True)
     regimes = WARM_REGIMES if options.warm_steps else REGIMES
     for seed in options.seeds:
@@ -186,7 +245,9 @@ def main() -> None:
                 warm, teacher, train_set, task, tokenizer, work / f"warm-{seed}", options.warm_steps, seed,
                 **WARM_REGIMES["kd"],
             )  # fmt: skip
-            results.setdefault("warm", []).append({"seed": seed, **evaluate(warm, teacher, test_set, task)})
+            results.setdefault("warm", []).append(
+                {"seed": seed, **evaluate(warm, teacher, test_set, task, digit_task, requests)}
+            )
             print(json.dumps(results["warm"][-1]), flush=True)
         for regime in options.regimes or list(regimes):
             student = llama(vocab, 32, 2, seed=seed)
@@ -200,17 +261,18 @@ def main() -> None:
                 work / f"{regime}-{seed}",
                 options.steps - options.warm_steps,
                 seed,
-                **regimes[regime],
+                **ALL_REGIMES[regime],
             )
             seconds += warm_seconds
             row = {
                 "regime": regime,
                 "seed": seed,
                 "seconds": seconds,
-                **evaluate(student, teacher, test_set, task),
+                **evaluate(student, teacher, test_set, task, digit_task, requests),
             }
-            share = [entry["generation_time_share"] for entry in logs if "generation_time_share" in entry]
-            row["generation_time_share"] = share[-1] if share else 0.0
+            for key in ("generation_time_share", "completion_length"):  # the run's means (one log window)
+                values = [entry[key] for entry in logs if key in entry]
+                row[key] = values[-1] if values else 0.0
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
     results["summary"] = summarise(results["runs"])
