@@ -22,9 +22,9 @@ with the same data order, optimizer steps and batch size:
 - ``mixed``:   lmbda 0.5, JSD β = 0.5;
 - ``seq_kd``:  sequence-level KD: SFT on the teacher's sampled replies (seq_kd, alpha 0).
 
-Measures on held-out prompts: the student's greedy exact match (with any right answer), and the teacher's mean per-token NLL of
-the student's greedy replies (how plausible the teacher finds what the student writes). Paired
-differences are against ``kd`` with the same seed.
+Measures on held-out prompts: the student's greedy exact match (with any right answer), and the
+teacher's mean per-token NLL of the student's greedy replies (how plausible the teacher finds what the
+student writes). Paired differences are against ``kd`` with the same seed.
 """
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ MAX_NEW_TOKENS = 12  # 10 digits, <|end|>, one spare
 @dataclass(frozen=True)
 class DigitTask:
     """A chat task on a list of digits: ``verb`` then the digits as the request; ``reply`` samples one
-    right answer (the data's), ``is_right`` says whether a reply (a list of digit tokens) is one."""
+    right answer (the data's), ``is_right(request, reply)`` says whether a reply is one (both lists of
+    digits, as strings or as token ids)."""
 
     verb: str
     reply: Callable[[list[str], random.Random], list[str]]
-    is_right: Callable[[list[str], list[str]], bool]
+    is_right: Callable[[list, list], bool]
     lengths: tuple[int, int] = (6, 10)
 
 
