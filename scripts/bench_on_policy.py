@@ -2,14 +2,21 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --seeds 0 1 2 --out outputs/bench_on_policy.json
     OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --warm_steps 600 --steps 900  # warm-started
+    OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --task permute --seeds 0 1 2  # several right answers
     PYTHONPATH=.:/path/to/trl OMP_NUM_THREADS=1 python scripts/bench_on_policy.py --compare_trl --steps 100
+
+The tasks, built here (nothing downloaded; ``--task``), on a list of 6–10 digits as a chat turn:
+
+- ``reverse`` (default): "reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"; one right answer, each token depends on
+  the ones before it being right;
+- ``permute``: "shuffle 3 1 4 1 5 9" → the same digits in any order (the data's order is random, so the
+  teacher is multi-modal at every step: it spreads over the digits not written yet); right = each digit
+  used exactly as often as in the request.
 
 ``--compare_trl``: the same teacher, initial students, prompts, GKD settings (λ 1, JSD β 0.5, sampling
 temperature 1, 12 new tokens), batch, schedule and seeds through TRL's ``GKDTrainer`` and through hf_kd:
 time per step split into generation / teacher / student (one instrument for both), and the final metric.
 
-The task, built here (nothing downloaded): reverse a list of 6–10 digits, as a chat turn
-("reverse 3 1 4 1 5 9" → "9 5 1 4 1 3"); each answer token depends on the ones before it being right.
 A 2-layer Llama teacher (width 64) is trained on the data (SFT); a 2-layer student of width 32 is then trained by each regime
 with the same data order, optimizer steps and batch size:
 
@@ -20,9 +27,9 @@ with the same data order, optimizer steps and batch size:
 - ``mixed``:   lmbda 0.5, JSD β = 0.5;
 - ``seq_kd``:  sequence-level KD: SFT on the teacher's sampled replies (seq_kd, alpha 0).
 
-Measures on held-out prompts: the student's greedy exact match, and the teacher's mean per-token NLL of
-the student's greedy replies (how plausible the teacher finds what the student writes). Paired
-differences are against ``kd`` with the same seed.
+Measures on held-out prompts: the student's greedy exact match (with any right answer), and the
+teacher's mean per-token NLL of the student's greedy replies (how plausible the teacher finds what the
+student writes). Paired differences are against ``kd`` with the same seed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,20 +69,57 @@ WARM_REGIMES = {
 }
 """With ``--warm_steps N``: every student is first trained by off-policy KD (forward KL) for N steps,
 then continued by each of these for the rest of the budget (``kd`` = lmbda 0 continued)."""
+ALL_REGIMES = {**REGIMES, **WARM_REGIMES}
+"""``--regimes`` may name any of these in either setup."""
 DIGITS = [str(d) for d in range(10)]
+EOS = 5  # the toy tokenizer's <|end|>
+MAX_NEW_TOKENS = 12  # 10 digits, <|end|>, one spare
 
 
-def conversations(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[list[dict]]:
-    """``n`` distinct reversal requests (none of ``exclude``) with their answers."""
+@dataclass(frozen=True)
+class DigitTask:
+    """A chat task on a list of digits: ``verb`` then the digits as the request; ``reply`` samples one
+    right answer (the data's), ``is_right(request, reply)`` says whether a reply is one (both lists of
+    digits, as strings or as token ids)."""
+
+    verb: str
+    reply: Callable[[list[str], random.Random], list[str]]
+    is_right: Callable[[list, list], bool]
+    lengths: tuple[int, int] = (6, 10)
+
+
+TASKS = {
+    "reverse": DigitTask(
+        "reverse", lambda items, rng: items[::-1], lambda items, reply: reply == items[::-1]
+    ),
+    "permute": DigitTask(
+        "shuffle",
+        lambda items, rng: rng.sample(items, len(items)),
+        lambda items, reply: sorted(reply) == sorted(items),
+    ),
+}
+"""``reverse``: one right answer; each token depends on the ones before it being right. ``permute``: any
+order of the digits is right and the data's is random, so the teacher spreads its mass over the digits
+not written yet (multi-modal at every step); a reply is right when it uses each digit exactly as often
+as the request does."""
+
+
+def conversations(
+    task: DigitTask, n: int, rng: random.Random, exclude: set[str] = frozenset()
+) -> list[list[dict]]:
+    """``n`` distinct requests of ``task`` (none of ``exclude``), each with one right answer."""
     seen, rows = set(exclude), []
     while len(rows) < n:
-        items = [rng.choice(DIGITS) for _ in range(rng.randint(6, 10))]
-        question = "reverse " + " ".join(items)
+        items = [rng.choice(DIGITS) for _ in range(rng.randint(*task.lengths))]
+        question = f"{task.verb} " + " ".join(items)
         if question in seen:
             continue
         seen.add(question)
         rows.append(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(items[::-1])}]
+            [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": " ".join(task.reply(items, rng))},
+            ]
         )
     return rows
 
@@ -90,7 +136,7 @@ def llama(vocab: int, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
         max_position_embeddings=64,
         pad_token_id=0,
         bos_token_id=None,
-        eos_token_id=5,
+        eos_token_id=EOS,
     )
     return LlamaForCausalLM(config)
 
@@ -137,8 +183,10 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(student, teacher, test_set, task) -> dict[str, float]:
-    """Greedy exact match of the student's replies, and the teacher's per-token NLL of them."""
+def evaluate(student, teacher, test_set, task, digit_task, requests) -> dict[str, float]:
+    """The share of the student's greedy replies that are right answers to ``requests`` (the token ids
+    of the digits of ``test_set``'s rows; a reply is right when it ends with EOS and
+    ``digit_task.is_right``), and the teacher's per-token NLL of those replies."""
     student.eval()
     batch = task.collate([test_set[i] for i in range(len(test_set))])
     lengths = prompt_lengths(batch["labels"])
@@ -148,17 +196,14 @@ def evaluate(student, teacher, test_set, task) -> dict[str, float]:
         attention_mask=prompt_mask,
         do_sample=False,
         max_new_tokens=MAX_NEW_TOKENS,
-        eos_token_id=5,
+        eos_token_id=EOS,
         pad_token_id=0,
     )[:, prompt_ids.shape[1] :]
     correct, nll, tokens = 0, 0.0, 0
     for row, reply in enumerate(replies.tolist()):
-        reply = reply[: reply.index(5) + 1] if 5 in reply else reply
+        reply = reply[: reply.index(EOS) + 1] if EOS in reply else reply
         prompt = batch["input_ids"][row, : lengths[row]].tolist()
-        target = batch["input_ids"][row, lengths[row] :][
-            batch["labels"][row, lengths[row] :] != -100
-        ].tolist()
-        correct += reply == target
+        correct += reply[-1:] == [EOS] and digit_task.is_right(requests[row], reply[:-1])
         ids = torch.tensor([prompt + reply])
         log_p = torch.log_softmax(teacher(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), -1)
         nll -= log_p.gather(-1, torch.tensor(reply)[:, None]).sum().item()
@@ -168,10 +213,17 @@ def evaluate(student, teacher, test_set, task) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="reverse")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
     parser.add_argument("--teacher_steps", type=int, default=600)
-    parser.add_argument("--regimes", nargs="+", default=None, help="default: every regime of the setup")
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        choices=list(ALL_REGIMES),
+        default=None,
+        help="default: every regime of the setup",
+    )
     parser.add_argument(
         "--warm_steps", type=int, default=0, help="off-policy KD steps before each regime (of --steps)"
     )
@@ -182,24 +234,32 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/bench_on_policy")
     options = parser.parse_args()
     rng = random.Random(1234)
-    train_rows = conversations(4000, rng)
-    test_rows = conversations(300, rng, exclude={c[0]["content"] for c in train_rows})
+    digit_task = TASKS[options.task]
+    train_rows = conversations(digit_task, 4000, rng)
+    test_rows = conversations(digit_task, 300, rng, exclude={c[0]["content"] for c in train_rows})
     tokenizer = toy_tokenizer([c[0]["content"] + " " + c[1]["content"] for c in train_rows[:200]])
     task = CausalLMTask(max_length=64)
     train_set = task.prepare(Dataset.from_dict({"messages": train_rows}), student_processor=tokenizer)
     test_set = task.prepare(Dataset.from_dict({"messages": test_rows}), student_processor=tokenizer)
     vocab = len(tokenizer)
+    requests = [tokenizer.convert_tokens_to_ids(c[0]["content"].split()[1:]) for c in test_rows]
     work = Path(options.work)
     teacher = llama(vocab, 64, 2, seed=100)
     teacher_time, _ = train(
         teacher, None, train_set, task, tokenizer, work / "teacher", options.teacher_steps, 100, alpha=0.0
     )
     teacher.eval()
-    results = {"teacher": {**evaluate(teacher, teacher, test_set, task), "seconds": teacher_time}, "runs": []}
+    results = {
+        "teacher": {
+            **evaluate(teacher, teacher, test_set, task, digit_task, requests),
+            "seconds": teacher_time,
+        },
+        "runs": [],
+    }
     print(json.dumps(results["teacher"]), flush=True)
     if options.compare_trl:
         results["compare_trl"] = compare_trl(
-            options, teacher, train_rows, train_set, test_set, task, tokenizer, work
+            options, teacher, train_rows, train_set, test_set, task, tokenizer, work, (digit_task, requests)
         )
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
         Path(options.out).write_text(json.dumps(results, indent=1))
@@ -213,7 +273,9 @@ def main() -> None:
                 warm, teacher, train_set, task, tokenizer, work / f"warm-{seed}", options.warm_steps, seed,
                 **WARM_REGIMES["kd"],
             )  # fmt: skip
-            results.setdefault("warm", []).append({"seed": seed, **evaluate(warm, teacher, test_set, task)})
+            results.setdefault("warm", []).append(
+                {"seed": seed, **evaluate(warm, teacher, test_set, task, digit_task, requests)}
+            )
             print(json.dumps(results["warm"][-1]), flush=True)
         for regime in options.regimes or list(regimes):
             student = llama(vocab, 32, 2, seed=seed)
@@ -227,17 +289,18 @@ def main() -> None:
                 work / f"{regime}-{seed}",
                 options.steps - options.warm_steps,
                 seed,
-                **regimes[regime],
+                **ALL_REGIMES[regime],
             )
             seconds += warm_seconds
             row = {
                 "regime": regime,
                 "seed": seed,
                 "seconds": seconds,
-                **evaluate(student, teacher, test_set, task),
+                **evaluate(student, teacher, test_set, task, digit_task, requests),
             }
-            share = [entry["generation_time_share"] for entry in logs if "generation_time_share" in entry]
-            row["generation_time_share"] = share[-1] if share else 0.0
+            for key in ("generation_time_share", "completion_length"):  # the run's means (one log window)
+                values = [entry[key] for entry in logs if key in entry]
+                row[key] = values[-1] if values else 0.0
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
     results["summary"] = summarise(results["runs"])
@@ -394,11 +457,12 @@ def train_trl(
     trainer.train()
 
 
-def compare_trl(options, teacher, rows, train_set, test_set, task, tokenizer, work: Path) -> dict:
+def compare_trl(options, teacher, rows, train_set, test_set, task, tokenizer, work: Path, scoring) -> dict:
     """Per seed, the same initial student (with ``--warm_steps``: first trained by off-policy KD) trained on
     by TRL's GKD and by hf_kd (GKD settings, same schedule, steps, batch and seed; which runs first
     alternates with the seed); per run the median time per step split into generation / teacher / student,
-    and the greedy exact match and teacher NLL on held-out prompts."""
+    and the greedy exact match and teacher NLL on held-out prompts (``scoring``: the digit task and the
+    held-out requests, as :func:`evaluate` takes them)."""
     fields = dict(alpha=1.0, divergence="jsd", beta=GKD["beta"], lmbda=GKD["lmbda"])
     fields["generation_temperature"] = GKD["generation_temperature"]
     steps, runs = options.steps - options.warm_steps, []
@@ -423,7 +487,7 @@ def compare_trl(options, teacher, rows, train_set, test_set, task, tokenizer, wo
                 "trainer": trainer,
                 "seed": seed,
                 **timer.summary(),
-                **evaluate(student, teacher, test_set, task),
+                **evaluate(student, teacher, test_set, task, *scoring),
             }
             runs.append(row)
             print(json.dumps(row), flush=True)
