@@ -11,7 +11,8 @@ Each line of ``output_dir/completions.jsonl`` is one completion::
 ``*_logprobs[i]`` is log p(completion token i | prompt, completion tokens before it) under the model's
 own full distribution at temperature 1 (not the loss's τ); ``teacher_nll`` is their negated mean for
 the teacher. The main process writes its own completions; each logging step's lines are appended in
-one write. The texts are the tokenizer's decoding (special tokens kept); nothing else of the run is
+one write. A run keeps only the lines of the steps before it starts (``on_train_begin``): a resumed
+run writes its later steps again, once; a fresh run starts an empty file. The texts are the tokenizer's decoding (special tokens kept); nothing else of the run is
 written.
 """
 
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
+from hf_kd.files import write_atomic
 from hf_kd.losses import HiddenStates
 from hf_kd.on_policy import prompt_lengths
 from hf_kd.tasks.base import NO_LABEL
@@ -39,13 +42,25 @@ def token_log_probs(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tenso
     return log_p.gather(-1, ids[1:][targets][:, None]).squeeze(-1).tolist()
 
 
-class CompletionLog:
+class CompletionLog(TrainerCallback):
     """Keeps the first ``limit`` completions of the first generated micro-batch of each logging window
     (:meth:`record`) and appends them to ``output_dir/completions.jsonl`` (:meth:`write`)."""
 
     def __init__(self, output_dir: str | os.PathLike, limit: int, tokenizer: Any = None):
         self.path, self.limit, self.tokenizer = Path(output_dir) / FILE_NAME, limit, tokenizer
         self.pending: list[dict[str, Any]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Training starts (or resumes) after ``state.global_step``: forget the lines of later steps."""
+        self.keep_until(state.global_step)
+
+    def keep_until(self, step: int) -> None:
+        """Rewrite the file (aside, then renamed) with only the lines of steps ≤ ``step``."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = "".join(line for line in lines if json.loads(line)["step"] <= step)
+        write_atomic(self.path, lambda tmp: tmp.write_text(kept))
 
     def record(
         self,

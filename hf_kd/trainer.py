@@ -163,6 +163,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         )
         """A few sampled completions per logging step with both models' per-token log-probs
         (``hf_kd.completion_log``; ``args.log_completions``, main process); None when off."""
+        if self.completion_log is not None:
+            self.add_callback(self.completion_log)
         self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
             "train": defaultdict(float),
             "eval": defaultdict(float),

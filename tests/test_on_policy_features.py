@@ -215,6 +215,22 @@ def test_logged_completions_hold_the_teachers_and_students_log_probs(toy, tmp_pa
     assert not torch.allclose(torch.tensor(entries[2]["student_logprobs"]), later)  # step 2: trained student
 
 
+def test_a_resumed_run_logs_each_step_once_and_a_fresh_run_starts_a_new_file(toy, tmp_path):  # noqa: F811
+    """Three steps with a checkpoint at step 1, then a run resumed from it: the steps after the checkpoint
+    are logged again, and only once; a fresh run into the same folder forgets the earlier lines."""
+    fields = dict(log_completions=True, num_completions_to_log=1, logging_steps=1, lmbda=1.0, max_steps=3)
+    fields.update(save_strategy="steps", save_steps=1, save_total_limit=None)
+    trainer_for(toy, tmp_path, **fields).train()
+    first = (tmp_path / FILE_NAME).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in first] == [1, 2, 3]
+    trainer_for(toy, tmp_path, **fields).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    again = (tmp_path / FILE_NAME).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in again] == [1, 2, 3]
+    assert again[0] == first[0]
+    trainer_for(toy, tmp_path, **{**fields, "max_steps": 1}).train()
+    assert [json.loads(line)["step"] for line in (tmp_path / FILE_NAME).read_text().splitlines()] == [1]
+
+
 def test_completions_are_not_logged_by_default(toy, tmp_path):  # noqa: F811
     trainer_for(toy, tmp_path, max_steps=1, lmbda=1.0).train()
     assert not (tmp_path / FILE_NAME).exists()
