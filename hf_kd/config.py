@@ -96,6 +96,18 @@ class DistillationConfig(TrainingArguments):
             [tokens × vocabulary] student logits never exist. Needs an output layer without bias; not with
             `compute_metrics`, FSDP or ZeRO-3.
 
+        > Different tokenizers (causal-lm; docs/knowledge.md#different-tokenizers)
+
+        cross_tokenizer_matched_weight (`float`, *optional*, defaults to `1.0`):
+            When the teacher's tokenizer (`teacher_processor`, default the teacher's own) has another
+            vocabulary than the student's, the soft term is `w_m · Σ D + w_u · Σ ULD`: this is w_m ≥ 0, the
+            weight of the exact part, the divergence `divergence` on the tokens both vocabularies share, at
+            the spans where both tokenizers cut the text into the same single token.
+        cross_tokenizer_unmatched_weight (`float`, *optional*, defaults to `1.0`):
+            w_u ≥ 0, the weight of the approximate part at every other aligned span: ULD, the L1 distance
+            between the sorted probability vectors, merged over a span's tokens by the chain rule (like
+            TRL GOLD's `uld_hybrid_unmatched_weight`). Not both 0. Unused when the tokenizers agree.
+
         > Synthetic teachers (docs/knowledge.md#synthetic-teachers)
 
         synthetic_teacher (`str`, *optional*, defaults to `"kd"`):
@@ -253,6 +265,20 @@ class DistillationConfig(TrainingArguments):
             "student logits never exist (output layer without bias; no compute_metrics, FSDP or ZeRO-3)."
         },
     )
+    cross_tokenizer_matched_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Teacher with another tokenizer: weight ≥ 0 of the exact part (the divergence on shared "
+            "tokens at spans of one identical token each side)."
+        },
+    )
+    cross_tokenizer_unmatched_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Teacher with another tokenizer: weight ≥ 0 of the ULD part (sorted-probability L1 at the "
+            "other aligned spans, merged over a span by the chain rule)."
+        },
+    )
     hidden_loss: str = field(
         default="none",
         metadata={
@@ -358,6 +384,14 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 "student_logits_from_hidden_states: true needs loss_chunk_size (the positions per chunk of "
                 "student logits made from the hidden states)"
+            )
+        for name in ("cross_tokenizer_matched_weight", "cross_tokenizer_unmatched_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be ≥ 0")
+        if self.cross_tokenizer_matched_weight == 0 and self.cross_tokenizer_unmatched_weight == 0:
+            raise ValueError(
+                "cross_tokenizer_matched_weight and cross_tokenizer_unmatched_weight are both 0: a teacher with "
+                "another tokenizer would teach nothing (set alpha: 0 for no teacher)"
             )
         if self.teacher_source == "cached" and not self.teacher_cache:
             raise ValueError(
@@ -489,7 +523,9 @@ class ModelArguments:
         student_processor (`str` or `None`, *optional*, defaults to `None`):
             The student's tokenizer or image processor (Hub id or directory); `None`: the student model's own.
         teacher_processor (`str` or `None`, *optional*, defaults to `None`):
-            The teacher's tokenizer or image processor; `None`: the teacher model's own.
+            The teacher's tokenizer or image processor; `None`: the teacher model's own. For a causal LM,
+            a tokenizer with another vocabulary than the student's makes the run a cross-tokenizer one
+            (docs/knowledge.md#different-tokenizers): the teacher reads the same text through it.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow model (and metric) code from the Hub. Leave it off unless you trust the repository.
         student_init (`str`, *optional*, defaults to `"config"`):

@@ -34,6 +34,7 @@ from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer
 from hf_kd.on_policy import GENERATED_KEY, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
+from hf_kd.tasks.base import ALIGNMENT_PREFIX, CACHE_PREFIX, TEACHER_INPUT_PREFIX
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
@@ -144,6 +145,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         if self.features is not None:
             self.add_callback(ZeroGradsAfterStep(self.features))
         self._output_layer_checked = False
+        self._part_names: set[str] = set()
+        """The names of the loss parts logged on their own (``LossTerms.parts``), as they appear."""
         self.on_policy = on_policy_batches(
             args,
             self.task,
@@ -240,7 +243,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         totals = torch.zeros(2, device=self.args.device)
         for batch in self.get_eval_dataloader(dataset):
             batch = self._prepare_inputs(batch)
-            items = self.task.kd_items(self.teacher_signal(batch)[..., :classes], None, batch["labels"])
+            teacher_logits = self.teacher_signal(batch)
+            if not torch.is_tensor(teacher_logits):
+                raise ValueError(
+                    "teacher_cross_entropy scores the teacher on the student's tokens: this teacher's tokens "
+                    "are its own (another tokenizer), so its per-token cross-entropy is not comparable"
+                )
+            items = self.task.kd_items(teacher_logits[..., :classes], None, batch["labels"])
             logits, labels = items.student_logits.float(), items.labels.to(items.student_logits.device)
             totals[0] += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").to(totals.device)
             totals[1] += (labels != -100).sum().to(totals.device)
@@ -270,7 +279,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         for dataset in (self.train_dataset, *evaluation):
             transformed = isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom"
             for name in getattr(dataset, "column_names", None) or []:
-                if transformed or name.startswith(("teacher_", "kd_teacher_")):
+                if transformed or name.startswith((TEACHER_INPUT_PREFIX, CACHE_PREFIX, ALIGNMENT_PREFIX)):
                     extra.add(name)
         self._signature_columns = list(dict.fromkeys(self._signature_columns + sorted(extra)))
 
@@ -417,6 +426,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         sums["n_hard"] += (items.labels != -100).sum().float()
         sums["soft"] += terms.soft_sum.detach().float()
         sums["n_soft"] += items.soft_mask.sum().float()
+        for name, (value, count) in terms.parts.items():  # e.g. a cross-tokenizer teacher's two parts
+            self._part_names.add(name)
+            sums[name] += value.detach().float()
+            sums["n_" + name] += torch.as_tensor(count).float()
         if self.on_policy is not None:  # the soft term on sampled completions, apart from the data's
             source = "generated" if generated else "data"
             sums["soft_" + source] += terms.soft_sum.detach().float()
@@ -445,13 +458,15 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
         logits, once per logging window); with on-policy batches ``loss_soft_generated`` /
         ``loss_soft_data`` (the soft term on sampled vs the data's completions), ``completion_length`` and
-        ``generation_time_share``."""
+        ``generation_time_share``; with a teacher of another tokenizer ``loss_soft_matched`` (mean divergence
+        over matched spans) and ``loss_soft_unmatched`` (mean ULD distance over the other spans)."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
             keys = ["hard", "n_hard", "soft", "n_soft", "hidden", "attention", "n_feature", *GRAD_KEYS]
             sources = ("generated", "data") if self.on_policy is not None else ()
             keys += [name + source for source in sources for name in ("soft_", "n_soft_")]
+            keys += [key for part in sorted(self._part_names) for key in (part, "n_" + part)]
             totals = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
@@ -464,6 +479,9 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                 for name in ("", *("_" + source for source in sources)):
                     if total["n_soft" + name]:
                         logs[prefix + "loss_soft" + name] = total["soft" + name] / total["n_soft" + name]
+            for part in sorted(self._part_names):
+                if total["n_" + part]:
+                    logs[prefix + "loss_" + part] = total[part] / total["n_" + part]
             if total["n_feature"] and self.features is not None:
                 if self.features.mapping:
                     logs[prefix + "loss_hidden"] = total["hidden"] / total["n_feature"]

@@ -1,5 +1,6 @@
-"""Token-level distillation needs one vocabulary: checking that teacher and student share it, and
-aligning output layers that are padded to different sizes (Qwen2.5: 151936 vs 152064 rows)."""
+"""Token-level distillation on one vocabulary: checking whether teacher and student share it (when they
+do not, ``hf_kd.tasks.alignment`` aligns their tokens), and aligning output layers that are padded to
+different sizes (Qwen2.5: 151936 vs 152064 rows)."""
 
 from __future__ import annotations
 
@@ -58,12 +59,18 @@ def _part_difference(teacher_part: Any, student_part: Any) -> str:
     return f"teacher {str(teacher_part)[:80]} vs student {str(student_part)[:80]}"
 
 
+def same_vocabulary(teacher: Any, student: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (see :func:`check_same_vocabulary`); when they do
+    not, a causal-LM teacher is distilled across tokenizers (``hf_kd.losses.cross_tokenizer``)."""
+    return _tokenizer_state(teacher) == _tokenizer_state(student)
+
+
 def check_same_vocabulary(teacher: Any, student: Any) -> None:
     """Raise before training when teacher and student tokenizers map text to ids differently: their
     vocabulary, merges, added/special tokens, normaliser or pre-tokeniser differ. Settings that leave
     the ids alone may differ (padding, the post-processor, which token is EOS), unlike
     :func:`hf_kd.tasks.processor_fingerprint`, which tells whether the same inputs come out."""
-    if _tokenizer_state(teacher) != _tokenizer_state(student):
+    if not same_vocabulary(teacher, student):
         raise ValueError(
             "token-level distillation needs the teacher and the student to share a tokenizer, and theirs differ: "
             f"{first_difference(teacher, student)}. Pick a student of the teacher's family (same tokenizer)."

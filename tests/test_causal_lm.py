@@ -244,13 +244,14 @@ def test_tiny_recipes_run_end_to_end(toy, tmp_path, caplog):
     saved = AutoModelForCausalLM.from_pretrained(str(student_dir))
     assert saved.config.vocab_size == 40 and saved.config.use_cache
 
-    # A teacher whose tokenizer differs is refused before its weights are read (this one has none).
+    # A teacher whose tokenizer differs is distilled across tokenizers, which refuses packing before the
+    # teacher's weights are read (this one has none).
     impostor = tmp_path / "impostor"
     AutoModelForCausalLM.from_pretrained(str(teacher_dir)).config.save_pretrained(str(impostor))
     toy_tokenizer(["zebra yak", "add 1 2 = 3"]).save_pretrained(str(impostor))
     assert not any(impostor.glob("*.safetensors"))
     student_args[-3] = str(impostor)
-    with pytest.raises(ValueError, match="share a tokenizer, and theirs differ"):
+    with pytest.raises(ValueError, match="tokenizer differs from the student's .* does not support packing"):
         run_distillation(*parse_args(student_args + ["--output_dir", str(tmp_path / "never")]))
     assert json.loads((impostor / "config.json").read_text())["vocab_size"] == 64
 

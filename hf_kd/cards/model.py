@@ -90,6 +90,8 @@ class DistillationCardInfo:
     """How the student was initialised from the teacher's layers (``hf_kd.student_init``), or None."""
     feature_losses: str | None = None
     """The feature losses added to the logit terms (hidden states, attention relations), or None."""
+    tokenizers: str | None = None
+    """The two tokenizers of a teacher with another vocabulary (cross-tokenizer distillation), or None."""
     temperature_squared: bool = True
     """Whether the soft term was multiplied by τ²."""
     synthetic_teacher: str | None = None
@@ -217,6 +219,8 @@ def _method_section(info: DistillationCardInfo) -> str:
         lines.append(f"- **Student initialisation:** {info.student_init}")
     if info.feature_losses:
         lines.append(f"- **Feature losses:** {info.feature_losses}")
+    if info.tokenizers:
+        lines.append(f"- **Tokenizers:** {info.tokenizers}")
     soft = _soft_target(info)
     if soft is None:
         lines.append("- **Loss:** CE(labels, student): plain fine-tuning")

@@ -37,6 +37,7 @@ def run_card_info(
     student_source: str | None = None,
     student_init: str | None = None,
     feature_losses: str | None = None,
+    tokenizers: str | None = None,
 ) -> DistillationCardInfo:
     """The card's facts from a run's ``DataArguments`` and ``DistillationConfig``.
 
@@ -45,7 +46,8 @@ def run_card_info(
     ``teacher_model_name_or_path`` and ``teacher_model_revision``. A run whose loss uses no teacher
     (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card. ``command`` and ``recipe_yaml`` are
     quoted with every secret redacted (``hf_kd.redact.redact``). ``student_init`` and ``feature_losses``
-    say how the student was initialised from the teacher and which feature losses were used.
+    say how the student was initialised from the teacher and which feature losses were used;
+    ``tokenizers`` names the two tokenizers of a cross-tokenizer run.
     """
     teacher_id, teacher_revision = None, None
     if config.uses_teacher and cache_provenance is not None:
@@ -67,6 +69,7 @@ def run_card_info(
         student_source=student_source,
         student_init=student_init,
         feature_losses=feature_losses,
+        tokenizers=tokenizers,
         temperature_squared=config.temperature_squared,
         synthetic_teacher=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
         teacher_source=config.teacher_source,

@@ -7,7 +7,9 @@ Each conversation asks for one of three operations on a few symbols and gets the
     user: "add 3 4"        → assistant: "7"
 
 The tokenizer is a word-level ``tokenizers`` model trained on the corpus, wrapped in
-``PreTrainedTokenizerFast`` with a chat template, so nothing comes from the Hub.
+``PreTrainedTokenizerFast`` with a chat template, so nothing comes from the Hub. A second one, a
+byte-level BPE with the same chat template and special tokens, gives the cross-tokenizer demo a student
+that does not share the teacher's vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from hf_kd.files import write_atomic_dir
@@ -54,9 +56,30 @@ def toy_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def toy_byte_tokenizer(texts: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained on ``texts``, with the special tokens and chat template of
+    :func:`toy_tokenizer`: the same text, another vocabulary."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>"
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
 def write_toy_chat(path: str | Path, num_train: int = 512, num_test: int = 64, seed: int = 0) -> Path:
-    """Write ``path`` (a ``save_to_disk`` DatasetDict with ``messages`` and ``text`` columns) and
-    ``path/tokenizer``; written to a temporary directory first, then renamed."""
+    """Write ``path`` (a ``save_to_disk`` DatasetDict with ``messages`` and ``text`` columns),
+    ``path/tokenizer`` and ``path/byte_tokenizer`` (:func:`toy_byte_tokenizer`); written to a temporary
+    directory first, then renamed."""
     path = Path(path)
     rng = random.Random(seed)
     conversations = [toy_conversation(rng) for _ in range(num_train + num_test)]
@@ -69,5 +92,6 @@ def write_toy_chat(path: str | Path, num_train: int = 512, num_test: int = 64, s
     def write(folder: Path) -> None:
         splits.save_to_disk(str(folder))
         toy_tokenizer(texts + [" ".join(SYMBOLS)]).save_pretrained(str(folder / "tokenizer"))
+        toy_byte_tokenizer(texts + [" ".join(SYMBOLS)]).save_pretrained(str(folder / "byte_tokenizer"))
 
     return write_atomic_dir(path, write)

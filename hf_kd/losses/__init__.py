@@ -14,11 +14,14 @@ positions so that no full-vocabulary float32 tensor for all positions is alive a
 - ``hf_kd.losses.sparse``: a top-k teacher (:class:`SparseLogits`) and how its left-out mass is read;
 - ``hf_kd.losses.divergences``: every divergence, dense or from a sparse teacher;
 - ``hf_kd.losses.distillation``: the training loss (:func:`distillation_loss`), chunked, in one pass for a
-  sparse teacher, or from the student's hidden states (:class:`HiddenStates`).
+  sparse teacher, or from the student's hidden states (:class:`HiddenStates`);
+- ``hf_kd.losses.cross_tokenizer``: a teacher of another tokenizer (:class:`AlignedLogits`): the matched
+  part on the shared tokens and ULD on the rest.
 
 The names below are the package's public interface.
 """
 
+from hf_kd.losses.cross_tokenizer import AlignedLogits, uld_distance
 from hf_kd.losses.distillation import HiddenStates, LossTerms, TargetFn, distillation_loss
 from hf_kd.losses.divergences import (
     DIVERGENCES,
@@ -30,6 +33,7 @@ from hf_kd.losses.divergences import (
 from hf_kd.losses.sparse import TAIL_MODES, SparseLogits
 
 __all__ = [
+    "AlignedLogits",
     "DIVERGENCES",
     "LOG_ZERO",
     "TAIL_MODES",
@@ -41,4 +45,5 @@ __all__ = [
     "divergence",
     "divergence_from_log_probs",
     "teacher_log_probs",
+    "uld_distance",
 ]

@@ -5,11 +5,12 @@ states (docs/knowledge.md#the-distillation-loss)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from hf_kd.losses.cross_tokenizer import AlignedLogits, unmatched_sum
 from hf_kd.losses.divergences import (
     SPARSE_DIVERGENCES,
     bucket_divergence,
@@ -27,11 +28,15 @@ TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class LossTerms:
-    """The two parts of the KD loss, summed over items, and the weighted total that is differentiated."""
+    """The two parts of the KD loss, summed over items, and the weighted total that is differentiated.
+    ``parts`` names the pieces of the soft sum that are logged on their own, each as (its sum over
+    items, before its weight; its item count): ``soft_matched`` and ``soft_unmatched`` of a
+    cross-tokenizer teacher (``hf_kd.losses.cross_tokenizer``)."""
 
     loss: torch.Tensor
     hard_sum: torch.Tensor
     soft_sum: torch.Tensor
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _fused(teacher, divergence_name: str, tail: str, target_fn: TargetFn | None) -> bool:
@@ -239,7 +244,9 @@ def distillation_loss(
     and ``num_soft`` are the normalisers (default: the local counts); pass window totals for exact
     gradient accumulation. With ``chunk_size`` the loss and its gradient are computed ``chunk_size``
     positions at a time (same values and gradients as one chunk). ``student_logits`` may be
-    :class:`HiddenStates`: the logits are then made chunk by chunk too.
+    :class:`HiddenStates`: the logits are then made chunk by chunk too. A teacher of another tokenizer
+    (:class:`AlignedLogits`) replaces Σ_soft D by its matched and unmatched parts
+    (``hf_kd.losses.cross_tokenizer``), logged apart in :attr:`LossTerms.parts`.
     """
     if soft_mask is None:
         soft_mask = labels != -100
@@ -251,6 +258,21 @@ def distillation_loss(
     from_hidden = isinstance(student_logits, HiddenStates)
     device = student_logits.hidden.device if from_hidden else student_logits.device
     hard_weight, soft_weight = hard_weight.to(device), soft_weight.to(device)
+    if isinstance(teacher, AlignedLogits):
+        return _cross_tokenizer_loss(
+            student_logits,
+            teacher,
+            labels,
+            soft_mask,
+            hard_weight=hard_weight,
+            soft_weight=soft_weight,
+            temperature=temperature,
+            divergence_name=divergence_name,
+            tail=tail,
+            target_fn=target_fn,
+            chunk_size=chunk_size,
+            params=params,
+        )
 
     def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return _loss_sums(
@@ -265,6 +287,24 @@ def distillation_loss(
             params=params,
         )
 
+    loss, hard, soft = _weighted_sums(
+        student_logits, sums_fn, hard_weight, soft_weight, chunk_size, len(labels)
+    )
+    return LossTerms(loss, hard, soft)
+
+
+def _weighted_sums(
+    student_logits: torch.Tensor | HiddenStates,
+    sums_fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
+    hard_weight: torch.Tensor,
+    soft_weight: torch.Tensor,
+    chunk_size: int | None,
+    num_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hard_weight · Σ hard + soft_weight · Σ soft, Σ hard, Σ soft) of ``sums_fn(logits of rows, rows)``
+    over all rows: in one piece, or ``chunk_size`` rows at a time (through :class:`_ChunkedLoss` /
+    :class:`_ChunkedHeadLoss` when a gradient is needed: same values and gradients)."""
+    from_hidden = isinstance(student_logits, HiddenStates)
     logits_of = student_logits.logits if from_hidden else student_logits.__getitem__
     needs_grad = torch.is_grad_enabled() and (
         student_logits.hidden.requires_grad or student_logits.weight.requires_grad
@@ -275,14 +315,68 @@ def distillation_loss(
         if chunk_size is None:
             hard, soft = sums_fn(logits_of(slice(None)), slice(None))
         else:
-            chunks = [slice(s, s + chunk_size) for s in range(0, len(labels), chunk_size)]
+            chunks = [slice(s, s + chunk_size) for s in range(0, num_rows, chunk_size)]
             sums = [sums_fn(logits_of(rows), rows) for rows in chunks]
             hard, soft = (torch.stack(part).sum() for part in zip(*sums, strict=True))
-        return LossTerms(hard * hard_weight + soft * soft_weight, hard.detach(), soft.detach())
+        return hard * hard_weight + soft * soft_weight, hard.detach(), soft.detach()
     if from_hidden:
-        loss, hard, soft = _ChunkedHeadLoss.apply(
+        return _ChunkedHeadLoss.apply(
             student_logits.hidden, student_logits.weight, hard_weight, soft_weight, chunk_size, sums_fn
         )
-    else:
-        loss, hard, soft = _ChunkedLoss.apply(student_logits, hard_weight, soft_weight, chunk_size, sums_fn)
-    return LossTerms(loss, hard, soft)
+    return _ChunkedLoss.apply(student_logits, hard_weight, soft_weight, chunk_size, sums_fn)
+
+
+def _cross_tokenizer_loss(
+    student_logits: torch.Tensor | HiddenStates,
+    teacher: AlignedLogits,
+    labels: torch.Tensor,
+    soft_mask: torch.Tensor,
+    *,
+    hard_weight: torch.Tensor,
+    soft_weight: torch.Tensor,
+    temperature: float,
+    divergence_name: str,
+    tail: str,
+    target_fn: TargetFn | None,
+    chunk_size: int | None,
+    params: dict,
+) -> LossTerms:
+    """:func:`distillation_loss` against a teacher of another tokenizer (``hf_kd.losses.cross_tokenizer``):
+
+        L = hard_weight · Σ_hard CE + soft_weight · (w_m · Σ_matched D + w_u · Σ_unmatched U)
+
+    The hard term and the matched part run chunk by chunk like the usual loss; the unmatched (ULD) part
+    reads only the unmatched span starts' rows."""
+    if isinstance(student_logits, HiddenStates):
+        raise ValueError(
+            "a teacher with another tokenizer needs the student's logits: student_logits_from_hidden_states "
+            "is not supported with it"
+        )
+    if target_fn is not None:
+        raise ValueError(
+            "a synthetic target (synthetic_teacher) is not supported with a teacher of another tokenizer"
+        )
+    matched_sums: list[torch.Tensor] = []
+
+    def divergence_fn(student: torch.Tensor, shared_teacher: torch.Tensor) -> torch.Tensor:
+        return divergence(
+            divergence_name, student, shared_teacher, temperature=temperature, tail=tail, **params
+        )
+
+    def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        hard = F.cross_entropy(logits_rows.float(), labels[rows], ignore_index=-100, reduction="sum")
+        matched = teacher.matched_sum(logits_rows, rows, soft_mask[rows], divergence_fn)
+        matched_sums.append(matched.detach())
+        return hard, matched * teacher.matched_weight
+
+    loss, hard, soft = _weighted_sums(
+        student_logits, sums_fn, hard_weight, soft_weight, chunk_size, len(labels)
+    )
+    uld_sum, num_unmatched = unmatched_sum(student_logits, teacher, labels, soft_mask, temperature)
+    loss = loss + soft_weight * teacher.unmatched_weight * uld_sum
+    num_matched = ((teacher.teacher_row >= 0) & teacher.matched & soft_mask).sum()
+    parts = {
+        "soft_matched": (torch.stack(matched_sums).sum(), num_matched),
+        "soft_unmatched": (uld_sum.detach(), num_unmatched),
+    }
+    return LossTerms(loss, hard, soft + teacher.unmatched_weight * uld_sum.detach(), parts)

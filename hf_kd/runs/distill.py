@@ -38,7 +38,7 @@ from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
-from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
+from hf_kd.vocab import same_vocabulary, shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,41 @@ def _prepare_push(config: DistillationConfig) -> str | None:
             ) from err
     config.push_to_hub = False
     return repo_id
+
+
+def check_cross_tokenizer(
+    config: DistillationConfig, data_args: DataArguments, teacher_config, teacher_processor
+) -> None:
+    """Refuse, before the teacher's weights load, what a teacher with another tokenizer does not support
+    (its tokens are aligned with the student's row by row, on the data's text)."""
+    unsupported = {
+        "packing: true": data_args.packing,
+        f"lmbda={config.lmbda} / seq_kd: true (sampled tokens have no teacher alignment)": config.generates,
+        "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
+        f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(
+            f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
+            f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
+            "that shares the student's tokenizer"
+        )
+    if vocab_size_of(teacher_config) < len(teacher_processor):
+        raise ValueError(
+            f"the teacher's tokenizer has {len(teacher_processor)} tokens but the teacher scores only "
+            f"{vocab_size_of(teacher_config)}: is teacher_processor the teacher's tokenizer?"
+        )
+
+
+def describe_tokenizers(student_name: str | None, teacher_name: str, task: CausalLMTask) -> str:
+    """The card's line for a cross-tokenizer run: both tokenizers and how many tokens they share."""
+    shared = len(task.vocabulary.student_ids)
+    return (
+        f"student `{student_name}` ({len(task.tokenizer)} tokens), teacher `{teacher_name}` "
+        f"({len(task.teacher_tokenizer)} tokens); different vocabularies, {shared} tokens shared: "
+        f"cross-tokenizer distillation (exact part on shared single-token spans, ULD on the rest)"
+    )
 
 
 def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None, max_length: int | None):
@@ -336,11 +371,12 @@ def run_distillation(
             revision="main" if model_args.teacher_processor else config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-        if token_level:
-            check_same_vocabulary(teacher_processor, student_processor)  # before loading weights
+        if token_level and same_vocabulary(teacher_processor, student_processor):  # before loading weights
             shared_vocab_size(
                 vocab_size_of(teacher_config), vocab_size_of(student.config), len(student_processor)
             )
+        elif token_level:
+            check_cross_tokenizer(config, data_args, teacher_config, teacher_processor)
         teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
         if config.uses_features and teacher_processor is not None:
             raise ValueError(
@@ -373,6 +409,14 @@ def run_distillation(
     )
     if task.name == "image-classification":
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
+    cross_tokenizer = token_level and task.vocabulary is not None
+    tokenizers = None
+    if cross_tokenizer:
+        tokenizers = describe_tokenizers(
+            model_args.student_processor or model_args.student_model_name_or_path,
+            model_args.teacher_processor or config.teacher_model_name_or_path,
+            task,
+        )
 
     card_info = run_card_info(
         data_args,
@@ -385,6 +429,7 @@ def run_distillation(
         student_source=model_args.student_model_name_or_path,
         student_init=student_init,
         feature_losses=describe_feature_losses(config),
+        tokenizers=tokenizers,
     )
     trainer = DistillationTrainer(
         model=student,
@@ -404,7 +449,13 @@ def run_distillation(
     trainer.card_info = card_info
     trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
-    if teacher is not None and eval_prepared is not None:
+    if cross_tokenizer:
+        logger.info(
+            "The teacher is not scored on the %r split: its tokens are not the student's, so per-token "
+            "cross-entropy and perplexity are not comparable (and no shared-vocabulary measure applies)",
+            data_args.eval_split,
+        )
+    elif teacher is not None and eval_prepared is not None:
         card_info.teacher_metrics = teacher_scores(trainer, eval_prepared)
         scores = ", ".join(f"{key}={value:.6g}" for key, value in sorted(card_info.teacher_metrics.items()))
         logger.info("Teacher on the %r split: %s", data_args.eval_split, scores)

@@ -40,6 +40,8 @@ RECORDED_SETTINGS = (
     "layer_mapping",
     "attention_weight",
     "attention_relation_heads",
+    "cross_tokenizer_matched_weight",
+    "cross_tokenizer_unmatched_weight",
     "per_device_eval_batch_size",
     "seed",
     "output_dir",

@@ -4,7 +4,8 @@ A batch is a flat dict of tensors:
 - the student's model inputs under their usual names (``input_ids``, ``pixel_values``, ...);
 - ``labels``: −100 where an item has no hard label (unlabelled transfer data, masked tokens);
 - ``teacher_<name>``: the teacher's own model inputs, present only when its preprocessing differs;
-- ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache.format``).
+- ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache.format``);
+- ``kd_alignment_<name>``: how a teacher of another tokenizer lines up with the student (``hf_kd.tasks.alignment``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hf_kd.losses import HiddenStates, SparseLogits
 
 TEACHER_INPUT_PREFIX = "teacher_"
 CACHE_PREFIX = "kd_teacher_"
+ALIGNMENT_PREFIX = "kd_alignment_"
 NO_LABEL = -100
 
 
@@ -37,9 +39,12 @@ class KDItems:
 
 
 def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(student model inputs without labels, teacher's own inputs with the prefix removed, cached columns)."""
+    """(student model inputs without labels, teacher's own inputs with the prefix removed, cached columns);
+    alignment columns are none of these (the teacher signal reads them from the batch)."""
     student, teacher, cached = {}, {}, {}
     for key, value in batch.items():
+        if key.startswith(ALIGNMENT_PREFIX):
+            continue
         if key.startswith(CACHE_PREFIX):
             cached[key[len(CACHE_PREFIX) :]] = value
         elif key.startswith(TEACHER_INPUT_PREFIX):

@@ -17,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_kd.losses import HiddenStates, SparseLogits
-from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, KDItems, Task, check_tokenizer
-from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
+from hf_kd.losses import AlignedLogits, HiddenStates, SparseLogits
+from hf_kd.tasks.alignment import (
+    ALIGNMENT_PREFIX,
+    VocabularyMap,
+    align_spans,
+    alignment_columns,
+    vocabulary_map,
+)
+from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, check_tokenizer
+from hf_kd.vocab import same_vocabulary, shared_vocab_size
 
 
 def vocab_size_of(config) -> int:
@@ -54,6 +61,24 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -
     return spans
 
 
+def encode_with_eos(
+    tokenizer: Any, text: str, add_special_tokens: bool, with_eos: bool, offsets: bool = True
+) -> tuple[list[int], list[tuple[int, int]] | None, list[bool]]:
+    """(ids, character offsets (None unless ``offsets``), whether each token is a special token) of
+    ``text``; with ``with_eos`` an EOS is appended, at offset (len(text), len(text)), unless the ids
+    already end with one."""
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets)
+    ids = list(encoded["input_ids"])
+    spans = [tuple(span) for span in encoded["offset_mapping"]] if offsets else None
+    eos = tokenizer.eos_token_id
+    if with_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        if spans is not None:
+            spans.append((len(text), len(text)))
+    special_ids = set(tokenizer.all_special_ids)
+    return ids, spans, [token in special_ids for token in ids]
+
+
 class CausalLMTask(Task):
     """Plain-text or chat causal LM, padded (``attention_mask``) or packed (``position_ids``).
 
@@ -82,6 +107,12 @@ class CausalLMTask(Task):
         self.pad_token_id = 0
         self.cache_decoder: Callable[[list[bytes], list[int]], SparseLogits] | None = None
         """Decodes a compressed cache's ``kd_teacher_packed`` rows (``TeacherCache.decoder``)."""
+        self.teacher_tokenizer = None
+        """The teacher's tokenizer when its vocabulary differs from the student's (set by :meth:`prepare`):
+        rows then carry the teacher's own inputs and the alignment (``hf_kd.tasks.alignment``)."""
+        self.vocabulary: VocabularyMap | None = None
+        """The tokens both tokenizers share, when they differ."""
+        self.teacher_pad_token_id = 0
 
     def raw_columns(self) -> tuple[str, ...]:
         return (self.text_column, self.messages_column)
@@ -108,7 +139,19 @@ class CausalLMTask(Task):
         )
 
     def teacher_output_map(self, teacher_config, student_config, args) -> None:
-        """Checks that both output layers cover the tokenizer; padded sizes are sliced by :meth:`kd_items`."""
+        """Checks that both output layers cover the tokenizer (each its own when they differ); padded
+        sizes are sliced by :meth:`kd_items`."""
+        if self.teacher_tokenizer is not None:
+            for name, config, tokenizer in (
+                ("teacher", teacher_config, self.teacher_tokenizer),
+                ("student", student_config, self.tokenizer),
+            ):
+                if vocab_size_of(config) < len(tokenizer):
+                    raise ValueError(
+                        f"the {name}'s tokenizer has {len(tokenizer)} tokens but its output layer scores only "
+                        f"{vocab_size_of(config)}"
+                    )
+            return None
         tokenizer_size = None if self.tokenizer is None else len(self.tokenizer)
         shared_vocab_size(vocab_size_of(teacher_config), vocab_size_of(student_config), tokenizer_size)
         return None
@@ -116,13 +159,14 @@ class CausalLMTask(Task):
     # ---- preprocessing ------------------------------------------------------------------------
 
     def prepare(self, dataset, *, student_processor, teacher_processor=None):
-        """Tokenise (and pack). The teacher reads the student's ids, so a teacher tokenizer must have the
-        same vocabulary (checked first, before any work)."""
-        if teacher_processor is not None:
-            check_same_vocabulary(teacher_processor, student_processor)
+        """Tokenise (and pack). A teacher tokenizer with the student's vocabulary reads the student's ids;
+        one with another vocabulary gets its own ``teacher_input_ids`` / ``teacher_attention_mask`` of the
+        same text (the student's rendered chat template, encoded without added special tokens) and the
+        alignment columns (``hf_kd.tasks.alignment``). Packing and cached teacher columns are refused then."""
         self.use_processor(student_processor)
         columns = dataset.column_names
         cached = [c for c in columns if c.startswith(CACHE_PREFIX)]
+        self._use_teacher_tokenizer(teacher_processor, cached)
         if self.messages_column in columns:
             if student_processor.chat_template is None:
                 raise ValueError(
@@ -152,31 +196,94 @@ class CausalLMTask(Task):
             self._pack, batched=True, batch_size=1000, remove_columns=encoded.column_names, desc="Packing"
         )
 
+    def _use_teacher_tokenizer(self, teacher_processor, cached: list[str]) -> None:
+        """Set the cross-tokenizer state from the teacher's tokenizer (none when it shares the student's
+        vocabulary); refuse what cannot be aligned, before any work."""
+        if teacher_processor is None or same_vocabulary(teacher_processor, self.tokenizer):
+            self.teacher_tokenizer, self.vocabulary = None, None
+            return
+        check_tokenizer(self.name, teacher_processor)
+        if self.packing:
+            raise ValueError(
+                "packing: true is not supported with a teacher whose tokenizer differs from the student's "
+                "(its tokens are aligned row by row); set packing: false"
+            )
+        if cached:
+            raise ValueError(
+                "cached teacher columns follow the student's tokens; a teacher with another tokenizer must run "
+                "online (teacher_source: online)"
+            )
+        if teacher_processor is not self.teacher_tokenizer:
+            self.vocabulary = vocabulary_map(self.tokenizer, teacher_processor)
+        self.teacher_tokenizer = teacher_processor
+        ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
+        self.teacher_pad_token_id = next(i for i in ids if i is not None)
+
     def _truncate(self, ids: list[int], labels: list[int]) -> dict[str, list[int]]:
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
 
+    def _encode(
+        self, text: str, add_special_tokens: bool, with_eos: bool, offsets: bool = True
+    ) -> tuple[list[int], list | None, list[bool]]:
+        """(ids, character offsets or None unless ``offsets``, special-token flags) of ``text`` with the
+        student's tokenizer (see :func:`encode_with_eos`)."""
+        return encode_with_eos(self.tokenizer, text, add_special_tokens, with_eos, offsets)
+
     def _encode_text(self, text: str) -> dict[str, list[int]]:
         """Plain text: every token is a target; an EOS is appended so the model learns where text ends."""
-        ids = self.tokenizer(text)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-        return self._truncate(ids, list(ids))
+        ids, offsets, special = self._encode(text, True, True, offsets=self.teacher_tokenizer is not None)
+        return self._with_teacher(text, True, True, self._truncate(ids, list(ids)), offsets, special)
 
     def _encode_conversation(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """A conversation through the chat template; with ``completion_only_loss`` only the assistant's
         tokens (those starting inside an assistant span) keep their label."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
+        ids, offsets, special = self._encode(text, False, False)
         if not self.completion_only_loss:
-            return self._truncate(ids, list(ids))
+            return self._with_teacher(text, False, False, self._truncate(ids, list(ids)), offsets, special)
         spans = assistant_spans(self.tokenizer, messages, text)
         labels = [
             token if any(start <= char < end for start, end in spans) else NO_LABEL
-            for token, (char, _) in zip(ids, encoded["offset_mapping"], strict=True)
+            for token, (char, _) in zip(ids, offsets, strict=True)
         ]
-        return self._truncate(ids, labels)
+        return self._with_teacher(text, False, False, self._truncate(ids, labels), offsets, special)
+
+    def _with_teacher(
+        self,
+        text: str,
+        add_special_tokens: bool,
+        with_eos: bool,
+        row: dict,
+        offsets: list,
+        special: list[bool],
+    ) -> dict[str, list[int]]:
+        """``row`` (the student's truncated ids and labels) with, for a teacher of another tokenizer, the
+        teacher's ids of the same ``text`` (truncated alike) and the alignment columns."""
+        if self.teacher_tokenizer is None:
+            return row
+        teacher_ids, teacher_offsets, teacher_special = encode_with_eos(
+            self.teacher_tokenizer, text, add_special_tokens, with_eos
+        )
+        kept_student, kept_teacher = len(row["input_ids"]), min(len(teacher_ids), self.max_length)
+
+        def end(offsets_kept: list, total: int) -> int:  # where a side's kept tokens stop covering the text
+            return len(text) if len(offsets_kept) == total else max((o[1] for o in offsets_kept), default=0)
+
+        spans = align_spans(
+            offsets[:kept_student],
+            teacher_offsets[:kept_teacher],
+            student_special=special[:kept_student],
+            teacher_special=teacher_special[:kept_teacher],
+            student_end=end(offsets[:kept_student], len(offsets)),
+            teacher_end=end(teacher_offsets[:kept_teacher], len(teacher_offsets)),
+        )
+        teacher_ids = teacher_ids[:kept_teacher]
+        columns = alignment_columns(
+            spans, row["input_ids"], row["labels"], teacher_ids, self.vocabulary.teacher_id_of
+        )
+        return (
+            row | columns | {"teacher_input_ids": teacher_ids, "teacher_attention_mask": [1] * kept_teacher}
+        )
 
     def _pack(self, rows: dict[str, list]) -> dict[str, list]:
         """First-fit in order: examples fill a row until the next one would pass ``max_length``."""
@@ -198,7 +305,9 @@ class CausalLMTask(Task):
         nobody attends to). Rows without ``labels`` are their own targets (Transformers' causal-LM
         convention); no position outside the attention mask has one. Cached per-token teacher columns are
         padded with a valid distribution (uniform over the stored k) so masked positions stay finite.
-        Packed columns (a compressed cache) are decoded here into the same three columns."""
+        Packed columns (a compressed cache) are decoded here into the same three columns. A teacher of
+        another tokenizer gets its own padded ``teacher_input_ids`` / ``teacher_attention_mask``; the
+        alignment columns are padded with −1 (no alignment) and 0 (not matched)."""
         length = max(len(f["input_ids"]) for f in features)
         lengths = [len(f["input_ids"]) for f in features]
 
@@ -223,12 +332,28 @@ class CausalLMTask(Task):
             batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, NO_LABEL)
         else:
             batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
+        if TEACHER_INPUT_PREFIX + "input_ids" in features[0]:
+            batch.update(self._collate_teacher(features))
         for key in features[0]:
-            if key == CACHE_PREFIX + "packed":
+            if key.startswith(ALIGNMENT_PREFIX) and key not in batch:  # over the student's positions
+                batch[key] = padded(key, 0 if key == ALIGNMENT_PREFIX + "matched" else -1)
+            elif key == CACHE_PREFIX + "packed":
                 batch.update(self._decode_packed([f[key] for f in features], lengths, length))
             elif key.startswith(CACHE_PREFIX):
                 batch[key] = self._pad_cached(key, [torch.as_tensor(f[key]) for f in features], length)
         return batch
+
+    def _collate_teacher(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The columns over the teacher's own positions (a teacher of another tokenizer), right-padded: its
+        input ids, attention mask and alignment column ``teacher_span``."""
+        ids_key, mask_key = TEACHER_INPUT_PREFIX + "input_ids", TEACHER_INPUT_PREFIX + "attention_mask"
+        span_key = ALIGNMENT_PREFIX + "teacher_span"
+        length = max(len(f[ids_key]) for f in features)
+        return {
+            key: torch.tensor([list(f[key]) + [value] * (length - len(f[key])) for f in features])
+            for key, value in ((ids_key, self.teacher_pad_token_id), (mask_key, 0), (span_key, -1))
+            if key in features[0]
+        }
 
     def _decode_packed(self, rows: list[bytes], lengths: list[int], length: int) -> dict[str, torch.Tensor]:
         """Packed per-token top-k rows → the ``log_probs`` / ``indices`` / ``tail_log_mass`` columns
@@ -277,6 +402,9 @@ class CausalLMTask(Task):
         [B, T, H], output-layer weight [V, H]): its weight's rows are cut instead, and the loss makes
         its logits chunk by chunk."""
         targets = next_token_targets(labels).reshape(-1)
+        if isinstance(teacher_logits, AlignedLogits):  # another tokenizer: already over flattened rows
+            student = student_logits.reshape(-1, student_logits.shape[-1])
+            return KDItems(student, teacher_logits, targets, targets != NO_LABEL)
         from_hidden = isinstance(student_logits, HiddenStates)
         vocab = student_logits.weight.shape[0] if from_hidden else student_logits.shape[-1]
         if isinstance(teacher_logits, SparseLogits):

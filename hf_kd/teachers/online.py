@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from hf_kd.losses import AlignedLogits
+from hf_kd.tasks.alignment import VocabularyMap, aligned_logits
 from hf_kd.tasks.base import split_batch
 
 
@@ -36,3 +38,31 @@ class OnlineTeacher:
         if self.output_map is not None:
             logits = logits[..., self.output_map]
         return logits, outputs
+
+
+class CrossTokenizerTeacher(OnlineTeacher):
+    """An online teacher whose tokenizer differs from the student's: it runs on its own
+    ``teacher_input_ids`` and its logits come with their alignment to the student's tokens
+    (:class:`hf_kd.losses.AlignedLogits`, built from the batch's alignment columns), which the loss
+    reads (``hf_kd.losses.cross_tokenizer``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocabulary: VocabularyMap,
+        *,
+        matched_weight: float = 1.0,
+        unmatched_weight: float = 1.0,
+    ):
+        super().__init__(model)
+        self.vocabulary = vocabulary
+        self.matched_weight, self.unmatched_weight = matched_weight, unmatched_weight
+
+    def __call__(self, batch: dict[str, Any]) -> AlignedLogits:
+        return aligned_logits(
+            self.run(batch)[0],
+            batch,
+            self.vocabulary,
+            matched_weight=self.matched_weight,
+            unmatched_weight=self.unmatched_weight,
+        )

@@ -4,6 +4,7 @@
 source      what ``signal(batch)`` returns                          built from
 ==========  =====================================================  ==========================
 online      the frozen teacher's logits, dense [..., K]             a teacher model
+            (another tokenizer: AlignedLogits, its own tokens)
 cached      dense logits, or top-k :class:`SparseLogits`            a teacher cache's columns
 uniform     zeros [..., K] (p = 1/K: the ``ls`` target)             the student's class count
 ==========  =====================================================  ==========================
@@ -24,7 +25,7 @@ from hf_kd.losses import SparseLogits
 from hf_kd.modeling import logit_layer_weight
 from hf_kd.tasks.base import Task
 from hf_kd.teachers.cached import CachedTeacher
-from hf_kd.teachers.online import OnlineTeacher
+from hf_kd.teachers.online import CrossTokenizerTeacher, OnlineTeacher
 from hf_kd.teachers.synthetic import UniformTeacher
 
 
@@ -66,7 +67,8 @@ def build_teacher_signal(
     - the logits of ``cache`` (a loaded teacher cache, checked against the task, the student's config and
       ``student_processor``) when one is given;
     - else the online ``teacher_model`` (as placed for the run), its classes checked against the
-      student's and mapped into their order.
+      student's and mapped into their order; when ``task`` was prepared with a teacher tokenizer of
+      another vocabulary (``task.vocabulary``), the cross-tokenizer teacher.
 
     Raises ValueError when the config needs a teacher and neither a cache nor a teacher model is given.
     """
@@ -79,7 +81,16 @@ def build_teacher_signal(
         return CachedTeacher(cache.metadata.num_classes, output_map)
     if teacher_model is not None:
         teacher_config = extract_model_from_parallel(teacher_model).config
-        return OnlineTeacher(teacher_model, task.teacher_output_map(teacher_config, student.config, config))
+        output_map = task.teacher_output_map(teacher_config, student.config, config)
+        vocabulary = getattr(task, "vocabulary", None)
+        if vocabulary is not None:
+            return CrossTokenizerTeacher(
+                teacher_model,
+                vocabulary,
+                matched_weight=config.cross_tokenizer_matched_weight,
+                unmatched_weight=config.cross_tokenizer_unmatched_weight,
+            )
+        return OnlineTeacher(teacher_model, output_map)
     raise ValueError(
         f"alpha={config.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
     )

@@ -207,7 +207,8 @@ class TeacherCache:
                     "processor_hash",
                     self.metadata.processor_hash,
                     run_hash,
-                    hint="per-token targets need the same tokenizer",
+                    hint="per-token targets need the same tokenizer (a teacher with another tokenizer runs online: "
+                    "teacher_source: online)",
                 )
         try:
             return task.teacher_output_map(self.teacher_config(), student_config, args)

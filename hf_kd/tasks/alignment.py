@@ -1,0 +1,290 @@
+"""Aligning the tokens of two tokenizers over the same text, for a teacher whose vocabulary differs from
+the student's (``hf_kd.losses.cross_tokenizer``; docs/knowledge.md#different-tokenizers).
+
+Rows in, rows out (done once, when the dataset is prepared), and the batch's alignment columns made into
+:class:`hf_kd.losses.AlignedLogits` for the loss:
+
+- :func:`vocabulary_map`: the tokens both vocabularies share, compared by the text (bytes) they stand
+  for, so that byte-level BPE's ``Ġthe``, SentencePiece's ``▁the`` and a plain `` the`` are one token;
+  the two end-of-sequence tokens are paired whatever their strings.
+- :func:`align_spans`: tokens grouped into spans whose character boundaries coincide on both sides,
+  from the fast tokenizers' character offsets. A boundary between two tokens of a side is the gap
+  ``[end of one, start of the next]`` (empty when they touch; none when they overlap, as the byte
+  pieces of one multi-byte character do); a span ends where a gap of each side meet. Zero-width
+  special tokens (a BOS or EOS the tokenizer adds) are not text: they pair with the other side's
+  zero-width special tokens at the same character, in order, or with nothing (then no loss uses them).
+- :func:`alignment_columns`: per row, which student position predicts the start of which span, from
+  which teacher position, and whether the span is matched (one token each side, the same token).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hf_kd.losses import AlignedLogits
+from hf_kd.tasks.base import ALIGNMENT_PREFIX
+
+Offsets = list[tuple[int, int]]
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte, inverted."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL_CHARS = _byte_level_chars()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+WHITESPACE_DROPPING = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
+"""Pre-tokenizers that split on spaces and drop them: a word token stands for the word after a space."""
+
+
+def _component_kinds(tokenizer: Any, component: str) -> set[str]:
+    """The types of a fast tokenizer's ``component`` (``decoder``, ``pre_tokenizer``), those inside a
+    ``Sequence`` included."""
+    part = json.loads(tokenizer.backend_tokenizer.to_str()).get(component) or {}
+    kinds, pending = set(), [part]
+    while pending:
+        part = pending.pop()
+        kinds.add(part.get("type"))
+        pending += part.get("decoders") or part.get("pretokenizers") or []
+    return kinds
+
+
+def token_bytes(tokenizer: Any) -> dict[int, bytes]:
+    """The text each id of ``tokenizer`` stands for in running text, as UTF-8 bytes: byte-level tokens
+    through the byte-level alphabet, ``<0xNN>`` byte-fallback tokens as their byte, ``▁`` as a space
+    (SentencePiece and Metaspace), added tokens as written. A tokenizer that drops spaces when it splits
+    words (word-level, WordPiece) has a space before each word token, none before a ``##`` piece."""
+    kinds = _component_kinds(tokenizer, "decoder")
+    spaced = bool(_component_kinds(tokenizer, "pre_tokenizer") & WHITESPACE_DROPPING)
+    added = {token.content for token in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}
+    result = {}
+    for token, index in tokenizer.get_vocab().items():
+        if token in added:
+            result[index] = token.encode()
+        elif "ByteLevel" in kinds and all(char in BYTE_LEVEL_CHARS for char in token):
+            result[index] = bytes(BYTE_LEVEL_CHARS[char] for char in token)
+        elif "ByteFallback" in kinds and BYTE_FALLBACK.fullmatch(token):
+            result[index] = bytes([int(BYTE_FALLBACK.fullmatch(token).group(1), 16)])
+        elif spaced:
+            result[index] = token[2:].encode() if token.startswith("##") else b" " + token.encode()
+        else:
+            result[index] = token.replace("▁", " ").encode()
+    return result
+
+
+@dataclass
+class VocabularyMap:
+    """The shared tokens S of two tokenizers: ``student_ids[i]`` and ``teacher_ids[i]`` stand for the
+    same text (each text once: its smallest id on each side)."""
+
+    student_ids: list[int]
+    teacher_ids: list[int]
+
+    @cached_property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student ids [M], teacher ids [M]) as long tensors, made once."""
+        return torch.tensor(self.student_ids), torch.tensor(self.teacher_ids)
+
+    @cached_property
+    def teacher_id_of(self) -> dict[int, int]:
+        """Student id → the teacher id of the same token, for the shared tokens (made once)."""
+        return dict(zip(self.student_ids, self.teacher_ids, strict=True))
+
+
+def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
+    """The tokens ``student`` and ``teacher`` (fast tokenizers) share, by :func:`token_bytes`, with their
+    end-of-sequence tokens paired whatever their strings; ordered by student id. Raises when nothing is
+    shared (no exact part could ever be computed: the vocabularies have nothing in common)."""
+
+    def first_ids(tokenizer: Any) -> dict[bytes, int]:
+        ids: dict[bytes, int] = {}
+        for index, text in sorted(token_bytes(tokenizer).items()):
+            ids.setdefault(text, index)
+        return ids
+
+    student_ids, teacher_ids = first_ids(student), first_ids(teacher)
+    pairs = {student_ids[text]: teacher_ids[text] for text in student_ids.keys() & teacher_ids.keys()}
+    if student.eos_token_id is not None and teacher.eos_token_id is not None:
+        pairs = {s: t for s, t in pairs.items() if s != student.eos_token_id and t != teacher.eos_token_id}
+        pairs[student.eos_token_id] = teacher.eos_token_id
+    if not pairs:
+        raise ValueError("the teacher's and the student's tokenizers share no token: nothing can be aligned")
+    ordered = sorted(pairs.items())
+    return VocabularyMap([s for s, _ in ordered], [t for _, t in ordered])
+
+
+def _gaps(offsets: Offsets, tokens: list[int], end: int) -> list[tuple[int, int, int]]:
+    """The boundaries of one side's text ``tokens`` (indices into ``offsets``) as ``(low, high, k)``: a
+    span may end after the first k tokens anywhere in [low, high]. The start (k = 0) reaches back to 0;
+    the end (k = len) reaches to ``end``; touching or spaced neighbours give a gap, overlapping ones none."""
+    if not tokens:
+        return [(0, end, 0)]
+    gaps = [(0, offsets[tokens[0]][0], 0)]
+    for k in range(1, len(tokens)):
+        left_end, right_start = offsets[tokens[k - 1]][1], offsets[tokens[k]][0]
+        if right_start >= left_end:
+            gaps.append((left_end, right_start, k))
+    last_end = offsets[tokens[-1]][1]
+    gaps.append((last_end, max(last_end, end), len(tokens)))
+    return gaps
+
+
+def align_spans(
+    student: Offsets,
+    teacher: Offsets,
+    *,
+    student_special: list[bool] | None = None,
+    teacher_special: list[bool] | None = None,
+    student_end: int | None = None,
+    teacher_end: int | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """Spans of the same text on both sides: pairs (student token indices, teacher token indices), in
+    text order, from each token's character offsets ``(start, end)``.
+
+    ``*_special`` marks special tokens: those of width 0 are not text (see the module docstring).
+    ``*_end`` is where a side's text ends (default: its last token's end); a side cut short by
+    truncation passes its last token's end, so that the spans stop where both sides still cover the
+    text. Tokens in no span (past a truncation, an unpaired zero-width token) are left out."""
+    student_special = student_special or [False] * len(student)
+    teacher_special = teacher_special or [False] * len(teacher)
+
+    def marks(offsets: Offsets, special: list[bool]) -> list[int]:
+        return [
+            i
+            for i, ((start, stop), flag) in enumerate(zip(offsets, special, strict=True))
+            if flag and start == stop
+        ]
+
+    student_marks, teacher_marks = marks(student, student_special), marks(teacher, teacher_special)
+    student_text = [i for i in range(len(student)) if i not in set(student_marks)]
+    teacher_text = [i for i in range(len(teacher)) if i not in set(teacher_marks)]
+    last = lambda offsets, text: offsets[text[-1]][1] if text else 0  # noqa: E731
+    student_gaps = _gaps(
+        student, student_text, last(student, student_text) if student_end is None else student_end
+    )
+    teacher_gaps = _gaps(
+        teacher, teacher_text, last(teacher, teacher_text) if teacher_end is None else teacher_end
+    )
+    cuts, a, b = [], 0, 0
+    while a < len(student_gaps) and b < len(teacher_gaps):
+        (s_low, s_high, s_k), (t_low, t_high, t_k) = student_gaps[a], teacher_gaps[b]
+        if s_high < t_low:
+            a += 1
+        elif t_high < s_low:
+            b += 1
+        else:
+            cuts.append((s_k, t_k))
+            a, b = a + 1, b + 1
+    spans = [
+        (student_text[s0:s1], teacher_text[t0:t1])
+        for (s0, t0), (s1, t1) in itertools.pairwise(cuts)
+        if s1 > s0 and t1 > t0
+    ]
+    for position in sorted({student[i][0] for i in student_marks}):
+        here_s = [i for i in student_marks if student[i][0] == position]
+        here_t = [i for i in teacher_marks if teacher[i][0] == position]
+        spans += [([s], [t]) for s, t in zip(here_s, here_t, strict=False)]  # unpaired: no span
+    return sorted(spans, key=lambda span: span[0][0])
+
+
+def alignment_columns(
+    spans: list[tuple[list[int], list[int]]],
+    student_ids: list[int],
+    student_labels: list[int],
+    teacher_ids: list[int],
+    teacher_id_of: dict[int, int],
+    no_label: int = -100,
+) -> dict[str, list[int]]:
+    """The alignment columns of one row (predictor positions: position t predicts token t + 1).
+
+    For each span whose tokens both have a predictor (not the first token of a side) and whose student
+    tokens all have a label (completion-only masks carry over this way): ``teacher_position`` at the
+    student position predicting its first token is the teacher position predicting the teacher's first
+    token; ``matched`` is 1 when the span is one student token and one teacher token that
+    ``teacher_id_of`` pairs; otherwise ``student_span`` / ``teacher_span`` at the positions predicting
+    the span's later tokens hold that student position (the chain-rule merge). −1 / 0 elsewhere."""
+    teacher_position, matched = [-1] * len(student_ids), [0] * len(student_ids)
+    student_span, teacher_span = [-1] * len(student_ids), [-1] * len(teacher_ids)
+    for student_tokens, teacher_tokens in spans:
+        first, teacher_first = student_tokens[0], teacher_tokens[0]
+        if first < 1 or teacher_first < 1 or any(student_labels[k] == no_label for k in student_tokens):
+            continue
+        start = first - 1
+        teacher_position[start] = teacher_first - 1
+        if len(student_tokens) == len(teacher_tokens) == 1:
+            if teacher_id_of.get(student_ids[first]) == teacher_ids[teacher_first]:
+                matched[start] = 1
+                continue
+        for k in student_tokens[1:]:
+            student_span[k - 1] = start
+        for k in teacher_tokens[1:]:
+            teacher_span[k - 1] = start
+    prefix = ALIGNMENT_PREFIX
+    return {
+        prefix + "teacher_position": teacher_position,
+        prefix + "matched": matched,
+        prefix + "student_span": student_span,
+        prefix + "teacher_span": teacher_span,
+    }
+
+
+def aligned_logits(
+    teacher_logits: torch.Tensor,
+    batch: dict[str, Any],
+    vocabulary: VocabularyMap,
+    *,
+    matched_weight: float = 1.0,
+    unmatched_weight: float = 1.0,
+) -> AlignedLogits:
+    """The teacher's logits [B, T_t, V_t] on a collated batch (its ``teacher_input_ids`` and alignment
+    columns) as :class:`AlignedLogits` over the flattened rows (student row = b·T_s + t, teacher row =
+    b·T_t + u)."""
+    columns = {
+        key[len(ALIGNMENT_PREFIX) :]: value
+        for key, value in batch.items()
+        if key.startswith(ALIGNMENT_PREFIX)
+    }
+    batch_size, student_length = columns["teacher_position"].shape
+    teacher_length = teacher_logits.shape[1]
+    device = teacher_logits.device
+
+    def flat(positions: torch.Tensor, length: int) -> torch.Tensor:
+        base = torch.arange(positions.shape[0], device=positions.device)[:, None] * length
+        return torch.where(positions >= 0, positions + base, -1).reshape(-1)
+
+    teacher_ids = batch["teacher_input_ids"]
+    return AlignedLogits(
+        logits=teacher_logits.reshape(batch_size * teacher_length, -1),
+        teacher_row=flat(columns["teacher_position"], teacher_length),
+        matched=columns["matched"].reshape(-1).bool(),
+        student_span=flat(columns["student_span"], student_length),
+        teacher_span=flat(columns["teacher_span"], student_length).to(device),
+        teacher_targets=F.pad(teacher_ids[:, 1:], (0, 1), value=0).reshape(-1).to(device),
+        student_ids=vocabulary.tensors[0],
+        teacher_ids=vocabulary.tensors[1],
+        matched_weight=matched_weight,
+        unmatched_weight=unmatched_weight,
+    )
