@@ -44,6 +44,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.runs.distill import run_distillation
+from hf_kd.tasks.base import ALIGNMENT_PREFIX
+from hf_kd.tasks.causal_lm import CausalLMTask
 
 ARMS = ("none", "same", "cross", "gold")
 
@@ -86,6 +88,27 @@ def bits_per_byte(model, tokenizer, texts: list[str], batch_size: int = 32) -> f
     return bits / n_bytes
 
 
+def span_shares(student_tok, teacher_tok, texts: list[str], max_length: int) -> str:
+    """How the product's alignment (``CausalLMTask.prepare``) splits the student's prediction rows of
+    ``texts``: span starts matched (exact part) or not (ULD), rows inside a multi-token span, no span."""
+    rows = CausalLMTask(max_length=max_length).prepare(
+        Dataset.from_dict({"text": texts}), student_processor=student_tok, teacher_processor=teacher_tok
+    )
+    total = sum(len(ids) - 1 for ids in rows["input_ids"])
+    counts = {
+        "matched": sum(map(sum, rows[ALIGNMENT_PREFIX + "matched"])),
+        "starts": sum(sum(p >= 0 for p in row) for row in rows[ALIGNMENT_PREFIX + "teacher_position"]),
+        "inside": sum(sum(p >= 0 for p in row) for row in rows[ALIGNMENT_PREFIX + "student_span"]),
+    }
+    unmatched = counts["starts"] - counts["matched"]
+    none = total - counts["starts"] - counts["inside"]
+    return (
+        f"{total} student prediction rows: {counts['matched'] / total:.1%} matched span starts, "
+        f"{unmatched / total:.1%} unmatched span starts, {counts['inside'] / total:.1%} inside multi-token "
+        f"spans, {none / total:.1%} in no span"
+    )
+
+
 def prepare(root: Path, args) -> tuple[list[str], list[str]]:
     """Tokenizers, teachers (saved under ``root``), training and held-out chunks; prints their figures."""
     train_files, held_files = stdlib_texts()
@@ -100,6 +123,9 @@ def prepare(root: Path, args) -> tuple[list[str], list[str]]:
     train = [train[i] for i in torch.randperm(len(train), generator=order)[: args.train_rows]]
     held = fitting(chunks(held_files, args.chunk_bytes), (student_tok, cross_tok), args.seq_len - 1)
     held = [held[i] for i in torch.randperm(len(held), generator=order)[: args.held_out_rows]]
+    print(
+        f"[xtok] alignment of the training chunks: {span_shares(student_tok, cross_tok, train, args.seq_len)}"
+    )
     for name, tok in (("same", student_tok), ("cross", cross_tok)):
         start = time.perf_counter()
         teacher = train_lm(len(tok), token_rows(tok, train_files, args.seq_len), args.teacher_steps)
