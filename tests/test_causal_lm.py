@@ -251,7 +251,9 @@ def test_tiny_recipes_run_end_to_end(toy, tmp_path, caplog):
     toy_tokenizer(["zebra yak", "add 1 2 = 3"]).save_pretrained(str(impostor))
     assert not any(impostor.glob("*.safetensors"))
     student_args[-3] = str(impostor)
-    with pytest.raises(ValueError, match="tokenizer differs from the student's .* does not support packing"):
+    with pytest.raises(
+        ValueError, match="packing: true is not supported with a teacher whose tokenizer differs"
+    ):
         run_distillation(*parse_args(student_args + ["--output_dir", str(tmp_path / "never")]))
     assert json.loads((impostor / "config.json").read_text())["vocab_size"] == 64
 

@@ -2,8 +2,10 @@
 (exact part on shared tokens, ULD on the rest) and a run with a teacher of another tokenizer."""
 
 import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,9 @@ import torch
 from datasets import Dataset, DatasetDict
 from tiny import save_model, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from hf_kd import DistillationConfig, parse_args, run_distillation
+from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer, write_toy_chat
 from hf_kd.losses import AlignedLogits, distillation_loss, uld_distance
 from hf_kd.tasks import CausalLMTask
@@ -25,6 +27,7 @@ from hf_kd.tasks.causal_lm import encode_with_eos, next_token_targets
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.format import CacheMismatchError
 from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.online import CrossTokenizerTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["the café is open, 日本 is far 🙂 away", "hello world said the cat", " leading and trailing  "] * 5
@@ -273,30 +276,34 @@ def hand_case():
 def test_exact_and_uld_parts_equal_the_formulas_by_hand():
     z, teacher, labels = hand_case()
     tau = 2.0
-    q_shared = torch.softmax(z[0, [0, 2, 3]] / tau, -1)
-    p_shared = torch.softmax(teacher.logits[1, [1, 3, 0]] / tau, -1)
-    exact = (p_shared * (p_shared / q_shared).log()).sum()
-    q_merged = torch.softmax(z[1] / tau, -1) * torch.softmax(z[2] / tau, -1)[3]  # chain rule: × q(token 3)
-    p_merged = torch.softmax(teacher.logits[2] / tau, -1) * torch.softmax(teacher.logits[3] / tau, -1)[4]
-    q_sorted = torch.cat([q_merged.sort(descending=True).values, torch.zeros(1)])  # padded to V_t = 5
-    uld = (q_sorted - p_merged.sort(descending=True).values).abs().sum()
-    hard = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+
+    def by_hand(z):
+        q_shared = torch.softmax(z[0, [0, 2, 3]] / tau, -1)
+        p_shared = torch.softmax(teacher.logits[1, [1, 3, 0]] / tau, -1)
+        exact = (p_shared * (p_shared / q_shared).log()).sum()
+        q_merged = (
+            torch.softmax(z[1] / tau, -1) * torch.softmax(z[2] / tau, -1)[3]
+        )  # chain rule: × q(token 3)
+        p_merged = torch.softmax(teacher.logits[2] / tau, -1) * torch.softmax(teacher.logits[3] / tau, -1)[4]
+        q_sorted = torch.cat([q_merged.sort(descending=True).values, torch.zeros(1)])  # padded to V_t = 5
+        uld = (q_sorted - p_merged.sort(descending=True).values).abs().sum()
+        hard = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+        return exact, uld, 0.5 * hard / 4 + 0.5 * (0.7 * exact + 0.3 * uld) / 4
+
+    z = z.requires_grad_(True)
+    exact, uld, loss = by_hand(z)
+    (expected_grad,) = torch.autograd.grad(loss, z)
     soft_mask = torch.ones(4, dtype=torch.bool)
     for chunk_size in (None, 1, 3):
-        terms = distillation_loss(
-            z,
-            teacher,
-            labels,
-            alpha=0.5,
-            temperature=tau,
-            soft_mask=soft_mask,
-            temperature_squared=False,
-            chunk_size=chunk_size,
-        )
-        torch.testing.assert_close(terms.parts["soft_matched"][0], exact)
-        torch.testing.assert_close(terms.parts["soft_unmatched"][0], uld)
+        settings = dict(alpha=0.5, temperature=tau, soft_mask=soft_mask, temperature_squared=False)
+        terms = distillation_loss(z, teacher, labels, chunk_size=chunk_size, **settings)
+        torch.testing.assert_close(terms.parts["soft_matched"][0], exact.detach())
+        torch.testing.assert_close(terms.parts["soft_unmatched"][0], uld.detach())
         assert int(terms.parts["soft_matched"][1]) == 1 and int(terms.parts["soft_unmatched"][1]) == 1
-        torch.testing.assert_close(terms.loss, 0.5 * hard / 4 + 0.5 * (0.7 * exact + 0.3 * uld) / 4)
+        torch.testing.assert_close(terms.loss, loss)
+        (grad,) = torch.autograd.grad(terms.loss, z)
+        torch.testing.assert_close(grad, expected_grad)  # the chain-rule factor's row 2 included
+    assert expected_grad[3].abs().sum() > 0 and expected_grad[2].abs().sum() > 0
 
 
 def test_uld_distance_is_the_sorted_l1_with_zero_padding():
@@ -346,10 +353,12 @@ def cross_run(tmp_path_factory):
     with torch.no_grad():
         teacher.lm_head.weight.mul_(40.0)  # a confident teacher: peaked distributions to learn from
     save_model(teacher, teacher_tokenizer, root / "teacher")
+    byte_level_bpe(texts + TEXTS, vocab_size=320).save_pretrained(root / "too_big")  # > the teacher's rows
     return root, student_tokenizer, teacher_tokenizer
 
 
-def cross_args(root, **overrides):
+def cross_argv(root, **overrides) -> list[str]:
+    """The command line of a tiny cross-tokenizer run on ``root`` (from :func:`cross_run`)."""
     recipe = {
         "task": "causal-lm",
         "dataset_name": str(root / "data"),
@@ -383,12 +392,22 @@ def cross_args(root, **overrides):
     argv = []
     for key, value in recipe.items():
         argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return parse_args(argv)
+    return argv
 
 
-def test_run_with_a_teacher_of_another_tokenizer(cross_run):
+def cross_args(root, **overrides):
+    return parse_args(cross_argv(root, **overrides))
+
+
+def test_run_with_a_teacher_of_another_tokenizer(cross_run, caplog):
     root, student_tokenizer, teacher_tokenizer = cross_run
-    result = run_distillation(*cross_args(root, cross_tokenizer_unmatched_weight=0.5))
+    with caplog.at_level(logging.INFO, logger="hf_kd.tasks.causal_lm"):
+        result = run_distillation(*cross_args(root, cross_tokenizer_unmatched_weight=0.5))
+    assert "vocabulary sizes differ: teacher 268, student 34" in caplog.text
+    assert (
+        f"distilling across tokenizers, {len(result.trainer.task.vocabulary.student_ids)} tokens shared"
+        in caplog.text
+    )
     history = [entry for entry in result.trainer.state.log_history if "loss_soft_matched" in entry]
     assert len(history) == 8
     assert all(entry["loss_soft_unmatched"] > 0 for entry in history)
@@ -407,14 +426,20 @@ def test_run_with_a_teacher_of_another_tokenizer(cross_run):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"packing": True}, "does not support packing: true"),
+        ({"packing": True}, "packing: true is not supported with a teacher whose tokenizer differs"),
         ({"lmbda": 0.5}, "does not support lmbda=0.5"),
         ({"student_logits_from_hidden_states": True}, "student_logits_from_hidden_states: true"),
         ({"synthetic_teacher": "kd_pt"}, "synthetic_teacher='kd_pt'"),
+        (
+            {"teacher_processor": "too_big"},
+            "the teacher's tokenizer has 320 tokens but the teacher scores only 268",
+        ),
     ],
 )
 def test_what_cross_tokenizer_runs_do_not_support_is_refused_before_training(cross_run, overrides, message):
     root, _, _ = cross_run
+    if "teacher_processor" in overrides:
+        overrides = {"teacher_processor": str(root / overrides["teacher_processor"])}
     with pytest.raises(ValueError, match=message):
         run_distillation(*cross_args(root, output_dir=str(root / f"never_{len(message)}"), **overrides))
     assert not (root / f"never_{len(message)}").exists()
@@ -480,3 +505,63 @@ def test_a_cache_of_another_tokenizer_is_refused_with_the_way_out(pair, tmp_path
     cache = load_teacher_cache(tmp_path / "cache")
     with pytest.raises(CacheMismatchError, match="another tokenizer runs online: teacher_source: online"):
         cache.check_run(CausalLMTask(max_length=16), teacher.config, student, tiny_config(tmp_path / "o"))
+
+
+@pytest.mark.slow
+def test_two_processes_end_where_one_process_ends(cross_run, tmp_path):
+    root, _, _ = cross_run
+    # SGD: Adam would turn rounding differences of near-zero gradients (ULD at spans the random teacher
+    # finds unlikely) into full-size updates, hiding what is compared.
+    steps = {"max_steps": 4, "eval_split": "none", "logging_steps": 2, "optim": "sgd", "learning_rate": 0.5}
+    one = run_distillation(*cross_args(root, output_dir=str(tmp_path / "one"), **steps))
+    # --standalone: a free port, whatever else runs torchrun on this machine
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "scripts/distill.py"]
+    command += cross_argv(root, output_dir=str(tmp_path / "two"), per_device_train_batch_size=8, **steps)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"))
+    for name, tensor in one.trainer.model.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    logged = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
+    reference = [e for e in one.trainer.state.log_history if "loss_soft_matched" in e]
+    pairs = zip([e for e in logged if "loss_soft_matched" in e], reference, strict=True)
+    for got, want in pairs:  # the two parts are averaged over both processes' spans
+        assert got["loss_soft_matched"] == pytest.approx(want["loss_soft_matched"], rel=1e-4)
+        assert got["loss_soft_unmatched"] == pytest.approx(want["loss_soft_unmatched"], rel=1e-4)
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_ends(cross_run, tmp_path):
+    root, _, _ = cross_run
+    steps = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "eval_split": "none"}
+    straight = run_distillation(*cross_args(root, output_dir=str(tmp_path / "straight"), **steps))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run_distillation(
+        *cross_args(root, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="true", **steps)
+    )
+    assert resumed.trainer.state.global_step == 4
+    for name, tensor in straight.trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed.trainer.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_python_api_with_rows_prepared_for_two_tokenizers(cross_run, tmp_path):
+    root, student_tokenizer, teacher_tokenizer = cross_run
+    task = CausalLMTask(max_length=48)
+    rows = Dataset.load_from_disk(str(root / "data" / "train"))
+    train = task.prepare(rows, student_processor=student_tokenizer, teacher_processor=teacher_tokenizer)
+    teacher = AutoModelForCausalLM.from_pretrained(str(root / "teacher"))
+    student = tiny.tiny_llama(len(student_tokenizer), seed=0, pad_token_id=0)
+    config = tiny_config(tmp_path, max_steps=2, per_device_train_batch_size=8, logging_steps=1, alpha=0.5)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        task=task,
+        train_dataset=train,
+        processing_class=student_tokenizer,
+    )
+    assert isinstance(trainer.teacher_signal, CrossTokenizerTeacher)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss_soft_matched" in e]
+    assert len(logged) == 2 and all(e["loss_soft_unmatched"] > 0 and e["loss_hard"] > 0 for e in logged)

@@ -89,18 +89,27 @@ class AlignedLogits:
         return torch.nonzero((self.teacher_row >= 0) & ~self.matched & soft_mask).squeeze(-1)
 
 
+def _chunks(rows: torch.Tensor, chunk_size: int | None) -> list[torch.Tensor]:
+    """``rows`` in pieces of at most ``chunk_size`` (one piece when None)."""
+    return list(rows.split(chunk_size or max(1, rows.numel())))
+
+
 def _chain_log_factor(
-    logits: torch.Tensor, span: torch.Tensor, targets: torch.Tensor, size: int, temperature: float
+    logits: torch.Tensor,
+    span: torch.Tensor,
+    targets: torch.Tensor,
+    size: int,
+    temperature: float,
+    chunk_size: int | None,
 ) -> torch.Tensor:
     """[size] per span-start row, Σ log softmax(logits_k / τ)[targets_k] over the rows k with
-    ``span[k]`` = that row (0 for every other row): the log of the chain-rule factor."""
-    later = torch.nonzero(span >= 0).squeeze(-1)
+    ``span[k]`` = that row (0 for every other row): the log of the chain-rule factor. No gradient."""
     factor = torch.zeros(size, dtype=torch.float32, device=logits.device)
-    if later.numel() == 0:
-        return factor
-    log_probs = torch.log_softmax(logits[later].float() / temperature, dim=-1)
-    picked = log_probs.gather(-1, targets[later].clamp(min=0)[:, None].to(logits.device)).squeeze(-1)
-    return factor.index_add(0, span[later].to(logits.device), picked)
+    for later in _chunks(torch.nonzero(span >= 0).squeeze(-1), chunk_size):
+        log_probs = torch.log_softmax(logits[later].detach().float() / temperature, dim=-1)
+        picked = log_probs.gather(-1, targets[later].clamp(min=0)[:, None].to(logits.device)).squeeze(-1)
+        factor.index_add_(0, span[later].to(logits.device), picked)
+    return factor
 
 
 def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -116,26 +125,78 @@ def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
     return (sorted_q - sorted_p.to(sorted_q.device)).abs().sum(-1)
 
 
+class _UnmatchedSum(torch.autograd.Function):
+    """Σ U over the unmatched span starts ``rows``, ``chunk_size`` rows at a time, and its gradient with
+    respect to the student's logits z [N, V_s] (module docstring for U).
+
+    U(r) reads z_r and, through the chain-rule factor, log q_k[y_k] = log softmax(z_k / τ)[y_k] of the
+    span's later rows k. Forward computes, per chunk and with autograd inside, ∂U/∂z_r and ∂U/∂f_r (f_r
+    = Σ_k log q_k[y_k], the log factor); backward adds the later rows' share in closed form,
+    ∂ log q_k[y_k] / ∂z_k = (onehot(y_k) − softmax(z_k / τ)) / τ, chunk by chunk. Only [chunk × V]
+    float32 tensors are made; the gradients of the span starts are kept in z's dtype."""
+
+    @staticmethod
+    def forward(ctx, z, teacher, labels, rows, temperature, chunk_size, need_grad):  # noqa: D102
+        size = z.shape[0]
+        student_factor = _chain_log_factor(z, teacher.student_span, labels, size, temperature, chunk_size)
+        teacher_factor = _chain_log_factor(
+            teacher.logits, teacher.teacher_span, teacher.teacher_targets, size, temperature, chunk_size
+        )
+        total = torch.zeros((), dtype=torch.float32, device=z.device)
+        grad_rows = (
+            torch.empty((rows.numel(), z.shape[1]), dtype=z.dtype, device=z.device) if need_grad else None
+        )
+        grad_factor = torch.zeros(size, dtype=torch.float32, device=z.device)
+        done = 0
+        for chunk in _chunks(rows, chunk_size):
+            teacher_rows = teacher.teacher_row[chunk].to(teacher.logits.device)
+            log_p = torch.log_softmax(teacher.logits[teacher_rows].float() / temperature, -1)
+            p = (log_p + teacher_factor[chunk.to(teacher_factor.device), None]).exp()
+            with torch.enable_grad():
+                logits = z[chunk].detach().float().requires_grad_(need_grad)
+                factor = student_factor[chunk].requires_grad_(need_grad)
+                q = (torch.log_softmax(logits / temperature, -1) + factor[:, None]).exp()
+                distance = uld_distance(q, p).sum()
+                if need_grad:
+                    grad_logits, grad_chunk_factor = torch.autograd.grad(distance, (logits, factor))
+                    grad_rows[done : done + chunk.numel()] = grad_logits.to(z.dtype)
+                    grad_factor[chunk] = grad_chunk_factor
+            total += distance.detach()
+            done += chunk.numel()
+        ctx.setup = (temperature, chunk_size)
+        if need_grad:
+            ctx.save_for_backward(z, rows, grad_rows, grad_factor, teacher.student_span, labels)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: D102
+        temperature, chunk_size = ctx.setup
+        z, rows, grad_rows, grad_factor, span, labels = ctx.saved_tensors
+        grad = torch.zeros_like(z)
+        grad[rows] = grad_rows * grad_total.to(z.dtype)
+        for later in _chunks(torch.nonzero(span >= 0).squeeze(-1), chunk_size):
+            weight = grad_factor[span[later]] * grad_total / temperature  # ∂L/∂ log q_k[y_k], over τ
+            chunk_grad = -torch.softmax(z[later].float() / temperature, -1) * weight[:, None]
+            chunk_grad.scatter_add_(-1, labels[later].clamp(min=0)[:, None], weight[:, None])
+            grad[later] += chunk_grad.to(z.dtype)
+        return grad, None, None, None, None, None, None
+
+
 def unmatched_sum(
     student_logits: torch.Tensor,
     teacher: AlignedLogits,
     labels: torch.Tensor,
     soft_mask: torch.Tensor,
     temperature: float,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ U over the unmatched span starts, their count): the ULD part, with both sides' vectors merged
-    by the chain rule over their span (module docstring). ``student_logits`` [N, V_s], ``labels`` [N]
-    the student's next-token targets. Only the unmatched rows' full vectors are made ([n_u, V])."""
+    by the chain rule over their span (module docstring), ``chunk_size`` span starts at a time (and
+    later rows at a time for the factors): no [n_unmatched × V] float32 tensor for all of them at once.
+    ``student_logits`` [N, V_s], ``labels`` [N] the student's next-token targets."""
     rows = teacher.unmatched_rows(soft_mask)
     if rows.numel() == 0:
         return student_logits.new_zeros((), dtype=torch.float32), rows.new_zeros(())
-    size = student_logits.shape[0]
-    student_factor = _chain_log_factor(student_logits, teacher.student_span, labels, size, temperature)
-    teacher_factor = _chain_log_factor(
-        teacher.logits, teacher.teacher_span, teacher.teacher_targets, size, temperature
-    )
-    log_q = torch.log_softmax(student_logits[rows].float() / temperature, -1) + student_factor[rows, None]
-    teacher_rows = teacher.teacher_row[rows].to(teacher.logits.device)
-    log_p = torch.log_softmax(teacher.logits[teacher_rows].float() / temperature, -1)
-    log_p = log_p + teacher_factor[rows.to(teacher_factor.device), None]
-    return uld_distance(log_q.exp(), log_p.exp()).sum(), torch.tensor(rows.numel(), device=rows.device)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    total = _UnmatchedSum.apply(student_logits, teacher, labels, rows, temperature, chunk_size, need_grad)
+    return total, torch.tensor(rows.numel(), device=rows.device)

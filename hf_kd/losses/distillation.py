@@ -346,7 +346,7 @@ def _cross_tokenizer_loss(
         L = hard_weight · Σ_hard CE + soft_weight · (w_m · Σ_matched D + w_u · Σ_unmatched U)
 
     The hard term and the matched part run chunk by chunk like the usual loss; the unmatched (ULD) part
-    reads only the unmatched span starts' rows."""
+    runs ``chunk_size`` span starts at a time too, reading only those rows and their spans' later rows."""
     if isinstance(student_logits, HiddenStates):
         raise ValueError(
             "a teacher with another tokenizer needs the student's logits: student_logits_from_hidden_states "
@@ -372,7 +372,9 @@ def _cross_tokenizer_loss(
     loss, hard, soft = _weighted_sums(
         student_logits, sums_fn, hard_weight, soft_weight, chunk_size, len(labels)
     )
-    uld_sum, num_unmatched = unmatched_sum(student_logits, teacher, labels, soft_mask, temperature)
+    uld_sum, num_unmatched = unmatched_sum(
+        student_logits, teacher, labels, soft_mask, temperature, chunk_size
+    )
     loss = loss + soft_weight * teacher.unmatched_weight * uld_sum
     num_matched = ((teacher.teacher_row >= 0) & teacher.matched & soft_mask).sum()
     parts = {

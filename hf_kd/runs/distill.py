@@ -31,14 +31,12 @@ from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
-from hf_kd.tasks.causal_lm import vocab_size_of
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
-from hf_kd.vocab import same_vocabulary, shared_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +108,10 @@ def _prepare_push(config: DistillationConfig) -> str | None:
     return repo_id
 
 
-def check_cross_tokenizer(
-    config: DistillationConfig, data_args: DataArguments, teacher_config, teacher_processor
-) -> None:
+def check_cross_tokenizer(config: DistillationConfig) -> None:
     """Refuse, before the teacher's weights load, what a teacher with another tokenizer does not support
-    (its tokens are aligned with the student's row by row, on the data's text)."""
+    (its tokens are aligned with the student's on the data's text; packing is the task's refusal)."""
     unsupported = {
-        "packing: true": data_args.packing,
         f"lmbda={config.lmbda} / seq_kd: true (sampled tokens have no teacher alignment)": config.generates,
         "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
         f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
@@ -127,11 +122,6 @@ def check_cross_tokenizer(
             f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
             f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
             "that shares the student's tokenizer"
-        )
-    if vocab_size_of(teacher_config) < len(teacher_processor):
-        raise ValueError(
-            f"the teacher's tokenizer has {len(teacher_processor)} tokens but the teacher scores only "
-            f"{vocab_size_of(teacher_config)}: is teacher_processor the teacher's tokenizer?"
         )
 
 
@@ -363,20 +353,17 @@ def run_distillation(
             trust_remote_code=model_args.trust_remote_code,
         )
         check_model_fits(task, teacher_config, "teacher", max_length=max_length)
-        task.teacher_output_map(
-            teacher_config, student.config, config
-        )  # label/vocabulary check before loading weights
         teacher_processor = task.load_processor(
             model_args.teacher_processor or config.teacher_model_name_or_path,
             revision="main" if model_args.teacher_processor else config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-        if token_level and same_vocabulary(teacher_processor, student_processor):  # before loading weights
-            shared_vocab_size(
-                vocab_size_of(teacher_config), vocab_size_of(student.config), len(student_processor)
-            )
-        elif token_level:
-            check_cross_tokenizer(config, data_args, teacher_config, teacher_processor)
+        if token_level:  # the vocabularies compared: another one makes a cross-tokenizer run
+            task.use_processor(student_processor)
+            task.use_teacher_tokenizer(teacher_processor)
+            if task.vocabulary is not None:
+                check_cross_tokenizer(config)
+        task.teacher_output_map(teacher_config, student.config, config)  # labels / vocabularies
         teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
         if config.uses_features and teacher_processor is not None:
             raise ValueError(

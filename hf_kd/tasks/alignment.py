@@ -179,8 +179,8 @@ def align_spans(
         ]
 
     student_marks, teacher_marks = marks(student, student_special), marks(teacher, teacher_special)
-    student_text = [i for i in range(len(student)) if i not in set(student_marks)]
-    teacher_text = [i for i in range(len(teacher)) if i not in set(teacher_marks)]
+    student_text = sorted(set(range(len(student))) - set(student_marks))
+    teacher_text = sorted(set(range(len(teacher))) - set(teacher_marks))
     last = lambda offsets, text: offsets[text[-1]][1] if text else 0  # noqa: E731
     student_gaps = _gaps(
         student, student_text, last(student, student_text) if student_end is None else student_end

@@ -9,6 +9,7 @@ token of every packed sequence.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,12 +27,23 @@ from hf_kd.tasks.alignment import (
     vocabulary_map,
 )
 from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, check_tokenizer
-from hf_kd.vocab import same_vocabulary, shared_vocab_size
+from hf_kd.vocab import first_difference, same_vocabulary, shared_vocab_size
+
+logger = logging.getLogger(__name__)
 
 
 def vocab_size_of(config) -> int:
     """Rows of a (possibly multimodal) model's output layer."""
     return config.get_text_config().vocab_size
+
+
+def check_output_layer(name: str, config, tokenizer) -> None:
+    """A model (``name``: teacher or student) must score every token of its own tokenizer."""
+    if vocab_size_of(config) < len(tokenizer):
+        raise ValueError(
+            f"the {name}'s tokenizer has {len(tokenizer)} tokens but the {name} scores only "
+            f"{vocab_size_of(config)}: is it the {name}'s tokenizer?"
+        )
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -142,15 +154,8 @@ class CausalLMTask(Task):
         """Checks that both output layers cover the tokenizer (each its own when they differ); padded
         sizes are sliced by :meth:`kd_items`."""
         if self.teacher_tokenizer is not None:
-            for name, config, tokenizer in (
-                ("teacher", teacher_config, self.teacher_tokenizer),
-                ("student", student_config, self.tokenizer),
-            ):
-                if vocab_size_of(config) < len(tokenizer):
-                    raise ValueError(
-                        f"the {name}'s tokenizer has {len(tokenizer)} tokens but its output layer scores only "
-                        f"{vocab_size_of(config)}"
-                    )
+            check_output_layer("teacher", teacher_config, self.teacher_tokenizer)
+            check_output_layer("student", student_config, self.tokenizer)
             return None
         tokenizer_size = None if self.tokenizer is None else len(self.tokenizer)
         shared_vocab_size(vocab_size_of(teacher_config), vocab_size_of(student_config), tokenizer_size)
@@ -166,7 +171,12 @@ class CausalLMTask(Task):
         self.use_processor(student_processor)
         columns = dataset.column_names
         cached = [c for c in columns if c.startswith(CACHE_PREFIX)]
-        self._use_teacher_tokenizer(teacher_processor, cached)
+        self.use_teacher_tokenizer(teacher_processor)
+        if cached and self.teacher_tokenizer is not None:
+            raise ValueError(
+                "cached teacher columns follow the student's tokens; a teacher with another tokenizer must run "
+                "online (teacher_source: online)"
+            )
         if self.messages_column in columns:
             if student_processor.chat_template is None:
                 raise ValueError(
@@ -196,25 +206,30 @@ class CausalLMTask(Task):
             self._pack, batched=True, batch_size=1000, remove_columns=encoded.column_names, desc="Packing"
         )
 
-    def _use_teacher_tokenizer(self, teacher_processor, cached: list[str]) -> None:
-        """Set the cross-tokenizer state from the teacher's tokenizer (none when it shares the student's
-        vocabulary); refuse what cannot be aligned, before any work."""
-        if teacher_processor is None or same_vocabulary(teacher_processor, self.tokenizer):
+    def use_teacher_tokenizer(self, teacher_processor) -> None:
+        """Distil across tokenizers when ``teacher_processor`` (the teacher's tokenizer) maps text to other
+        ids than the student's (set by :meth:`use_processor` first): :attr:`teacher_tokenizer` and
+        :attr:`vocabulary` are set, and packing is refused. A tokenizer with the student's vocabulary
+        turns it off; None keeps the tokenizer set before (rows prepared later get its columns too)."""
+        if teacher_processor is None:
+            return
+        if same_vocabulary(teacher_processor, self.tokenizer):
             self.teacher_tokenizer, self.vocabulary = None, None
             return
         check_tokenizer(self.name, teacher_processor)
         if self.packing:
             raise ValueError(
                 "packing: true is not supported with a teacher whose tokenizer differs from the student's "
-                "(its tokens are aligned row by row); set packing: false"
-            )
-        if cached:
-            raise ValueError(
-                "cached teacher columns follow the student's tokens; a teacher with another tokenizer must run "
-                "online (teacher_source: online)"
+                "(cross-tokenizer distillation aligns the two tokenizations row by row); set packing: false"
             )
         if teacher_processor is not self.teacher_tokenizer:
             self.vocabulary = vocabulary_map(self.tokenizer, teacher_processor)
+            logger.info(
+                "the teacher's tokenizer differs from the student's (%s): distilling across tokenizers, "
+                "%d tokens shared",
+                first_difference(teacher_processor, self.tokenizer),
+                len(self.vocabulary.student_ids),
+            )
         self.teacher_tokenizer = teacher_processor
         ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
         self.teacher_pad_token_id = next(i for i in ids if i is not None)
