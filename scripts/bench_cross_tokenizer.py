@@ -15,6 +15,7 @@ a ``run_distillation`` run (as ``scripts/distill.py``) on the same chunks. Arms 
     none    α = 0: labels only
     same    KD from T_same (the usual path)
     cross   KD from T_cross: vocabularies differ, so the product's cross-tokenizer path
+    cross-exact  the same with the exact part only (``cross_tokenizer_unmatched_weight: 0``; not by default)
     gold    TRL's ``GOLDTrainer`` (ULD hybrid loss) from T_cross, hyperparameters mapped (``gold_args``)
 
 Bits per byte of a model on held-out chunks: the summed token NLL (in bits) of every token after the
@@ -47,7 +48,14 @@ from hf_kd.runs.distill import run_distillation
 from hf_kd.tasks.base import ALIGNMENT_PREFIX
 from hf_kd.tasks.causal_lm import CausalLMTask
 
-ARMS = ("none", "same", "cross", "gold")
+ARMS = {  # name: (teacher, DistillationConfig fields)
+    "none": ("same", {"alpha": 0.0}),
+    "same": ("same", {}),
+    "cross": ("cross", {}),
+    "cross-exact": ("cross", {"cross_tokenizer_unmatched_weight": 0.0}),
+    "gold": ("cross", {}),
+}
+DEFAULT_ARMS = ["none", "same", "cross", "gold"]
 
 
 def chunks(texts: list[str], max_bytes: int) -> list[str]:
@@ -160,13 +168,15 @@ def student_init(root: Path, seed: int, args) -> Path:
 
 def kd_config(root: Path, arm: str, seed: int, args) -> DistillationConfig:
     """The student's training settings, shared by the hf_kd arms (and mapped onto GOLD)."""
-    return DistillationConfig(
-        output_dir=str(root / f"run-{arm}-{seed}"), seed=seed, max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, alpha=0.0 if arm == "none" else 0.5,
-        temperature=args.temperature, use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
-        logging_steps=args.steps, disable_tqdm=True,
-        teacher_model_name_or_path=str(root / ("teacher-cross" if arm == "cross" else "teacher-same")),
-    )  # fmt: skip
+    teacher, fields = ARMS[arm]
+    settings = {
+        "output_dir": str(root / f"run-{arm}-{seed}"), "seed": seed, "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr, "alpha": 0.5,
+        "temperature": args.temperature, "use_cpu": True, "report_to": "none", "save_strategy": "no",
+        "eval_strategy": "no", "logging_steps": args.steps, "disable_tqdm": True,
+        "teacher_model_name_or_path": str(root / f"teacher-{teacher}"),
+    }  # fmt: skip
+    return DistillationConfig(**(settings | fields))
 
 
 def train_hf_kd(root: Path, arm: str, seed: int, held: list[str], args) -> tuple[float, float, dict]:
@@ -265,13 +275,15 @@ def report(bpb: dict[str, dict[int, float]], seconds: dict[str, dict[int, float]
         ("same", "none"),
         ("cross", "none"),
         ("gold", "none"),
+        ("cross-exact", "none"),
         ("cross", "same"),
+        ("cross", "cross-exact"),
         ("cross", "gold"),
     ):
         if arm in bpb and base in bpb:
             deltas = paired(bpb, arm, base, seeds)
             print(f"  {arm} − {base}: {spread(deltas)}   ({' '.join(f'{d:+.4f}' for d in deltas)})")
-    for arm in ("cross", "gold"):
+    for arm in ("cross", "cross-exact", "gold"):
         if {arm, "same", "none"} <= bpb.keys():
             fractions = [
                 c / s
@@ -296,7 +308,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
     parser.add_argument("--steps", type=int, default=120, help="student optimizer steps")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
