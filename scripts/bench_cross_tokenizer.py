@@ -262,11 +262,11 @@ def spread(values: list[float]) -> str:
 def report(bpb: dict[str, dict[int, float]], seconds: dict[str, dict[int, float]], seeds: list[int]) -> None:
     """Per-seed bits/byte, seconds per step, paired differences and the recovered fraction."""
     print("[xtok] held-out bits/byte | seconds/step (median over seeds)")
-    print("  arm   | " + " | ".join(f"seed {s}" for s in seeds) + " | mean   | s/step")
+    print("  arm         | " + " | ".join(f"seed {s}" for s in seeds) + " | mean   | s/step")
     for arm in bpb:
         values = [bpb[arm][s] for s in seeds]
         print(
-            f"  {arm:<5} | "
+            f"  {arm:<11} | "
             + " | ".join(f"{v:.4f}" for v in values)
             + f" | {statistics.fmean(values):.4f} | {statistics.median(seconds[arm].values()):.3f}"
         )
