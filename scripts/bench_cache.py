@@ -252,42 +252,56 @@ def stdlib_texts() -> tuple[list[str], list[str]]:
     return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
 
 
-def real_lm(args):
-    """A small Llama trained here on the standard library: (model, tokenizer, training rows [R, T],
-    held-out rows [R', T]), ``args.seq_len`` tokens a row."""
+def byte_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of ``vocab_size`` tokens trained on ``texts`` (``<pad>`` 0, ``<eos>`` 1)."""
     from tokenizers import decoders, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    train_texts, held_out = stdlib_texts()
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(
-        train_texts, trainers.BpeTrainer(vocab_size=args.lm_bpe, special_tokens=["<pad>", "<eos>"])
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"])
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
-    length = args.seq_len
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
-    def rows(texts):
-        ids = torch.tensor([i for t in texts for i in tokenizer(t)["input_ids"] + [1]])
-        return ids[: len(ids) // length * length].reshape(-1, length)
 
-    train, test = rows(train_texts), rows(held_out)
+def token_rows(tokenizer, texts: list[str], length: int) -> torch.Tensor:
+    """``texts`` tokenized, each followed by the EOS, concatenated and cut into rows [R, length]."""
+    ids = torch.tensor([i for t in texts for i in tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]])
+    return ids[: len(ids) // length * length].reshape(-1, length)
+
+
+def train_lm(vocab_size: int, train: torch.Tensor, steps: int):
+    """A Llama 128 × 2 trained from seed 0 for ``steps`` AdamW steps of 16 random rows of ``train``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=length, pad_token_id=0,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=train.shape[1], pad_token_id=0,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(args.lm_steps):
+    for _ in range(steps):
         batch = train[torch.randint(0, len(train), (16,), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward(), optimizer.step(), optimizer.zero_grad()
-    model.eval()
+    return model.eval()
+
+
+def real_lm(args):
+    """A small Llama trained here on the standard library: (model, tokenizer, training rows [R, T],
+    held-out rows [R', T]), ``args.seq_len`` tokens a row."""
+    train_texts, held_out = stdlib_texts()
+    tokenizer = byte_bpe(train_texts, args.lm_bpe)
+    train, test = (
+        token_rows(tokenizer, train_texts, args.seq_len),
+        token_rows(tokenizer, held_out, args.seq_len),
+    )
+    model = train_lm(len(tokenizer), train, args.lm_steps)
     with torch.no_grad():
-        held = test[: args.lm_tokens // length]
+        held = test[: args.lm_tokens // args.seq_len]
         ppl = math.exp(model(input_ids=held, labels=held).loss.item())
     print(
         f"[curve] real LM: Llama 128×2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
