@@ -57,13 +57,15 @@ class CacheArguments:
     )
     compression_mass: float = field(
         default=TopkCodec.mass,
-        metadata={"help": "topk-packed: keep tokens until this cumulative probability."},
+        metadata={"help": "topk-packed, topk-golomb: keep tokens until this cumulative probability."},
     )
     compression_bits: int = field(
-        default=TopkCodec.bits, metadata={"help": "topk-packed: bits per quantised log-probability."}
+        default=TopkCodec.bits,
+        metadata={"help": "topk-packed, topk-golomb: bits per quantised log-probability."},
     )
     compression_step: float = field(
-        default=TopkCodec.step, metadata={"help": "topk-packed: nats per quantisation step below the top-1."}
+        default=TopkCodec.step,
+        metadata={"help": "topk-packed, topk-golomb: nats per quantisation step below the top-1."},
     )
     batch_size: int = field(default=64, metadata={"help": "Rows per teacher forward pass."})
     shard_size: int = field(

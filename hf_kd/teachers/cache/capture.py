@@ -128,9 +128,10 @@ def report_kept_mass(kept: torch.Tensor, setting: str) -> dict[str, float]:
     )
     if stats["mean"] < LOW_KEPT_MASS:
         logger.warning(
-            "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): the rest is spread "
-            "uniformly over the other classes, which acts like label smoothing. Keep more tokens (a larger "
-            "top_k, or compression: topk-packed with a higher compression_mass) for this teacher.",
+            "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): with sparse_tail: "
+            "uniform the rest is spread evenly over the other classes, which acts like label smoothing. Train "
+            "with sparse_tail: bucket, and keep more tokens (a larger top_k, or compression: topk-golomb with "
+            "a higher compression_mass) for this teacher.",
             setting,
             stats["mean"],
             LOW_KEPT_MASS,
