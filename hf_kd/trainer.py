@@ -272,6 +272,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             batch = self._prepare_inputs(batch)
             teacher = self.teacher_signal(batch)
             if isinstance(teacher, AlignedLogits):  # its own tokens: scored where its text bytes are >= 0
+                if TEACHER_TEXT_BYTES not in batch:  # rows prepared without them: nothing comparable
+                    continue
                 byte_counts = batch[TEACHER_TEXT_BYTES]
                 scored = byte_counts >= 0
                 logits, labels = teacher.logits.float(), teacher.teacher_targets
@@ -507,9 +509,9 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` and ``eval_bits_per_byte`` too
-        for a causal LM) and ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over every process since
-        the last log; with feature losses ``loss_hidden`` / ``loss_attention`` (mean over items, before their
-        weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
+        for a causal LM) and ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over
+        every process since the last log; with feature losses ``loss_hidden`` / ``loss_attention`` (mean over
+        items, before their weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
         logits, once per logging window); with on-policy batches ``loss_soft_generated`` /
         ``loss_soft_data`` (the soft term on sampled vs the data's completions), ``completion_length`` and
         ``generation_time_share`` (over every process); with ``log_completions`` the kept completions are
