@@ -30,12 +30,21 @@ from hf_kd.data.labels import count_unlabeled
 from hf_kd.features import FeatureDistiller
 from hf_kd.generation import Generator
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
-from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
+from hf_kd.losses import AlignedLogits, HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
 from hf_kd.on_policy import GENERATED_KEY, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
-from hf_kd.tasks.base import ALIGNMENT_PREFIX, CACHE_PREFIX, TEACHER_INPUT_PREFIX, row_columns
+from hf_kd.tasks.base import (
+    ALIGNMENT_PREFIX,
+    CACHE_PREFIX,
+    NO_LABEL,
+    TEACHER_INPUT_PREFIX,
+    TEACHER_TEXT_BYTES,
+    TEXT_BYTES,
+    row_columns,
+)
+from hf_kd.tasks.causal_lm import bits_per_byte, scored_bytes
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
@@ -249,37 +258,54 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
 
     # ---- the teacher's own scores, by the student's measures ---------------------------------
 
-    def teacher_cross_entropy(self, dataset) -> float:
-        """The teacher's mean cross-entropy on the labels of ``dataset``: over the items and classes of the
-        student's ``eval_loss_hard`` (tokens with a target, the vocabulary both share), the same evaluation
-        batches, summed over every process. Every process must call it."""
+    def teacher_hard_totals(self, dataset) -> tuple[float, float, float]:
+        """The teacher's (summed cross-entropy on the labels, labelled items, bytes those items cover) on
+        ``dataset``, over the same evaluation batches as the student's ``eval_loss_hard``, summed over every
+        process (every process must call it). A teacher of the student's tokenizer is scored on the
+        student's items and classes (the vocabulary both share); one of another tokenizer on its own
+        tokens of the same text (``teacher_input_ids``), those starting where the student's tokens have
+        labels: only its bytes make it comparable (:meth:`hard_scores`). Bytes are 0 without the
+        ``kd_text_bytes`` columns (rows not prepared by a causal-LM task)."""
         if self.teacher_signal is None:
-            raise ValueError("teacher_cross_entropy needs a teacher: this run has no teacher signal")
+            raise ValueError("teacher_hard_totals needs a teacher: this run has no teacher signal")
         classes = logit_layer_weight(self.model).shape[0]
-        totals = torch.zeros(2, device=self.args.device)
+        totals = torch.zeros(3, device=self.args.device)
         for batch in self.get_eval_dataloader(dataset):
             batch = self._prepare_inputs(batch)
-            teacher_logits = self.teacher_signal(batch)
-            if not torch.is_tensor(teacher_logits):
-                raise ValueError(
-                    "teacher_cross_entropy scores the teacher on the student's tokens: this teacher's tokens "
-                    "are its own (another tokenizer), so its per-token cross-entropy is not comparable"
-                )
-            items = self.task.kd_items(teacher_logits[..., :classes], None, batch["labels"])
-            logits, labels = items.student_logits.float(), items.labels.to(items.student_logits.device)
-            totals[0] += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").to(totals.device)
-            totals[1] += (labels != -100).sum().to(totals.device)
+            teacher = self.teacher_signal(batch)
+            if isinstance(teacher, AlignedLogits):  # its own tokens: scored where its text bytes are >= 0
+                if TEACHER_TEXT_BYTES not in batch:  # rows prepared without them: nothing comparable
+                    continue
+                byte_counts = batch[TEACHER_TEXT_BYTES]
+                scored = byte_counts >= 0
+                logits, labels = teacher.logits.float(), teacher.teacher_targets
+                labels = labels.masked_fill(~F.pad(scored[:, 1:], (0, 1)).reshape(-1), NO_LABEL)
+            else:
+                items = self.task.kd_items(teacher[..., :classes], None, batch["labels"])
+                logits, labels = items.student_logits.float(), items.labels
+                byte_counts, scored = batch.get(TEXT_BYTES), batch["labels"] != NO_LABEL
+            labels = labels.to(logits.device)
+            totals[0] += F.cross_entropy(logits, labels, ignore_index=NO_LABEL, reduction="sum").to(
+                totals.device
+            )
+            totals[1] += (labels != NO_LABEL).sum().to(totals.device)
+            if byte_counts is not None:
+                totals[2] += scored_bytes(byte_counts, scored).to(totals.device)
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        loss, count = totals.tolist()
-        return loss / count if count else math.nan
+        loss, count, num_bytes = totals.tolist()
+        return loss, count, num_bytes
 
-    def hard_scores(self, cross_entropy: float) -> dict[str, float]:
-        """``eval_loss_hard`` (mean cross-entropy on the labels) and, for a causal LM, ``eval_perplexity``
-        = exp(mean token cross-entropy)."""
+    def hard_scores(self, loss_sum: float, count: float, num_bytes: float = 0.0) -> dict[str, float]:
+        """``eval_loss_hard`` (mean cross-entropy on the labels: ``loss_sum`` over ``count`` items) and, for
+        a causal LM, ``eval_perplexity`` = exp(mean token cross-entropy) and, when the bytes the tokens
+        cover are known, ``eval_bits_per_byte`` (``hf_kd.tasks.causal_lm.bits_per_byte``)."""
+        cross_entropy = loss_sum / count if count else math.nan
         scores = {"eval_loss_hard": cross_entropy}
         if isinstance(self.task, CausalLMTask):
             scores["eval_perplexity"] = math.exp(cross_entropy) if cross_entropy < 700 else math.inf
+            if num_bytes:
+                scores["eval_bits_per_byte"] = bits_per_byte(loss_sum, num_bytes)
         return scores
 
     # ---- batches ------------------------------------------------------------------------------
@@ -295,7 +321,9 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         for dataset in (self.train_dataset, *evaluation):
             transformed = isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom"
             for name in getattr(dataset, "column_names", None) or []:
-                if transformed or name.startswith((TEACHER_INPUT_PREFIX, CACHE_PREFIX, ALIGNMENT_PREFIX)):
+                if transformed or name.startswith(
+                    (TEACHER_INPUT_PREFIX, CACHE_PREFIX, ALIGNMENT_PREFIX, TEXT_BYTES)
+                ):
                     extra.add(name)
         self._signature_columns = list(dict.fromkeys(self._signature_columns + sorted(extra)))
 
@@ -409,7 +437,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             and not isinstance(self.task, CausalLMTask)
         ):
             self._record_term_gradients(items, settings)  # first micro-batch of each logging window
-        self._record(terms, items, mode, generated=writer is not None)
+        byte_count = None
+        if mode == "eval" and TEXT_BYTES in inputs:  # bits per byte: the bytes the targets cover
+            byte_count = scored_bytes(inputs[TEXT_BYTES], labels != NO_LABEL)
+        self._record(terms, items, mode, generated=writer is not None, byte_count=byte_count)
         if not return_outputs:
             return loss
         if isinstance(student, HiddenStates):
@@ -439,8 +470,12 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         sums["grad_soft"] += (total - hard).float().norm()
         sums["n_grad"] += 1.0
 
-    def _record(self, terms, items, mode: str, generated: bool = False) -> None:
+    def _record(
+        self, terms, items, mode: str, generated: bool = False, byte_count: torch.Tensor | None = None
+    ) -> None:
         sums = self._kd_sums[mode]
+        if byte_count is not None:
+            sums["bytes"] += byte_count.float()
         sums["hard"] += terms.hard_sum.detach().float()
         sums["n_hard"] += (items.labels != -100).sum().float()
         sums["soft"] += terms.soft_sum.detach().float()
@@ -475,10 +510,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` too for a causal LM) and
-        ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over every process since
-        the last log; with feature losses ``loss_hidden`` / ``loss_attention`` (mean over items, before their
-        weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
+        """Adds ``loss_hard`` (mean CE over labelled items; ``eval_perplexity`` and ``eval_bits_per_byte`` too
+        for a causal LM) and ``loss_soft`` (mean divergence over soft items, before α and τ²), averaged over
+        every process since the last log; with feature losses ``loss_hidden`` / ``loss_attention`` (mean over
+        items, before their weights); ``grad_norm_hard`` / ``grad_norm_soft`` (each weighted term's gradient on the student's
         logits, once per logging window); with on-policy batches ``loss_soft_generated`` /
         ``loss_soft_data`` (the soft term on sampled vs the data's completions), ``completion_length`` and
         ``generation_time_share`` (over every process); with ``log_completions`` the kept completions are
@@ -488,7 +523,17 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         sums = self._kd_sums[mode]
         if sums:
-            keys = ["hard", "n_hard", "soft", "n_soft", "hidden", "attention", "n_feature", *GRAD_KEYS]
+            keys = [
+                "hard",
+                "n_hard",
+                "bytes",
+                "soft",
+                "n_soft",
+                "hidden",
+                "attention",
+                "n_feature",
+                *GRAD_KEYS,
+            ]
             sources = ("generated", "data") if self.on_policy is not None else ()
             keys += [name + source for source in sources for name in ("soft_", "n_soft_")]
             keys += [key for part in sorted(self._part_names) for key in (part, "n_" + part)]
@@ -497,9 +542,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                 totals = self.accelerator.reduce(totals, reduction="sum")
             total = dict(zip(keys, totals.tolist(), strict=True))
             prefix = "eval_" if mode == "eval" else ""
-            if total["n_hard"]:
-                mean_hard = total["hard"] / total["n_hard"]
-                logs.update(self.hard_scores(mean_hard) if mode == "eval" else {"loss_hard": mean_hard})
+            if total["n_hard"] and mode == "eval":
+                logs.update(self.hard_scores(total["hard"], total["n_hard"], total["bytes"]))
+            elif total["n_hard"]:
+                logs["loss_hard"] = total["hard"] / total["n_hard"]
             if self.teacher_signal is not None:
                 for name in ("", *("_" + source for source in sources)):
                     if total["n_soft" + name]:

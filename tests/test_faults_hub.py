@@ -305,4 +305,4 @@ def test_causal_lm_card_has_teacher_and_student_perplexity(tmp_path):
     metadata, body = _card((student_dir / "README.md").read_text())
     assert f"| perplexity | {results['teacher_eval_perplexity']:.4g} | {student_perplexity:.4g} |" in body
     assert _model_index(metadata)[1]["perplexity"] == student_perplexity
-    assert metadata["metrics"] == ["cross_entropy", "perplexity"]
+    assert metadata["metrics"] == ["bits_per_byte", "cross_entropy", "perplexity"]

@@ -262,15 +262,18 @@ def drop_inert_rows(train, label_column: str, config: DistillationConfig):
     return drop_unlabeled(train, label_column)
 
 
-def teacher_scores(trainer, dataset) -> dict[str, float]:
+def teacher_scores(trainer, dataset, *, cross_tokenizer: bool = False) -> dict[str, float]:
     """The teacher's scores on ``dataset`` by the student's own evaluation measures: its mean
-    cross-entropy on the labels (``eval_loss_hard``; with ``eval_perplexity`` for a causal LM, see
-    ``DistillationTrainer.teacher_cross_entropy``) and, for a run with ``compute_metrics``, the task
-    metrics of one prediction pass over its logits (gathered over every process). Every process must
-    call it."""
+    cross-entropy on the labels (``eval_loss_hard``; with ``eval_perplexity`` and ``eval_bits_per_byte``
+    for a causal LM, see ``DistillationTrainer.teacher_hard_totals``) and, for a run with
+    ``compute_metrics``, the task metrics of one prediction pass over its logits (gathered over every
+    process). A teacher of another tokenizer (``cross_tokenizer``) is scored on its own tokens of the
+    same text, so only ``eval_bits_per_byte`` compares with the student's. Every process must call it."""
     if dataset is None:
         return {}
-    scores = trainer.hard_scores(trainer.teacher_cross_entropy(dataset))
+    scores = trainer.hard_scores(*trainer.teacher_hard_totals(dataset))
+    if cross_tokenizer:
+        return {key: value for key, value in scores.items() if key == "eval_bits_per_byte"}
     if trainer.compute_metrics is None:
         return scores
     output = trainer.predict(dataset, metric_key_prefix="eval")
@@ -440,16 +443,15 @@ def run_distillation(
     trainer.card_info = card_info
     trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
     metrics = trainer.evaluate() if eval_prepared is not None else {}
-    if cross_tokenizer:
-        logger.info(
-            "The teacher is not scored on the %r split: its tokens are not the student's, so per-token "
-            "cross-entropy and perplexity are not comparable (and no shared-vocabulary measure applies)",
-            data_args.eval_split,
-        )
-    elif teacher is not None and eval_prepared is not None:
-        card_info.teacher_metrics = teacher_scores(trainer, eval_prepared)
+    if teacher is not None and eval_prepared is not None:
+        card_info.teacher_metrics = teacher_scores(trainer, eval_prepared, cross_tokenizer=cross_tokenizer)
         scores = ", ".join(f"{key}={value:.6g}" for key, value in sorted(card_info.teacher_metrics.items()))
         logger.info("Teacher on the %r split: %s", data_args.eval_split, scores)
+        if cross_tokenizer:
+            logger.info(
+                "The teacher's tokens are not the student's: only bits per byte (of the same text) compares "
+                "them; its per-token cross-entropy and perplexity are left out"
+            )
     if metrics:
         teacher_results = {f"teacher_{key}": value for key, value in card_info.teacher_metrics.items()}
         trainer.save_metrics("eval", metrics | teacher_results)

@@ -5,7 +5,9 @@ A batch is a flat dict of tensors:
 - ``labels``: −100 where an item has no hard label (unlabelled transfer data, masked tokens);
 - ``teacher_<name>``: the teacher's own model inputs, present only when its preprocessing differs;
 - ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache.format``);
-- ``kd_alignment_<name>``: how a teacher of another tokenizer lines up with the student (``hf_kd.tasks.alignment``).
+- ``kd_alignment_<name>``: how a teacher of another tokenizer lines up with the student (``hf_kd.tasks.alignment``);
+- ``kd_text_bytes`` / ``kd_text_bytes_teacher``: UTF-8 bytes of the text each token covers, over the student's
+  and the teacher's positions (a causal LM's bits per byte: ``hf_kd.tasks.causal_lm.text_bytes``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from hf_kd.losses import HiddenStates, SparseLogits
 TEACHER_INPUT_PREFIX = "teacher_"
 CACHE_PREFIX = "kd_teacher_"
 ALIGNMENT_PREFIX = "kd_alignment_"
+TEXT_BYTES = "kd_text_bytes"
+TEACHER_TEXT_BYTES = TEXT_BYTES + "_teacher"
 NO_LABEL = -100
 
 
@@ -40,10 +44,10 @@ class KDItems:
 
 def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(student model inputs without labels, teacher's own inputs with the prefix removed, cached columns);
-    alignment columns are none of these (the teacher signal reads them from the batch)."""
+    alignment and text-byte columns are none of these (the teacher signal and the evaluation read them)."""
     student, teacher, cached = {}, {}, {}
     for key, value in batch.items():
-        if key.startswith(ALIGNMENT_PREFIX):
+        if key.startswith((ALIGNMENT_PREFIX, TEXT_BYTES)):
             continue
         if key.startswith(CACHE_PREFIX):
             cached[key[len(CACHE_PREFIX) :]] = value

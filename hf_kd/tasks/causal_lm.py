@@ -27,7 +27,16 @@ from hf_kd.tasks.alignment import (
     alignment_columns,
     vocabulary_map,
 )
-from hf_kd.tasks.base import CACHE_PREFIX, NO_LABEL, TEACHER_INPUT_PREFIX, KDItems, Task, check_tokenizer
+from hf_kd.tasks.base import (
+    CACHE_PREFIX,
+    NO_LABEL,
+    TEACHER_INPUT_PREFIX,
+    TEACHER_TEXT_BYTES,
+    TEXT_BYTES,
+    KDItems,
+    Task,
+    check_tokenizer,
+)
 from hf_kd.vocab import first_difference, same_vocabulary, shared_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -45,6 +54,40 @@ def check_output_layer(name: str, config, tokenizer) -> None:
             f"the {name}'s tokenizer has {len(tokenizer)} tokens but the {name} scores only "
             f"{vocab_size_of(config)}: is it the {name}'s tokenizer?"
         )
+
+
+def text_bytes(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """UTF-8 bytes of ``text`` that each token covers, from its character ``offsets``: from where the tokens
+    before it stop (0 for the first) to its own end. Each character counts once, whatever a tokenizer's
+    offsets leave out between tokens (a trimmed space) or give to several (the byte pieces of one
+    character: the first takes it), so a row's tokens together cover ``text`` up to their last end; a
+    zero-width token (an added BOS or EOS) covers 0 bytes."""
+    counts, covered = [], 0
+    for _, end in offsets:
+        stop = max(end, covered)
+        counts.append(len(text[covered:stop].encode()))
+        covered = stop
+    return counts
+
+
+def bits_per_byte(nll_sum: float, num_bytes: float) -> float:
+    """The tokenizer-free measure of a causal LM on some text: its summed next-token negative
+    log-likelihood (nats) over the scored tokens, per UTF-8 byte of the text those tokens cover
+    (:func:`text_bytes`), in bits: nll / (ln 2 · bytes). NaN without bytes."""
+    return nll_sum / (math.log(2) * num_bytes) if num_bytes else math.nan
+
+
+def scored_bytes(byte_counts: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """The bytes covered by the tokens that are next-token targets: ``byte_counts[b, t]`` summed where
+    ``scored[b, t]`` (a bool mask over the same positions) for t ≥ 1 (token 0 has no predictor)."""
+    return (byte_counts[:, 1:] * scored[:, 1:]).sum()
+
+
+def in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None) -> list[bool]:
+    """Whether each token starts inside one of the character ``spans`` (None: every token does)."""
+    if spans is None:
+        return [True] * len(offsets)
+    return [any(start <= char < end for start, end in spans) for char, _ in offsets]
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -97,19 +140,17 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -
 
 
 def encode_with_eos(
-    tokenizer: Any, text: str, add_special_tokens: bool, with_eos: bool, offsets: bool = True
-) -> tuple[list[int], list[tuple[int, int]] | None, list[bool]]:
-    """(ids, character offsets (None unless ``offsets``), whether each token is a special token) of
-    ``text``; with ``with_eos`` an EOS is appended, at offset (len(text), len(text)), unless the ids
-    already end with one."""
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets)
+    tokenizer: Any, text: str, add_special_tokens: bool, with_eos: bool
+) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+    """(ids, character offsets, whether each token is a special token) of ``text``; with ``with_eos`` an
+    EOS is appended, at offset (len(text), len(text)), unless the ids already end with one."""
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
-    spans = [tuple(span) for span in encoded["offset_mapping"]] if offsets else None
+    spans = [tuple(span) for span in encoded["offset_mapping"]]
     eos = tokenizer.eos_token_id
     if with_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
-        if spans is not None:
-            spans.append((len(text), len(text)))
+        spans.append((len(text), len(text)))
     special_ids = set(tokenizer.all_special_ids)
     return ids, spans, [token in special_ids for token in ids]
 
@@ -274,20 +315,26 @@ class CausalLMTask(Task):
         ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
         self.teacher_pad_token_id = next(i for i in ids if i is not None)
 
-    def _truncate(self, ids: list[int], labels: list[int]) -> dict[str, list[int]]:
-        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
+    def _truncate(self, ids: list[int], labels: list[int], byte_counts: list[int]) -> dict[str, list[int]]:
+        """The row's columns, cut to ``max_length`` tokens: ids, labels and the bytes each token covers."""
+        return {
+            "input_ids": ids[: self.max_length],
+            "labels": labels[: self.max_length],
+            TEXT_BYTES: byte_counts[: self.max_length],
+        }
 
     def _encode(
-        self, text: str, add_special_tokens: bool, with_eos: bool, offsets: bool = True
-    ) -> tuple[list[int], list | None, list[bool]]:
-        """(ids, character offsets or None unless ``offsets``, special-token flags) of ``text`` with the
-        student's tokenizer (see :func:`encode_with_eos`)."""
-        return encode_with_eos(self.tokenizer, text, add_special_tokens, with_eos, offsets)
+        self, text: str, add_special_tokens: bool, with_eos: bool
+    ) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
+        """(ids, character offsets, special-token flags) of ``text`` with the student's tokenizer (see
+        :func:`encode_with_eos`)."""
+        return encode_with_eos(self.tokenizer, text, add_special_tokens, with_eos)
 
     def _encode_text(self, text: str) -> dict[str, list[int]]:
         """Plain text: every token is a target; an EOS is appended so the model learns where text ends."""
-        ids, offsets, special = self._encode(text, True, True, offsets=self.teacher_tokenizer is not None)
-        return self._with_teacher(text, True, True, self._truncate(ids, list(ids)), offsets, special)
+        ids, offsets, special = self._encode(text, True, True)
+        row = self._truncate(ids, list(ids), text_bytes(text, offsets))
+        return self._with_teacher(text, True, True, row, offsets, special)
 
     def _encode_prompt(self, prompt: str, completion: str | None = None) -> dict[str, list[int]]:
         """A plain prompt and its completion (None: a prompt-only row, without any label; its completion
@@ -301,28 +348,32 @@ class CausalLMTask(Task):
             return self._encode_conversation([*messages, {"role": "assistant", "content": completion}])
         if templated:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt_ids, prompt_offsets, _ = self._encode(text, False, False)
         else:
-            prompt_ids = self.tokenizer(prompt)["input_ids"]
+            text = prompt
+            prompt_ids, prompt_offsets, _ = self._encode(prompt, True, False)
+        prompt_bytes = text_bytes(text, prompt_offsets)
         if completion is None:
-            return self._truncate(prompt_ids, [NO_LABEL] * len(prompt_ids))
-        completion_ids, _, _ = self._encode(completion, False, True, offsets=False)
+            return self._truncate(prompt_ids, [NO_LABEL] * len(prompt_ids), prompt_bytes)
+        completion_ids, completion_offsets, _ = self._encode(completion, False, True)
         prompt_labels = [NO_LABEL] * len(prompt_ids) if self.completion_only_loss else prompt_ids
-        return self._truncate(prompt_ids + completion_ids, prompt_labels + completion_ids)
+        return self._truncate(
+            prompt_ids + completion_ids,
+            prompt_labels + completion_ids,
+            prompt_bytes + text_bytes(completion, completion_offsets),
+        )
 
     def _encode_conversation(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """A conversation through the chat template; with ``completion_only_loss`` only the assistant's
         tokens (those starting inside an assistant span) keep their label."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         ids, offsets, special = self._encode(text, False, False)
-        if not self.completion_only_loss:
-            return self._with_teacher(text, False, False, self._truncate(ids, list(ids)), offsets, special)
-        spans = assistant_spans(self.tokenizer, messages, text)
+        spans = assistant_spans(self.tokenizer, messages, text) if self.completion_only_loss else None
         labels = [
-            token if any(start <= char < end for start, end in spans) else NO_LABEL
-            for token, (char, _) in zip(ids, offsets, strict=True)
+            token if scored else NO_LABEL for token, scored in zip(ids, in_spans(offsets, spans), strict=True)
         ]
-        return self._with_teacher(text, False, False, self._truncate(ids, labels), offsets, special)
+        row = self._truncate(ids, labels, text_bytes(text, offsets))
+        return self._with_teacher(text, False, False, row, offsets, special, scored_spans=spans)
 
     def _with_teacher(
         self,
@@ -332,9 +383,12 @@ class CausalLMTask(Task):
         row: dict,
         offsets: list,
         special: list[bool],
+        scored_spans: list[tuple[int, int]] | None = None,
     ) -> dict[str, list[int]]:
         """``row`` (the student's truncated ids and labels) with, for a teacher of another tokenizer, the
-        teacher's ids of the same ``text`` (truncated alike) and the alignment columns."""
+        teacher's ids of the same ``text`` (truncated alike), the alignment columns and the bytes each
+        teacher token covers, −1 for a token the teacher is not scored on: one starting outside
+        ``scored_spans`` (the characters whose tokens have labels; None: all), as the student's labels."""
         if self.teacher_tokenizer is None:
             return row
         teacher_ids, teacher_offsets, teacher_special = encode_with_eos(
@@ -357,20 +411,33 @@ class CausalLMTask(Task):
         columns = alignment_columns(
             spans, row["input_ids"], row["labels"], teacher_ids, self.vocabulary.teacher_id_of
         )
+        teacher_bytes = [
+            count if scored else -1
+            for count, scored in zip(
+                text_bytes(text, teacher_offsets), in_spans(teacher_offsets, scored_spans), strict=True
+            )
+        ]
         return (
-            row | columns | {"teacher_input_ids": teacher_ids, "teacher_attention_mask": [1] * kept_teacher}
+            row
+            | columns
+            | {
+                "teacher_input_ids": teacher_ids,
+                "teacher_attention_mask": [1] * kept_teacher,
+                TEACHER_TEXT_BYTES: teacher_bytes[:kept_teacher],
+            }
         )
 
     def _pack(self, rows: dict[str, list]) -> dict[str, list]:
         """First-fit in order: examples fill a row until the next one would pass ``max_length``."""
-        packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-        for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
+        packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], TEXT_BYTES: []}
+        for ids, labels, byte_counts in zip(rows["input_ids"], rows["labels"], rows[TEXT_BYTES], strict=True):
             if not packed["input_ids"] or len(packed["input_ids"][-1]) + len(ids) > self.max_length:
                 for column in packed.values():
                     column.append([])
             packed["input_ids"][-1] += ids
             packed["labels"][-1] += [NO_LABEL] + labels[1:]  # no target across the example boundary
             packed["position_ids"][-1] += list(range(len(ids)))
+            packed[TEXT_BYTES][-1] += byte_counts
         return packed
 
     # ---- batches ------------------------------------------------------------------------------
@@ -383,7 +450,8 @@ class CausalLMTask(Task):
         padded with a valid distribution (uniform over the stored k) so masked positions stay finite.
         Packed columns (a compressed cache) are decoded here into the same three columns. A teacher of
         another tokenizer gets its own padded ``teacher_input_ids`` / ``teacher_attention_mask``; the
-        alignment columns are padded with −1 (no alignment) and 0 (not matched)."""
+        alignment columns are padded with −1 (no alignment) and 0 (not matched); the text bytes with 0 (the
+        student's: padding has no label) and −1 (the teacher's: not scored)."""
         length = max(len(f["input_ids"]) for f in features)
         lengths = [len(f["input_ids"]) for f in features]
 
@@ -413,6 +481,8 @@ class CausalLMTask(Task):
         for key in features[0]:
             if key.startswith(ALIGNMENT_PREFIX) and key not in batch:  # over the student's positions
                 batch[key] = padded(key, 0 if key == ALIGNMENT_PREFIX + "matched" else -1)
+            elif key == TEXT_BYTES:
+                batch[key] = padded(key, 0)
             elif key == CACHE_PREFIX + "packed":
                 batch.update(self._decode_packed([f[key] for f in features], lengths, length))
             elif key.startswith(CACHE_PREFIX):
@@ -421,13 +491,19 @@ class CausalLMTask(Task):
 
     def _collate_teacher(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The columns over the teacher's own positions (a teacher of another tokenizer), right-padded: its
-        input ids, attention mask and alignment column ``teacher_span``."""
+        input ids, attention mask, alignment column ``teacher_span`` and text bytes (−1: not scored)."""
         ids_key, mask_key = TEACHER_INPUT_PREFIX + "input_ids", TEACHER_INPUT_PREFIX + "attention_mask"
         span_key = ALIGNMENT_PREFIX + "teacher_span"
         length = max(len(f[ids_key]) for f in features)
+        fills = (
+            (ids_key, self.teacher_pad_token_id),
+            (mask_key, 0),
+            (span_key, -1),
+            (TEACHER_TEXT_BYTES, -1),
+        )
         return {
             key: torch.tensor([list(f[key]) + [value] * (length - len(f[key])) for f in features])
-            for key, value in ((ids_key, self.teacher_pad_token_id), (mask_key, 0), (span_key, -1))
+            for key, value in fills
             if key in features[0]
         }
 
