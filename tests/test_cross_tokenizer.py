@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
+from hf_kd.data import toy_chat
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer, write_toy_chat
 from hf_kd.losses import AlignedLogits, distillation_loss, uld_distance
 from hf_kd.tasks import CausalLMTask
@@ -34,20 +35,9 @@ TEXTS = ["the café is open, 日本 is far 🙂 away", "hello world said the cat
 
 
 def byte_level_bpe(texts=TEXTS, vocab_size=300, special=("<s>", "</s>", "<pad>")) -> PreTrainedTokenizerFast:
-    """A GPT-2 style byte-level BPE (no BOS; offsets trimmed of spaces, as GPT-2's)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    """A GPT-2 style byte-level BPE (no BOS added)."""
+    roles = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return toy_chat.byte_level_bpe(texts, vocab_size, list(special), **roles)
 
 
 def unigram(texts=TEXTS, vocab_size=60) -> PreTrainedTokenizerFast:

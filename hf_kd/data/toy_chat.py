@@ -56,21 +56,30 @@ def toy_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def toy_byte_tokenizer(texts: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2 style) trained on ``texts``, with the special tokens and chat template of
-    :func:`toy_tokenizer`: the same text, another vocabulary."""
+def byte_level_bpe(
+    texts: list[str], vocab_size: int, special_tokens: list[str], **roles: str
+) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE of ``vocab_size`` tokens trained on ``texts`` (every byte in its
+    alphabet; offsets trimmed of spaces, as GPT-2's), ``special_tokens`` first; ``roles`` name them
+    (``eos_token="<|end|>"``, ``pad_token=...``)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles)
+
+
+def toy_byte_tokenizer(texts: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts``, with the special tokens and chat template of
+    :func:`toy_tokenizer`: the same text, another vocabulary."""
+    wrapped = byte_level_bpe(
+        texts, vocab_size, SPECIAL_TOKENS, pad_token="<pad>", eos_token="<|end|>", unk_token="<unk>"
     )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
