@@ -548,6 +548,8 @@ class ModelArguments:
             The teacher's tokenizer or image processor; `None`: the teacher model's own. For a causal LM,
             a tokenizer with another vocabulary than the student's makes the run a cross-tokenizer one
             (docs/knowledge.md#different-tokenizers): the teacher reads the same text through it.
+        teacher_tokenizer (`str` or `None`, *optional*, defaults to `None`):
+            Another name for `teacher_processor`, for causal LMs (the teacher's tokenizer); set one of them.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow model (and metric) code from the Hub. Leave it off unless you trust the repository.
         student_init (`str`, *optional*, defaults to `"config"`):
@@ -582,6 +584,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Teacher tokenizer/image processor (default: the teacher model's own)."},
     )
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Another name for teacher_processor (a causal-LM teacher's tokenizer); set one."},
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow model code from the Hub. Off unless you trust the repository."},
@@ -602,6 +608,13 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         check_finite(self)
+        if self.teacher_tokenizer is not None:
+            if self.teacher_processor not in (None, self.teacher_tokenizer):
+                raise ValueError(
+                    f"teacher_tokenizer={self.teacher_tokenizer!r} and teacher_processor={self.teacher_processor!r} "
+                    "name the same thing (the teacher's tokenizer) differently; set one of them"
+                )
+            self.teacher_processor = self.teacher_tokenizer
         if isinstance(self.student_config, str):
             self.student_config = yaml.safe_load(self.student_config)
         _check_choice("student_init", self.student_init, STUDENT_INITS)

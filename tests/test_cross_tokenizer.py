@@ -444,6 +444,16 @@ def test_part_weights_are_checked(tmp_path):
         )
 
 
+def test_teacher_tokenizer_is_the_teacher_processor_under_its_own_name(tmp_path):
+    argv = ["--student_config", "{model_type: llama}", "--output_dir", str(tmp_path), "--task", "causal-lm"]
+    _, model_args, _ = parse_args([*argv, "--teacher_tokenizer", "org/teacher-tok"])
+    assert model_args.teacher_processor == "org/teacher-tok"
+    with pytest.raises(
+        ValueError, match="teacher_tokenizer='a' and teacher_processor='b' name the same thing"
+    ):
+        parse_args([*argv, "--teacher_tokenizer", "a", "--teacher_processor", "b"])
+
+
 def test_cross_tokenizer_recipe_runs_from_the_script(tmp_path):
     data = write_toy_chat(tmp_path / "toy_chat", num_train=48, num_test=16)
     teacher = tmp_path / "teacher"
