@@ -105,7 +105,7 @@ class DistillationConfig(TrainingArguments):
             the spans where both tokenizers cut the text into the same single token.
         cross_tokenizer_unmatched_weight (`float`, *optional*, defaults to `1.0`):
             w_u ≥ 0, the weight of the approximate part at every other aligned span: ULD, the L1 distance
-            between the sorted probability vectors, merged over a span's tokens by the chain rule (like
+            between the sorted next-token probability vectors of both models at the span's start (like
             TRL GOLD's `uld_hybrid_unmatched_weight`). Not both 0. Unused when the tokenizers agree.
 
         > Synthetic teachers (docs/knowledge.md#synthetic-teachers)
@@ -281,7 +281,7 @@ class DistillationConfig(TrainingArguments):
         default=1.0,
         metadata={
             "help": "Teacher with another tokenizer: weight ≥ 0 of the ULD part (sorted-probability L1 at the "
-            "other aligned spans, merged over a span by the chain rule)."
+            "other aligned spans, between both models' distributions at the span's start)."
         },
     )
     hidden_loss: str = field(

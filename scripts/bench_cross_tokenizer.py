@@ -16,6 +16,7 @@ a ``run_distillation`` run (as ``scripts/distill.py``) on the same chunks. Arms 
     same    KD from T_same (the usual path)
     cross   KD from T_cross: vocabularies differ, so the product's cross-tokenizer path
     cross-exact  the same with the exact part only (``cross_tokenizer_unmatched_weight: 0``; not by default)
+    cross-u0.1   the same with the ULD part at weight 0.1 (not by default)
     gold    TRL's ``GOLDTrainer`` (ULD hybrid loss) from T_cross, hyperparameters mapped (``gold_args``)
 
 Bits per byte of a model on held-out chunks: the summed token NLL (in bits) of every token after the
@@ -53,6 +54,7 @@ ARMS = {  # name: (teacher, DistillationConfig fields)
     "same": ("same", {}),
     "cross": ("cross", {}),
     "cross-exact": ("cross", {"cross_tokenizer_unmatched_weight": 0.0}),
+    "cross-u0.1": ("cross", {"cross_tokenizer_unmatched_weight": 0.1}),
     "gold": ("cross", {}),
 }
 DEFAULT_ARMS = ["none", "same", "cross", "gold"]
@@ -278,6 +280,7 @@ def report(bpb: dict[str, dict[int, float]], seconds: dict[str, dict[int, float]
         ("cross-exact", "none"),
         ("cross", "same"),
         ("cross", "cross-exact"),
+        ("cross-u0.1", "cross-exact"),
         ("cross", "gold"),
     ):
         if arm in bpb and base in bpb:

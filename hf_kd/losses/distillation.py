@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses.cross_tokenizer import AlignedLogits, unmatched_sum
+from hf_kd.losses.cross_tokenizer import AlignedLogits
 from hf_kd.losses.divergences import (
     SPARSE_DIVERGENCES,
     bucket_divergence,
@@ -347,8 +347,8 @@ def _cross_tokenizer_loss(
 
         L = hard_weight · Σ_hard CE + soft_weight · (w_m · Σ_matched D + w_u · Σ_unmatched U)
 
-    The hard term and the matched part run chunk by chunk like the usual loss; the unmatched (ULD) part
-    runs ``chunk_size`` span starts at a time too, reading only those rows and their spans' later rows."""
+    The hard term and both parts run chunk by chunk like the usual loss, each part reading only its
+    own span-start rows of the chunk."""
     if isinstance(student_logits, HiddenStates):
         raise ValueError(
             "a teacher with another tokenizer needs the student's logits: student_logits_from_hidden_states "
@@ -358,29 +358,29 @@ def _cross_tokenizer_loss(
         raise ValueError(
             "a synthetic target (synthetic_teacher) is not supported with a teacher of another tokenizer"
         )
-    matched_sums: list[torch.Tensor] = []
+    part_sums: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # mse is a mean over the classes: over the shared tokens, not the student's whole vocabulary
+    mse_scale = student_logits.shape[-1] / max(1, teacher.student_ids.numel())
 
     def divergence_fn(student: torch.Tensor, shared_teacher: torch.Tensor) -> torch.Tensor:
-        return divergence(
+        per_row = divergence(
             divergence_name, student, shared_teacher, temperature=temperature, tail=tail, **params
         )
+        return per_row * mse_scale if divergence_name == "mse" else per_row
 
     def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         hard = F.cross_entropy(logits_rows.float(), labels[rows], ignore_index=-100, reduction="sum")
-        matched = teacher.matched_sum(logits_rows, rows, soft_mask[rows], divergence_fn)
-        matched_sums.append(matched.detach())
-        return hard, matched * teacher.matched_weight
+        matched, unmatched = teacher.soft_sums(logits_rows, rows, soft_mask[rows], divergence_fn, temperature)
+        part_sums.append((matched.detach(), unmatched.detach()))
+        return hard, matched * teacher.matched_weight + unmatched * teacher.unmatched_weight
 
     loss, hard, soft = _weighted_sums(
         student_logits, sums_fn, hard_weight, soft_weight, chunk_size, len(labels)
     )
-    uld_sum, num_unmatched = unmatched_sum(
-        student_logits, teacher, labels, soft_mask, temperature, chunk_size
-    )
-    loss = loss + soft_weight * teacher.unmatched_weight * uld_sum
-    num_matched = ((teacher.teacher_row >= 0) & teacher.matched & soft_mask).sum()
+    starts = (teacher.teacher_row >= 0) & soft_mask.to(teacher.teacher_row.device)
+    matched_sum, unmatched_sum = (torch.stack(part).sum() for part in zip(*part_sums, strict=True))
     parts = {
-        "soft_matched": (torch.stack(matched_sums).sum(), num_matched),
-        "soft_unmatched": (uld_sum.detach(), num_unmatched),
+        "soft_matched": (matched_sum, (starts & teacher.matched).sum()),
+        "soft_unmatched": (unmatched_sum, (starts & ~teacher.matched).sum()),
     }
-    return LossTerms(loss, hard, soft + teacher.unmatched_weight * uld_sum.detach(), parts)
+    return LossTerms(loss, hard, soft, parts)

@@ -27,7 +27,6 @@ from functools import cached_property
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hf_kd.losses import AlignedLogits
 from hf_kd.tasks.base import ALIGNMENT_PREFIX
@@ -225,7 +224,8 @@ def alignment_columns(
     student position predicting its first token is the teacher position predicting the teacher's first
     token; ``matched`` is 1 when the span is one student token and one teacher token that
     ``teacher_id_of`` pairs; otherwise ``student_span`` / ``teacher_span`` at the positions predicting
-    the span's later tokens hold that student position (the chain-rule merge). −1 / 0 elsewhere."""
+    the span's later tokens hold that student position (which span a position is inside; the loss reads
+    only the span starts). −1 / 0 elsewhere."""
     teacher_position, matched = [-1] * len(student_ids), [0] * len(student_ids)
     student_span, teacher_span = [-1] * len(student_ids), [-1] * len(teacher_ids)
     for student_tokens, teacher_tokens in spans:
@@ -267,22 +267,17 @@ def aligned_logits(
         for key, value in batch.items()
         if key.startswith(ALIGNMENT_PREFIX)
     }
-    batch_size, student_length = columns["teacher_position"].shape
+    batch_size = columns["teacher_position"].shape[0]
     teacher_length = teacher_logits.shape[1]
-    device = teacher_logits.device
 
     def flat(positions: torch.Tensor, length: int) -> torch.Tensor:
         base = torch.arange(positions.shape[0], device=positions.device)[:, None] * length
         return torch.where(positions >= 0, positions + base, -1).reshape(-1)
 
-    teacher_ids = batch["teacher_input_ids"]
     return AlignedLogits(
         logits=teacher_logits.reshape(batch_size * teacher_length, -1),
         teacher_row=flat(columns["teacher_position"], teacher_length),
         matched=columns["matched"].reshape(-1).bool(),
-        student_span=flat(columns["student_span"], student_length),
-        teacher_span=flat(columns["teacher_span"], student_length).to(device),
-        teacher_targets=F.pad(teacher_ids[:, 1:], (0, 1), value=0).reshape(-1).to(device),
         student_ids=vocabulary.tensors[0],
         teacher_ids=vocabulary.tensors[1],
         matched_weight=matched_weight,
