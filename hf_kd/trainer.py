@@ -44,7 +44,7 @@ from hf_kd.tasks.base import (
     TEXT_BYTES,
     row_columns,
 )
-from hf_kd.tasks.causal_lm import bits_per_byte, scored_bytes
+from hf_kd.tasks.causal_lm import bits_per_byte, next_token_targets, scored_bytes
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
@@ -278,8 +278,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
                     continue
                 byte_counts = batch[TEACHER_TEXT_BYTES]
                 scored = byte_counts >= 0
-                logits, labels = teacher.logits.float(), teacher.teacher_targets
-                labels = labels.masked_fill(~F.pad(scored[:, 1:], (0, 1)).reshape(-1), NO_LABEL)
+                own_ids = batch[TEACHER_INPUT_PREFIX + "input_ids"].masked_fill(~scored, NO_LABEL)
+                logits, labels = teacher.logits.float(), next_token_targets(own_ids).reshape(-1)
             else:
                 items = self.task.kd_items(teacher[..., :classes], None, batch["labels"])
                 logits, labels = items.student_logits.float(), items.labels

@@ -117,7 +117,7 @@ def test_special_tokens_pair_by_position_and_truncation_stops_the_spans():
     assert cut == [([0], [0]), ([1], [1, 2]), ([2], [3])]
 
 
-def test_alignment_columns_carry_the_completion_mask_and_the_chain_rule():
+def test_alignment_columns_carry_the_completion_mask():
     spans = [([0], [0]), ([1], [1, 2]), ([2], [3]), ([3, 4], [4])]
     student_ids, teacher_ids = [10, 11, 12, 13, 14], [20, 21, 22, 23, 24]
     labels = [-100, -100, 12, 13, 14]  # the first two tokens are the prompt
@@ -125,18 +125,9 @@ def test_alignment_columns_carry_the_completion_mask_and_the_chain_rule():
     assert columns == {
         "kd_alignment_teacher_position": [-1, 2, 3, -1, -1],  # student 1 predicts token 2, teacher 2 token 3
         "kd_alignment_matched": [0, 1, 0, 0, 0],  # 12 ↔ 23: one token each, the same token
-        "kd_alignment_student_span": [-1, -1, -1, 2, -1],  # position 3 predicts token 4, later in 2's span
-        "kd_alignment_teacher_span": [-1, -1, -1, -1, -1],
-    }
+    }  # span ([3, 4], [4]) starts at student position 2: ULD there
     everything = alignment_columns(spans, student_ids, student_ids, teacher_ids, {12: 23, 11: 21})
     assert everything["kd_alignment_teacher_position"] == [0, 2, 3, -1, -1]
-    assert everything["kd_alignment_teacher_span"] == [
-        -1,
-        0,
-        -1,
-        -1,
-        -1,
-    ]  # teacher 1 predicts 2, later in span
     assert everything["kd_alignment_matched"] == [0, 1, 0, 0, 0]  # 11 ↔ (21, 22) spans two teacher tokens
 
 

@@ -223,32 +223,19 @@ def alignment_columns(
     tokens all have a label (completion-only masks carry over this way): ``teacher_position`` at the
     student position predicting its first token is the teacher position predicting the teacher's first
     token; ``matched`` is 1 when the span is one student token and one teacher token that
-    ``teacher_id_of`` pairs; otherwise ``student_span`` / ``teacher_span`` at the positions predicting
-    the span's later tokens hold that student position (which span a position is inside; the loss reads
-    only the span starts). −1 / 0 elsewhere."""
+    ``teacher_id_of`` pairs (the exact part), 0 for the other spans (ULD at the span start). −1 / 0
+    elsewhere."""
     teacher_position, matched = [-1] * len(student_ids), [0] * len(student_ids)
-    student_span, teacher_span = [-1] * len(student_ids), [-1] * len(teacher_ids)
     for student_tokens, teacher_tokens in spans:
         first, teacher_first = student_tokens[0], teacher_tokens[0]
         if first < 1 or teacher_first < 1 or any(student_labels[k] == no_label for k in student_tokens):
             continue
         start = first - 1
         teacher_position[start] = teacher_first - 1
-        if len(student_tokens) == len(teacher_tokens) == 1:
-            if teacher_id_of.get(student_ids[first]) == teacher_ids[teacher_first]:
-                matched[start] = 1
-                continue
-        for k in student_tokens[1:]:
-            student_span[k - 1] = start
-        for k in teacher_tokens[1:]:
-            teacher_span[k - 1] = start
-    prefix = ALIGNMENT_PREFIX
-    return {
-        prefix + "teacher_position": teacher_position,
-        prefix + "matched": matched,
-        prefix + "student_span": student_span,
-        prefix + "teacher_span": teacher_span,
-    }
+        one_each = len(student_tokens) == len(teacher_tokens) == 1
+        if one_each and teacher_id_of.get(student_ids[first]) == teacher_ids[teacher_first]:
+            matched[start] = 1
+    return {ALIGNMENT_PREFIX + "teacher_position": teacher_position, ALIGNMENT_PREFIX + "matched": matched}
 
 
 def aligned_logits(

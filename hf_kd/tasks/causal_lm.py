@@ -491,16 +491,10 @@ class CausalLMTask(Task):
 
     def _collate_teacher(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The columns over the teacher's own positions (a teacher of another tokenizer), right-padded: its
-        input ids, attention mask, alignment column ``teacher_span`` and text bytes (−1: not scored)."""
+        input ids, attention mask and text bytes (−1: not scored)."""
         ids_key, mask_key = TEACHER_INPUT_PREFIX + "input_ids", TEACHER_INPUT_PREFIX + "attention_mask"
-        span_key = ALIGNMENT_PREFIX + "teacher_span"
         length = max(len(f[ids_key]) for f in features)
-        fills = (
-            (ids_key, self.teacher_pad_token_id),
-            (mask_key, 0),
-            (span_key, -1),
-            (TEACHER_TEXT_BYTES, -1),
-        )
+        fills = ((ids_key, self.teacher_pad_token_id), (mask_key, 0), (TEACHER_TEXT_BYTES, -1))
         return {
             key: torch.tensor([list(f[key]) + [value] * (length - len(f[key])) for f in features])
             for key, value in fills
