@@ -22,7 +22,7 @@ a ``run_distillation`` run (as ``scripts/distill.py``) on the same chunks. Arms 
 Bits per byte of a model on held-out chunks: the summed token NLL (in bits) of every token after the
 first, over the UTF-8 bytes those tokens cover (a byte-level BPE token string has one character a byte).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD:/work/trl_pkgs python scripts/bench_cross_tokenizer.py [--seeds 0 1 2]
+    OMP_NUM_THREADS=1 python scripts/bench_cross_tokenizer.py [--seeds 0 1 2]
 
 The ``gold`` arm needs TRL (``pip install trl``; not a dependency of this project).
 """
