@@ -170,6 +170,16 @@ def capture(lm_setup, out, **cache_fields):
     return run_capture(data_args, cache_args)
 
 
+def collated_log_probs(cache, tokenizer, rows: int = 6) -> torch.Tensor:
+    """The dense teacher log-probs [tokens, V] of the first ``rows`` of a cache's train split, as the
+    collator decodes and pads them, at the real (attended) positions."""
+    task = CausalLMTask(max_length=48)
+    task.cache_decoder = cache.decoder()
+    prepared = task.prepare(cache.splits["train"], student_processor=tokenizer)
+    batch = task.collate([prepared[i] for i in range(rows)])
+    return CachedTeacher(len(tokenizer))(batch)[batch["attention_mask"].bool()].to_dense_log_probs()
+
+
 def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_path, caplog):
     root, data, tokenizer = lm_setup
     with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
@@ -185,15 +195,7 @@ def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_pat
     assert packed_size < plain_size
 
     # The collator decodes to the top-k the uncompressed cache holds, within the bound.
-    batches = {}
-    for name, cache in (("packed", packed), ("plain", plain)):
-        task = CausalLMTask(max_length=48)
-        task.cache_decoder = cache.decoder()
-        rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
-        batches[name] = task.collate([rows[i] for i in range(6)])
-    mask = batches["plain"]["attention_mask"].bool()
-    a = CachedTeacher(len(tokenizer))(batches["plain"])[mask].to_dense_log_probs()
-    b = CachedTeacher(len(tokenizer))(batches["packed"])[mask].to_dense_log_probs()
+    a, b = collated_log_probs(plain, tokenizer), collated_log_probs(packed, tokenizer)
     assert (a - b).abs().max() <= TopkCodec(8, 0.9).error_bound() + 1e-3  # plain's log-probs are float32
 
     # A cache whose metadata names another codec is refused when opened (the metadata's digests name the field).

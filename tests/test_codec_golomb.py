@@ -11,11 +11,16 @@ import pytest
 import torch
 
 from hf_kd.losses import divergence
-from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache.load import load_teacher_cache
-from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.codec import ROW_PREFIX, CodecError, GolombTopkCodec, TopkCodec
-from tests.test_codec import V, capture, exact_support, lm_like_logits, lm_setup  # noqa: F401 (a fixture)
+from tests.test_codec import (  # noqa: F401 (lm_setup: a fixture)
+    V,
+    capture,
+    collated_log_probs,
+    exact_support,
+    lm_like_logits,
+    lm_setup,
+)
 
 
 def clustered_logits(n: int, seed: int = 0) -> torch.Tensor:
@@ -146,15 +151,7 @@ def test_golomb_capture_decodes_in_the_collator(lm_setup, tmp_path):  # noqa: F8
     capture(lm_setup, tmp_path / "plain", top_k=8)
     golomb, plain = load_teacher_cache(tmp_path / "golomb"), load_teacher_cache(tmp_path / "plain")
     assert golomb.metadata.compression == GolombTopkCodec(8, 0.9).spec()
-    batches = {}
-    for name, cache in (("golomb", golomb), ("plain", plain)):
-        task = CausalLMTask(max_length=48)
-        task.cache_decoder = cache.decoder()
-        rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
-        batches[name] = task.collate([rows[i] for i in range(6)])
-    mask = batches["plain"]["attention_mask"].bool()
-    a = CachedTeacher(len(tokenizer))(batches["plain"])[mask].to_dense_log_probs()
-    b = CachedTeacher(len(tokenizer))(batches["golomb"])[mask].to_dense_log_probs()
+    a, b = collated_log_probs(plain, tokenizer), collated_log_probs(golomb, tokenizer)
     error = (a - b).abs().max().item()
     assert 0 < error <= GolombTopkCodec(8, 0.9).error_bound() + 1e-3  # plain's log-probs are float32
 
