@@ -30,7 +30,7 @@ from hf_kd.data.labels import count_unlabeled
 from hf_kd.features import FeatureDistiller
 from hf_kd.generation import Generator
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
-from hf_kd.losses import AlignedLogits, HiddenStates, TargetFn, distillation_loss
+from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
 from hf_kd.on_policy import GENERATED_KEY, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
@@ -40,11 +40,10 @@ from hf_kd.tasks.base import (
     CACHE_PREFIX,
     NO_LABEL,
     TEACHER_INPUT_PREFIX,
-    TEACHER_TEXT_BYTES,
     TEXT_BYTES,
     row_columns,
 )
-from hf_kd.tasks.causal_lm import bits_per_byte, next_token_targets, scored_bytes
+from hf_kd.tasks.causal_lm import bits_per_byte, scored_bytes
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
@@ -272,18 +271,10 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         totals = torch.zeros(3, device=self.args.device)
         for batch in self.get_eval_dataloader(dataset):
             batch = self._prepare_inputs(batch)
-            teacher = self.teacher_signal(batch)
-            if isinstance(teacher, AlignedLogits):  # its own tokens: scored where its text bytes are >= 0
-                if TEACHER_TEXT_BYTES not in batch:  # rows prepared without them: nothing comparable
-                    continue
-                byte_counts = batch[TEACHER_TEXT_BYTES]
-                scored = byte_counts >= 0
-                own_ids = batch[TEACHER_INPUT_PREFIX + "input_ids"].masked_fill(~scored, NO_LABEL)
-                logits, labels = teacher.logits.float(), next_token_targets(own_ids).reshape(-1)
-            else:
-                items = self.task.kd_items(teacher[..., :classes], None, batch["labels"])
-                logits, labels = items.student_logits.float(), items.labels
-                byte_counts, scored = batch.get(TEXT_BYTES), batch["labels"] != NO_LABEL
+            items = self.task.teacher_scored_items(self.teacher_signal(batch), batch, classes)
+            if items is None:
+                continue
+            logits, labels, byte_counts, scored = items
             labels = labels.to(logits.device)
             totals[0] += F.cross_entropy(logits, labels, ignore_index=NO_LABEL, reduction="sum").to(
                 totals.device

@@ -166,6 +166,14 @@ class Task(ABC):
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         """Flatten one batch into distillation instances."""
 
+    def teacher_scored_items(self, teacher_output, batch: dict[str, Any], classes: int):
+        """The teacher's output on an evaluation ``batch`` as the items it is scored on, by the student's
+        measure: (logits [n, C], labels [n] (−100: not scored), the bytes each position covers or None,
+        the positions scored) — here the student's items over the ``classes`` both models share; None
+        when the batch holds nothing comparable."""
+        items = self.kd_items(teacher_output[..., :classes], None, batch["labels"])
+        return items.student_logits.float(), items.labels, batch.get(TEXT_BYTES), batch["labels"] != NO_LABEL
+
     @abstractmethod
     def count_items(self, batch: dict[str, Any]) -> torch.Tensor:
         """[number of hard-label items, number of soft-term items] of a batch (normalisers of the loss)."""

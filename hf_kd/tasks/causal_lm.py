@@ -541,6 +541,19 @@ class CausalLMTask(Task):
             out.append(torch.cat([row, fill.to(row.dtype)]))
         return torch.stack(out)
 
+    def teacher_scored_items(self, teacher_output, batch: dict[str, Any], classes: int):
+        """As :meth:`Task.teacher_scored_items`; a teacher of another tokenizer (:class:`AlignedLogits`) is
+        scored on its own tokens of the same text, those whose text bytes are counted (≥ 0: where the
+        student's tokens have labels); only its bytes make it comparable. None without those columns."""
+        if not isinstance(teacher_output, AlignedLogits):
+            return super().teacher_scored_items(teacher_output, batch, classes)
+        if TEACHER_TEXT_BYTES not in batch:  # rows prepared without them: nothing comparable
+            return None
+        byte_counts = batch[TEACHER_TEXT_BYTES]
+        scored = byte_counts >= 0
+        own_ids = batch[TEACHER_INPUT_PREFIX + "input_ids"].masked_fill(~scored, NO_LABEL)
+        return teacher_output.logits.float(), next_token_targets(own_ids).reshape(-1), byte_counts, scored
+
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         """Position t of a row is one instance with target ``labels[t + 1]``. Both logits are cut to the
         shared vocabulary prefix when the output layers are padded to different sizes (views, no copy
