@@ -53,6 +53,21 @@ def test_bf16_online_kd_on_one_gpu(tmp_path):
     assert result.metrics["eval_agreement"] == pytest.approx(same)
 
 
+def test_compressed_codecs_encode_a_cuda_teachers_logits():
+    """A compressed capture from a teacher on the GPU: the top-k runs there, the rows are packed on the
+    CPU, and every decoded log-prob is within the codec's bound of the exact one."""
+    from hf_kd.teachers.codec import GolombTopkCodec, TopkCodec
+
+    logits = 3 * torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    exact = torch.log_softmax(logits, -1)
+    for codec in (TopkCodec(16, 0.95), GolombTopkCodec(16, 0.95)):
+        rows, kept = codec.encode(logits.cuda(), [40, 24])
+        decoded = codec.decode(rows, [40, 24], 512)
+        stored = decoded.log_probs > -float("inf")
+        error = (decoded.log_probs - exact.gather(-1, decoded.indices))[stored].abs().max()
+        assert stored.sum() >= 64 and error <= codec.error_bound() and kept.shape == (64,)
+
+
 @two_gpus
 @pytest.mark.parametrize("config", ["ddp.yaml", "fsdp.yaml", "zero3.yaml"])
 def test_two_gpu_launch(tmp_path, config):

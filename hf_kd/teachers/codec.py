@@ -148,10 +148,15 @@ class TopkCodec:
     def _select_rows(
         self, logits: torch.Tensor, lengths: list[int]
     ) -> tuple[SparseLogits, torch.Tensor, torch.Tensor]:
-        """:meth:`select` of logits [N, V] that are the positions of rows of ``lengths`` positions."""
+        """:meth:`select` of logits [N, V] that are the positions of rows of ``lengths`` positions, on the
+        logits' device; what it keeps comes back on the CPU, where the rows are bit-packed."""
         if sum(lengths) != logits.shape[0]:
             raise ValueError(f"row lengths sum to {sum(lengths)} but there are {logits.shape[0]} positions")
-        return self.select(logits)
+        kept, codes, n = self.select(logits)
+        kept = SparseLogits(
+            kept.log_probs.cpu(), kept.indices.cpu(), kept.tail_log_mass.cpu(), kept.num_classes
+        )
+        return kept, codes.cpu(), n.cpu()
 
     def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
         """Packed rows of logits [N, V] (positions of consecutive rows, ``lengths`` per row) and the
