@@ -60,21 +60,12 @@ def _part_difference(teacher_part: Any, student_part: Any) -> str:
 
 
 def same_vocabulary(teacher: Any, student: Any) -> bool:
-    """Whether two tokenizers map text to the same ids (see :func:`check_same_vocabulary`); when they do
-    not, a causal-LM teacher is distilled across tokenizers (``hf_kd.losses.cross_tokenizer``)."""
+    """Whether two tokenizers map text to the same ids: the same vocabulary, merges, added/special tokens,
+    normaliser and pre-tokeniser. Settings that leave the ids alone may differ (padding, the
+    post-processor, which token is EOS), unlike :func:`hf_kd.tasks.processor_fingerprint`, which tells
+    whether the same inputs come out. When they differ (:func:`first_difference` says where), a causal-LM
+    teacher is distilled across tokenizers (``hf_kd.losses.cross_tokenizer``)."""
     return _tokenizer_state(teacher) == _tokenizer_state(student)
-
-
-def check_same_vocabulary(teacher: Any, student: Any) -> None:
-    """Raise before training when teacher and student tokenizers map text to ids differently: their
-    vocabulary, merges, added/special tokens, normaliser or pre-tokeniser differ. Settings that leave
-    the ids alone may differ (padding, the post-processor, which token is EOS), unlike
-    :func:`hf_kd.tasks.processor_fingerprint`, which tells whether the same inputs come out."""
-    if not same_vocabulary(teacher, student):
-        raise ValueError(
-            "token-level distillation needs the teacher and the student to share a tokenizer, and theirs differ: "
-            f"{first_difference(teacher, student)}. Pick a student of the teacher's family (same tokenizer)."
-        )
 
 
 def shared_vocab_size(teacher_size: int, student_size: int, tokenizer_size: int | None = None) -> int:

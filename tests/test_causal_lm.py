@@ -4,6 +4,7 @@ tiny Llama teacher → student run from the offline recipes."""
 import json
 import logging
 import math
+import re
 
 import pytest
 import tiny
@@ -22,7 +23,7 @@ from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_disti
 from hf_kd.data.toy_chat import toy_tokenizer, write_toy_chat
 from hf_kd.losses import SparseLogits, distillation_loss
 from hf_kd.tasks import CausalLMTask, TextClassificationTask
-from hf_kd.vocab import check_same_vocabulary, shared_vocab_size
+from hf_kd.vocab import first_difference, same_vocabulary, shared_vocab_size
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +198,14 @@ def test_padded_vocabularies_are_sliced_to_the_shared_prefix(caplog):
     torch.testing.assert_close(got, (p * (p.log() - q.log())).sum(-1).mean())
 
 
-def test_different_tokenizers_raise_with_the_first_differing_tokens(toy):
+def test_different_tokenizers_are_told_apart_with_the_first_differing_tokens(toy):
     _, _, tokenizer = toy
     other = toy_tokenizer(["zebra yak xylophone", "add 1 2 = 3"])
-    with pytest.raises(ValueError, match=r"id \d+: teacher '[^']+' vs student '[^']+'"):
-        check_same_vocabulary(other, tokenizer)
+    assert not same_vocabulary(other, tokenizer)
+    assert re.search(r"id \d+: teacher '[^']+' vs student '[^']+'", first_difference(other, tokenizer))
     same_ids = AutoTokenizer.from_pretrained(str(toy[0] / "tokenizer"))
     same_ids.add_special_tokens({"eos_token": "<|user|>"})  # another EOS choice: the ids mean the same tokens
-    check_same_vocabulary(same_ids, tokenizer)
+    assert same_vocabulary(same_ids, tokenizer)
 
 
 # ---- end to end -----------------------------------------------------------------------------------
