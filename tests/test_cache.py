@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
+from processes import launch, torchrun
 from tiny import (
     bert_classifier,
     image_dataset,
@@ -394,19 +392,9 @@ def test_two_process_capture_equals_one_process(text_setup, tmp_path):
         f"task: text-classification\ndataset_name: {root / 'data'}\nteacher_model_name_or_path: {root / 'teacher'}\n"
         "shard_size: 8\nbatch_size: 4\ntop_k: 1\nuse_cpu: true\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for n in (1, 2):
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(n),
-            str(REPO / "scripts/cache_teacher.py"),
-        ]
-        command += ["--config", str(recipe), "--output_dir", str(tmp_path / f"cache{n}")]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-3000:]
+        script = ["scripts/cache_teacher.py", "--config", str(recipe)]
+        launch([*torchrun(n), *script, "--output_dir", str(tmp_path / f"cache{n}")], timeout=180)
     one, two = load_teacher_cache(tmp_path / "cache1"), load_teacher_cache(tmp_path / "cache2")
     for split in ("train", "test"):
         assert one.splits[split].to_dict() == two.splits[split].to_dict()

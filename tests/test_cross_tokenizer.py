@@ -4,16 +4,14 @@
 import json
 import logging
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
 from datasets import Dataset, DatasetDict
+from processes import launch, python, torchrun
 from tiny import save_model, tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -455,19 +453,11 @@ def test_cross_tokenizer_recipe_runs_from_the_script(tmp_path):
         )
     )
     out = tmp_path / "student"
-    command = [
-        sys.executable,
-        "scripts/distill.py",
-        "--config",
-        "recipes/causal_lm/tiny/cross_tokenizer.yaml",
-    ]
+    command = [*python(), "scripts/distill.py", "--config", "recipes/causal_lm/tiny/cross_tokenizer.yaml"]
     command += ["--dataset_name", str(data), "--student_processor", str(data / "byte_tokenizer")]
     command += ["--teacher_model_name_or_path", str(teacher), "--output_dir", str(out), "--max_steps", "3"]
     command += ["--logging_steps", "1"]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)}
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(command)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_loss_soft_matched"] > 0 and results["eval_loss_soft_unmatched"] > 0
     steps = [
@@ -498,13 +488,10 @@ def test_two_processes_end_where_one_process_ends(cross_run, tmp_path):
     # finds unlikely) into full-size updates, hiding what is compared.
     steps = {"max_steps": 4, "eval_split": "none", "logging_steps": 2, "optim": "sgd", "learning_rate": 0.5}
     one = run_distillation(*cross_args(root, output_dir=str(tmp_path / "one"), **steps))
-    # --standalone: a free port, whatever else runs torchrun on this machine
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "scripts/distill.py"]
-    command += cross_argv(root, output_dir=str(tmp_path / "two"), per_device_train_batch_size=8, **steps)
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    command = [*torchrun(), "scripts/distill.py"]
+    launch(
+        command + cross_argv(root, output_dir=str(tmp_path / "two"), per_device_train_batch_size=8, **steps)
+    )
     two = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"))
     for name, tensor in one.trainer.model.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from processes import launch, python, torchrun
 from safetensors.torch import load_file
-from test_multiprocess import BIN, TOLERANCE, _run
+from test_multiprocess import TOLERANCE
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +32,9 @@ def feature_runs(tmp_path_factory):
         attention_relation_heads=2,
     )
     script = ["scripts/distill.py", "--config", str(recipe)]
-    _run([str(BIN / "python"), *script, "--output_dir", str(root / "one")])
+    launch([*python(), *script, "--output_dir", str(root / "one")])
     batch_8 = ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8"]
-    _run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", *script, "--output_dir", str(root / "two"), *batch_8]
-    )
+    launch([*torchrun(), *script, "--output_dir", str(root / "two"), *batch_8])
     return root
 
 

@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from distill_run import write_tiny_run
+from processes import BIN, ROOT, free_port, launch
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 GPUS = torch.cuda.device_count()
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA device")]
 two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA devices")
-
-
-def launch(command: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def gpu_recipe(tmp_path: Path) -> Path:
@@ -82,12 +72,15 @@ def test_two_gpu_launch(tmp_path, config):
             str(ROOT / "recipes/accelerate_configs" / config),
             "--num_processes",
             "2",
+            "--main_process_port",
+            str(free_port()),
             "scripts/distill.py",
             "--config",
             str(recipe),
             "--output_dir",
             str(tmp_path / "out"),
-        ]
+        ],
+        timeout=600,
     )
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     # Both processes' rows evaluated once: the accuracy is a whole number of the 32 evaluation rows.

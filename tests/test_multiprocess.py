@@ -7,33 +7,18 @@ Run as a script under torchrun, this file is also the worker of the FSDP2 test
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import launch, python, torchrun
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TOLERANCE = {"rel": 1e-5, "abs": 1e-6}
 """2 ranks vs 1 process: same batches and normalisers, gradients summed in a different order (float32)."""
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (
-        f"{command} failed (rc={done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    )
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +29,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
     recipe = write_tiny_run(root, save_strategy="steps", save_steps=4)
     script = ["scripts/distill.py", "--config", str(recipe)]
-    _run([str(BIN / "python"), *script, "--output_dir", str(root / "one")])
-    two = _run(
+    launch([*python(), *script, "--output_dir", str(root / "one")])
+    two = launch(
         [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            "2",
+            *torchrun(),
             *script,
             "--output_dir",
             str(root / "two"),
@@ -111,7 +94,7 @@ def test_teacher_is_not_in_checkpoint_or_student(runs):
 
 def test_fsdp2_teacher_is_sharded_and_exact(tmp_path):
     """FSDP2's fully_shard on CPU/gloo, the sharding hf_kd applies to the teacher under an FSDP config."""
-    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/test_multiprocess.py", str(tmp_path)])
+    launch([*torchrun(), "tests/test_multiprocess.py", str(tmp_path)])
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
         assert report["max_abs_diff_logits"] == 0.0

@@ -20,8 +20,9 @@ import json
 
 import pytest
 import torch
+from processes import launch, python, torchrun
 from safetensors.torch import load_file
-from test_multiprocess import BIN, TOLERANCE, _run
+from test_multiprocess import TOLERANCE
 from test_on_policy import tiny_llama
 from transformers import AutoTokenizer
 
@@ -49,8 +50,8 @@ def on_policy_runs(tmp_path_factory):
     script += ["--dataset_name", str(data), "--student_processor", str(data / "tokenizer")]
     script += ["--teacher_model_name_or_path", str(root / "teacher"), "--top_k", "1"]
     script += ["--max_steps", "4", "--logging_steps", "1", "--per_device_train_batch_size"]
-    _run([str(BIN / "python"), *script, "16", "--output_dir", str(root / "one")])
-    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", *script, "8", "--output_dir", str(root / "two")])
+    launch([*python(), *script, "16", "--output_dir", str(root / "one")])
+    launch([*torchrun(), *script, "8", "--output_dir", str(root / "two")])
     return root
 
 
