@@ -273,14 +273,7 @@ def token_rows(tokenizer, texts: list[str], length: int) -> torch.Tensor:
 
 def train_lm(vocab_size: int, train: torch.Tensor, steps: int):
     """A Llama 128 × 2 trained from seed 0 for ``steps`` AdamW steps of 16 random rows of ``train``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=train.shape[1], pad_token_id=0,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = sized_llama("128x2", vocab_size, train.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -311,17 +304,17 @@ def real_lm(args):
     return model, tokenizer, train, test
 
 
-def random_llama(args, vocab: int):
-    """A Llama of ``--capture_teacher`` HIDDENxLAYERS with random weights (a larger teacher to capture)."""
+def sized_llama(size: str, vocab: int, seq_len: int, heads: int = 4, kv_heads: int = 2):
+    """A Llama of ``size`` = HIDDENxLAYERS with random weights (seeded: the same model on every call)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers = (int(x) for x in args.capture_teacher.split("x"))
+    hidden, layers = (int(x) for x in size.split("x"))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq_len, pad_token_id=0,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len, pad_token_id=0,
     )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config)
 
 
 def stored_bytes(features, table) -> int:
@@ -402,8 +395,6 @@ def curve(name: str, logits: torch.Tensor, prior: torch.Tensor | None = None) ->
 def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
     """On the real LM: compressed capture vs raw teacher forward, and KD steps from the compressed and
     the uncompressed cache vs a plain step of the same student (decoding runs in the collator)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     codec = codec_of(CODEC_SETTINGS[args.codec_setting])
     texts = [tokenizer.decode(row) for row in test[: args.lm_capture_rows]]
     data = DatasetDict(train=Dataset.from_dict({"text": texts}))
@@ -414,7 +405,10 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
         for s in range(0, len(prepared), 8)
     ]
 
-    capturing = teacher if args.capture_teacher is None else random_llama(args, len(tokenizer))
+    if args.capture_teacher is None:
+        capturing = teacher
+    else:
+        capturing = sized_llama(args.capture_teacher, len(tokenizer), args.seq_len).eval()
 
     def raw_forward() -> None:
         with torch.inference_mode():
@@ -456,14 +450,9 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
         f"uncompressed {collate_us['top-k']:.2f} (in the step's process unless dataloader_num_workers ≥ 1)"
     )
 
-    student_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=args.seq_len, pad_token_id=0,
-    )  # fmt: skip
     trainers = {}
     with tempfile.TemporaryDirectory() as out:
         for name, alpha in (("plain", 0.0), ("packed", 0.5), ("top-k", 0.5)):
-            torch.manual_seed(1)
             config = DistillationConfig(
                 output_dir=out,
                 alpha=alpha,
@@ -473,8 +462,9 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
                 report_to="none",
                 learning_rate=1e-4,
             )
+            student = sized_llama(args.lm_student, len(tokenizer), args.seq_len, heads=2, kv_heads=1)
             trainers[name] = DistillationTrainer(
-                model=LlamaForCausalLM(student_config), args=config, task=task,
+                model=student, args=config, task=task,
                 teacher_signal=CachedTeacher(len(tokenizer)) if alpha else None,
             )  # fmt: skip
             trainers[name].create_optimizer_and_scheduler(num_training_steps=10_000)
@@ -488,7 +478,7 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
             if r >= 3:
                 step_times[name].append(elapsed)
     print(
-        f"[curve] LM student Llama 64×2, batch 8 × {args.seq_len} tokens, τ = {args.lm_temperature}, "
+        f"[curve] LM student Llama {args.lm_student} ({student.num_parameters() / 1e6:.1f}M), batch 8 × {args.seq_len} tokens, τ = {args.lm_temperature}, "
         f"sparse_tail {args.lm_sparse_tail}, {args.repeats} rounds (medians, then minima: the least "
         "disturbed by other load)"
     )
@@ -556,6 +546,9 @@ def main() -> None:
         "--capture_teacher",
         default=None,
         help="curve/lm-step: capture a random-weights Llama of HIDDENxLAYERS (e.g. 512x4: 13.6M) instead of the real LM",
+    )
+    parser.add_argument(
+        "--lm_student", default="64x2", help="curve/lm-step: HIDDENxLAYERS of the student of the LM KD steps"
     )
     parser.add_argument("--lm_temperature", type=float, default=2.0, help="τ of the LM KD steps")
     parser.add_argument("--lm_sparse_tail", default="uniform", help="sparse_tail of the LM KD steps")
