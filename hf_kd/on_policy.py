@@ -41,33 +41,41 @@ it before the forward passes."""
 
 
 def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the start of its last run of labelled tokens: the length of its prompt; with the
-    (right-padded) ``attention_mask``, a row without any label is a prompt only, as long as its mask.
-    Raises ValueError when a row has no prompt (labels from its first token: plain text without a
-    prompt; or no labels and no ``attention_mask``)."""
+    """Per row, where its prompt ends: the start of its last run of labelled tokens (the prompt's length in
+    a right-padded row); with the ``attention_mask`` (padded on either side), a row without any label is
+    a prompt only, ending after its last attended token. Raises ValueError when a row has no (attended)
+    prompt token (labels from its first token: plain text without a prompt; or no labels and no
+    ``attention_mask``)."""
     labelled = labels != NO_LABEL
     starts = labelled & ~F.pad(labelled[:, :-1], (1, 0), value=False)
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
-    lengths = torch.where(starts, positions, -1).max(dim=1).values
+    ends = torch.where(starts, positions, -1).max(dim=1).values
+    attended = torch.ones_like(labelled) if attention_mask is None else attention_mask.bool()
     if attention_mask is not None:
-        lengths = torch.where(labelled.any(dim=1), lengths, attention_mask.sum(dim=1))
-    if bool((lengths <= 0).any()):
+        last = torch.where(attended, positions, -1).max(dim=1).values
+        ends = torch.where(labelled.any(dim=1), ends, last + 1)
+    if bool(((attended & (positions < ends[:, None])).sum(dim=1) == 0).any()):
         raise ValueError(
             "on-policy distillation needs a prompt in every row: conversations (completion_only_loss: true, "
             "the last assistant turn is the completion) or a prompt_column; this batch has a row whose "
             "labels start at its first token or that has no label"
         )
-    return lengths
+    return ends
 
 
 def left_padded_prompts(
-    input_ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int
+    input_ids: torch.Tensor, ends: torch.Tensor, pad_token_id: int, attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``lengths[b]`` tokens of each row, left-padded (as ``generate`` wants them), and their mask."""
-    width = int(lengths.max())
-    source = torch.arange(width, device=input_ids.device) - (width - lengths)[:, None]
-    mask = source >= 0
-    ids = input_ids.gather(1, source.clamp(min=0)).masked_fill(~mask, pad_token_id)
+    """The tokens of each row before ``ends[b]`` (only the attended ones, given the ``attention_mask``:
+    a batch padded on the left or the right), left-padded (as ``generate`` wants them), and their mask."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    keep = positions < ends[:, None]
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    width = int(keep.sum(dim=1).max())
+    source = torch.argsort(keep.int(), dim=1, stable=True)[:, -width:]  # the kept tokens last, in order
+    mask = keep.gather(1, source)
+    ids = input_ids.gather(1, source).masked_fill(~mask, pad_token_id)
     return ids, mask.to(input_ids.dtype)
 
 
@@ -150,14 +158,15 @@ class OnPolicyBatches:
             return "student"
         return "teacher" if self.seq_kd else None
 
-    def settings_for(self, lengths: torch.Tensor) -> SamplingSettings:
-        """The sampling settings for prompts of ``lengths`` tokens: no row longer than ``max_length``."""
+    def settings_for(self, prompt_width: int) -> SamplingSettings:
+        """The sampling settings for prompts of at most ``prompt_width`` tokens: no row longer than
+        ``max_length``."""
         if self.max_length is None:
             return self.settings
-        room = self.max_length - int(lengths.max())
+        room = self.max_length - prompt_width
         if room < 1:
             raise ValueError(
-                f"a prompt of {int(lengths.max())} tokens leaves no room for a completion within "
+                f"a prompt of {prompt_width} tokens leaves no room for a completion within "
                 f"max_length={self.max_length} (check_prompt_rows refuses such rows before training)"
             )
         return replace(self.settings, max_new_tokens=min(self.settings.max_new_tokens, room))
@@ -180,19 +189,23 @@ class OnPolicyBatches:
         model = student if writer == "student" else teacher
         if model is None:
             raise ValueError("seq_kd: true needs an online teacher model to generate completions")
-        lengths = prompt_lengths(batch["labels"], batch.get("attention_mask"))
-        prompt_ids, prompt_mask = left_padded_prompts(batch["input_ids"], lengths, self.settings.pad_token_id)
+        mask = batch.get("attention_mask")
+        ends = prompt_lengths(batch["labels"], mask)
+        prompt_ids, prompt_mask = left_padded_prompts(
+            batch["input_ids"], ends, self.settings.pad_token_id, mask
+        )
         started, was_training = time.perf_counter(), model.training
         model.eval()  # sampling without dropout; back in its mode for the loss
         try:
             seed = draw(self.seed, step, index, self.process_index)
-            completions = self.generator(model, prompt_ids, prompt_mask, self.settings_for(lengths), seed)
+            settings = self.settings_for(prompt_ids.shape[1])
+            completions = self.generator(model, prompt_ids, prompt_mask, settings, seed)
         finally:
             model.train(was_training)
         self._seconds += time.perf_counter() - started
         generated = completion_batch(prompt_ids, prompt_mask, completions, self.settings)
         self._tokens += int((generated["labels"] != NO_LABEL).sum())
-        self._completions += len(lengths)
+        self._completions += len(prompt_ids)
         return {**generated, GENERATED_KEY: writer}
 
     def pop_logs(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
@@ -216,17 +229,31 @@ class OnPolicyBatches:
         }
 
 
-def check_prompts_only(config: Any, columns: list[str], task: Any, where: str = "the training set") -> None:
+def check_prompts_only(
+    config: Any, columns: list[str], task: Any, where: str = "the training set", evaluation: bool = False
+) -> None:
     """Rows that are prompts only (the task's ``prompt_column`` without its ``completion_column`` in
     ``columns``) hold nothing to learn from unless every micro-batch's completions are generated
-    (``lmbda: 1`` or ``seq_kd``): refuse them otherwise, before anything loads."""
+    (``lmbda: 1`` or ``seq_kd``): refuse them otherwise, before anything loads. An ``evaluation`` set is
+    never sampled (it scores the data's completions): prompt-only rows there would score 0, and are
+    always refused."""
     prompt_column = getattr(task, "prompt_column", None)
-    if prompt_column is None or task.completion_column in columns or config.lmbda == 1 or config.seq_kd:
+    if prompt_column is None or task.completion_column in columns:
+        return
+    missing = (
+        f"prompt_column={prompt_column!r} without completions (no column {task.completion_column!r} "
+        f"(completion_column) in {where}; its columns: {columns})"
+    )
+    if evaluation:
+        raise ValueError(
+            f"{missing}: evaluation scores the data's completions (it never samples), so every loss would "
+            "read 0; give an evaluation set with completions, or none"
+        )
+    if config.lmbda == 1 or config.seq_kd:
         return
     raise ValueError(
-        f"prompt_column={prompt_column!r} without completions (no column {task.completion_column!r} "
-        f"(completion_column) in {where}; its columns: {columns}): every completion must be generated, "
-        f"so set lmbda: 1 or seq_kd: true (lmbda={config.lmbda}, seq_kd={config.seq_kd})"
+        f"{missing}: every completion must be generated, so set lmbda: 1 or seq_kd: true "
+        f"(lmbda={config.lmbda}, seq_kd={config.seq_kd})"
     )
 
 

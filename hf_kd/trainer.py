@@ -189,11 +189,19 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
     ) -> None:
         """Set the task's collation up from ``processing_class`` and process raw rows of ``train_dataset``
         and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads; raw
-        prompt-only training rows need every completion generated (``check_prompts_only``)."""
+        prompt-only training rows need every completion generated, and evaluation rows need completions
+        (``check_prompts_only``)."""
         processor = kwargs.get("processing_class")
-        columns = row_columns(kwargs.get("train_dataset"))
-        if columns is not None and getattr(self.task, "prompt_column", None) in columns:
-            check_prompts_only(args, columns, self.task, "train_dataset")
+        evaluation = kwargs.get("eval_dataset")
+        splits = [("train_dataset", kwargs.get("train_dataset"), False)]
+        if isinstance(evaluation, dict):
+            splits += [(f"eval_dataset[{name!r}]", split, True) for name, split in evaluation.items()]
+        else:
+            splits.append(("eval_dataset", evaluation, True))
+        for where, split, is_evaluation in splits:
+            columns = row_columns(split)
+            if columns is not None and getattr(self.task, "prompt_column", None) in columns:
+                check_prompts_only(args, columns, self.task, where, evaluation=is_evaluation)
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.task.use_processor(processor, pad_token_id=pad_token_id)
         for key in ("train_dataset", "eval_dataset"):

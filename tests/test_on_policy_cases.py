@@ -1,8 +1,9 @@
 """On-policy distillation on the inputs a new user brings: models whose embeddings are padded past the
 tokenizer (or bigger than the other model's), checkpoints with their own generation settings, several
 EOS ids, prompts near or past ``max_length``, conversations that do not end with the assistant's reply,
-plain text, a teacher of another tokenizer, and a temperature of 0. Each is either handled (the sampled
-rows are right) or refused before training with what to change."""
+plain text, a teacher of another tokenizer, a temperature of 0, batches padded on the left, and an
+evaluation set of prompts only. Each is either handled (the sampled rows are right) or refused before
+training with what to change."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 from test_on_policy import EOS, SETTINGS, FixedGenerator, tiny_llama, toy, trainer_for  # noqa: F401 (toy: a fixture)
+from test_on_policy_features import prompt_run, toy_data  # noqa: F401 (fixtures)
 from tiny import tiny_config
 
-from hf_kd import DistillationConfig, DistillationTrainer
+from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import toy_byte_tokenizer, write_toy_chat
 from hf_kd.generation import TransformersGenerator
 from hf_kd.on_policy import on_policy_batches
@@ -201,3 +203,54 @@ def test_a_teacher_of_another_tokenizer_is_refused_before_training(toy, raw, tmp
 def test_a_zero_generation_temperature_is_refused_with_greedy_named(tmp_path):
     with pytest.raises(ValueError, match=r"generation_temperature=0.0 must be > 0 .* greedy, set top_k: 1"):
         DistillationConfig(output_dir=str(tmp_path), use_cpu=True, lmbda=1.0, generation_temperature=0.0)
+
+
+def test_a_batch_padded_on_the_left_gives_the_same_prompts(toy, tmp_path):  # noqa: F811
+    """A collator padding on the left (a tokenizer with padding_side='left'): the prompts are the attended
+    tokens before the reply, never the padding (which was read as prompt tokens before)."""
+    task, train, _ = toy
+    generator = FixedGenerator(torch.tensor([[7, EOS]] * 4))
+    trainer = trainer_for(toy, tmp_path, generator)
+    right = task.collate([train[i] for i in range(4)])
+    lengths = right["attention_mask"].sum(dim=1)
+    shift = right["input_ids"].shape[1] - lengths  # each row rolled right by its padding
+    left = {
+        key: torch.stack([row.roll(int(n)) for row, n in zip(right[key], shift, strict=True)])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+    assert not bool(left["attention_mask"][:, 0].all())  # some rows start with padding
+    batches = [
+        trainer.on_policy(b, student=trainer.model, teacher=None, step=0, index=0) for b in (right, left)
+    ]
+    (from_right, *_), (from_left, *_) = generator.calls
+    assert torch.equal(from_left, from_right)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batches[1][key], batches[0][key])
+
+
+def test_an_evaluation_set_of_prompts_only_is_refused(toy, tmp_path):  # noqa: F811
+    """Evaluation scores the data's completions (it never samples): a prompt-only evaluation set read
+    eval_loss 0 at every evaluation, as if the student were perfect."""
+    _, _, tokenizer = toy
+    prompts = Dataset.from_dict({"prompt": ["sort b a", "add 1 2"]})
+    with pytest.raises(
+        ValueError, match=r"eval_dataset; its columns: \['prompt'\]\): evaluation scores the data"
+    ):
+        DistillationTrainer(
+            model=tiny_llama(40),
+            teacher_model=tiny_llama(48, seed=1),
+            args=tiny_config(tmp_path, lmbda=1.0, eval_strategy="steps", eval_steps=1),
+            task=CausalLMTask(prompt_column="prompt"),
+            train_dataset=prompts,
+            eval_dataset=prompts,
+            processing_class=tokenizer,
+        )
+
+
+def test_an_evaluation_split_of_prompts_only_is_refused_before_anything_loads(prompt_run):  # noqa: F811
+    root, argv = prompt_run  # its tokenizer and teacher cannot be loaded: the check runs before them
+    with pytest.raises(
+        ValueError, match=r"in split 'test'; its columns: \['prompt', 'messages'\]\): evaluation"
+    ):
+        run_distillation(*parse_args([*argv, "--dataset_name", str(root / "prompts"), "--lmbda", "1.0"]))
+    assert not (root / "out").exists()
