@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from hf_kd.generation import Generator, SamplingSettings, TransformersGenerator
 from hf_kd.tasks.base import NO_LABEL
-from hf_kd.tasks.causal_lm import vocab_size_of
+from hf_kd.tasks.causal_lm import assistant_spans, encode_with_eos, vocab_size_of
 
 logger = logging.getLogger(__name__)
 
@@ -307,13 +307,34 @@ def _prompt_lengths_naming_row(labels: torch.Tensor, mask: torch.Tensor, start: 
         raise
 
 
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The chat template's end-of-turn token: the first special token after the content of an assistant
+    reply as the template renders it (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``: often not the
+    tokenizer's EOS); None without a template, or when a reply ends on no special token."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ((start, end),) = assistant_spans(tokenizer, messages, text)
+    content_end = text.index("y", start) + 1
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids, offsets, _ = encode_with_eos(tokenizer, text, False, False)
+    after = [
+        i for i, (char, _) in zip(ids, offsets, strict=True) if i in special and content_end <= char < end
+    ]
+    return after[0] if after else None
+
+
 def eos_token_ids(processor: Any, model: torch.nn.Module) -> tuple[int, ...]:
-    """The ids that end a completion: the tokenizer's EOS and every id of the model's generation config's
-    and config's ``eos_token_id`` (a list for chat models that stop on an end-of-turn or an end-of-text
-    token, as Llama 3 or Qwen), in that order, each once. Raises ValueError when none is known (a
-    completion would never end before max_new_tokens)."""
+    """The ids that end a completion: the tokenizer's EOS, its chat template's end-of-turn token (what
+    ends the data's replies) and every id of the model's generation config's and config's
+    ``eos_token_id`` (a list for chat models that stop on an end-of-turn or an end-of-text token, as
+    Llama 3 or Qwen), in that order, each once. Raises ValueError when none is known (a completion would
+    never end before max_new_tokens)."""
     candidates = [
         getattr(processor, "eos_token_id", None),
+        end_of_turn_id(processor),
         getattr(getattr(model, "generation_config", None), "eos_token_id", None),
         getattr(model.config, "eos_token_id", None),
     ]

@@ -7,7 +7,10 @@ training with what to change."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import tiny
 import torch
 from datasets import Dataset, load_from_disk
 from test_on_policy import EOS, SETTINGS, FixedGenerator, tiny_llama, toy, trainer_for  # noqa: F401 (toy: a fixture)
@@ -78,6 +81,22 @@ def test_every_eos_id_of_the_generation_config_ends_a_completion(toy, tmp_path):
     assert batches.settings.eos_token_ids == (EOS, 9)
     generated = batches(task.collate([train[0], train[1]]), student=student, teacher=None, step=0, index=0)
     assert [row[row != -100].tolist() for row in generated["labels"]] == [[7, 9], [7, 8, EOS]]
+
+
+def test_the_chat_templates_end_of_turn_ends_a_completion(toy, tmp_path):  # noqa: F811
+    """A tokenizer whose EOS is not the template's end-of-turn (a base model's tokenizer with a ChatML
+    template: EOS <|endoftext|>, turns end on <|im_end|>): the data's replies end on the end-of-turn, so
+    a sampled reply stops there too (it ran on to max_new_tokens before)."""
+    task, train, tokenizer = toy
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = "<|system|>"  # here id 2; the template's turns end on <|end|> (5)
+    student = tiny.tiny_llama(40)  # its config's EOS is 2, as the tokenizer's
+    batches = on_policy_batches(tiny_config(tmp_path, lmbda=1.0), task, student, tokenizer)
+    assert batches.settings.eos_token_ids == (2, EOS)
+    tokenizer.chat_template = None
+    assert on_policy_batches(
+        tiny_config(tmp_path, lmbda=1.0), task, student, tokenizer
+    ).settings.eos_token_ids == (2,)
 
 
 class RecordingGenerator:
