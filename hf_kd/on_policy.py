@@ -263,15 +263,14 @@ def check_prompt_rows(dataset: Any, max_length: int, batch_size: int = 1024) -> 
     tokens or more (cut by the truncation: no room is left for a completion); or tokens after the row's
     last labelled run (a conversation that goes on after its last assistant reply: the reply would be
     sampled from the turns before it, and the later turns dropped)."""
-    columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+    ids_and_labels = dataset.select_columns([c for c in ("input_ids", "labels") if c in dataset.column_names])
     for start in range(0, len(dataset), batch_size):
-        rows = dataset.select_columns(columns)[start : start + batch_size]
+        rows = ids_and_labels[start : start + batch_size]
         lengths = torch.tensor([len(ids) for ids in rows["input_ids"]])
         positions = torch.arange(int(lengths.max()))[None]
         mask = positions < lengths[:, None]
         labels = torch.full(mask.shape, NO_LABEL)
         labels[mask] = torch.tensor([i for row in rows.get("labels", rows["input_ids"]) for i in row])
-        labels = labels.masked_fill(~mask, NO_LABEL)
         prompts = _prompt_lengths_naming_row(labels, mask, start)
         labelled = labels != NO_LABEL
         ends = torch.where(labelled, positions + 1, 0).max(dim=1).values
