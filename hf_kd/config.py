@@ -461,7 +461,10 @@ class DistillationConfig(TrainingArguments):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive number of tokens")
         if not self.generation_temperature > 0:
-            raise ValueError(f"generation_temperature={self.generation_temperature!r} must be > 0")
+            raise ValueError(
+                f"generation_temperature={self.generation_temperature!r} must be > 0 (it samples; for the most "
+                "likely token at every step, greedy, set top_k: 1)"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be ≥ 0 (0 keeps every token)")
         if self.log_completions and not self.generates:

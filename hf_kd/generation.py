@@ -8,10 +8,14 @@ with the same call, passed to the trainer as ``generator=``: the loss never sees
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers import GenerationConfig
+
+from hf_kd.tasks.causal_lm import vocab_size_of
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,9 @@ class SamplingSettings:
     """How completions are sampled (the ``DistillationConfig`` generation fields).
 
     ``top_k`` 0 keeps every token; ``top_p`` 1.0 keeps the whole nucleus. ``eos_token_ids`` end a
-    completion; ``pad_token_id`` fills the rows that ended before the longest one.
+    completion; ``pad_token_id`` fills the rows that ended before the longest one. Ids from
+    ``vocab_size`` on (None: every id) are never sampled: the rows a model's embedding has past its
+    tokenizer, or past the other model's vocabulary, are no tokens both models can read.
     """
 
     max_new_tokens: int
@@ -28,6 +34,7 @@ class SamplingSettings:
     top_k: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    vocab_size: int | None = None
 
 
 class Generator(Protocol):
@@ -43,29 +50,55 @@ class Generator(Protocol):
     ) -> torch.Tensor:
         """The completion tokens [B, ≤ max_new_tokens] that ``model`` (unwrapped: no DDP wrapper; in eval
         mode, set by the caller) writes after the left-padded ``prompt_ids`` [B, P] (``prompt_mask`` 0 on
-        the padding). The same ``seed`` must give the same tokens. What follows a row's first EOS is
-        ignored by the caller."""
+        the padding). The same ``seed`` must give the same tokens; no id ≥ ``settings.vocab_size`` may be
+        sampled. What follows a row's first EOS is ignored by the caller."""
+
+
+def unreadable_ids(model: torch.nn.Module, vocab_size: int | None) -> list[int] | None:
+    """The ids of ``model``'s output layer from ``vocab_size`` on (None when there are none): suppressed
+    before the temperature, top-k and top-p see the scores, so they never pick one."""
+    rows = vocab_size_of(model.config)  # the config's: under ZeRO-3 the weight's local shape is empty
+    return None if vocab_size is None or vocab_size >= rows else list(range(vocab_size, rows))
+
+
+@contextmanager
+def only_these_settings(model: torch.nn.Module, config: GenerationConfig):
+    """``model.generation_config`` is ``config`` inside the block: ``generate`` fills what a call leaves
+    unset from the model's own generation config, so a checkpoint's ``repetition_penalty``,
+    ``min_new_tokens``, ``no_repeat_ngram_size``... would otherwise reshape the samples (no longer the
+    model's distribution)."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 class TransformersGenerator:
     """Transformers' ``generate``: batched, left-padded, with the KV cache, sampled with a private
-    random stream seeded by ``seed`` (the global random state is left as it was). Under ZeRO-3 or FSDP
-    with several processes ``generate`` keeps the processes in step (``synced_gpus``) itself."""
+    random stream seeded by ``seed`` (the global random state is left as it was), from the model's own
+    distribution: only ``settings`` shape it, never the model's saved generation config. Under ZeRO-3 or
+    FSDP with several processes ``generate`` keeps the processes in step (``synced_gpus``) itself."""
 
     def __call__(self, model, prompt_ids, prompt_mask, settings, seed):
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=list(settings.eos_token_ids),
+            pad_token_id=settings.pad_token_id,
+            use_cache=True,
+            suppress_tokens=unreadable_ids(model, settings.vocab_size),
+        )
         devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), only_these_settings(model, config):
             torch.manual_seed(seed)
             sequences = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                max_new_tokens=settings.max_new_tokens,
-                eos_token_id=list(settings.eos_token_ids),
-                pad_token_id=settings.pad_token_id,
-                use_cache=True,
+                generation_config=config,
             )
         return sequences[:, prompt_ids.shape[1] :]

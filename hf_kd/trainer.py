@@ -32,7 +32,7 @@ from hf_kd.generation import Generator
 from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_states
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
-from hf_kd.on_policy import GENERATED_KEY, check_prompts_only, on_policy_batches
+from hf_kd.on_policy import GENERATED_KEY, check_prompt_rows, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
 from hf_kd.tasks.base import (
@@ -161,9 +161,12 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             self.task,
             self.model,
             self.processing_class,
+            teacher=self.teacher_model,
             process_index=args.process_index,
             generator=generator,
         )
+        if self.on_policy is not None and isinstance(self.train_dataset, Dataset):
+            check_prompt_rows(self.train_dataset, self.task.max_length)
         self.completion_log = (
             CompletionLog(args.output_dir, args.num_completions_to_log, self.processing_class)
             if args.log_completions and self.is_world_process_zero()
@@ -186,11 +189,19 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
     ) -> None:
         """Set the task's collation up from ``processing_class`` and process raw rows of ``train_dataset``
         and ``eval_dataset`` (a dataset or a dict of them) in ``kwargs``, before anything loads; raw
-        prompt-only training rows need every completion generated (``check_prompts_only``)."""
+        prompt-only training rows need every completion generated, and evaluation rows need completions
+        (``check_prompts_only``)."""
         processor = kwargs.get("processing_class")
-        columns = row_columns(kwargs.get("train_dataset"))
-        if columns is not None and getattr(self.task, "prompt_column", None) in columns:
-            check_prompts_only(args, columns, self.task, "train_dataset")
+        evaluation = kwargs.get("eval_dataset")
+        splits = [("train_dataset", kwargs.get("train_dataset"), False)]
+        if isinstance(evaluation, dict):
+            splits += [(f"eval_dataset[{name!r}]", split, True) for name, split in evaluation.items()]
+        else:
+            splits.append(("eval_dataset", evaluation, True))
+        for where, split, is_evaluation in splits:
+            columns = row_columns(split)
+            if columns is not None and getattr(self.task, "prompt_column", None) in columns:
+                check_prompts_only(args, columns, self.task, where, evaluation=is_evaluation)
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.task.use_processor(processor, pad_token_id=pad_token_id)
         for key in ("train_dataset", "eval_dataset"):

@@ -290,7 +290,8 @@ def test_tiny_on_policy_recipe_runs_from_the_script(tmp_path):
 
 
 def test_sampled_batch_is_what_the_student_wrote_under_the_training_forward(toy, tmp_path):
-    """The real sampler (left-padded, KV cache) at a near-zero temperature writes the student's argmax:
+    """The real sampler (left-padded, KV cache) at a near-zero temperature writes the student's argmax
+    over the tokenizer's ids:
     the right-padded training batch built from it must then have, at every labelled position, the token
     the student's training forward ranks first (a shifted label, a wrong position id or attention mask,
     or left padding leaking into the batch breaks this); the student is back in train mode."""
@@ -306,5 +307,5 @@ def test_sampled_batch_is_what_the_student_wrote_under_the_training_forward(toy,
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labelled = batch["labels"][:, 1:] != -100
     assert int(labelled.sum()) >= 8
-    predicted = logits[:, :-1].argmax(-1)
+    predicted = logits[:, :-1, : trainer.on_policy.settings.vocab_size].argmax(-1)  # the tokenizer's ids
     assert torch.equal(predicted[labelled], batch["labels"][:, 1:][labelled])

@@ -340,6 +340,10 @@ def run_distillation(
         train = drop_inert_rows(train, data_args.label_column, config)
     unlabelled_rows = count_unlabeled(train, data_args.label_column)
     evaluation = splits[data_args.eval_split] if data_args.eval_split else None
+    if evaluation is not None:
+        check_prompts_only(
+            config, evaluation.column_names, task, f"split {data_args.eval_split!r}", evaluation=True
+        )
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 

@@ -365,8 +365,11 @@ class CausalLMTask(Task):
 
     def _encode_conversation(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """A conversation through the chat template; with ``completion_only_loss`` only the assistant's
-        tokens (those starting inside an assistant span) keep their label."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        tokens (those starting inside an assistant span) keep their label, and a conversation without any
+        assistant turn is a prompt: it ends with the template's generation prompt, as a ``prompt_column``
+        row without completion (what on-policy distillation continues)."""
+        prompt_only = self.completion_only_loss and all(m["role"] != "assistant" for m in messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt_only)
         ids, offsets, special = self._encode(text, False, False)
         spans = assistant_spans(self.tokenizer, messages, text) if self.completion_only_loss else None
         labels = [
