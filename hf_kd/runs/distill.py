@@ -343,6 +343,13 @@ def run_distillation(
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
+    teacher, teacher_processor = None, None
+    if config.needs_teacher_model:  # its tokenizer before any weights load: a folder without one is refused
+        teacher_processor = task.load_processor(
+            model_args.teacher_processor or config.teacher_model_name_or_path,
+            revision="main" if model_args.teacher_processor else config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
     max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
     init_teacher, student_init = None, None
     if model_args.student_init == "teacher":
@@ -352,7 +359,6 @@ def run_distillation(
     else:
         student, student_processor = load_student(task, model_args, labels, max_length)
 
-    teacher, teacher_processor = None, None
     if config.needs_teacher_model:
         teacher_config = AutoConfig.from_pretrained(
             config.teacher_model_name_or_path,
@@ -360,11 +366,6 @@ def run_distillation(
             trust_remote_code=model_args.trust_remote_code,
         )
         check_model_fits(task, teacher_config, "teacher", max_length=max_length)
-        teacher_processor = task.load_processor(
-            model_args.teacher_processor or config.teacher_model_name_or_path,
-            revision="main" if model_args.teacher_processor else config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
         if token_level:  # the vocabularies compared: another one makes a cross-tokenizer run
             task.use_processor(student_processor)
             task.use_teacher_tokenizer(teacher_processor)

@@ -97,7 +97,7 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
 @dataclass
 class VocabularyMap:
     """The shared tokens S of two tokenizers: ``student_ids[i]`` and ``teacher_ids[i]`` stand for the
-    same text (each text once: its smallest id on each side)."""
+    same text (each text once: the id each side writes it with, :func:`written_ids`)."""
 
     student_ids: list[int]
     teacher_ids: list[int]
@@ -113,18 +113,27 @@ class VocabularyMap:
         return dict(zip(self.student_ids, self.teacher_ids, strict=True))
 
 
+def written_ids(tokenizer: Any) -> dict[bytes, int]:
+    """For each text (:func:`token_bytes`) the id ``tokenizer`` writes it with, when several ids stand for
+    it: an ordinary token before a byte-fallback ``<0xNN>`` (a tokenizer falls back to bytes only for what
+    its vocabulary lacks: Llama writes "a" as the token ``a``, never as ``<0x61>``, whose id is smaller),
+    then the smallest id."""
+    vocabulary = tokenizer.get_vocab()
+    fallback = {index for token, index in vocabulary.items() if BYTE_FALLBACK.fullmatch(token)}
+    ids: dict[bytes, int] = {}
+    for index, text in sorted(
+        token_bytes(tokenizer).items(), key=lambda item: (item[0] in fallback, item[0])
+    ):
+        ids.setdefault(text, index)
+    return ids
+
+
 def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
-    """The tokens ``student`` and ``teacher`` (fast tokenizers) share, by :func:`token_bytes`, with their
-    end-of-sequence tokens paired whatever their strings; ordered by student id. Raises when nothing is
-    shared (no exact part could ever be computed: the vocabularies have nothing in common)."""
-
-    def first_ids(tokenizer: Any) -> dict[bytes, int]:
-        ids: dict[bytes, int] = {}
-        for index, text in sorted(token_bytes(tokenizer).items()):
-            ids.setdefault(text, index)
-        return ids
-
-    student_ids, teacher_ids = first_ids(student), first_ids(teacher)
+    """The tokens ``student`` and ``teacher`` (fast tokenizers) share, by :func:`token_bytes` and
+    :func:`written_ids`, with their end-of-sequence tokens paired whatever their strings; ordered by
+    student id. Raises when nothing is shared (no exact part could ever be computed: the vocabularies
+    have nothing in common)."""
+    student_ids, teacher_ids = written_ids(student), written_ids(teacher)
     pairs = {student_ids[text]: teacher_ids[text] for text in student_ids.keys() & teacher_ids.keys()}
     if student.eos_token_id is not None and teacher.eos_token_id is not None:
         pairs = {s: t for s, t in pairs.items() if s != student.eos_token_id and t != teacher.eos_token_id}
@@ -135,20 +144,26 @@ def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
     return VocabularyMap([s for s, _ in ordered], [t for _, t in ordered])
 
 
-def _gaps(offsets: Offsets, tokens: list[int], end: int) -> list[tuple[int, int, int]]:
+def _gaps(offsets: Offsets, tokens: list[int], end: int, text: str | None) -> list[tuple[int, int, int]]:
     """The boundaries of one side's text ``tokens`` (indices into ``offsets``) as ``(low, high, k)``: a
     span may end after the first k tokens anywhere in [low, high]. The start (k = 0) reaches back to 0;
-    the end (k = len) reaches to ``end``; touching or spaced neighbours give a gap, overlapping ones none."""
+    the end (k = len) reaches to ``end``; touching or spaced neighbours give a gap, overlapping ones none.
+    With ``text``, a gap over characters other than whitespace is no boundary: the side's normaliser
+    composed them into a neighbour (NFKC's ``e`` + combining accent → ``é``, offsets on the ``e`` only)
+    or dropped them, and which side of the gap they belong to is unknown."""
     if not tokens:
-        return [(0, end, 0)]
-    gaps = [(0, offsets[tokens[0]][0], 0)]
-    for k in range(1, len(tokens)):
-        left_end, right_start = offsets[tokens[k - 1]][1], offsets[tokens[k]][0]
-        if right_start >= left_end:
-            gaps.append((left_end, right_start, k))
-    last_end = offsets[tokens[-1]][1]
-    gaps.append((last_end, max(last_end, end), len(tokens)))
-    return gaps
+        gaps = [(0, end, 0)]
+    else:
+        gaps = [(0, offsets[tokens[0]][0], 0)]
+        for k in range(1, len(tokens)):
+            left_end, right_start = offsets[tokens[k - 1]][1], offsets[tokens[k]][0]
+            if right_start >= left_end:
+                gaps.append((left_end, right_start, k))
+        last_end = offsets[tokens[-1]][1]
+        gaps.append((last_end, max(last_end, end), len(tokens)))
+    if text is None:
+        return gaps
+    return [(low, high, k) for low, high, k in gaps if not text[low:high].strip()]
 
 
 def align_spans(
@@ -159,6 +174,7 @@ def align_spans(
     teacher_special: list[bool] | None = None,
     student_end: int | None = None,
     teacher_end: int | None = None,
+    text: str | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Spans of the same text on both sides: pairs (student token indices, teacher token indices), in
     text order, from each token's character offsets ``(start, end)``.
@@ -166,7 +182,9 @@ def align_spans(
     ``*_special`` marks special tokens: those of width 0 are not text (see the module docstring).
     ``*_end`` is where a side's text ends (default: its last token's end); a side cut short by
     truncation passes its last token's end, so that the spans stop where both sides still cover the
-    text. Tokens in no span (past a truncation, an unpaired zero-width token) are left out."""
+    text. ``text`` (the text both offsets index) lets a boundary fall only where a side leaves nothing
+    but whitespace out of its tokens (:func:`_gaps`). Tokens in no span (past a truncation, an unpaired
+    zero-width token) are left out."""
     student_special = student_special or [False] * len(student)
     teacher_special = teacher_special or [False] * len(teacher)
 
@@ -182,10 +200,10 @@ def align_spans(
     teacher_text = sorted(set(range(len(teacher))) - set(teacher_marks))
     last = lambda offsets, text: offsets[text[-1]][1] if text else 0  # noqa: E731
     student_gaps = _gaps(
-        student, student_text, last(student, student_text) if student_end is None else student_end
+        student, student_text, last(student, student_text) if student_end is None else student_end, text
     )
     teacher_gaps = _gaps(
-        teacher, teacher_text, last(teacher, teacher_text) if teacher_end is None else teacher_end
+        teacher, teacher_text, last(teacher, teacher_text) if teacher_end is None else teacher_end, text
     )
     cuts, a, b = [], 0, 0
     while a < len(student_gaps) and b < len(teacher_gaps):

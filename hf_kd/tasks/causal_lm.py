@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,9 +216,23 @@ class CausalLMTask(Task):
         return AutoModelForCausalLM
 
     def load_processor(self, name_or_path, *, revision="main", trust_remote_code=False):
-        return AutoTokenizer.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        """The tokenizer of ``name_or_path``; a local folder it cannot be loaded from (a model saved without
+        its tokenizer) is refused naming the folder, what it holds and what was expected."""
+        try:
+            return AutoTokenizer.from_pretrained(
+                name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            folder = Path(name_or_path)
+            if not folder.is_dir():
+                raise
+            held = sorted(path.name for path in folder.iterdir())
+            raise ValueError(
+                f"no tokenizer could be loaded from the folder {str(folder)!r}, which holds {held}: expected "
+                "a tokenizer.json (or a tokenizer_config.json with its vocabulary files) there. A model saved "
+                "without its tokenizer needs the tokenizer named apart: teacher_tokenizer (the teacher's) or "
+                "student_processor (the student's), its folder or Hub id"
+            ) from error
 
     def teacher_output_map(self, teacher_config, student_config, args) -> None:
         """Checks that both output layers cover the tokenizer (each its own when they differ); padded
@@ -406,6 +421,7 @@ class CausalLMTask(Task):
             teacher_special=teacher_special[:kept_teacher],
             student_end=end(offsets[:kept_student], len(offsets)),
             teacher_end=end(teacher_offsets[:kept_teacher], len(teacher_offsets)),
+            text=text,
         )
         teacher_ids = teacher_ids[:kept_teacher]
         columns = alignment_columns(
