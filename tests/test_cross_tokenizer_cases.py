@@ -10,7 +10,7 @@ from test_cross_tokenizer import byte_level_bpe, cross_args
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hf_kd import run_distillation
+from hf_kd import DistillationTrainer, run_distillation
 from hf_kd.runs import distill
 from hf_kd.tasks import CausalLMTask
 from hf_kd.tasks.alignment import align_spans, vocabulary_map
@@ -123,3 +123,33 @@ def test_a_teacher_folder_without_a_tokenizer_is_refused_before_the_student_load
     with pytest.raises(ValueError, match=message):
         run_distillation(*cross_args(tmp_path, eval_split="none", output_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "fields, refused",
+    [
+        ({"lmbda": 0.5}, "lmbda=0.5"),
+        ({"seq_kd": True}, "seq_kd: true"),
+        (
+            {"student_logits_from_hidden_states": True, "loss_chunk_size": 8},
+            "student_logits_from_hidden_states",
+        ),
+    ],
+)
+def test_the_python_api_refuses_what_cross_tokenizer_runs_do_not_support_before_training(
+    tmp_path, fields, refused
+):
+    student_tokenizer, teacher_tokenizer = llama_style(), byte_level_bpe(CORPUS, vocab_size=270)
+    task = CausalLMTask(max_length=16)
+    rows = Dataset.from_dict({"text": CORPUS})
+    train = task.prepare(rows, student_processor=student_tokenizer, teacher_processor=teacher_tokenizer)
+    config = tiny.tiny_config(tmp_path, max_steps=1, per_device_train_batch_size=4, **fields)
+    with pytest.raises(ValueError, match=f"cross-tokenizer distillation.*does not support {refused}"):
+        DistillationTrainer(
+            model=tiny.tiny_llama(len(student_tokenizer), seed=0),
+            teacher_model=tiny.tiny_llama(len(teacher_tokenizer), seed=1),
+            args=config,
+            task=task,
+            train_dataset=train,
+            processing_class=student_tokenizer,
+        )

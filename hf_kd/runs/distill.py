@@ -35,7 +35,7 @@ from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
-from hf_kd.teachers.signal import build_teacher_signal
+from hf_kd.teachers.signal import build_teacher_signal, check_cross_tokenizer
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
 
@@ -107,23 +107,6 @@ def _prepare_push(config: DistillationConfig) -> str | None:
             ) from err
     config.push_to_hub = False
     return repo_id
-
-
-def check_cross_tokenizer(config: DistillationConfig) -> None:
-    """Refuse, before the teacher's weights load, what a teacher with another tokenizer does not support
-    (its tokens are aligned with the student's on the data's text; packing is the task's refusal)."""
-    unsupported = {
-        f"lmbda={config.lmbda} / seq_kd: true (sampled tokens have no teacher alignment)": config.generates,
-        "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
-        f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
-    }
-    refused = [name for name, on in unsupported.items() if on]
-    if refused:
-        raise ValueError(
-            f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
-            f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
-            "that shares the student's tokenizer"
-        )
 
 
 def describe_tokenizers(student_name: str | None, teacher_name: str, task: CausalLMTask) -> str:
