@@ -41,6 +41,20 @@ def llama_style(texts=CORPUS, vocab_size=40) -> PreTrainedTokenizerFast:
     )
 
 
+def normalised_byte_level(normalizer, texts=CORPUS, vocab_size=280) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE (every byte in its alphabet) that first applies ``normalizer``."""
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"], initial_alphabet=alphabet)
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+
+
 def test_byte_fallback_tokens_give_way_to_the_tokens_the_tokenizer_writes():
     teacher = llama_style()
     student = byte_level_bpe(CORPUS + ["a\nb"], vocab_size=270)
@@ -78,16 +92,7 @@ def test_characters_a_normaliser_merges_or_drops_are_no_boundary(normalizer):
     teacher = [(0, 1), (3, 6)]  # "é" (or "e"), "Ġcat"
     assert align_spans(student, teacher, text=text) == [([0, 1, 2], [0, 1])]
     assert align_spans(student, teacher) == [([0], [0]), ([1, 2], [1])]  # offsets alone: misaligned
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizer
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=True)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"], initial_alphabet=alphabet)
-    )
-    normalising = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    normalising = normalised_byte_level(normalizer)
     plain = byte_level_bpe(CORPUS, vocab_size=290)
     rows = [f"a {text} sat", f"{text}e\u0301\u0301 on a mat"]
     row_sets = CausalLMTask(max_length=32).prepare(
@@ -103,6 +108,19 @@ def test_characters_a_normaliser_merges_or_drops_are_no_boundary(normalizer):
         for t, u in aligned[:-1]:  # both predict a token starting at the same character (the last: EOS)
             assert text_row[s_starts[t + 1] : t_starts[u + 1]].strip() == ""
             assert text_row[t_starts[u + 1] : s_starts[t + 1]].strip() == ""
+
+
+def test_tokens_a_normaliser_rewrites_are_not_shared():
+    # A lowercasing tokenizer reads "The" as "the": its "T" (in its byte alphabet) is never written, so
+    # sharing it would teach the other side that capitals have the probability of an unused token.
+    texts = ["The Cat sat", "the cat sat"] * 4
+    cased = byte_level_bpe(texts, vocab_size=280)
+    lowercasing = normalised_byte_level(normalizers.Lowercase(), texts)
+    for student, teacher in [(cased, lowercasing), (lowercasing, cased)]:
+        vocabulary = vocabulary_map(student, teacher)
+        shared = set(student.convert_ids_to_tokens(vocabulary.student_ids))
+        assert {"t", "c", "Ġcat", "Ã"} <= shared  # "Ã": the byte 0xC3 (é's first), no text of its own
+        assert not shared & {"T", "C"}, shared & {"T", "C"}
 
 
 def test_a_teacher_folder_without_a_tokenizer_is_refused_before_the_student_loads(tmp_path, monkeypatch):

@@ -5,12 +5,14 @@ Rows in, rows out (done once, when the dataset is prepared), and the batch's ali
 :class:`hf_kd.losses.AlignedLogits` for the loss:
 
 - :func:`vocabulary_map`: the tokens both vocabularies share, compared by the text (bytes) they stand
-  for, so that byte-level BPE's ``Ġthe``, SentencePiece's ``▁the`` and a plain `` the`` are one token;
-  the two end-of-sequence tokens are paired whatever their strings.
+  for, so that byte-level BPE's ``Ġthe``, SentencePiece's ``▁the`` and a plain `` the`` are one token
+  (each text through the id its tokenizer writes it with, :func:`written_ids`); the two end-of-sequence
+  tokens are paired whatever their strings.
 - :func:`align_spans`: tokens grouped into spans whose character boundaries coincide on both sides,
   from the fast tokenizers' character offsets. A boundary between two tokens of a side is the gap
   ``[end of one, start of the next]`` (empty when they touch; none when they overlap, as the byte
-  pieces of one multi-byte character do); a span ends where a gap of each side meet. Zero-width
+  pieces of one multi-byte character do; none over text a normaliser composed or dropped); a span ends
+  where a gap of each side meet. Zero-width
   special tokens (a BOS or EOS the tokenizer adds) are not text: they pair with the other side's
   zero-width special tokens at the same character, in order, or with nothing (then no loss uses them).
 - :func:`alignment_columns`: per row, which student position predicts the start of which span, from
@@ -27,6 +29,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from hf_kd.losses import AlignedLogits
 from hf_kd.tasks.base import ALIGNMENT_PREFIX
@@ -113,18 +116,58 @@ class VocabularyMap:
         return dict(zip(self.student_ids, self.teacher_ids, strict=True))
 
 
+SPACE_MARKING = {"Prepend", "Strip", "ByteLevel"}
+"""Normaliser steps that only add, trim or encode spaces (Llama's ``Prepend("▁")``), as a ``Replace`` by
+``▁`` does: they rewrite no token's text."""
+
+
+def text_normalizer(tokenizer: Any) -> Any | None:
+    """The steps of ``tokenizer``'s normaliser that rewrite text (``Lowercase``, ``NFKC``,
+    ``StripAccents``, ...) as one normaliser (``normalize_str``); None when it has none."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str()).get("normalizer") or {"type": "Sequence"}
+    steps = state.get("normalizers", []) if state["type"] == "Sequence" else [state]
+    rewriting = [
+        step
+        for step in steps
+        if step["type"] not in SPACE_MARKING
+        and not (step["type"] == "Replace" and step.get("content") == "▁")
+    ]
+    if not rewriting:
+        return None
+    bare = {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}
+    normalising = {"normalizer": {"type": "Sequence", "normalizers": rewriting}, "model": bare}
+    return Tokenizer.from_str(json.dumps({"version": "1.0", "added_tokens": []} | normalising)).normalizer
+
+
 def written_ids(tokenizer: Any) -> dict[bytes, int]:
     """For each text (:func:`token_bytes`) the id ``tokenizer`` writes it with, when several ids stand for
     it: an ordinary token before a byte-fallback ``<0xNN>`` (a tokenizer falls back to bytes only for what
     its vocabulary lacks: Llama writes "a" as the token ``a``, never as ``<0x61>``, whose id is smaller),
-    then the smallest id."""
+    then the smallest id. A token whose text its normaliser rewrites is never written and left out: a
+    lowercasing tokenizer's ``The`` (it reads "The" as "the"), NFKC's ``ﬁ``; added tokens, which skip
+    the normaliser, and byte pieces of a character are kept."""
     vocabulary = tokenizer.get_vocab()
     fallback = {index for token, index in vocabulary.items() if BYTE_FALLBACK.fullmatch(token)}
+    normalizer, added = (
+        text_normalizer(tokenizer),
+        set(tokenizer.backend_tokenizer.get_added_tokens_decoder()),
+    )
+
+    def rewritten(index: int, text: bytes) -> bool:
+        if normalizer is None or index in added:
+            return False
+        try:
+            decoded = text.decode()
+        except UnicodeDecodeError:  # a byte piece: no text of its own to normalise
+            return False
+        return normalizer.normalize_str(decoded).split() != decoded.split()
+
     ids: dict[bytes, int] = {}
     for index, text in sorted(
         token_bytes(tokenizer).items(), key=lambda item: (item[0] in fallback, item[0])
     ):
-        ids.setdefault(text, index)
+        if not rewritten(index, text):
+            ids.setdefault(text, index)
     return ids
 
 
