@@ -12,9 +12,9 @@ Rows in, rows out (done once, when the dataset is prepared), and the batch's ali
   from the fast tokenizers' character offsets. A boundary between two tokens of a side is the gap
   ``[end of one, start of the next]`` (empty when they touch; none when they overlap, as the byte
   pieces of one multi-byte character do; none over text a normaliser composed or dropped); a span ends
-  where a gap of each side meet. Zero-width
-  special tokens (a BOS or EOS the tokenizer adds) are not text: they pair with the other side's
-  zero-width special tokens at the same character, in order, or with nothing (then no loss uses them).
+  where a gap of each side meet. Zero-width special tokens (a BOS or EOS the tokenizer adds) are not
+  text: they pair with the other side's zero-width special tokens at the same character, in order, or
+  with nothing (then no loss uses them).
 - :func:`alignment_columns`: per row, which student position predicts the start of which span, from
   which teacher position, and whether the span is matched (one token each side, the same token).
 """
