@@ -171,3 +171,24 @@ def test_the_python_api_refuses_what_cross_tokenizer_runs_do_not_support_before_
             train_dataset=train,
             processing_class=student_tokenizer,
         )
+
+
+def test_an_eos_the_post_processor_appends_aligns_at_the_end_of_the_text():
+    # A "<s> $A </s>" post-processor reports its EOS at offset (0, 0), as if it came before the text: the
+    # EOS then paired with nothing (or with the other side's BOS) and its prediction was never distilled.
+    student = byte_level_bpe(CORPUS, vocab_size=280)
+    student.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        special_tokens=[("<s>", student.bos_token_id), ("</s>", student.eos_token_id)],
+    )
+    teacher = llama_style()  # its own BOS; the EOS appended to plain text
+    text = "the cat sat "
+    assert student(text, return_offsets_mapping=True)["offset_mapping"][-1] == (0, 0)
+    row = CausalLMTask(max_length=32).prepare(
+        Dataset.from_dict({"text": [text]}), student_processor=student, teacher_processor=teacher
+    )[0]
+    assert student.convert_ids_to_tokens(row["input_ids"][-1]) == "</s>"
+    last = len(row["input_ids"]) - 2  # the position that predicts the EOS
+    assert row["kd_alignment_teacher_position"][last] == len(row["teacher_input_ids"]) - 2
+    assert row["kd_alignment_matched"][last] == 1  # the two EOS are one shared token
+    assert row["kd_alignment_teacher_position"][0] == 0  # BOS predicts "the" on both sides

@@ -144,15 +144,24 @@ def encode_with_eos(
     tokenizer: Any, text: str, add_special_tokens: bool, with_eos: bool
 ) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
     """(ids, character offsets, whether each token is a special token) of ``text``; with ``with_eos`` an
-    EOS is appended, at offset (len(text), len(text)), unless the ids already end with one."""
+    EOS is appended, at offset (len(text), len(text)), unless the ids already end with one. Special
+    tokens the tokenizer's post-processor adds after the text (an EOS of ``"<s> $A </s>"``), which it
+    reports at (0, 0), are put there too: they follow the text, they do not precede it."""
     encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     spans = [tuple(span) for span in encoded["offset_mapping"]]
+    special_ids = set(tokenizer.all_special_ids)
+    text_tokens = [
+        i
+        for i, (token, (start, end)) in enumerate(zip(ids, spans, strict=True))
+        if token not in special_ids or end > start
+    ]
+    after_text = text_tokens[-1] + 1 if text_tokens else len(ids)
+    spans[after_text:] = [(len(text), len(text))] * (len(ids) - after_text)
     eos = tokenizer.eos_token_id
     if with_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
         spans.append((len(text), len(text)))
-    special_ids = set(tokenizer.all_special_ids)
     return ids, spans, [token in special_ids for token in ids]
 
 
