@@ -192,3 +192,24 @@ def test_an_eos_the_post_processor_appends_aligns_at_the_end_of_the_text():
     assert row["kd_alignment_teacher_position"][last] == len(row["teacher_input_ids"]) - 2
     assert row["kd_alignment_matched"][last] == 1  # the two EOS are one shared token
     assert row["kd_alignment_teacher_position"][0] == 0  # BOS predicts "the" on both sides
+
+
+def test_an_end_of_turn_marker_that_is_one_sides_eos_stays_paired_with_itself():
+    # The student (a base model) ends documents with <|endoftext|> and its chat template's turns with
+    # <|im_end|>; the teacher (an instruct model) has both tokens, <|im_end|> as its EOS.
+    chat = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    special = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    student = byte_level_bpe(CORPUS, vocab_size=280, special=special)
+    student.eos_token, student.chat_template = "<|endoftext|>", chat
+    teacher = byte_level_bpe(CORPUS, vocab_size=300, special=("<pad>", *special))
+    teacher.eos_token = "<|im_end|>"
+    pairs = vocabulary_map(student, teacher).teacher_id_of
+    for token in special:
+        assert teacher.convert_ids_to_tokens(pairs[student.convert_tokens_to_ids(token)]) == token
+    conversation = [{"role": "user", "content": "a cat"}, {"role": "assistant", "content": "a mat"}]
+    row = CausalLMTask(max_length=64).prepare(
+        Dataset.from_dict({"messages": [conversation]}), student_processor=student, teacher_processor=teacher
+    )[0]
+    tokens = student.convert_ids_to_tokens(row["input_ids"])
+    before_end = len(tokens) - 1 - tokens[::-1].index("<|im_end|>") - 1  # predicts the reply's <|im_end|>
+    assert row["labels"][before_end + 1] != -100 and row["kd_alignment_matched"][before_end] == 1

@@ -173,14 +173,19 @@ def written_ids(tokenizer: Any) -> dict[bytes, int]:
 
 def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
     """The tokens ``student`` and ``teacher`` (fast tokenizers) share, by :func:`token_bytes` and
-    :func:`written_ids`, with their end-of-sequence tokens paired whatever their strings; ordered by
-    student id. Raises when nothing is shared (no exact part could ever be computed: the vocabularies
-    have nothing in common)."""
+    :func:`written_ids`; ordered by student id. The two end-of-sequence tokens are paired whatever their
+    strings when neither has a partner of its own text: a chat template's end-of-turn marker that is one
+    side's EOS and a plain token of the other (``<|im_end|>``) stays paired with itself. Raises when
+    nothing is shared (no exact part could ever be computed: the vocabularies have nothing in common)."""
     student_ids, teacher_ids = written_ids(student), written_ids(teacher)
     pairs = {student_ids[text]: teacher_ids[text] for text in student_ids.keys() & teacher_ids.keys()}
-    if student.eos_token_id is not None and teacher.eos_token_id is not None:
-        pairs = {s: t for s, t in pairs.items() if s != student.eos_token_id and t != teacher.eos_token_id}
-        pairs[student.eos_token_id] = teacher.eos_token_id
+    student_eos, teacher_eos = student.eos_token_id, teacher.eos_token_id
+    if (
+        None not in (student_eos, teacher_eos)
+        and student_eos not in pairs
+        and teacher_eos not in pairs.values()
+    ):
+        pairs[student_eos] = teacher_eos
     if not pairs:
         raise ValueError("the teacher's and the student's tokenizers share no token: nothing can be aligned")
     ordered = sorted(pairs.items())
