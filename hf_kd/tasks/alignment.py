@@ -62,16 +62,22 @@ WHITESPACE_DROPPING = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
 """Pre-tokenizers that split on spaces and drop them: a word token stands for the word after a space."""
 
 
+def _component_steps(tokenizer: Any, component: str) -> list[dict[str, Any]]:
+    """The steps of a fast tokenizer's ``component`` (``decoder``, ``pre_tokenizer``, ``normalizer``) as
+    their JSON states, in order, those inside a ``Sequence`` in its place; [] when it has none."""
+
+    def steps(part: dict[str, Any]) -> list[dict[str, Any]]:
+        inner = part.get("decoders") or part.get("pretokenizers") or part.get("normalizers")
+        return [part] if inner is None else [step for sub in inner for step in steps(sub)]
+
+    part = json.loads(tokenizer.backend_tokenizer.to_str()).get(component)
+    return [] if part is None else steps(part)
+
+
 def _component_kinds(tokenizer: Any, component: str) -> set[str]:
     """The types of a fast tokenizer's ``component`` (``decoder``, ``pre_tokenizer``), those inside a
     ``Sequence`` included."""
-    part = json.loads(tokenizer.backend_tokenizer.to_str()).get(component) or {}
-    kinds, pending = set(), [part]
-    while pending:
-        part = pending.pop()
-        kinds.add(part.get("type"))
-        pending += part.get("decoders") or part.get("pretokenizers") or []
-    return kinds
+    return {step.get("type") for step in _component_steps(tokenizer, component)}
 
 
 def token_bytes(tokenizer: Any) -> dict[int, bytes]:
@@ -124,11 +130,9 @@ SPACE_MARKING = {"Prepend", "Strip", "ByteLevel"}
 def text_normalizer(tokenizer: Any) -> Any | None:
     """The steps of ``tokenizer``'s normaliser that rewrite text (``Lowercase``, ``NFKC``,
     ``StripAccents``, ...) as one normaliser (``normalize_str``); None when it has none."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str()).get("normalizer") or {"type": "Sequence"}
-    steps = state.get("normalizers", []) if state["type"] == "Sequence" else [state]
     rewriting = [
         step
-        for step in steps
+        for step in _component_steps(tokenizer, "normalizer")
         if step["type"] not in SPACE_MARKING
         and not (step["type"] == "Replace" and step.get("content") == "▁")
     ]
