@@ -213,3 +213,13 @@ def test_an_end_of_turn_marker_that_is_one_sides_eos_stays_paired_with_itself():
     tokens = student.convert_ids_to_tokens(row["input_ids"])
     before_end = len(tokens) - 1 - tokens[::-1].index("<|im_end|>") - 1  # predicts the reply's <|im_end|>
     assert row["labels"][before_end + 1] != -100 and row["kd_alignment_matched"][before_end] == 1
+
+
+def test_conversations_with_a_template_on_the_teachers_side_only_say_whose_template_is_used():
+    student, teacher = byte_level_bpe(CORPUS, vocab_size=280), llama_style()
+    teacher.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    rows = Dataset.from_dict({"messages": [[{"role": "user", "content": "a cat"}]]})
+    with pytest.raises(
+        ValueError, match="the teacher's has one, but a conversation is rendered with the student's"
+    ):
+        CausalLMTask(max_length=16).prepare(rows, student_processor=student, teacher_processor=teacher)

@@ -284,9 +284,14 @@ class CausalLMTask(Task):
             encode = self._encode_prompt
         elif self.messages_column in columns:
             if student_processor.chat_template is None:
-                raise ValueError(
-                    f"column {self.messages_column!r} holds conversations but the tokenizer has no chat_template"
-                )
+                message = f"column {self.messages_column!r} holds conversations but the tokenizer has no chat_template"
+                if getattr(self.teacher_tokenizer, "chat_template", None) is not None:
+                    message += (
+                        " (the student's; the teacher's has one, but a conversation is rendered with the "
+                        "student's template and the teacher reads that same text): give the student's "
+                        "tokenizer a chat_template"
+                    )
+                raise ValueError(message)
             encode, source = self._encode_conversation, self.messages_column
         elif self.text_column in columns:
             encode, source = self._encode_text, self.text_column
