@@ -223,3 +223,21 @@ def test_conversations_with_a_template_on_the_teachers_side_only_say_whose_templ
         ValueError, match="the teacher's has one, but a conversation is rendered with the student's"
     ):
         CausalLMTask(max_length=16).prepare(rows, student_processor=student, teacher_processor=teacher)
+
+
+def test_a_bos_the_post_processor_adds_without_bos_token_set_pairs_with_the_other_bos():
+    # A tokenizer built by hand without naming its BOS: the token its post-processor adds at (0, 0) was
+    # taken for text, so the first word's span started at it and no position predicted that word.
+    backend = llama_style().backend_tokenizer
+    teacher = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")  # no bos_token
+    student = byte_level_bpe(CORPUS, vocab_size=280)
+    student.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", student.bos_token_id)]
+    )
+    assert teacher.bos_token is None and teacher("a cat")["input_ids"][0] == teacher.convert_tokens_to_ids(
+        "<s>"
+    )
+    row = CausalLMTask(max_length=16).prepare(
+        Dataset.from_dict({"text": ["that cat"]}), student_processor=student, teacher_processor=teacher
+    )[0]
+    assert row["kd_alignment_teacher_position"][0] == 0  # both BOS predict the first word

@@ -146,15 +146,26 @@ def encode_with_eos(
     """(ids, character offsets, whether each token is a special token) of ``text``; with ``with_eos`` an
     EOS is appended, at offset (len(text), len(text)), unless the ids already end with one. Special
     tokens the tokenizer's post-processor adds after the text (an EOS of ``"<s> $A </s>"``), which it
-    reports at (0, 0), are put there too: they follow the text, they do not precede it."""
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    reports at (0, 0), are put there too: they follow the text, they do not precede it. A token is
+    special when the tokenizer names it so (``all_special_ids``) or its post-processor added it (a BOS
+    added without ``bos_token`` set)."""
+    encoded = tokenizer(
+        text,
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
     ids = list(encoded["input_ids"])
     spans = [tuple(span) for span in encoded["offset_mapping"]]
     special_ids = set(tokenizer.all_special_ids)
+    special = [
+        token in special_ids or bool(added)
+        for token, added in zip(ids, encoded["special_tokens_mask"], strict=True)
+    ]
     text_tokens = [
         i
-        for i, (token, (start, end)) in enumerate(zip(ids, spans, strict=True))
-        if token not in special_ids or end > start
+        for i, (flag, (start, end)) in enumerate(zip(special, spans, strict=True))
+        if not flag or end > start
     ]
     after_text = text_tokens[-1] + 1 if text_tokens else len(ids)
     spans[after_text:] = [(len(text), len(text))] * (len(ids) - after_text)
@@ -162,7 +173,8 @@ def encode_with_eos(
     if with_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
         spans.append((len(text), len(text)))
-    return ids, spans, [token in special_ids for token in ids]
+        special.append(True)
+    return ids, spans, special
 
 
 class CausalLMTask(Task):
