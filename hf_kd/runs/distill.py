@@ -35,7 +35,7 @@ from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
-from hf_kd.teachers.signal import build_teacher_signal
+from hf_kd.teachers.signal import build_teacher_signal, check_cross_tokenizer
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
 
@@ -107,23 +107,6 @@ def _prepare_push(config: DistillationConfig) -> str | None:
             ) from err
     config.push_to_hub = False
     return repo_id
-
-
-def check_cross_tokenizer(config: DistillationConfig) -> None:
-    """Refuse, before the teacher's weights load, what a teacher with another tokenizer does not support
-    (its tokens are aligned with the student's on the data's text; packing is the task's refusal)."""
-    unsupported = {
-        f"lmbda={config.lmbda} / seq_kd: true (sampled tokens have no teacher alignment)": config.generates,
-        "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
-        f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
-    }
-    refused = [name for name, on in unsupported.items() if on]
-    if refused:
-        raise ValueError(
-            f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
-            f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
-            "that shares the student's tokenizer"
-        )
 
 
 def describe_tokenizers(student_name: str | None, teacher_name: str, task: CausalLMTask) -> str:
@@ -347,6 +330,13 @@ def run_distillation(
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
+    teacher, teacher_processor = None, None
+    if config.needs_teacher_model:  # its tokenizer before any weights load: a folder without one is refused
+        teacher_processor = task.load_processor(
+            model_args.teacher_processor or config.teacher_model_name_or_path,
+            revision="main" if model_args.teacher_processor else config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
     max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
     init_teacher, student_init = None, None
     if model_args.student_init == "teacher":
@@ -356,7 +346,6 @@ def run_distillation(
     else:
         student, student_processor = load_student(task, model_args, labels, max_length)
 
-    teacher, teacher_processor = None, None
     if config.needs_teacher_model:
         teacher_config = AutoConfig.from_pretrained(
             config.teacher_model_name_or_path,
@@ -364,11 +353,6 @@ def run_distillation(
             trust_remote_code=model_args.trust_remote_code,
         )
         check_model_fits(task, teacher_config, "teacher", max_length=max_length)
-        teacher_processor = task.load_processor(
-            model_args.teacher_processor or config.teacher_model_name_or_path,
-            revision="main" if model_args.teacher_processor else config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
         if token_level:  # the vocabularies compared: another one makes a cross-tokenizer run
             task.use_processor(student_processor)
             task.use_teacher_tokenizer(teacher_processor)

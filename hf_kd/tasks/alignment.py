@@ -5,14 +5,16 @@ Rows in, rows out (done once, when the dataset is prepared), and the batch's ali
 :class:`hf_kd.losses.AlignedLogits` for the loss:
 
 - :func:`vocabulary_map`: the tokens both vocabularies share, compared by the text (bytes) they stand
-  for, so that byte-level BPE's ``Ġthe``, SentencePiece's ``▁the`` and a plain `` the`` are one token;
-  the two end-of-sequence tokens are paired whatever their strings.
+  for, so that byte-level BPE's ``Ġthe``, SentencePiece's ``▁the`` and a plain `` the`` are one token
+  (each text through the id its tokenizer writes it with, :func:`written_ids`); the two end-of-sequence
+  tokens are paired whatever their strings.
 - :func:`align_spans`: tokens grouped into spans whose character boundaries coincide on both sides,
   from the fast tokenizers' character offsets. A boundary between two tokens of a side is the gap
   ``[end of one, start of the next]`` (empty when they touch; none when they overlap, as the byte
-  pieces of one multi-byte character do); a span ends where a gap of each side meet. Zero-width
-  special tokens (a BOS or EOS the tokenizer adds) are not text: they pair with the other side's
-  zero-width special tokens at the same character, in order, or with nothing (then no loss uses them).
+  pieces of one multi-byte character do; none over text a normaliser composed or dropped); a span ends
+  where a gap of each side meet. Zero-width special tokens (a BOS or EOS the tokenizer adds) are not
+  text: they pair with the other side's zero-width special tokens at the same character, in order, or
+  with nothing (then no loss uses them).
 - :func:`alignment_columns`: per row, which student position predicts the start of which span, from
   which teacher position, and whether the span is matched (one token each side, the same token).
 """
@@ -27,6 +29,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from hf_kd.losses import AlignedLogits
 from hf_kd.tasks.base import ALIGNMENT_PREFIX
@@ -59,16 +62,22 @@ WHITESPACE_DROPPING = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
 """Pre-tokenizers that split on spaces and drop them: a word token stands for the word after a space."""
 
 
+def _component_steps(tokenizer: Any, component: str) -> list[dict[str, Any]]:
+    """The steps of a fast tokenizer's ``component`` (``decoder``, ``pre_tokenizer``, ``normalizer``) as
+    their JSON states, in order, those inside a ``Sequence`` in its place; [] when it has none."""
+
+    def steps(part: dict[str, Any]) -> list[dict[str, Any]]:
+        inner = part.get("decoders") or part.get("pretokenizers") or part.get("normalizers")
+        return [part] if inner is None else [step for sub in inner for step in steps(sub)]
+
+    part = json.loads(tokenizer.backend_tokenizer.to_str()).get(component)
+    return [] if part is None else steps(part)
+
+
 def _component_kinds(tokenizer: Any, component: str) -> set[str]:
     """The types of a fast tokenizer's ``component`` (``decoder``, ``pre_tokenizer``), those inside a
     ``Sequence`` included."""
-    part = json.loads(tokenizer.backend_tokenizer.to_str()).get(component) or {}
-    kinds, pending = set(), [part]
-    while pending:
-        part = pending.pop()
-        kinds.add(part.get("type"))
-        pending += part.get("decoders") or part.get("pretokenizers") or []
-    return kinds
+    return {step.get("type") for step in _component_steps(tokenizer, component)}
 
 
 def token_bytes(tokenizer: Any) -> dict[int, bytes]:
@@ -97,7 +106,7 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
 @dataclass
 class VocabularyMap:
     """The shared tokens S of two tokenizers: ``student_ids[i]`` and ``teacher_ids[i]`` stand for the
-    same text (each text once: its smallest id on each side)."""
+    same text (each text once: the id each side writes it with, :func:`written_ids`)."""
 
     student_ids: list[int]
     teacher_ids: list[int]
@@ -113,42 +122,100 @@ class VocabularyMap:
         return dict(zip(self.student_ids, self.teacher_ids, strict=True))
 
 
-def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
-    """The tokens ``student`` and ``teacher`` (fast tokenizers) share, by :func:`token_bytes`, with their
-    end-of-sequence tokens paired whatever their strings; ordered by student id. Raises when nothing is
-    shared (no exact part could ever be computed: the vocabularies have nothing in common)."""
+SPACE_MARKING = {"Prepend", "Strip", "ByteLevel"}
+"""Normaliser steps that only add, trim or encode spaces (Llama's ``Prepend("▁")``), as a ``Replace`` by
+``▁`` does: they rewrite no token's text."""
 
-    def first_ids(tokenizer: Any) -> dict[bytes, int]:
-        ids: dict[bytes, int] = {}
-        for index, text in sorted(token_bytes(tokenizer).items()):
+
+def text_normalizer(tokenizer: Any) -> Any | None:
+    """The steps of ``tokenizer``'s normaliser that rewrite text (``Lowercase``, ``NFKC``,
+    ``StripAccents``, ...) as one normaliser (``normalize_str``); None when it has none."""
+    rewriting = [
+        step
+        for step in _component_steps(tokenizer, "normalizer")
+        if step["type"] not in SPACE_MARKING
+        and not (step["type"] == "Replace" and step.get("content") == "▁")
+    ]
+    if not rewriting:
+        return None
+    bare = {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}
+    normalising = {"normalizer": {"type": "Sequence", "normalizers": rewriting}, "model": bare}
+    return Tokenizer.from_str(json.dumps({"version": "1.0", "added_tokens": []} | normalising)).normalizer
+
+
+def written_ids(tokenizer: Any) -> dict[bytes, int]:
+    """For each text (:func:`token_bytes`) the id ``tokenizer`` writes it with, when several ids stand for
+    it: an ordinary token before a byte-fallback ``<0xNN>`` (a tokenizer falls back to bytes only for what
+    its vocabulary lacks: Llama writes "a" as the token ``a``, never as ``<0x61>``, whose id is smaller),
+    then the smallest id. A token whose text its normaliser rewrites is never written and left out: a
+    lowercasing tokenizer's ``The`` (it reads "The" as "the"), NFKC's ``ﬁ``; added tokens, which skip
+    the normaliser, and byte pieces of a character are kept."""
+    vocabulary = tokenizer.get_vocab()
+    fallback = {index for token, index in vocabulary.items() if BYTE_FALLBACK.fullmatch(token)}
+    normalizer, added = (
+        text_normalizer(tokenizer),
+        set(tokenizer.backend_tokenizer.get_added_tokens_decoder()),
+    )
+
+    def rewritten(index: int, text: bytes) -> bool:
+        if normalizer is None or index in added:
+            return False
+        try:
+            decoded = text.decode()
+        except UnicodeDecodeError:  # a byte piece: no text of its own to normalise
+            return False
+        return normalizer.normalize_str(decoded).split() != decoded.split()
+
+    ids: dict[bytes, int] = {}
+    for index, text in sorted(
+        token_bytes(tokenizer).items(), key=lambda item: (item[0] in fallback, item[0])
+    ):
+        if not rewritten(index, text):
             ids.setdefault(text, index)
-        return ids
+    return ids
 
-    student_ids, teacher_ids = first_ids(student), first_ids(teacher)
+
+def vocabulary_map(student: Any, teacher: Any) -> VocabularyMap:
+    """The tokens ``student`` and ``teacher`` (fast tokenizers) share, by :func:`token_bytes` and
+    :func:`written_ids`; ordered by student id. The two end-of-sequence tokens are paired whatever their
+    strings when neither has a partner of its own text: a chat template's end-of-turn marker that is one
+    side's EOS and a plain token of the other (``<|im_end|>``) stays paired with itself. Raises when
+    nothing is shared (no exact part could ever be computed: the vocabularies have nothing in common)."""
+    student_ids, teacher_ids = written_ids(student), written_ids(teacher)
     pairs = {student_ids[text]: teacher_ids[text] for text in student_ids.keys() & teacher_ids.keys()}
-    if student.eos_token_id is not None and teacher.eos_token_id is not None:
-        pairs = {s: t for s, t in pairs.items() if s != student.eos_token_id and t != teacher.eos_token_id}
-        pairs[student.eos_token_id] = teacher.eos_token_id
+    student_eos, teacher_eos = student.eos_token_id, teacher.eos_token_id
+    if (
+        None not in (student_eos, teacher_eos)
+        and student_eos not in pairs
+        and teacher_eos not in pairs.values()
+    ):
+        pairs[student_eos] = teacher_eos
     if not pairs:
         raise ValueError("the teacher's and the student's tokenizers share no token: nothing can be aligned")
     ordered = sorted(pairs.items())
     return VocabularyMap([s for s, _ in ordered], [t for _, t in ordered])
 
 
-def _gaps(offsets: Offsets, tokens: list[int], end: int) -> list[tuple[int, int, int]]:
+def _gaps(offsets: Offsets, tokens: list[int], end: int, text: str | None) -> list[tuple[int, int, int]]:
     """The boundaries of one side's text ``tokens`` (indices into ``offsets``) as ``(low, high, k)``: a
     span may end after the first k tokens anywhere in [low, high]. The start (k = 0) reaches back to 0;
-    the end (k = len) reaches to ``end``; touching or spaced neighbours give a gap, overlapping ones none."""
+    the end (k = len) reaches to ``end``; touching or spaced neighbours give a gap, overlapping ones none.
+    With ``text``, a gap over characters other than whitespace is no boundary: the side's normaliser
+    composed them into a neighbour (NFKC's ``e`` + combining accent → ``é``, offsets on the ``e`` only)
+    or dropped them, and which side of the gap they belong to is unknown."""
     if not tokens:
-        return [(0, end, 0)]
-    gaps = [(0, offsets[tokens[0]][0], 0)]
-    for k in range(1, len(tokens)):
-        left_end, right_start = offsets[tokens[k - 1]][1], offsets[tokens[k]][0]
-        if right_start >= left_end:
-            gaps.append((left_end, right_start, k))
-    last_end = offsets[tokens[-1]][1]
-    gaps.append((last_end, max(last_end, end), len(tokens)))
-    return gaps
+        gaps = [(0, end, 0)]
+    else:
+        gaps = [(0, offsets[tokens[0]][0], 0)]
+        for k in range(1, len(tokens)):
+            left_end, right_start = offsets[tokens[k - 1]][1], offsets[tokens[k]][0]
+            if right_start >= left_end:
+                gaps.append((left_end, right_start, k))
+        last_end = offsets[tokens[-1]][1]
+        gaps.append((last_end, max(last_end, end), len(tokens)))
+    if text is None:
+        return gaps
+    return [(low, high, k) for low, high, k in gaps if not text[low:high].strip()]
 
 
 def align_spans(
@@ -159,6 +226,7 @@ def align_spans(
     teacher_special: list[bool] | None = None,
     student_end: int | None = None,
     teacher_end: int | None = None,
+    text: str | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Spans of the same text on both sides: pairs (student token indices, teacher token indices), in
     text order, from each token's character offsets ``(start, end)``.
@@ -166,7 +234,9 @@ def align_spans(
     ``*_special`` marks special tokens: those of width 0 are not text (see the module docstring).
     ``*_end`` is where a side's text ends (default: its last token's end); a side cut short by
     truncation passes its last token's end, so that the spans stop where both sides still cover the
-    text. Tokens in no span (past a truncation, an unpaired zero-width token) are left out."""
+    text. ``text`` (the text both offsets index) lets a boundary fall only where a side leaves nothing
+    but whitespace out of its tokens (:func:`_gaps`). Tokens in no span (past a truncation, an unpaired
+    zero-width token) are left out."""
     student_special = student_special or [False] * len(student)
     teacher_special = teacher_special or [False] * len(teacher)
 
@@ -182,10 +252,10 @@ def align_spans(
     teacher_text = sorted(set(range(len(teacher))) - set(teacher_marks))
     last = lambda offsets, text: offsets[text[-1]][1] if text else 0  # noqa: E731
     student_gaps = _gaps(
-        student, student_text, last(student, student_text) if student_end is None else student_end
+        student, student_text, last(student, student_text) if student_end is None else student_end, text
     )
     teacher_gaps = _gaps(
-        teacher, teacher_text, last(teacher, teacher_text) if teacher_end is None else teacher_end
+        teacher, teacher_text, last(teacher, teacher_text) if teacher_end is None else teacher_end, text
     )
     cuts, a, b = [], 0, 0
     while a < len(student_gaps) and b < len(teacher_gaps):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,16 +144,37 @@ def encode_with_eos(
     tokenizer: Any, text: str, add_special_tokens: bool, with_eos: bool
 ) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
     """(ids, character offsets, whether each token is a special token) of ``text``; with ``with_eos`` an
-    EOS is appended, at offset (len(text), len(text)), unless the ids already end with one."""
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    EOS is appended, at offset (len(text), len(text)), unless the ids already end with one. Special
+    tokens the tokenizer's post-processor adds after the text (an EOS of ``"<s> $A </s>"``), which it
+    reports at (0, 0), are put there too: they follow the text, they do not precede it. A token is
+    special when the tokenizer names it so (``all_special_ids``) or its post-processor added it (a BOS
+    added without ``bos_token`` set)."""
+    encoded = tokenizer(
+        text,
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
     ids = list(encoded["input_ids"])
     spans = [tuple(span) for span in encoded["offset_mapping"]]
+    special_ids = set(tokenizer.all_special_ids)
+    special = [
+        token in special_ids or bool(added)
+        for token, added in zip(ids, encoded["special_tokens_mask"], strict=True)
+    ]
+    text_tokens = [
+        i
+        for i, (flag, (start, end)) in enumerate(zip(special, spans, strict=True))
+        if not flag or end > start
+    ]
+    after_text = text_tokens[-1] + 1 if text_tokens else len(ids)
+    spans[after_text:] = [(len(text), len(text))] * (len(ids) - after_text)
     eos = tokenizer.eos_token_id
     if with_eos and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
         spans.append((len(text), len(text)))
-    special_ids = set(tokenizer.all_special_ids)
-    return ids, spans, [token in special_ids for token in ids]
+        special.append(True)
+    return ids, spans, special
 
 
 class CausalLMTask(Task):
@@ -215,9 +237,23 @@ class CausalLMTask(Task):
         return AutoModelForCausalLM
 
     def load_processor(self, name_or_path, *, revision="main", trust_remote_code=False):
-        return AutoTokenizer.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        """The tokenizer of ``name_or_path``; a local folder it cannot be loaded from (a model saved without
+        its tokenizer) is refused naming the folder, what it holds and what was expected."""
+        try:
+            return AutoTokenizer.from_pretrained(
+                name_or_path, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as error:
+            folder = Path(name_or_path)
+            if not folder.is_dir():
+                raise
+            held = sorted(path.name for path in folder.iterdir())
+            raise ValueError(
+                f"no tokenizer could be loaded from the folder {str(folder)!r}, which holds {held}: expected "
+                "a tokenizer.json (or a tokenizer_config.json with its vocabulary files) there. A model saved "
+                "without its tokenizer needs the tokenizer named apart: teacher_tokenizer (the teacher's) or "
+                "student_processor (the student's), its folder or Hub id"
+            ) from error
 
     def teacher_output_map(self, teacher_config, student_config, args) -> None:
         """Checks that both output layers cover the tokenizer (each its own when they differ); padded
@@ -260,9 +296,14 @@ class CausalLMTask(Task):
             encode = self._encode_prompt
         elif self.messages_column in columns:
             if student_processor.chat_template is None:
-                raise ValueError(
-                    f"column {self.messages_column!r} holds conversations but the tokenizer has no chat_template"
-                )
+                message = f"column {self.messages_column!r} holds conversations but the tokenizer has no chat_template"
+                if getattr(self.teacher_tokenizer, "chat_template", None) is not None:
+                    message += (
+                        " (the student's; the teacher's has one, but a conversation is rendered with the "
+                        "student's template and the teacher reads that same text): give the student's "
+                        "tokenizer a chat_template"
+                    )
+                raise ValueError(message)
             encode, source = self._encode_conversation, self.messages_column
         elif self.text_column in columns:
             encode, source = self._encode_text, self.text_column
@@ -409,6 +450,7 @@ class CausalLMTask(Task):
             teacher_special=teacher_special[:kept_teacher],
             student_end=end(offsets[:kept_student], len(offsets)),
             teacher_end=end(teacher_offsets[:kept_teacher], len(teacher_offsets)),
+            text=text,
         )
         teacher_ids = teacher_ids[:kept_teacher]
         columns = alignment_columns(

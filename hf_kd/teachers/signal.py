@@ -51,6 +51,26 @@ class TeacherSignal(Protocol):
         :class:`SparseLogits`, over the items of the batch as the task lays them out."""
 
 
+def check_cross_tokenizer(config: Any) -> None:
+    """Refuse what a teacher with another tokenizer does not support (its tokens are aligned with the
+    student's on the data's text; packing is the task's refusal), from ``config`` (a
+    :class:`hf_kd.DistillationConfig`): before the teacher's weights load in a recipe run, when the
+    teacher signal is built from Python."""
+    sampling = f"lmbda={config.lmbda}" if config.lmbda > 0 else "seq_kd: true"
+    unsupported = {
+        f"{sampling} (sampled tokens have no teacher alignment)": config.generates,
+        "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
+        f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(
+            f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
+            f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
+            "that shares the student's tokenizer"
+        )
+
+
 def build_teacher_signal(
     config,
     task: Task,
@@ -68,7 +88,8 @@ def build_teacher_signal(
       ``student_processor``) when one is given;
     - else the online ``teacher_model`` (as placed for the run), its classes checked against the
       student's and mapped into their order; when ``task`` was prepared with a teacher tokenizer of
-      another vocabulary (``task.vocabulary``), the cross-tokenizer teacher.
+      another vocabulary (``task.vocabulary``), the cross-tokenizer teacher (what it does not support
+      refused: :func:`check_cross_tokenizer`).
 
     Raises ValueError when the config needs a teacher and neither a cache nor a teacher model is given.
     """
@@ -84,6 +105,7 @@ def build_teacher_signal(
         output_map = task.teacher_output_map(teacher_config, student.config, config)
         vocabulary = getattr(task, "vocabulary", None)
         if vocabulary is not None:
+            check_cross_tokenizer(config)
             return CrossTokenizerTeacher(
                 teacher_model,
                 vocabulary,
