@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from hf_kd.generation import Generator, SamplingSettings, TransformersGenerator
 from hf_kd.tasks.base import NO_LABEL
 from hf_kd.tasks.causal_lm import assistant_spans, encode_with_eos, vocab_size_of
+from hf_kd.teachers.signal import check_cross_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -377,12 +378,8 @@ def on_policy_batches(
             f"lmbda={config.lmbda} / seq_kd={config.seq_kd}: on-policy distillation needs task causal-lm "
             "without packing (completions are generated per prompt)"
         )
-    if getattr(task, "vocabulary", None) is not None:
-        raise ValueError(
-            f"lmbda={config.lmbda} / seq_kd={config.seq_kd}: the teacher's tokenizer differs from the student's, "
-            "and sampled tokens have no teacher alignment; use a teacher that shares the student's tokenizer, or "
-            "lmbda: 0 and seq_kd: false"
-        )
+    if getattr(task, "vocabulary", None) is not None:  # a teacher of another tokenizer, however it was built
+        check_cross_tokenizer(config)
     settings = SamplingSettings(
         max_new_tokens=config.max_new_tokens,
         temperature=config.generation_temperature,
