@@ -78,12 +78,7 @@ def build_teacher_signal(
         return UniformTeacher(num_classes=logit_layer_weight(student).shape[0])
     if cache is not None:
         output_map = cache.check_run(task, student.config, student_processor, config)
-        if config.sparse_tail == "sketch" and cache.sketch is None:
-            raise ValueError(
-                f"sparse_tail='sketch' spreads the tail like the cache's logit sketch, but teacher cache "
-                f"{str(cache.path)!r} has none: capture it with sketch_rank > 0, or choose sparse_tail "
-                "'uniform', 'renormalize' or 'bucket'"
-            )
+        cache.check_sparse_tail(config.sparse_tail)
         return CachedTeacher(cache.metadata.num_classes, output_map, cache.sketch)
     if teacher_model is not None:
         teacher_config = extract_model_from_parallel(teacher_model).config

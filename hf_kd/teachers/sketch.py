@@ -56,17 +56,24 @@ class LogitSketch:
 
     @classmethod
     def fit(cls, logits: torch.Tensor, rank: int, bits: int) -> LogitSketch:
-        """The sketch of ``rank`` directions fitted on logits [N, K] (float64 SVD on the CPU)."""
+        """The sketch of ``rank`` directions fitted on logits [N, K], on the CPU: from the eigenvectors of
+        the positions' N × N Gram matrix, so memory stays O(N · K) for any vocabulary.
+        Directions with (numerically) no spread are left out (zero), so they never take a code's range."""
         check_setting(rank, bits, logits.shape[-1])
         if logits.shape[0] < rank:
             raise ValueError(
                 f"sketch_rank={rank} needs at least {rank} positions to fit; got {logits.shape[0]}"
             )
-        z = _centred(logits.detach().double().cpu())
+        z = _centred(logits.detach().float().cpu())
         mean = z.mean(0)
-        _, singular, vh = torch.linalg.svd(z - mean, full_matrices=False)
-        scales = (singular[:rank] / math.sqrt(len(z))).clamp(min=1e-6)
-        return cls(vh[:rank].T.float().contiguous(), scales.float(), mean.float(), bits)
+        z -= mean
+        values, vectors = torch.linalg.eigh((z @ z.T).double())  # ascending
+        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+        singular = values.clamp(min=0).sqrt()
+        spread = singular > singular[0] * 1e-3  # below: float32 round-off of the Gram matrix
+        directions = (z.T @ vectors.float()) / torch.where(spread, singular, 1.0).float()
+        scales = torch.where(spread, singular / math.sqrt(len(z)), 1.0).float()
+        return cls(directions * spread.float(), scales, mean, bits)
 
     def encode(self, logits: torch.Tensor) -> torch.Tensor:
         """The stored bytes [N, code_bytes] (uint8, on the CPU) of logits [N, K]."""

@@ -182,6 +182,15 @@ class TeacherCache:
             )
         return joined
 
+    def check_sparse_tail(self, sparse_tail: str) -> None:
+        """A clear error when ``sparse_tail`` needs what this cache does not hold (a logit sketch)."""
+        if sparse_tail == "sketch" and self.sketch is None:
+            raise ValueError(
+                f"sparse_tail='sketch' spreads the tail like the cache's logit sketch, but teacher cache "
+                f"{str(self.path)!r} has none: capture it with sketch_rank > 0, or choose sparse_tail "
+                "'uniform', 'renormalize' or 'bucket'"
+            )
+
     def decoder(self):
         """For a compressed cache: ``decode(rows, lengths)`` of its codec over its classes, else None."""
         if self.metadata.compression is None:
