@@ -578,8 +578,10 @@ def bench_sketch(args) -> None:
         print(
             f"  {label:<40} | {size:11.1f} | {tempered_kl(log_p, rebuilt, 1):.4f} | {tempered_kl(log_p, rebuilt, 2):.4f} |"
         )
-    for max_k, rank, bits in SKETCH_SETTINGS:
-        size, rebuilt, elapsed = packed(max_k, LogitSketch.fit(fit, rank, bits))
+    fitted = LogitSketch.fit(fit, max(rank for _, rank, _ in SKETCH_SETTINGS), 8)
+    for max_k, rank, bits in SKETCH_SETTINGS:  # a rank-r fit is the first r directions of a larger one
+        sketch = LogitSketch(fitted.directions[:, :rank], fitted.scales[:rank], fitted.mean, bits)
+        size, rebuilt, elapsed = packed(max_k, sketch)
         label = f"topk-golomb k≤{max_k} + sketch {rank} × {bits} bits"
         print(
             f"  {label:<40} | {size:11.1f} | {tempered_kl(log_p, rebuilt, 1):.4f} | {tempered_kl(log_p, rebuilt, 2):.4f} | {elapsed:.2f}"

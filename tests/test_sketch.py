@@ -188,6 +188,7 @@ def test_sketch_capture_rebuilds_the_tail_and_trains(lm_setup, tmp_path):
     assert cache.metadata.columns == ["kd_teacher_packed", "kd_teacher_sketch"]
     assert SKETCH_FILE in cache.metadata.files and cache.sketch.rank == 16
     assert plain.sketch is None and plain.metadata.columns == ["kd_teacher_packed"]
+    assert "rank-16 sketch of the logits" in (tmp_path / "sketch" / "README.md").read_text()
 
     # The rebuilt distribution is the teacher's far more closely than the uniform tail's.
     teacher = LlamaForCausalLM.from_pretrained(root / "teacher").eval()
