@@ -3,7 +3,8 @@ classes the top-k leaves out) keeps each position's shape (``sparse_tail: sketch
 
 Fit once per cache on the teacher's logits at the first ``FIT_POSITIONS`` captured positions: each
 position's logits centred over the classes (softmax ignores a constant), minus their mean m over the
-positions; the top-``rank`` principal directions U [K, r] and their standard deviations σ [r]. Per
+positions; the top-``rank`` principal directions U [K, r] (by subspace iteration) and their standard
+deviations σ [r]. Per
 position, the whitened coefficients c = Uᵀ(z − z̄ − m) / σ are stored as a float16 scale s = max |c_j|
 then ``rank`` codes round(c_j / s · L) + L of ``bits`` bits (L = 2^(bits−1) − 1): 2 + rank · bits / 8 bytes.
 The rebuilt logits z̃ = (ĉ σ) Uᵀ + m (:class:`hf_kd.losses.TailSketch`) stand for the teacher's logits
@@ -27,6 +28,7 @@ SKETCH_FILE = "sketch.safetensors"
 SKETCH_BITS = (4, 8)
 FIT_POSITIONS = 4096
 """Positions (the first ones captured) that the sketch's directions are fitted on."""
+FIT_ITERATIONS, FIT_OVERSAMPLING = 4, 16
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,10 @@ class LogitSketch:
 
     @classmethod
     def fit(cls, logits: torch.Tensor, rank: int, bits: int) -> LogitSketch:
-        """The sketch of ``rank`` directions fitted on logits [N, K], on the CPU: from the eigenvectors of
-        the positions' N × N Gram matrix, so memory stays O(N · K) for any vocabulary.
-        Directions with (numerically) no spread are left out (zero), so they never take a code's range."""
+        """The sketch of ``rank`` directions fitted on logits [N, K], on the CPU, by subspace iteration
+        (``FIT_ITERATIONS`` steps from a seeded random start, ``FIT_OVERSAMPLING`` extra directions): a few
+        [N, K] products, so any vocabulary fits in seconds. Directions with (numerically) no spread are
+        left out (zero), so they never take a code's range."""
         check_setting(rank, bits, logits.shape[-1])
         if logits.shape[0] < rank:
             raise ValueError(
@@ -67,12 +70,15 @@ class LogitSketch:
         z = _centred(logits.detach().float().cpu())
         mean = z.mean(0)
         z -= mean
-        values, vectors = torch.linalg.eigh((z @ z.T).double())  # ascending
-        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
-        singular = values.clamp(min=0).sqrt()
-        spread = singular > singular[0] * 1e-3  # below: float32 round-off of the Gram matrix
-        directions = (z.T @ vectors.float()) / torch.where(spread, singular, 1.0).float()
-        scales = torch.where(spread, singular / math.sqrt(len(z)), 1.0).float()
+        width = min(rank + FIT_OVERSAMPLING, *z.shape)
+        start = torch.randn(z.shape[1], width, generator=torch.Generator().manual_seed(0))
+        subspace = torch.linalg.qr(start).Q
+        for _ in range(FIT_ITERATIONS):
+            subspace = torch.linalg.qr(z.T @ (z @ subspace)).Q
+        _, singular, vh = torch.linalg.svd(z @ subspace, full_matrices=False)
+        singular, directions = singular[:rank], subspace @ vh[:rank].T
+        spread = singular > singular[0] * 1e-3  # below: float32 round-off
+        scales = torch.where(spread, singular / math.sqrt(len(z)), 1.0)
         return cls(directions * spread.float(), scales, mean, bits)
 
     def encode(self, logits: torch.Tensor) -> torch.Tensor:
