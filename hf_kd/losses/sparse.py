@@ -172,6 +172,6 @@ class SparseLogits:
         K = self.num_classes
         index = torch.where(stored, self.indices.long(), K)  # column K takes the padding entries
         approx = F.pad(self.sketch.logits(), (0, 1)).scatter_(-1, index, -math.inf)[..., :K]
-        shape = torch.log_softmax(approx, -1)  # over the tail classes; NaN when there are none
-        dense = torch.where(torch.isnan(shape), -math.inf, shape + self.tail_log_mass.float()[..., None])
+        dense = torch.log_softmax(approx, -1).add_(self.tail_log_mass.float()[..., None])
+        dense.masked_fill_(dense.isnan(), -math.inf)  # NaN: no tail class at all
         return F.pad(dense, (0, 1)).scatter_(-1, index, lp)[..., :K]
