@@ -330,3 +330,27 @@ def test_one_pass_sketch_loss_equals_autograd_through_the_dense_rebuild(name, te
     assert loss.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(fused.grad, plain.grad, atol=1e-7)
     assert plain.grad.abs().max() > 1e-3
+
+
+def test_sketch_cache_pushed_to_the_hub_reads_back_with_its_matrices(lm_setup, tmp_path, monkeypatch):
+    """Against the local Hub stand-in (tests/hub_server.py): HF_HUB_OFFLINE is lifted for this test only."""
+    import huggingface_hub.constants
+    from hub_server import LocalHub
+
+    import hf_kd.teachers.cache.load as cache_load
+    from hf_kd.hub import push_cache_to_hub
+
+    capture(lm_setup, tmp_path / "cache", top_k=4, sketch_rank=6, sketch_bits=8)
+    with LocalHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        push_cache_to_hub(tmp_path / "cache", "local-user/sketch-cache", token="hf_test")
+        files = hub.files("local-user/sketch-cache")
+    assert files[SKETCH_FILE] == (tmp_path / "cache" / SKETCH_FILE).read_bytes()
+    snapshot = tmp_path / "snapshot"
+    for path, content in files.items():
+        (snapshot / path).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / path).write_bytes(content)
+    monkeypatch.setattr(cache_load, "snapshot_download", lambda repo, **kw: str(snapshot))
+    pulled, local = load_teacher_cache("local-user/sketch-cache"), load_teacher_cache(tmp_path / "cache")
+    assert torch.equal(pulled.sketch.directions, local.sketch.directions) and pulled.sketch.rank == 6
