@@ -278,13 +278,13 @@ def token_rows(tokenizer, texts: list[str], length: int) -> torch.Tensor:
     return ids[: len(ids) // length * length].reshape(-1, length)
 
 
-def train_lm(vocab_size: int, train: torch.Tensor, steps: int):
-    """A Llama 128 × 2 trained from seed 0 for ``steps`` AdamW steps of 16 random rows of ``train``."""
+def train_lm(vocab_size: int, train: torch.Tensor, steps: int, hidden: int = 128):
+    """A Llama ``hidden`` × 2 trained from seed 0 for ``steps`` AdamW steps of 16 random rows of ``train``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=train.shape[1], pad_token_id=0,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
@@ -306,12 +306,12 @@ def real_lm(args):
         token_rows(tokenizer, train_texts, args.seq_len),
         token_rows(tokenizer, held_out, args.seq_len),
     )
-    model = train_lm(len(tokenizer), train, args.lm_steps)
+    model = train_lm(len(tokenizer), train, args.lm_steps, args.lm_hidden)
     with torch.no_grad():
         held = test[: args.lm_tokens // args.seq_len]
         ppl = math.exp(model(input_ids=held, labels=held).loss.item())
     print(
-        f"[curve] real LM: Llama 128×2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+        f"[curve] real LM: Llama {args.lm_hidden}×2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
         f"{args.lm_steps} steps on {train.numel() / 1e6:.2f}M standard-library tokens, BPE {len(tokenizer)}, "
         f"held-out perplexity {ppl:.1f}"
     )
@@ -614,6 +614,7 @@ def main() -> None:
     parser.add_argument("--lm_tokens", type=int, default=1024)
     parser.add_argument("--lm_bpe", type=int, default=4096, help="curve: BPE vocabulary of the real LM")
     parser.add_argument("--lm_steps", type=int, default=300, help="curve: training steps of the real LM")
+    parser.add_argument("--lm_hidden", type=int, default=128, help="curve: hidden size of the real LM")
     parser.add_argument("--lm_capture_rows", type=int, default=32, help="curve: rows of the LM capture")
     parser.add_argument(
         "--codec_setting",

@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--lm_bpe", type=int, default=4096)
     parser.add_argument("--lm_steps", type=int, default=300, help="teacher training steps")
+    parser.add_argument("--lm_hidden", type=int, default=128, help="teacher hidden size")
     parser.add_argument("--codec_name", default="topk-golomb", help="codec of the packed and wide caches")
     parser.add_argument(
         "--codec", type=float, nargs=4, default=[46, 0.99, 4, 0.4], metavar=("MAX_K", "MASS", "BITS", "STEP")
