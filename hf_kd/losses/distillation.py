@@ -12,8 +12,6 @@ import torch.nn.functional as F
 
 from hf_kd.losses.cross_tokenizer import AlignedLogits
 from hf_kd.losses.divergences import (
-    LOG_ZERO,
-    SPARSE_DIVERGENCES,
     bucket_divergence,
     closed_form_tail,
     divergence,
@@ -46,16 +44,6 @@ def _fused(teacher, divergence_name: str, tail: str, target_fn: TargetFn | None)
     if not isinstance(teacher, SparseLogits) or target_fn is not None:
         return False
     return closed_form_tail(divergence_name, tail) or (tail == "bucket" and divergence_name != "mse")
-
-
-def _dense_fused(teacher, divergence_name: str, tail: str, target_fn: TargetFn | None) -> bool:
-    """Whether :class:`_DenseKDSums` computes this loss (a top-k teacher rebuilt with its sketch's tail)."""
-    return (
-        isinstance(teacher, SparseLogits)
-        and tail == "sketch"
-        and target_fn is None
-        and divergence_name in SPARSE_DIVERGENCES
-    )
 
 
 class _SparseKDSums(torch.autograd.Function):
@@ -128,46 +116,6 @@ class _SparseKDSums(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None, None, None, None
 
 
-class _DenseKDSums(torch.autograd.Function):
-    """(Σ hard CE, Σ soft D) of student logits z [n, K] against a dense teacher log p^τ [n, K] that takes no
-    gradient (a top-k teacher rebuilt with its sketch's tail), for forward_kl and reverse_kl, as
-    :func:`_loss_sums` computes them but with the gradient in closed form (q = softmax(z / τ), q¹ at τ = 1):
-
-        ∂ KL(p ‖ q) / ∂z = (q − p) / τ,   ∂ KL(q ‖ p) / ∂z = q (log q − log p − KL(q ‖ p)) / τ,
-        ∂ CE / ∂z = q¹ − δ_y.
-    """
-
-    @staticmethod
-    def forward(ctx, z, labels, soft_mask, log_p, name, temperature):  # noqa: D102
-        zf = z.detach().float()
-        log_q1 = torch.log_softmax(zf, -1)
-        labelled = labels != -100
-        label = labels.clamp(min=0)[:, None]
-        hard = -torch.where(labelled, log_q1.gather(-1, label).squeeze(-1), 0.0).sum()
-        log_q = log_q1 if temperature == 1.0 else torch.log_softmax(zf / temperature, -1)
-        log_p = log_p.clamp(min=LOG_ZERO)
-        per_item = divergence_from_log_probs(name, log_q, log_p)
-        soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
-        ctx.setup = (name, temperature, z.dtype)
-        ctx.save_for_backward(log_q1, log_q, log_p, labelled, label, soft_mask, per_item)
-        return hard, soft
-
-    @staticmethod
-    def backward(ctx, grad_hard, grad_soft):  # noqa: D102
-        name, temperature, dtype = ctx.setup
-        log_q1, log_q, log_p, labelled, label, soft_mask, per_item = ctx.saved_tensors
-        rows = ((grad_soft / temperature) * soft_mask)[:, None]
-        q = log_q.exp()
-        if name == "forward_kl":
-            grad = (q - log_p.exp()).mul_(rows)
-        else:
-            grad = (log_q - log_p).sub_(per_item[:, None]).mul_(q).mul_(rows)
-        hard_rows = (grad_hard * labelled)[:, None]
-        grad.addcmul_(q if temperature == 1.0 else log_q1.exp(), hard_rows)
-        grad.scatter_add_(-1, label, -hard_rows)
-        return grad.to(dtype), None, None, None, None, None
-
-
 def _loss_sums(
     student_logits: torch.Tensor,
     teacher: torch.Tensor | SparseLogits,
@@ -185,9 +133,6 @@ def _loss_sums(
         return _SparseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
         )
-    if _dense_fused(teacher, divergence_name, tail, target_fn):
-        log_p = teacher_log_probs(teacher, temperature, tail)
-        return _DenseKDSums.apply(student_logits, labels, soft_mask, log_p, divergence_name, temperature)
     hard = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
     if teacher is None:
         return hard, torch.zeros_like(hard)
