@@ -59,6 +59,16 @@ def test_round_trip_of_low_rank_logits_is_within_the_quantisation_bound(bits):
     assert (rebuilt - centred).abs().mean() < 0.05 * centred.std() * (16 if bits == 4 else 1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sketch_of_logits_on_a_gpu_is_stored_on_the_cpu_as_the_cpus():
+    z = low_rank_logits(600, 40, 6)
+    sketch = LogitSketch.fit(z, 6, 8)
+    on_gpu, on_cpu = sketch.encode(z.cuda()), sketch.encode(z)
+    assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.uint8
+    step = on_cpu[:, :2].contiguous().view(torch.float16).float() / 127 * sketch.scales  # one code
+    assert ((sketch.decode(on_gpu) - sketch.decode(on_cpu)).abs() <= step * 1.01).all()
+
+
 def hand_teacher() -> SparseLogits:
     """Two positions over K = 6 classes: kept classes with their log-probs, the tail mass, and a sketch
     whose logits z̃ are given directly (basis = identity over the classes, mean 0)."""
