@@ -66,7 +66,7 @@ def test_sketch_of_logits_on_a_gpu_is_stored_on_the_cpu_as_the_cpus():
     on_gpu, on_cpu = sketch.encode(z.cuda()), sketch.encode(z)
     assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.uint8
     step = on_cpu[:, :2].contiguous().view(torch.float16).float() / 127 * sketch.scales  # one code
-    assert ((sketch.decode(on_gpu) - sketch.decode(on_cpu)).abs() <= step * 1.01).all()
+    assert ((sketch.decode(on_gpu) - sketch.decode(on_cpu)).abs() <= step * 1.5).all()  # rounding + scale ulp
 
 
 def hand_teacher() -> SparseLogits:
