@@ -4,9 +4,8 @@ classes the top-k leaves out) keeps each position's shape (``sparse_tail: sketch
 Fit once per cache on the teacher's logits at the first ``FIT_POSITIONS`` captured positions: each
 position's logits centred over the classes (softmax ignores a constant), minus their mean m over the
 positions; the top-``rank`` principal directions U [K, r] (by subspace iteration) and their standard
-deviations σ [r]. Per
-position, the whitened coefficients c = Uᵀ(z − z̄ − m) / σ are stored as a float16 scale s = max |c_j|
-then ``rank`` codes round(c_j / s · L) + L of ``bits`` bits (L = 2^(bits−1) − 1): 2 + rank · bits / 8 bytes.
+deviations σ [r]. Per position, the whitened coefficients c = Uᵀ(z − z̄ − m) / σ are stored as a float16
+scale s = max |c_j| then ``rank`` codes round(c_j / s · L) + L of ``bits`` bits (L = 2^(bits−1) − 1): 2 + rank · bits / 8 bytes.
 The rebuilt logits z̃ = (ĉ σ) Uᵀ + m (:class:`hf_kd.losses.TailSketch`) stand for the teacher's logits
 up to a constant. The sketch needs only the logits, so it holds for any teacher (final soft-capping
 included); the fit is a fixed matrix of the cache, written as safetensors (``SKETCH_FILE``) and checked by
