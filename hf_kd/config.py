@@ -85,7 +85,8 @@ class DistillationConfig(TrainingArguments):
             grows; `False` multiplies by 1.
         sparse_tail (`str`, *optional*, defaults to `"uniform"`):
             How a top-k (cached) teacher's left-out mass is used: `"uniform"` spreads it evenly over the
-            other classes, `"renormalize"` drops it and rescales the top-k. See
+            other classes, `"renormalize"` drops it and rescales the top-k, `"bucket"` matches it as one
+            outcome, `"sketch"` spreads it like the cache's low-rank sketch of the teacher's logits. See
             docs/knowledge.md#top-k-sparse-teachers.
         loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             Compute the loss and its gradient this many items (token positions) at a time, with the same
@@ -255,7 +256,8 @@ class DistillationConfig(TrainingArguments):
             "help": f"How a top-k teacher's left-out mass is treated, one of {TAIL_MODES}: uniform spreads it "
             "evenly over the other classes, renormalize drops it, bucket matches it as one outcome to the "
             "student's own mass outside the kept tokens (no shape imposed on the tail; best for flat teachers, "
-            "where temperature 1 and alpha 0.8 measured best from a cache)."
+            "where temperature 1 and alpha 0.8 measured best from a cache), sketch spreads it like the low-rank "
+            "sketch of the teacher's logits that a cache captured with sketch_rank > 0 stores."
         },
     )
     loss_chunk_size: int | None = field(

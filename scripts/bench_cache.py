@@ -22,7 +22,13 @@
              the collator) vs a plain step of the same student (target ≤ 1.05), and a compressed capture
              vs the raw teacher forward (target ≥ 0.95).
 
-    python scripts/bench_cache.py [--only step|capture|storage|curve|lm-step] [--repeats 20]
+5. sketch:   on the real LM of ``curve`` (``--lm_steps`` steps), KL(full ‖ rebuilt) at τ = 1 and τ = 2 (the
+             tempered distributions) of the best ``topk-golomb`` settings at ≤ 64 bytes/token with the uniform
+             tail vs a smaller ``topk-golomb`` top-k plus a low-rank sketch of the logits (rank, bits) with
+             the tail spread like the sketch (``sparse_tail: sketch``); the sketch is fitted on the first
+             4,096 training positions, as a capture fits it. Bytes/token as stored (both columns).
+
+    python scripts/bench_cache.py [--only step|capture|storage|curve|lm-step|sketch] [--repeats 20]
 
 Models are BERT-style from configs (offline, ``bench_overhead.bert``): teacher 256 × 4 layers, student 128 × 2.
 """
@@ -38,7 +44,7 @@ from pathlib import Path
 
 import torch
 from bench_overhead import bert, timed, trainer
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features
 from datasets.arrow_writer import ArrowWriter
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -57,6 +63,7 @@ from hf_kd.teachers.cache.format import cache_features
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.codec import CODECS, TopkCodec
+from hf_kd.teachers.sketch import FIT_POSITIONS, LogitSketch
 
 NUM_LABELS = 4  # bench_overhead.bert's head
 
@@ -271,9 +278,9 @@ def token_rows(tokenizer, texts: list[str], length: int) -> torch.Tensor:
     return ids[: len(ids) // length * length].reshape(-1, length)
 
 
-def train_lm(vocab_size: int, train: torch.Tensor, steps: int):
-    """A Llama 128 × 2 trained from seed 0 for ``steps`` AdamW steps of 16 random rows of ``train``."""
-    model = sized_llama("128x2", vocab_size, train.shape[1])
+def train_lm(vocab_size: int, train: torch.Tensor, steps: int, hidden: int = 128):
+    """A Llama ``hidden`` × 2 trained from seed 0 for ``steps`` AdamW steps of 16 random rows of ``train``."""
+    model = sized_llama(f"{hidden}x2", vocab_size, train.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -292,12 +299,12 @@ def real_lm(args):
         token_rows(tokenizer, train_texts, args.seq_len),
         token_rows(tokenizer, held_out, args.seq_len),
     )
-    model = train_lm(len(tokenizer), train, args.lm_steps)
+    model = train_lm(len(tokenizer), train, args.lm_steps, args.lm_hidden)
     with torch.no_grad():
         held = test[: args.lm_tokens // args.seq_len]
         ppl = math.exp(model(input_ids=held, labels=held).loss.item())
     print(
-        f"[curve] real LM: Llama 128×2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+        f"[curve] real LM: Llama {args.lm_hidden}×2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
         f"{args.lm_steps} steps on {train.numel() / 1e6:.2f}M standard-library tokens, BPE {len(tokenizer)}, "
         f"held-out perplexity {ppl:.1f}"
     )
@@ -418,12 +425,13 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
     def capture(path: Path, compression: TopkCodec | None) -> None:
         capture_teacher_logits(
             capturing, tokenizer, task, data, path, teacher_id="lm", batch_size=8, progress=False,
-            top_k=codec.max_k, compression=compression, dtype="float16",
+            top_k=codec.max_k, compression=compression, dtype="float16", sketch_rank=args.lm_sketch[0],
+            sketch_bits=args.lm_sketch[1],
         )  # fmt: skip
 
     times = {"raw": [], "packed": [], "top-k": []}
     raw_forward()
-    kd_batches, collate_us = {}, {}
+    kd_batches, collate_us, sketches = {}, {}, {}
     with tempfile.TemporaryDirectory() as out:
         for r in range(args.capture_repeats):
             times["raw"].append(timed(raw_forward))
@@ -431,7 +439,7 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
             times["top-k"].append(timed(capture, Path(out) / f"p{r}", None))
         for name, path in (("packed", "c0"), ("top-k", "p0")):
             cache = load_teacher_cache(Path(out) / path)
-            task.cache_decoder = cache.decoder()
+            task.cache_decoder, sketches[name] = cache.decoder(), cache.sketch
             rows = task.prepare(cache.splits["train"], student_processor=tokenizer)
             starts = range(0, len(rows) - 7, 8)
             start = time.perf_counter()
@@ -465,7 +473,7 @@ def lm_step_and_capture(args, teacher, tokenizer, test) -> None:
             student = sized_llama(args.lm_student, len(tokenizer), args.seq_len, heads=2, kv_heads=1)
             trainers[name] = DistillationTrainer(
                 model=student, args=config, task=task,
-                teacher_signal=CachedTeacher(len(tokenizer)) if alpha else None,
+                teacher_signal=CachedTeacher(len(tokenizer), sketch=sketches[name]) if alpha else None,
             )  # fmt: skip
             trainers[name].create_optimizer_and_scheduler(num_training_steps=10_000)
     step_times = {name: [] for name in trainers}
@@ -509,6 +517,67 @@ def bench_curve(args) -> None:
     lm_step_and_capture(args, teacher, tokenizer, test)
 
 
+SKETCH_SETTINGS = [  # (max_k of topk-golomb at mass 0.99, 4 × 0.4; sketch rank; sketch bits)
+    (k, rank, bits) for k in (8, 16, 24, 32) for rank in (8, 16, 32) for bits in (4, 8)
+]
+
+
+def tempered_kl(log_p: torch.Tensor, rebuilt: torch.Tensor, temperature: float) -> float:
+    """Mean KL(p^τ ‖ p̂^τ) of full and rebuilt log-distributions [N, V]."""
+    p, q = (torch.log_softmax(x / temperature, -1) for x in (log_p, rebuilt))
+    return divergence_from_log_probs("forward_kl", q, p).mean().item()
+
+
+def bench_sketch(args) -> None:
+    """KL at τ 1 and 2 of top-k + uniform tail vs a smaller top-k + the logit sketch's tail (real LM)."""
+    teacher, _, train, test = real_lm(args)
+    held = test[: args.lm_tokens // args.seq_len]
+    with torch.no_grad():
+        logits = teacher(input_ids=held).logits
+        fit = teacher(input_ids=train[: FIT_POSITIONS // args.seq_len]).logits.flatten(0, 1)
+    rows, length, vocab = logits.shape
+    tokens, mask = rows * length, torch.ones(rows, length, dtype=torch.long)
+    log_p = torch.log_softmax(logits.reshape(tokens, vocab).float(), -1)
+    print(f"[sketch] {tokens} held-out tokens, V = {vocab}; sketch fitted on {len(fit)} training positions")
+    print("  storage                                  | bytes/token | KL τ=1 | KL τ=2 | rebuild µs/token")
+
+    def packed(max_k: int, sketch: LogitSketch | None) -> tuple[float, SparseLogits, float]:
+        codec = codec_of(("topk-golomb", max_k, 0.99, 4, 0.4))
+        spec = None if sketch is None else sketch.spec()
+        features = cache_features(vocab, codec.max_k, "float32", True, codec.spec(), spec)
+        output = Features({k: v for k, v in features.items() if k.endswith("packed")})
+        table, _ = packed_to_arrow(codec, logits, mask, output)
+        if sketch is not None:
+            codes = {"sketch": sketch.encode(logits.flatten(0, 1)).reshape(rows, length, -1)}
+            extra = columns_to_arrow(
+                codes, Features({k: features[k] for k in features if k not in output}), mask
+            )
+            table = table.append_column(extra.schema.field(0), extra.column(0))
+        sparse = codec.decode(table.column(0).to_pylist(), [length] * rows, vocab)
+        start = time.perf_counter()
+        if sketch is not None:
+            stored = torch.tensor(table.column(1).to_pylist(), dtype=torch.uint8).flatten(0, 1)
+            sparse.sketch = sketch.tail_sketch(stored)
+        rebuilt = sparse.to_dense_log_probs("uniform" if sketch is None else "sketch")
+        elapsed = (time.perf_counter() - start) / tokens * 1e6
+        return stored_bytes(features, table) / tokens, rebuilt, elapsed
+
+    for max_k in (32, 46, 52):
+        size, rebuilt, _ = packed(max_k, None)
+        label = f"topk-golomb k≤{max_k}, uniform tail"
+        print(
+            f"  {label:<40} | {size:11.1f} | {tempered_kl(log_p, rebuilt, 1):.4f} | {tempered_kl(log_p, rebuilt, 2):.4f} |"
+        )
+    fitted = LogitSketch.fit(fit, max(rank for _, rank, _ in SKETCH_SETTINGS), 8)
+    for max_k, rank, bits in SKETCH_SETTINGS:  # a rank-r fit is the first r directions of a larger one
+        sketch = LogitSketch(fitted.directions[:, :rank], fitted.scales[:rank], fitted.mean, bits)
+        size, rebuilt, elapsed = packed(max_k, sketch)
+        label = f"topk-golomb k≤{max_k} + sketch {rank} × {bits} bits"
+        print(
+            f"  {label:<40} | {size:11.1f} | {tempered_kl(log_p, rebuilt, 1):.4f} | {tempered_kl(log_p, rebuilt, 2):.4f} | {elapsed:.2f}"
+        )
+
+
 def bench_lm_step(args) -> None:
     """The curve's LM KD-step (and capture) comparison alone, without the curve."""
     teacher, tokenizer, _, test = real_lm(args)
@@ -521,7 +590,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=("step", "capture", "storage", "curve", "lm-step"),
+        choices=("step", "capture", "storage", "curve", "lm-step", "sketch"),
         default=None,
         help="lm-step: the curve's LM KD step vs plain step (and capture) without the curve",
     )
@@ -535,6 +604,7 @@ def main() -> None:
     parser.add_argument("--lm_tokens", type=int, default=1024)
     parser.add_argument("--lm_bpe", type=int, default=4096, help="curve: BPE vocabulary of the real LM")
     parser.add_argument("--lm_steps", type=int, default=300, help="curve: training steps of the real LM")
+    parser.add_argument("--lm_hidden", type=int, default=128, help="curve: hidden size of the real LM")
     parser.add_argument("--lm_capture_rows", type=int, default=32, help="curve: rows of the LM capture")
     parser.add_argument(
         "--codec_setting",
@@ -552,6 +622,14 @@ def main() -> None:
     )
     parser.add_argument("--lm_temperature", type=float, default=2.0, help="τ of the LM KD steps")
     parser.add_argument("--lm_sparse_tail", default="uniform", help="sparse_tail of the LM KD steps")
+    parser.add_argument(
+        "--lm_sketch",
+        type=int,
+        nargs=2,
+        default=[0, 4],
+        metavar=("RANK", "BITS"),
+        help="lm-step: capture both caches with a logit sketch of this rank and bits (for --lm_sparse_tail sketch)",
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     benches = (
@@ -560,9 +638,10 @@ def main() -> None:
         ("storage", bench_storage),
         ("curve", bench_curve),
         ("lm-step", bench_lm_step),
+        ("sketch", bench_sketch),
     )
     for name, bench in benches:
-        if args.only == name or (args.only is None and name != "lm-step"):
+        if args.only == name or (args.only is None and name not in ("lm-step", "sketch")):
             bench(args)
 
 

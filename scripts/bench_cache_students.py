@@ -17,6 +17,8 @@ from ``student_config`` (Llama 64 × 2, ~0.6M parameters). Arms (``--arms``):
     topk16       an uncompressed top-16 float16 cache, ``sparse_tail: uniform``
     topk128-bucket, topk512-bucket  uncompressed top-128 / top-512 float16 caches, ``bucket`` (how much
                  of the online gain a much larger k recovers)
+    sketch       a compressed cache (``--sketch_codec``) with a low-rank sketch of the logits
+                 (``--sketch``: rank, bits), ``sparse_tail: sketch`` (the tail spread like the sketch)
 
 Every arm runs at α = 0.5, τ = 2 unless suffixes say otherwise: ``online:t1`` is online KD at τ = 1,
 ``packed-bucket:t1:a0.8`` the bucket arm at τ = 1 and α = 0.8.
@@ -53,6 +55,7 @@ ARMS = {  # name: (DistillationConfig fields, cache name)
     "topk16": ({"sparse_tail": "uniform"}, "topk16"),
     "topk128-bucket": ({"sparse_tail": "bucket"}, "topk128"),
     "topk512-bucket": ({"sparse_tail": "bucket"}, "topk512"),
+    "sketch": ({"sparse_tail": "sketch"}, "sketch"),
 }
 SUFFIXES = {"t": "temperature", "a": "alpha"}  # arm suffix letter: DistillationConfig field
 
@@ -101,11 +104,13 @@ def capture(root: Path, data_args: DataArguments, name: str, args) -> Path:
     if name.startswith("topk"):
         settings = {"top_k": int(name.removeprefix("topk")), "logits_dtype": "float16"}
     else:
-        max_k, mass, bits, step = args.wide_codec if name == "wide" else args.codec
+        max_k, mass, bits, step = {"wide": args.wide_codec, "sketch": args.sketch_codec}.get(name, args.codec)
         settings = {
             "top_k": int(max_k), "compression": args.codec_name, "compression_mass": mass,
             "compression_bits": int(bits), "compression_step": step,
         }  # fmt: skip
+        if name == "sketch":
+            settings |= {"sketch_rank": args.sketch[0], "sketch_bits": args.sketch[1]}
     out = root / f"cache-{name}"
     start = time.perf_counter()
     metadata = run_capture(
@@ -187,6 +192,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--lm_bpe", type=int, default=4096)
     parser.add_argument("--lm_steps", type=int, default=300, help="teacher training steps")
+    parser.add_argument("--lm_hidden", type=int, default=128, help="teacher hidden size")
     parser.add_argument("--codec_name", default="topk-golomb", help="codec of the packed and wide caches")
     parser.add_argument(
         "--codec", type=float, nargs=4, default=[46, 0.99, 4, 0.4], metavar=("MAX_K", "MASS", "BITS", "STEP")
@@ -198,6 +204,22 @@ def main() -> None:
         default=[40, 0.98, 3, 0.6],
         metavar=("MAX_K", "MASS", "BITS", "STEP"),
         help="codec of the wide-bucket arm's cache (more tokens at fewer bits)",
+    )
+    parser.add_argument(
+        "--sketch_codec",
+        type=float,
+        nargs=4,
+        default=[24, 0.99, 4, 0.4],
+        metavar=("MAX_K", "MASS", "BITS", "STEP"),
+        help="codec of the sketch arm's cache (fewer tokens: the sketch carries the tail)",
+    )
+    parser.add_argument(
+        "--sketch",
+        type=int,
+        nargs=2,
+        default=[32, 4],
+        metavar=("RANK", "BITS"),
+        help="the sketch arm's sketch",
     )
     args = parser.parse_args()
     datasets.disable_progress_bars()

@@ -30,6 +30,11 @@ def dataset_card(metadata: CacheMetadata) -> DatasetCard:
     )
     if metadata.compression is not None:
         stored += f", packed by the `{metadata.compression['codec']}` codec"
+    if metadata.sketch is not None:
+        stored += (
+            f", with a rank-{metadata.sketch['rank']} sketch of the logits for the tail "
+            f"(`sparse_tail: sketch`; matrices in `{metadata.sketch['file']}`)"
+        )
     rows = [
         [f"`{key}`", format_value(value)] for key, value in metadata.provenance().items() if value is not None
     ]

@@ -30,7 +30,7 @@ from hf_kd.losses.divergences import (
     divergence_from_log_probs,
     teacher_log_probs,
 )
-from hf_kd.losses.sparse import TAIL_MODES, SparseLogits
+from hf_kd.losses.sparse import TAIL_MODES, SparseLogits, TailSketch
 
 __all__ = [
     "AlignedLogits",
@@ -40,6 +40,7 @@ __all__ = [
     "HiddenStates",
     "LossTerms",
     "SparseLogits",
+    "TailSketch",
     "TargetFn",
     "distillation_loss",
     "divergence",

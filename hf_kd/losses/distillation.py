@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from hf_kd.losses.cross_tokenizer import AlignedLogits
 from hf_kd.losses.divergences import (
-    SPARSE_DIVERGENCES,
     bucket_divergence,
+    closed_form_tail,
     divergence,
     divergence_from_log_probs,
     sparse_divergence_from_stats,
@@ -43,7 +43,7 @@ def _fused(teacher, divergence_name: str, tail: str, target_fn: TargetFn | None)
     """Whether :class:`_SparseKDSums` computes this loss (a top-k teacher distilled as stored)."""
     if not isinstance(teacher, SparseLogits) or target_fn is not None:
         return False
-    return divergence_name in SPARSE_DIVERGENCES or (tail == "bucket" and divergence_name != "mse")
+    return closed_form_tail(divergence_name, tail) or (tail == "bucket" and divergence_name != "mse")
 
 
 class _SparseKDSums(torch.autograd.Function):

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from hf_kd.losses.sparse import TAIL_MODES, SparseLogits
+from hf_kd.losses.sparse import SparseLogits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "mse")
 
@@ -100,7 +100,7 @@ def divergence(
             name, log_q.gather(-1, teacher_logits.gather_index()), teacher_logits, temperature, params
         )
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    if isinstance(teacher_logits, SparseLogits) and name in SPARSE_DIVERGENCES:
+    if isinstance(teacher_logits, SparseLogits) and closed_form_tail(name, tail):
         return sparse_divergence(name, log_q, teacher_logits, temperature, tail)
     return divergence_from_log_probs(
         name, log_q, teacher_log_probs(teacher_logits, temperature, tail), **params
@@ -119,6 +119,13 @@ def bucket_divergence(
 
 SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl")
 """Divergences that :func:`sparse_divergence` computes from a sparse teacher without rebuilding it."""
+CLOSED_FORM_TAILS = ("uniform", "renormalize")
+"""Tails that give every tail class one value, so that :func:`sparse_divergence` needs no dense teacher."""
+
+
+def closed_form_tail(name: str, tail: str) -> bool:
+    """Whether :func:`sparse_divergence` computes divergence ``name`` from a sparse teacher with ``tail``."""
+    return name in SPARSE_DIVERGENCES and tail in CLOSED_FORM_TAILS
 
 
 def sparse_divergence(
@@ -148,8 +155,8 @@ def sparse_divergence_from_stats(
     """:func:`sparse_divergence` from the only dense statistics it reads: the student's log q^τ at the
     teacher's kept slots [..., k] and ``total`` [...] — Σ_all log q^τ (forward_kl) or Σ_all q^τ log q^τ
     (reverse_kl)."""
-    if tail not in TAIL_MODES:
-        raise ValueError(f"tail={tail!r} is not one of {TAIL_MODES}")
+    if tail not in CLOSED_FORM_TAILS:
+        raise ValueError(f"tail={tail!r} is not one of {CLOSED_FORM_TAILS} (a closed-form tail)")
     K = teacher.num_classes
     kept = teacher.log_probs.float()
     stored = kept > -math.inf

@@ -1,15 +1,17 @@
 """A sparse (top-k) teacher: its kept log-probabilities, their class ids and the mass it left out, and
-how that mass is read back (``tail``: uniform, renormalize or bucket; docs/knowledge.md#top-k-teachers)."""
+how that mass is read back (``tail``: uniform, renormalize, bucket, or sketch: spread like a low-rank
+sketch of the teacher's logits; docs/knowledge.md#top-k-teachers)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-TAIL_MODES = ("uniform", "renormalize", "bucket")
+TAIL_MODES = ("uniform", "renormalize", "bucket", "sketch")
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,17 +36,40 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
+class TailSketch:
+    """Approximate teacher logits over all K classes, z̃ = coefficients · basisᵀ + mean, from a few
+    numbers per position (``hf_kd.teachers.sketch``): what ``sparse_tail: sketch`` spreads the tail by."""
+
+    coefficients: torch.Tensor
+    """[..., r] per position."""
+    basis: torch.Tensor
+    """[K, r], shared by all positions."""
+    mean: torch.Tensor
+    """[K], shared by all positions."""
+
+    def logits(self) -> torch.Tensor:
+        """z̃ [..., K] in float32."""
+        return torch.matmul(self.coefficients.float(), self.basis.float().T) + self.mean.float()
+
+    def over_classes(self, columns: slice | torch.Tensor) -> TailSketch:
+        """The sketch of the classes ``columns`` (a prefix, or a reordering of the classes)."""
+        return replace(self, basis=self.basis[columns], mean=self.mean[columns])
+
+
+@dataclass
 class SparseLogits:
     """A teacher distribution kept as its top-k entries plus the mass they leave out.
 
     ``log_probs[..., j] = log p_{indices[..., j]}`` (at τ = 1) and ``tail_log_mass = log(1 − Σ_j p_j)``.
-    ``num_classes`` is K, the size of the full output space.
+    ``num_classes`` is K, the size of the full output space. ``sketch`` (optional) approximates the
+    teacher's logits over all classes; ``sparse_tail: sketch`` spreads the tail mass like it.
     """
 
     log_probs: torch.Tensor
     indices: torch.Tensor
     tail_log_mass: torch.Tensor
     num_classes: int
+    sketch: TailSketch | None = None
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, k: int) -> SparseLogits:
@@ -60,18 +85,29 @@ class SparseLogits:
         return cls(top, idx, tail, K)
 
     def __getitem__(self, rows) -> SparseLogits:
+        sketch = self.sketch and replace(self.sketch, coefficients=self.sketch.coefficients[rows])
         return SparseLogits(
-            self.log_probs[rows], self.indices[rows], self.tail_log_mass[rows], self.num_classes
+            self.log_probs[rows], self.indices[rows], self.tail_log_mass[rows], self.num_classes, sketch
         )
 
     def reshape(self, *shape: int) -> SparseLogits:
         k = self.log_probs.shape[-1]
+        sketch = self.sketch and replace(
+            self.sketch,
+            coefficients=self.sketch.coefficients.reshape(*shape, self.sketch.coefficients.shape[-1]),
+        )
         return SparseLogits(
             self.log_probs.reshape(*shape, k),
             self.indices.reshape(*shape, k),
             self.tail_log_mass.reshape(*shape),
             self.num_classes,
+            sketch,
         )
+
+    def first_classes(self, num_classes: int) -> SparseLogits:
+        """This teacher over its first ``num_classes`` classes (the kept ids must all be below it)."""
+        sketch = self.sketch and self.sketch.over_classes(slice(num_classes))
+        return replace(self, num_classes=num_classes, sketch=sketch)
 
     def bucket(self) -> torch.Tensor:
         """The teacher over k + 1 outcomes [..., k + 1]: each kept class, then the tail as one outcome
@@ -95,7 +131,9 @@ class SparseLogits:
 
         ``uniform``:      p_i for the top-k, tail_mass / (K − k) for every other class
                           (exactly the paper's ``kd_topk`` target);
-        ``renormalize``:  p_i / Σ_topk p for the top-k, 0 elsewhere.
+        ``renormalize``:  p_i / Σ_topk p for the top-k, 0 elsewhere;
+        ``sketch``:       p_i for the top-k, the tail mass spread over the other classes ∝ exp(z̃), z̃ the
+                          :class:`TailSketch` logits.
         (``bucket`` has no dense form: the loss compares the k + 1 outcomes of :meth:`bucket`.)
 
         Entries whose log-prob is −inf are padding (a support smaller than k at this position, as a
@@ -111,6 +149,8 @@ class SparseLogits:
         lp = self.log_probs.float()
         K = self.num_classes
         stored = lp > -math.inf
+        if tail == "sketch":
+            return self._sketch_dense_log_probs(lp, stored)
         if tail == "uniform":
             k = stored.sum(-1, keepdim=True)
             fill = self.tail_log_mass.float().unsqueeze(-1) - torch.log((K - k).clamp(min=1).float())
@@ -121,3 +161,17 @@ class SparseLogits:
         dense = fill.expand(*lp.shape[:-1], K + 1).clone()  # column K takes the padding entries
         index = torch.where(stored, self.indices.long(), K)
         return dense.scatter_(-1, index, lp)[..., :K]
+
+    def _sketch_dense_log_probs(self, lp: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """``to_dense_log_probs("sketch")`` from the kept log-probs ``lp`` and their stored mask."""
+        if self.sketch is None:
+            raise ValueError(
+                "sparse_tail='sketch' needs a teacher cache captured with a logit sketch (sketch_rank > 0); "
+                "this top-k teacher has none: use 'uniform', 'renormalize' or 'bucket'"
+            )
+        K = self.num_classes
+        index = torch.where(stored, self.indices.long(), K)  # column K takes the padding entries
+        approx = F.pad(self.sketch.logits(), (0, 1)).scatter_(-1, index, -math.inf)[..., :K]
+        dense = torch.log_softmax(approx, -1).add_(self.tail_log_mass.float()[..., None])
+        dense.masked_fill_(dense.isnan(), -math.inf)  # NaN: no tail class at all
+        return F.pad(dense, (0, 1)).scatter_(-1, index, lp)[..., :K]

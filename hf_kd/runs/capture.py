@@ -18,6 +18,7 @@ from hf_kd.tasks import build_task
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.format import LOGIT_DTYPES, CacheMetadata
 from hf_kd.teachers.codec import CODECS, COMPRESSIONS, TopkCodec
+from hf_kd.teachers.sketch import SKETCH_BITS, check_setting
 
 
 @dataclass
@@ -67,6 +68,16 @@ class CacheArguments:
         default=TopkCodec.step,
         metadata={"help": "topk-packed, topk-golomb: nats per quantisation step below the top-1."},
     )
+    sketch_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Per-token top-k: also store a low-rank sketch of the logits of this rank (0: none), so "
+            "that sparse_tail: sketch spreads the tail like each position's teacher (hf_kd.teachers.sketch)."
+        },
+    )
+    sketch_bits: int = field(
+        default=4, metadata={"help": f"Bits per sketch coefficient, one of {SKETCH_BITS}."}
+    )
     batch_size: int = field(default=64, metadata={"help": "Rows per teacher forward pass."})
     shard_size: int = field(
         default=4096, metadata={"help": "Rows per shard (the unit of resuming and of work per process)."}
@@ -95,6 +106,12 @@ class CacheArguments:
                 f"compression={self.compression!r} needs top_k (the most tokens kept per position)"
             )
         self.codec()  # checks the parameters
+        if self.sketch_rank:
+            if self.top_k is None:
+                raise ValueError(
+                    f"sketch_rank={self.sketch_rank} sketches the tail of a top-k: it needs top_k"
+                )
+            check_setting(self.sketch_rank, self.sketch_bits)
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError(
                 "push_to_hub needs hub_dataset_id (the Hub dataset repository to create or update)"
@@ -155,6 +172,8 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         overwrite=cache_args.overwrite,
         progress=state.is_local_main_process,
         compression=cache_args.codec(),
+        sketch_rank=cache_args.sketch_rank,
+        sketch_bits=cache_args.sketch_bits,
     )
     if state.is_main_process:
         write_dataset_card(cache_args.output_dir, metadata)

@@ -302,6 +302,7 @@ def run_distillation(
         config, splits[data_args.train_split].column_names, task, f"split {data_args.train_split!r}"
     )
     if cache is not None:  # checked to be the captured rows, joined before any row selection
+        cache.check_sparse_tail(config.sparse_tail)  # before any model is loaded
         if token_level:
             task.cache_decoder = cache.decoder()  # None unless the cache is compressed
         splits = cache.join(

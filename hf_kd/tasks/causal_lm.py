@@ -617,8 +617,7 @@ class CausalLMTask(Task):
                 raise ValueError(
                     f"cached teacher top-k holds token ids ≥ {vocab}, beyond the student's vocabulary"
                 )
-            teacher = teacher_logits.reshape(-1)
-            teacher = SparseLogits(teacher.log_probs, teacher.indices, teacher.tail_log_mass, vocab)
+            teacher = teacher_logits.reshape(-1).first_classes(vocab)
         elif teacher_logits is not None:
             vocab = min(vocab, teacher_logits.shape[-1])
             teacher = teacher_logits[..., :vocab].reshape(-1, vocab)

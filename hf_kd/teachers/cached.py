@@ -8,6 +8,7 @@ import torch
 
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import split_batch
+from hf_kd.teachers.sketch import LogitSketch
 
 
 class CachedTeacher:
@@ -16,15 +17,19 @@ class CachedTeacher:
     Full logits come back as a dense float32 tensor; top-k columns as :class:`hf_kd.losses.SparseLogits`
     over ``num_classes`` classes (the loss applies ``sparse_tail``). ``output_map`` reorders the
     teacher's classes into the student's (``teacher_logits[..., output_map]``); for top-k columns it
-    must be a permutation, applied to the stored class ids.
+    must be a permutation, applied to the stored class ids. ``sketch``: the cache's low-rank sketch of
+    the teacher's logits, attached to the top-k as a :class:`hf_kd.losses.TailSketch` (``sparse_tail: sketch``).
     """
 
     model = None  # no teacher model runs: its logit layer cannot be read
     real_teacher = True
 
-    def __init__(self, num_classes: int, output_map: list[int] | None = None):
+    def __init__(
+        self, num_classes: int, output_map: list[int] | None = None, sketch: LogitSketch | None = None
+    ):
         self.num_classes = num_classes
         self.output_map = output_map
+        self.sketch = sketch
         self._columns = None if output_map is None else torch.as_tensor(output_map)
         self._inverse = None  # _inverse[teacher class] = student class
         if output_map is not None:
@@ -47,6 +52,11 @@ class CachedTeacher:
         indices = cached["indices"].long()
         if self._inverse is not None:
             indices = self._inverse.to(indices.device)[indices]
+        tail = None
+        if self.sketch is not None and "sketch" in cached:
+            tail = self.sketch.tail_sketch(cached["sketch"])
+            if self._columns is not None:
+                tail = tail.over_classes(self._columns.to(indices.device))
         return SparseLogits(
-            cached["log_probs"].float(), indices, cached["tail_log_mass"].float(), self.num_classes
+            cached["log_probs"].float(), indices, cached["tail_log_mass"].float(), self.num_classes, tail
         )

@@ -99,7 +99,8 @@ def build_teacher_signal(
         return UniformTeacher(num_classes=logit_layer_weight(student).shape[0])
     if cache is not None:
         output_map = cache.check_run(task, student.config, student_processor, config)
-        return CachedTeacher(cache.metadata.num_classes, output_map)
+        cache.check_sparse_tail(config.sparse_tail)
+        return CachedTeacher(cache.metadata.num_classes, output_map, cache.sketch)
     if teacher_model is not None:
         teacher_config = extract_model_from_parallel(teacher_model).config
         output_map = task.teacher_output_map(teacher_config, student.config, config)

@@ -36,6 +36,7 @@ from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_ba
 from hf_kd.teachers.cache.format import (
     LOGIT_DTYPES,
     METADATA_FILE,
+    SKETCH_COLUMN,
     CacheError,
     CacheMetadata,
     cache_features,
@@ -48,6 +49,7 @@ from hf_kd.teachers.cache.format import (
 )
 from hf_kd.teachers.cache.load import read_metadata
 from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.sketch import FIT_POSITIONS, SKETCH_FILE, LogitSketch, check_setting
 from hf_kd.vocab import shared_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -203,13 +205,17 @@ def capture_teacher_logits(
     overwrite: bool = False,
     progress: bool = True,
     compression: TopkCodec | None = None,
+    sketch_rank: int = 0,
+    sketch_bits: int = 4,
 ) -> CacheMetadata:
     """Run ``teacher`` once over every split of ``dataset`` and write a cache to ``output_dir``.
 
     The teacher reads its own preprocessing (``task.prepare`` with ``teacher_processor``) in batches of
     ``batch_size`` under ``torch.inference_mode``. ``top_k`` None stores the full logits, else the top-k
     log-probabilities, their indices and the tail mass; ``compression`` packs a per-token top-k with a
-    codec (its ``max_k`` is the top-k). Every process of an initialised
+    codec (its ``max_k`` is the top-k); ``sketch_rank`` > 0 adds a low-rank sketch of the logits of that
+    rank at ``sketch_bits`` bits (:mod:`hf_kd.teachers.sketch`) to a per-token top-k, fitted on the
+    first positions of the first split. Every process of an initialised
     ``torch.distributed`` group must call it; the main process merges and returns the metadata (the
     others return it too, read from disk). Resumes an interrupted capture with the same settings.
     """
@@ -244,6 +250,13 @@ def capture_teacher_logits(
         top_k = compression.max_k
     if top_k is not None and top_k > num_classes:
         raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
+    if sketch_rank:
+        if task.name != "causal-lm" or top_k is None:
+            raise ValueError(
+                f"sketch_rank={sketch_rank} sketches the tail of a per-token top-k: it needs task causal-lm and "
+                f"top_k (task is {task.name!r}, top_k={top_k})"
+            )
+        check_setting(sketch_rank, sketch_bits, num_classes)
 
     rank, world_size = _distributed()
     partial = output_dir.with_name(output_dir.name + ".partial")
@@ -268,13 +281,18 @@ def capture_teacher_logits(
         dataset_name=dataset_name,
         dataset_config=dataset_config,
         compression=None if compression is None else compression.spec(),
+        sketch={"rank": sketch_rank, "bits": sketch_bits, "file": SKETCH_FILE} if sketch_rank else None,
     )
     if rank == 0:
         plan = {k: v for k, v in asdict(metadata).items() if k not in ("files", "hf_kd_version", "digests")}
         _check_plan(partial, {**plan, "batch_size": batch_size, "shard_size": shard_size})
     _barrier()
 
-    features = cache_features(num_classes, top_k, dtype, metadata.per_token, metadata.compression)
+    features = cache_features(
+        num_classes, top_k, dtype, metadata.per_token, metadata.compression, metadata.sketch
+    )
+    sketch_features = Features({k: v for k, v in features.items() if k == CACHE_PREFIX + SKETCH_COLUMN})
+    output_features = Features({k: v for k, v in features.items() if k not in sketch_features})
     kept_mass = []
     jobs = [
         (name, index, start, min(start + shard_size, len(split)))
@@ -285,41 +303,53 @@ def capture_teacher_logits(
     device = next(teacher.parameters()).device
     teacher.eval()
 
+    def outputs(prepared: Dataset, progress_bar=None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The teacher's outputs over ``prepared`` rows: (logits, attention mask or None) a batch."""
+        for batch_start in range(0, len(prepared), batch_size):
+            batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
+            inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
+            with torch.inference_mode():
+                logits = teacher(**inputs).logits[..., :num_classes]
+            mask = inputs.get("attention_mask") if metadata.per_token else None
+            if metadata.per_token and mask is None:
+                raise ValueError("per-token capture needs padded rows with an attention_mask (no packing)")
+            yield logits, mask
+            if progress_bar is not None:
+                progress_bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
+
+    def first_outputs() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The teacher's outputs over the first rows of the first split (at most ``FIT_POSITIONS``)."""
+        first = next(iter(dataset.values()))
+        rows = first.select(range(min(len(first), FIT_POSITIONS)))
+        yield from outputs(task.prepare(rows, student_processor=teacher_processor))
+
+    sketch = None if metadata.sketch is None else _sketch_of(partial, metadata, first_outputs(), rank)
+
     def to_arrow(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[pa.Table, torch.Tensor]:
         """The cache rows of one batch of teacher outputs and the probability mass kept per position."""
         if compression is not None:
-            return packed_to_arrow(compression, logits, mask, features)
-        columns = compress_logits(logits, top_k)
-        return columns_to_arrow(columns, features, mask), _kept_mass(columns, mask)
+            table, kept = packed_to_arrow(compression, logits, mask, output_features)
+        else:
+            columns = compress_logits(logits, top_k)
+            table, kept = columns_to_arrow(columns, output_features, mask), _kept_mass(columns, mask)
+        if sketch is not None:
+            codes = {SKETCH_COLUMN: sketch.encode(logits.flatten(0, -2)).reshape(*logits.shape[:-1], -1)}
+            sketched = columns_to_arrow(codes, sketch_features, mask)
+            table = pa.Table.from_arrays(table.columns + sketched.columns, schema=features.arrow_schema)
+        return table, kept
 
     with tqdm(
         total=sum(end - start for _, _, start, end in todo),
         desc=f"Teacher logits (rank {rank})",
         disable=not progress,
     ) as bar:
-
-        def outputs(prepared: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-            """The teacher's outputs over ``prepared`` rows: (logits, attention mask or None) a batch."""
-            for batch_start in range(0, len(prepared), batch_size):
-                batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
-                inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
-                with torch.inference_mode():
-                    logits = teacher(**inputs).logits[..., :num_classes]
-                mask = inputs.get("attention_mask") if metadata.per_token else None
-                if metadata.per_token and mask is None:
-                    raise ValueError(
-                        "per-token capture needs padded rows with an attention_mask (no packing)"
-                    )
-                yield logits, mask
-                bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
-
         for name, index, start, end in todo:
             prepared = task.prepare(
                 dataset[name].select(range(start, end)), student_processor=teacher_processor
             )
             path = _shard_path(partial, name, index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept_mass += _write_shard(path, features, outputs(prepared), to_arrow)
+            kept_mass += _write_shard(path, features, outputs(prepared, bar), to_arrow)
     if metadata.per_token and top_k is not None and kept_mass:
         setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
         report_kept_mass(torch.cat(kept_mass), setting)
@@ -334,6 +364,30 @@ def capture_teacher_logits(
         )
     _barrier()
     return read_metadata(output_dir)
+
+
+def _sketch_of(
+    partial: Path,
+    metadata: CacheMetadata,
+    outputs: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+    rank: int,
+) -> LogitSketch:
+    """The capture's logit sketch: fitted by the main process on the first ``FIT_POSITIONS`` positions of
+    ``outputs`` and written to ``partial`` (kept there when a capture resumes), then read by every
+    process, so that all shards use the same matrices."""
+    path = partial / SKETCH_FILE
+    if rank == 0 and not path.is_file():
+        positions, count = [], 0
+        for logits, mask in outputs:
+            positions.append(logits[mask.bool()].float().cpu())
+            count += len(positions[-1])
+            if count >= FIT_POSITIONS:
+                break
+        spec = metadata.sketch
+        fitted = LogitSketch.fit(torch.cat(positions)[:FIT_POSITIONS], spec["rank"], spec["bits"])
+        write_atomic(path, fitted.save)
+    _barrier()
+    return LogitSketch.load(path, metadata.sketch, metadata.num_classes)
 
 
 def _write_shard(
@@ -410,14 +464,18 @@ def _merge(
             )
         source = split.remove_columns([c for c in split.column_names if c.startswith(CACHE_PREFIX)])
         merged[name] = concatenate_datasets([source, teacher_columns], axis=1)
-    write_atomic_dir(output_dir, lambda folder: _write_cache(folder, DatasetDict(merged), metadata))
+    extra = [partial / SKETCH_FILE] if metadata.sketch is not None else []
+    write_atomic_dir(output_dir, lambda folder: _write_cache(folder, DatasetDict(merged), metadata, extra))
     shutil.rmtree(partial)
 
 
-def _write_cache(folder: Path, splits: DatasetDict, metadata: CacheMetadata) -> None:
-    """Write ``splits`` into ``folder``, then the metadata with the files just written and its digests
-    (the dataset card is the orchestration's: ``hf_kd.cards.dataset.write_dataset_card``)."""
+def _write_cache(folder: Path, splits: DatasetDict, metadata: CacheMetadata, extra: list[Path]) -> None:
+    """Write ``splits`` and a copy of the ``extra`` files into ``folder``, then the metadata with the files
+    just written and its digests (the dataset card is the orchestration's:
+    ``hf_kd.cards.dataset.write_dataset_card``)."""
     splits.save_to_disk(str(folder))
+    for file in extra:
+        shutil.copyfile(file, folder / file.name)
     metadata.files = {
         str(p.relative_to(folder)): file_record(p) for p in sorted(folder.rglob("*")) if p.is_file()
     }

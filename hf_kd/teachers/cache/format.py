@@ -15,6 +15,10 @@ Teacher columns (prefix ``kd_teacher_``, raw outputs at τ = 1; the temperature 
                   ``kd_teacher_tail_log_mass``  log(1 − Σ_topk p), float32 (−inf when k = K)
     compressed    ``kd_teacher_packed``         per-token top-k packed by a codec (``compression`` in the
                                                 metadata, see :mod:`hf_kd.teachers.codec`), one value per row
+    sketch        ``kd_teacher_sketch``         beside a per-token top-k (packed or not): per position the
+                                                bytes of a low-rank sketch of the logits (``sketch`` in the
+                                                metadata, its matrices in ``sketch.safetensors``, see
+                                                :mod:`hf_kd.teachers.sketch`)
 
 For one output per row (classification) each column holds that row's values. For one output per token
 (causal LM) each column holds a list over the row's non-padding positions t (``attention_mask`` = 1),
@@ -37,6 +41,7 @@ import torch
 from datasets import Dataset, Features, List, Value
 
 from hf_kd.tasks.base import CACHE_PREFIX
+from hf_kd.teachers.sketch import code_bytes
 
 FORMAT_VERSION = 2
 METADATA_FILE = "hf_kd_cache.json"
@@ -50,6 +55,7 @@ LOGIT_DTYPES = ("float32", "float16")
 DENSE_COLUMNS = ("logits",)
 SPARSE_COLUMNS = ("log_probs", "indices", "tail_log_mass")
 PACKED_COLUMN = "packed"
+SKETCH_COLUMN = "sketch"
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
 
 
@@ -105,6 +111,9 @@ class CacheMetadata:
     compression: dict[str, Any] | None = None
     """Per-token top-k packed by a codec: its :meth:`TopkCodec.spec` (name and parameters); None when
     the top-k (or full logits) are stored as plain columns."""
+    sketch: dict[str, Any] | None = None
+    """Per-token top-k with a low-rank sketch of the logits for the tail: its
+    :meth:`hf_kd.teachers.sketch.LogitSketch.spec` (rank, bits, file); None without one."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per file of the cache directory (relative path): ``size`` in bytes and ``sha256``."""
     hf_kd_version: str = field(default_factory=lambda: version("hf_kd"))
@@ -116,9 +125,11 @@ class CacheMetadata:
     @property
     def columns(self) -> list[str]:
         """The teacher columns, with their ``kd_teacher_`` prefix."""
-        if self.compression is not None:
-            return [CACHE_PREFIX + PACKED_COLUMN]
-        return [CACHE_PREFIX + name for name in (DENSE_COLUMNS if self.top_k is None else SPARSE_COLUMNS)]
+        return list(
+            cache_features(
+                self.num_classes, self.top_k, self.dtype, self.per_token, self.compression, self.sketch
+            )
+        )
 
     def provenance(self) -> dict[str, Any]:
         """The fields a student's model card lists about the cache it was trained from."""
@@ -198,9 +209,25 @@ def index_dtype(num_classes: int) -> str:
 
 
 def cache_features(
-    num_classes: int, top_k: int | None, dtype: str, per_token: bool, compression: dict | None = None
+    num_classes: int,
+    top_k: int | None,
+    dtype: str,
+    per_token: bool,
+    compression: dict | None = None,
+    sketch: dict | None = None,
 ) -> Features:
     """The ``datasets`` features of the teacher columns (see the module docstring)."""
+    features = _output_features(num_classes, top_k, dtype, per_token, compression)
+    if sketch is not None:
+        width = code_bytes(sketch["rank"], sketch["bits"])
+        features[CACHE_PREFIX + SKETCH_COLUMN] = List(List(Value("uint8"), length=width))
+    return features
+
+
+def _output_features(
+    num_classes: int, top_k: int | None, dtype: str, per_token: bool, compression: dict | None
+) -> Features:
+    """The features of the teacher's outputs (all columns but the sketch)."""
     if compression is not None:
         return Features({CACHE_PREFIX + PACKED_COLUMN: Value("binary")})
     if top_k is None:

@@ -37,6 +37,7 @@ from hf_kd.teachers.cache.format import (
     metadata_digests,
 )
 from hf_kd.teachers.codec import CodecError, TopkCodec
+from hf_kd.teachers.sketch import LogitSketch
 
 
 def read_metadata(path: str | os.PathLike) -> CacheMetadata:
@@ -146,6 +147,8 @@ class TeacherCache:
     path: Path
     metadata: CacheMetadata
     splits: DatasetDict
+    sketch: LogitSketch | None = None
+    """The low-rank sketch of the teacher's logits stored with a per-token top-k, if any."""
 
     def check_split(self, name: str, rows: Dataset) -> None:
         """The run's rows of split ``name`` are the rows the teacher saw (count and content)."""
@@ -178,6 +181,15 @@ class TeacherCache:
                 [splits[name], self.splits[name].select_columns(self.metadata.columns)], axis=1
             )
         return joined
+
+    def check_sparse_tail(self, sparse_tail: str) -> None:
+        """A clear error when ``sparse_tail`` needs what this cache does not hold (a logit sketch)."""
+        if sparse_tail == "sketch" and self.sketch is None:
+            raise ValueError(
+                f"sparse_tail='sketch' spreads the tail like the cache's logit sketch, but teacher cache "
+                f"{str(self.path)!r} has none: capture it with sketch_rank > 0, or choose sparse_tail "
+                "'uniform', 'renormalize' or 'bucket'"
+            )
 
     def decoder(self):
         """For a compressed cache: ``decode(rows, lengths)`` of its codec over its classes, else None."""
@@ -259,8 +271,23 @@ def load_teacher_cache(
             raise CacheError(
                 f"teacher cache {str(path)!r}: compression is recorded for a cache that is not per-token"
             )
+    sketch = None
+    if metadata.sketch is not None:
+        if not metadata.per_token or metadata.top_k is None:
+            raise CacheError(
+                f"teacher cache {str(path)!r}: a logit sketch is recorded for a cache that is not a per-token top-k"
+            )
+        try:
+            sketch = LogitSketch.load(path / metadata.sketch["file"], metadata.sketch, metadata.num_classes)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CacheError(f"teacher cache {str(path)!r}: {err}") from err
     expected = cache_features(
-        metadata.num_classes, metadata.top_k, metadata.dtype, metadata.per_token, metadata.compression
+        metadata.num_classes,
+        metadata.top_k,
+        metadata.dtype,
+        metadata.per_token,
+        metadata.compression,
+        metadata.sketch,
     )
     for name, record in metadata.splits.items():
         if name not in splits or len(splits[name]) != record["num_rows"]:
@@ -272,4 +299,4 @@ def load_teacher_cache(
                 raise CacheError(
                     f"teacher cache {str(path)!r}: split {name!r} column {column!r} is {splits[name].features.get(column)}, expected {feature}"
                 )
-    return TeacherCache(path, metadata, splits)
+    return TeacherCache(path, metadata, splits, sketch)
