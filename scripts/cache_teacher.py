@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         rows = ", ".join(f"{name}: {record['num_rows']} rows" for name, record in metadata.splits.items())
         stored = "full logits" if metadata.top_k is None else f"top-{metadata.top_k}"
-        print(
-            f"teacher cache {cache_args.output_dir}: {stored} ({metadata.dtype}) of {metadata.teacher_id}; {rows}"
+        stored += (
+            f" ({metadata.dtype})" if metadata.compression is None else f" ({metadata.compression['codec']})"
         )
+        if metadata.sketch is not None:
+            stored += f" with a rank-{metadata.sketch['rank']} logit sketch"
+        print(f"teacher cache {cache_args.output_dir}: {stored} of {metadata.teacher_id}; {rows}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
