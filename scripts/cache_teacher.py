@@ -12,6 +12,7 @@ import torch
 
 from hf_kd.config import DataArguments, parse_args
 from hf_kd.runs.capture import CacheArguments, run_capture
+from hf_kd.runs.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         if metadata.sketch is not None:
             stored += f" with a rank-{metadata.sketch['rank']} logit sketch"
         print(f"teacher cache {cache_args.output_dir}: {stored} of {metadata.teacher_id}; {rows}")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from hf_kd import parse_args, run_distillation
 from hf_kd.hub import HubPushError
 from hf_kd.runs.distill import format_metrics
+from hf_kd.runs.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,12 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             print(format_metrics(result.metrics))
     except HubPushError as err:  # one line: the endpoint, the failure and how to push again
         failure = f"error: {err}"
-    if dist.is_available() and dist.is_initialized():
-        # Without this a rank can abort at interpreter exit (rc=1) while the other is still tearing down.
-        dist.barrier()
-        dist.destroy_process_group()
-    if failure:
-        sys.exit(failure)
+    end_processes(failure)
 
 
 if __name__ == "__main__":
