@@ -135,6 +135,11 @@ class TopkCodec:
         log_p = torch.log_softmax(logits.float(), dim=-1)
         k = min(self.max_k, log_p.shape[-1])
         top, idx = top_k(log_p, k)
+        broken = ~torch.isfinite(top[:, 0])  # a NaN or +inf logit, or all −inf: no distribution
+        if bool(broken.any()):
+            raise ValueError(
+                f"logits at position {int(broken.nonzero()[0])} are no distribution (NaN, +inf or all −inf)"
+            )
         codes = torch.round((top[:, :1] - top) / self.step)
         codes[:, 1:] = codes[:, 1:].clamp(min=1)  # the top-1 alone has code 0
         in_range = (codes <= 2**self.bits - 1).sum(-1)

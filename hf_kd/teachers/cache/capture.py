@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections import deque
@@ -111,6 +112,25 @@ def packed_to_arrow(
     positions = logits.flatten(0, -2) if bool(mask.all()) else logits[mask]  # no copy without padding
     rows, kept = codec.encode(positions, mask.sum(-1).tolist())
     return pa.Table.from_arrays([pa.array(rows, pa.binary())], schema=features.arrow_schema), kept
+
+
+def check_teacher_logits(logits: torch.Tensor, mask: torch.Tensor | None, split: str, first_row: int) -> None:
+    """Refuse a batch of teacher logits [B, (T,) K] (rows ``first_row``… of ``split``; per token, the
+    positions of ``attention_mask``) of which one output is no distribution: a NaN or +inf logit, or
+    every logit −inf. One reduction over the classes; names the first such row and position."""
+    top = logits.detach().amax(-1)  # NaN if any logit is NaN, +inf if one is, −inf if all are
+    bad = ~torch.isfinite(top) if mask is None else ~torch.isfinite(top) & mask.bool()
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()[0].tolist()
+    value = top[tuple(where)].item()
+    held = "a NaN logit" if math.isnan(value) else ("a +inf logit" if value > 0 else "only −inf logits")
+    position = f", position {where[1]}" if len(where) > 1 else ""
+    raise ValueError(
+        f"the teacher's output for split {split!r}, row {first_row + where[0]}{position} holds {held}: "
+        "not a distribution (a broken teacher: overflow in half precision, or damaged weights?); "
+        "refusing to cache it"
+    )
 
 
 def report_kept_mass(kept: torch.Tensor, setting: str) -> dict[str, float]:
@@ -298,8 +318,11 @@ def capture_teacher_logits(
         disable=not progress,
     ) as bar:
 
-        def outputs(prepared: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-            """The teacher's outputs over ``prepared`` rows: (logits, attention mask or None) a batch."""
+        def outputs(
+            prepared: Dataset, split: str, first_row: int
+        ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            """The teacher's outputs over ``prepared`` rows (rows ``first_row``… of ``split``): (logits,
+            attention mask or None) a batch."""
             for batch_start in range(0, len(prepared), batch_size):
                 batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
                 inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
@@ -310,6 +333,7 @@ def capture_teacher_logits(
                     raise ValueError(
                         "per-token capture needs padded rows with an attention_mask (no packing)"
                     )
+                check_teacher_logits(logits, mask, split, first_row + batch_start)
                 yield logits, mask
                 bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
 
@@ -319,7 +343,7 @@ def capture_teacher_logits(
             )
             path = _shard_path(partial, name, index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept_mass += _write_shard(path, features, outputs(prepared), to_arrow)
+            kept_mass += _write_shard(path, features, outputs(prepared, name, start), to_arrow)
     if metadata.per_token and top_k is not None and kept_mass:
         setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
         report_kept_mass(torch.cat(kept_mass), setting)
