@@ -8,6 +8,8 @@ Train from it with ``teacher_source: cached`` and ``teacher_cache: <output_dir>`
 An interrupted capture resumes when run again with the same settings and teacher weights.
 """
 
+import logging
+
 import torch
 
 from hf_kd.config import DataArguments, parse_args
@@ -15,14 +17,15 @@ from hf_kd.runs.capture import CacheArguments, run_capture
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_kd").setLevel(logging.INFO)  # the capture's report of the probability mass kept
     data_args, cache_args = parse_args(argv, classes=(DataArguments, CacheArguments))
     metadata = run_capture(data_args, cache_args)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         rows = ", ".join(f"{name}: {record['num_rows']} rows" for name, record in metadata.splits.items())
         stored = "full logits" if metadata.top_k is None else f"top-{metadata.top_k}"
-        print(
-            f"teacher cache {cache_args.output_dir}: {stored} ({metadata.dtype}) of {metadata.teacher_id}; {rows}"
-        )
+        stored += f" ({metadata.dtype})" if metadata.compression is None else f" ({metadata.compression})"
+        print(f"teacher cache {cache_args.output_dir}: {stored} of {metadata.teacher_id}; {rows}")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
