@@ -147,7 +147,7 @@ def test_masked_classes_and_broken_padding_positions_are_not_refused(tmp_path):
         GolombTopkCodec(4).encode(torch.tensor([[0.0, 1.0]] * 2 + [[math.nan, 1.0]]), [3])
 
 
-def test_compression_of_a_classification_task_is_refused_before_the_teacher_loads(tmp_path, monkeypatch):
+def test_settings_that_cannot_work_are_refused_before_the_teacher_loads(tmp_path, monkeypatch):
     DatasetDict(train=sentiment_dataset(8)).save_to_disk(str(tmp_path / "data"))
 
     def load_teacher(*args, **kwargs):
@@ -165,6 +165,8 @@ def test_compression_of_a_classification_task_is_refused_before_the_teacher_load
         ValueError, match="packs per-token \\(causal-lm\\) caches; task is 'text-classification'"
     ):
         run_capture(data_args, cache_args)
+    with pytest.raises(ValueError, match="top_k=0 must be a positive number of classes"):
+        CacheArguments(teacher_model_name_or_path="hub-user/tiny-teacher", output_dir="c", top_k=0)
 
 
 def test_the_kept_mass_report_of_a_resumed_capture_covers_every_position(tmp_path, caplog):
@@ -192,7 +194,10 @@ def test_the_kept_mass_report_of_a_resumed_capture_covers_every_position(tmp_pat
     positions = sum(ROW_PREFIX.unpack_from(row)[0] for row in rows)
     assert resumed == whole and len(resumed) == 2
     assert f"on average over {positions} positions" in resumed[0]
-    assert "a compression_mass nearer 1 (now 0.9)" in resumed[1] and "6 nats below the top-1" in resumed[1]
+    assert (
+        "a compression_mass nearer 1 (now 0.9)" in resumed[1]
+        and "the top-1 are dropped; now 6)" in resumed[1]
+    )
 
 
 @pytest.mark.slow

@@ -88,6 +88,10 @@ class CacheArguments:
     def __post_init__(self) -> None:
         if self.logits_dtype not in LOGIT_DTYPES:
             raise ValueError(f"logits_dtype={self.logits_dtype!r} is not one of {LOGIT_DTYPES}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(
+                f"top_k={self.top_k} must be a positive number of classes (or unset for full logits)"
+            )
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression={self.compression!r} is not one of {COMPRESSIONS}")
         if self.compression != "none" and self.top_k is None:

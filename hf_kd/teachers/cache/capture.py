@@ -177,16 +177,15 @@ def report_kept_mass(summary: np.ndarray, top_k: int, compression: TopkCodec | N
         *q,
     )
     if stats["mean"] < LOW_KEPT_MASS:
+        more = [f"a larger top_k (now {top_k})"]
         if compression is None:
-            more = (
-                "a larger top_k, or compression: topk-golomb (up to top_k tokens per position until "
-                "compression_mass, in far fewer bytes)"
-            )
+            more.append("compression: topk-golomb (up to top_k tokens per position in far fewer bytes)")
         else:
-            more = (
-                f"a larger top_k, a compression_mass nearer 1 (now {compression.mass}), or a wider code range "
-                f"(tokens more than compression_step × (2^compression_bits − 1) = "
-                f"{compression.step * (2**compression.bits - 1):.3g} nats below the top-1 are dropped)"
+            if compression.mass < 1.0:
+                more.append(f"a compression_mass nearer 1 (now {compression.mass})")
+            more.append(
+                "a wider code range (tokens more than compression_step × (2^compression_bits − 1) nats below "
+                f"the top-1 are dropped; now {compression.step * (2**compression.bits - 1):.3g})"
             )
         logger.warning(
             "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): with sparse_tail: "
@@ -195,7 +194,7 @@ def report_kept_mass(summary: np.ndarray, top_k: int, compression: TopkCodec | N
             setting,
             stats["mean"],
             LOW_KEPT_MASS,
-            more,
+            ", or ".join(more),
         )
     return stats
 
