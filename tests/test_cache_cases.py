@@ -228,3 +228,22 @@ def test_two_process_compressed_capture_reports_the_whole_cache_once(tmp_path):
         load_teacher_cache(tmp_path / "c2")
     )
     assert len(outputs[2]) == 1 and outputs[1] == outputs[2]
+
+
+def test_the_card_of_a_compressed_cache_names_its_codes_not_a_float_dtype(tmp_path):
+    from hf_kd.cards.dataset import write_dataset_card
+
+    tokenizer, teacher, data = tiny_gpt_and_texts(32)
+    codec = GolombTopkCodec(4, bits=5, step=0.25)
+    kwargs = dict(teacher_id="gpt", progress=False, compression=codec, dtype="float16")
+    metadata = capture_teacher_logits(
+        teacher, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "c", **kwargs
+    )
+    write_dataset_card(tmp_path / "c", metadata)
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert (
+        "packed by the `topk-golomb` codec as 5-bit log-probability codes (columns `kd_teacher_packed`)"
+        in card
+    )
+    assert "in `float16`" not in card
+    assert load_teacher_cache(tmp_path / "c").metadata.compression == codec.spec()  # the card is not listed
