@@ -247,3 +247,22 @@ def test_the_card_of_a_compressed_cache_names_its_codes_not_a_float_dtype(tmp_pa
     )
     assert "in `float16`" not in card
     assert load_teacher_cache(tmp_path / "c").metadata.compression == codec.spec()  # the card is not listed
+
+
+@pytest.mark.parametrize("name", [d for d in DIVERGENCES if d != "mse"])
+def test_bucket_tail_gradients_stay_finite_when_the_kept_classes_hold_all_the_students_mass(name):
+    """sparse_tail: bucket from a compressed cache whose top-k is the whole vocabulary (k ≥ V), and from a
+    top-k cache with a student confident on the teacher's kept classes: Σ_kept q rounds to 1, and the
+    gradient of the student's tail log(1 − Σ_kept q) was NaN (the values were finite)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    codec = GolombTopkCodec(64, mass=1.0, bits=8, step=0.1)
+    whole = codec.decode(codec.encode(logits, [4])[0], [4], 50)
+    top8 = SparseLogits.from_logits(logits, 8)
+    confident = torch.full((4, 50), -30.0).scatter_(-1, top8.indices, 0.0)
+    for teacher, student in ((whole, torch.randn(4, 50)), (top8, confident)):
+        for temperature in (0.5, 2.0):
+            z = student.clone().requires_grad_(True)
+            value = divergence(name, z, teacher, temperature=temperature, tail="bucket")
+            (grad,) = torch.autograd.grad(value.sum(), z)
+            assert bool(torch.isfinite(value).all()) and bool(torch.isfinite(grad).all()), temperature
+            assert grad.abs().sum() > 0
