@@ -8,6 +8,8 @@ Train from it with ``teacher_source: cached`` and ``teacher_cache: <output_dir>`
 An interrupted capture resumes when run again with the same settings and teacher weights.
 """
 
+import logging
+
 import torch
 
 from hf_kd.config import DataArguments, parse_args
@@ -16,6 +18,8 @@ from hf_kd.runs.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_kd").setLevel(logging.INFO)  # the capture's report of the probability mass kept
     data_args, cache_args = parse_args(argv, classes=(DataArguments, CacheArguments))
     metadata = run_capture(data_args, cache_args)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

@@ -80,7 +80,8 @@ def test_an_error_while_writing_rows_surfaces_and_leaves_no_shard(tmp_path, monk
         capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "c", **SETTINGS)
     partial = tmp_path / "c.partial"
     written = sorted(p.name for p in (partial / "shards").rglob("*") if p.is_file())
-    assert written == ([] if failing_call == 1 else ["shard-00000.arrow"])  # no .tmp left either
+    finished = ["shard-00000.arrow", "shard-00000.kept.npy"]  # a shard and its kept-mass summary
+    assert written == ([] if failing_call == 1 else finished)  # no .tmp left either
     assert not (tmp_path / "c").exists()
     monkeypatch.setattr(capture_module, "compress_logits", original)  # resumes from the finished shards
     capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "c", **SETTINGS)

@@ -28,8 +28,11 @@ def dataset_card(metadata: CacheMetadata) -> DatasetCard:
         if metadata.top_k is None
         else f"top-{metadata.top_k} log-probabilities, their indices and the tail mass"
     )
-    if metadata.compression is not None:
-        stored += f", packed by the `{metadata.compression['codec']}` codec"
+    if metadata.compression is None:
+        stored += f" in `{metadata.dtype}`"
+    else:  # no float dtype: quantised log-probability codes
+        codec = metadata.compression
+        stored += f", packed by the `{codec['codec']}` codec as {codec['bits']}-bit log-probability codes"
     if metadata.sketch is not None:
         stored += (
             f", with a rank-{metadata.sketch['rank']} sketch of the logits for the tail "
@@ -46,7 +49,7 @@ def dataset_card(metadata: CacheMetadata) -> DatasetCard:
 
 Outputs of the teacher `{metadata.teacher_id}` ({metadata.task}) over {", ".join(f"`{n}`" for n in metadata.splits)},
 captured once with [hf_kd](https://github.com/) {metadata.hf_kd_version}: the original rows plus the
-teacher's {stored} in `{metadata.dtype}` (columns {", ".join(f"`{c}`" for c in metadata.columns)}), raw at temperature 1.
+teacher's {stored} (columns {", ".join(f"`{c}`" for c in metadata.columns)}), raw at temperature 1.
 
 Train a student from it without loading the teacher:
 

@@ -123,7 +123,11 @@ class SparseLogits:
         [..., k] (``log_q.gather(-1, self.gather_index())``): q of each kept class and
         log Σ_tail q = log(1 − Σ_kept q); padding slots hold −inf."""
         kept = kept.masked_fill(self.log_probs <= -math.inf, -math.inf)
-        rest = torch.log(-torch.expm1(torch.logsumexp(kept, -1).clamp(max=0.0)))  # log Σ_tail q
+        total = torch.logsumexp(kept, -1)
+        # log Σ_tail q; −inf once Σ_kept q rounds to 1 (every class kept, or a confident student), without
+        # the infinite derivative of log(−expm1(x)) at x = 0, which made the gradient NaN
+        some = total < 0.0
+        rest = torch.where(some, torch.log(-torch.expm1(torch.where(some, total, -1.0))), -math.inf)
         return torch.cat([kept, rest.unsqueeze(-1)], dim=-1)
 
     def to_dense_log_probs(self, tail: str = "uniform") -> torch.Tensor:

@@ -15,7 +15,7 @@ from hf_kd.hub import push_cache_to_hub
 from hf_kd.modeling import check_model_source, load_teacher
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import build_task
-from hf_kd.teachers.cache.capture import capture_teacher_logits
+from hf_kd.teachers.cache.capture import capture_teacher_logits, compression_top_k
 from hf_kd.teachers.cache.format import LOGIT_DTYPES, CacheMetadata
 from hf_kd.teachers.codec import CODECS, COMPRESSIONS, TopkCodec
 from hf_kd.teachers.sketch import SKETCH_BITS, check_setting
@@ -99,6 +99,10 @@ class CacheArguments:
     def __post_init__(self) -> None:
         if self.logits_dtype not in LOGIT_DTYPES:
             raise ValueError(f"logits_dtype={self.logits_dtype!r} is not one of {LOGIT_DTYPES}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(
+                f"top_k={self.top_k} must be a positive number of classes (or unset for full logits)"
+            )
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression={self.compression!r} is not one of {COMPRESSIONS}")
         if self.compression != "none" and self.top_k is None:
@@ -147,6 +151,7 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
             f"splits {unknown} are not in dataset {data_args.dataset_name!r}; it has {sorted(raw)}"
         )
     check_columns(raw, data_args, names)
+    compression_top_k(task.name, cache_args.codec(), cache_args.top_k)  # before the teacher loads
     teacher_id, revision = cache_args.teacher_model_name_or_path, cache_args.teacher_model_revision
     teacher = load_teacher(
         task, teacher_id, revision=revision, trust_remote_code=cache_args.trust_remote_code

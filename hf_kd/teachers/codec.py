@@ -10,7 +10,8 @@ Codec ``topk-packed`` (:class:`TopkCodec`, parameters ``max_k``, ``mass``, ``bit
   flat teacher many tokens lie within step / 2 of it); the absolute level is not stored: the kept
   tokens are renormalised to the kept mass 1 − m;
 * tail mass m = 1 − Σ kept p, as the 8-bit code of its log-odds log(m / (1 − m)) on a grid of
-  ``TAIL_STEP`` nats over [``TAIL_LOW``, ``TAIL_HIGH``] (code 0: no tail, m < e^TAIL_LOW stored as 0);
+  ``TAIL_STEP`` nats over [``TAIL_LOW``, ``TAIL_HIGH``] (code 0: no tail, m = 0 exactly; odds beyond the
+  grid stored as its ends);
 * indices: sorted, as gaps i_0, i_j − i_{j−1} − 1, all in the fewest bits w that hold the largest gap.
 
 A row of T positions is ``<T: uint32><CRC-32: uint32>`` then a bit stream: T fixed-size headers
@@ -35,7 +36,7 @@ decoded one. For every class i, |log p̂_i − log p_i| ≤ 1.5 · ``step`` + ``
 (:meth:`TopkCodec.error_bound`) whenever e^TAIL_LOW ≤ m / (1 − m) ≤ e^TAIL_HIGH: each stored r̂_j − r_j
 lies in [−step / 2, step] (rounding, or the one-step floor), so their log-sum-exp moves by at most
 that too, and the tail grid moves log m and log(1 − m) by at most TAIL_STEP / 2. Tails below that
-range (m < 4e-11) are dropped to 0.
+range (0 < m < 4e-11) are stored as m ≈ 4e-11: never as 0, which a reverse KL would read as log 0.
 
 Encoding and decoding are vectorised over all positions of a batch (no Python loop over positions).
 """
@@ -134,10 +135,16 @@ class TopkCodec:
         log_p = torch.log_softmax(logits.float(), dim=-1)
         k = min(self.max_k, log_p.shape[-1])
         top, idx = top_k(log_p, k)
+        broken = ~torch.isfinite(top[:, 0])  # a NaN or +inf logit, or all −inf: no distribution
+        if bool(broken.any()):
+            raise ValueError(
+                f"logits at position {int(broken.nonzero()[0])} are no distribution (NaN, +inf or all −inf)"
+            )
         codes = torch.round((top[:, :1] - top) / self.step)
         codes[:, 1:] = codes[:, 1:].clamp(min=1)  # the top-1 alone has code 0
-        below_mass = (top.exp().cumsum(-1) < self.mass).sum(-1) + 1
         in_range = (codes <= 2**self.bits - 1).sum(-1)
+        # mass 1: every token (a float32 cumulative sum reaches 1.0 before the last token at peaked positions)
+        below_mass = (top.exp().cumsum(-1) < self.mass).sum(-1) + 1 if self.mass < 1.0 else in_range
         n = torch.minimum(below_mass, in_range).clamp(max=k)
         keep = torch.arange(k, device=top.device) < n[:, None]
         num_classes = log_p.shape[-1]
@@ -422,9 +429,10 @@ def _sorted_support(
 
 
 def _tail_code(odds: torch.Tensor) -> torch.Tensor:
-    """8-bit code of the tail's log-odds: 0 for a tail below e^TAIL_LOW, else 1 + its grid step."""
+    """8-bit code of the tail's log-odds: 0 for no tail (mass exactly 0), else 1 + its grid step (the
+    grid's ends for odds beyond them: a tiny tail stays a tiny tail, never log 0)."""
     grid = torch.round((odds.clamp(TAIL_LOW, TAIL_HIGH) - TAIL_LOW) / TAIL_STEP).long() + 1
-    return torch.where(odds < TAIL_LOW - TAIL_STEP / 2, 0, grid)
+    return torch.where(odds == -math.inf, 0, grid)
 
 
 def _write_bits(values: torch.Tensor, widths: torch.Tensor) -> np.ndarray:

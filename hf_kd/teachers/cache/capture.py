@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections import deque
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 LOW_KEPT_MASS = 0.8
 """A capture warns when its top-k keeps less than this probability mass on average."""
+KEPT_BINS = 1000
+"""Bins of the kept-mass histogram each shard records (the quantiles a capture reports)."""
 PIPELINE_DEPTH = 1
 """Batches of teacher outputs a capture lets wait for its writer thread while the teacher runs the next
 one (0: the teacher waits for each). At 1 a capture holds two batches of logits at most, as a serial
@@ -115,28 +118,85 @@ def packed_to_arrow(
     return pa.Table.from_arrays([pa.array(rows, pa.binary())], schema=features.arrow_schema), kept
 
 
-def report_kept_mass(kept: torch.Tensor, setting: str) -> dict[str, float]:
-    """Log the mean and quantiles of the probability mass a top-k capture kept per position, with a
-    warning when the mean is below ``LOW_KEPT_MASS``; returns them."""
-    if kept.numel() == 0:
+def compression_top_k(task_name: str, compression: TopkCodec | None, top_k: int | None) -> int | None:
+    """The top-k a capture stores: ``top_k``, or the ``compression``'s ``max_k`` (a codec packs the
+    per-token outputs of a causal LM only); a clear error for settings that do not go together."""
+    if compression is None:
+        return top_k
+    if task_name != "causal-lm":
+        raise ValueError(
+            f"compression={compression.name!r} packs per-token (causal-lm) caches; task is {task_name!r}"
+        )
+    if top_k not in (None, compression.max_k):
+        raise ValueError(f"top_k={top_k} differs from the compression's max_k={compression.max_k}")
+    return compression.max_k
+
+
+def check_teacher_logits(logits: torch.Tensor, mask: torch.Tensor | None, split: str, first_row: int) -> None:
+    """Refuse a batch of teacher logits [B, (T,) K] (rows ``first_row``… of ``split``; per token, the
+    positions of ``attention_mask``) of which one output is no distribution: a NaN or +inf logit, or
+    every logit −inf. One reduction over the classes; names the first such row and position."""
+    top = logits.detach().amax(-1)  # NaN if any logit is NaN, +inf if one is, −inf if all are
+    bad = ~torch.isfinite(top) if mask is None else ~torch.isfinite(top) & mask.bool()
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()[0].tolist()
+    value = top[tuple(where)].item()
+    held = "a NaN logit" if math.isnan(value) else ("a +inf logit" if value > 0 else "only −inf logits")
+    position = f", position {where[1]}" if len(where) > 1 else ""
+    raise ValueError(
+        f"the teacher's output for split {split!r}, row {first_row + where[0]}{position} holds {held}: "
+        "not a distribution (a broken teacher: overflow in half precision, or damaged weights?); "
+        "refusing to cache it"
+    )
+
+
+def kept_mass_summary(kept: torch.Tensor) -> np.ndarray:
+    """The kept probability masses of positions [N] as [count, sum, histogram over ``KEPT_BINS`` equal
+    bins of [0, 1]] (float64): summaries of shards add up to the summary of their union."""
+    kept = kept.double().cpu()
+    histogram = torch.histc(kept, bins=KEPT_BINS, min=0.0, max=1.0)
+    return np.concatenate([[kept.numel(), kept.sum().item()], histogram.numpy()])
+
+
+def report_kept_mass(summary: np.ndarray, top_k: int, compression: TopkCodec | None) -> dict[str, float]:
+    """Log the mean and quantiles (to 1 / ``KEPT_BINS``) of the probability mass a top-k capture kept
+    per position (:func:`kept_mass_summary` of all its positions), with a warning when the mean is below
+    ``LOW_KEPT_MASS`` that names the settings that keep more; returns them."""
+    count, total, histogram = summary[0], summary[1], summary[2:]
+    if count == 0:
         return {}
-    q = torch.quantile(kept.double()[:1_000_000], torch.tensor([0.1, 0.5, 0.9], dtype=torch.double)).tolist()
-    stats = {"mean": kept.double().mean().item(), "p10": q[0], "p50": q[1], "p90": q[2]}
+    cumulative = np.cumsum(histogram)
+    q = [(int(np.searchsorted(cumulative, p * count)) + 0.5) / KEPT_BINS for p in (0.1, 0.5, 0.9)]
+    stats = {"mean": total / count, "p10": q[0], "p50": q[1], "p90": q[2]}
+    setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
     logger.info(
-        "%s kept %.3f of the teacher's probability mass per position on average (10%%/50%%/90%% quantiles %.3f / %.3f / %.3f)",
+        "%s kept %.3f of the teacher's probability mass per position on average over %d positions "
+        "(10%%/50%%/90%% quantiles %.3f / %.3f / %.3f)",
         setting,
         stats["mean"],
+        count,
         *q,
     )
     if stats["mean"] < LOW_KEPT_MASS:
+        more = [f"a larger top_k (now {top_k})"]
+        if compression is None:
+            more.append("compression: topk-golomb (up to top_k tokens per position in far fewer bytes)")
+        else:
+            if compression.mass < 1.0:
+                more.append(f"a compression_mass nearer 1 (now {compression.mass})")
+            more.append(
+                "a wider code range (tokens more than compression_step × (2^compression_bits − 1) nats below "
+                f"the top-1 are dropped; now {compression.step * (2**compression.bits - 1):.3g})"
+            )
         logger.warning(
             "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): with sparse_tail: "
             "uniform the rest is spread evenly over the other classes, which acts like label smoothing. Train "
-            "with sparse_tail: bucket, and keep more tokens (a larger top_k, or compression: topk-golomb with "
-            "a higher compression_mass) for this teacher.",
+            "with sparse_tail: bucket, and keep more tokens for this teacher: %s.",
             setting,
             stats["mean"],
             LOW_KEPT_MASS,
+            ", or ".join(more),
         )
     return stats
 
@@ -240,14 +300,7 @@ def capture_teacher_logits(
         )
     else:
         num_classes = teacher.config.num_labels
-    if compression is not None:
-        if task.name != "causal-lm":
-            raise ValueError(
-                f"compression={compression.name!r} packs per-token (causal-lm) caches; task is {task.name!r}"
-            )
-        if top_k not in (None, compression.max_k):
-            raise ValueError(f"top_k={top_k} differs from the compression's max_k={compression.max_k}")
-        top_k = compression.max_k
+    top_k = compression_top_k(task.name, compression, top_k)
     if top_k is not None and top_k > num_classes:
         raise ValueError(f"top_k={top_k} exceeds the teacher's {num_classes} classes")
     if sketch_rank:
@@ -293,7 +346,6 @@ def capture_teacher_logits(
     )
     sketch_features = Features({k: v for k, v in features.items() if k == CACHE_PREFIX + SKETCH_COLUMN})
     output_features = Features({k: v for k, v in features.items() if k not in sketch_features})
-    kept_mass = []
     jobs = [
         (name, index, start, min(start + shard_size, len(split)))
         for name, split in dataset.items()
@@ -303,8 +355,11 @@ def capture_teacher_logits(
     device = next(teacher.parameters()).device
     teacher.eval()
 
-    def outputs(prepared: Dataset, progress_bar=None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The teacher's outputs over ``prepared`` rows: (logits, attention mask or None) a batch."""
+    def outputs(
+        prepared: Dataset, split: str, first_row: int, progress_bar=None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The teacher's outputs over ``prepared`` rows (rows ``first_row``… of ``split``): (logits,
+        attention mask or None) a batch."""
         for batch_start in range(0, len(prepared), batch_size):
             batch = task.collate(_rows_of(prepared[batch_start : batch_start + batch_size]))
             inputs = {k: v.to(device) for k, v in split_batch(batch)[0].items()}
@@ -313,15 +368,16 @@ def capture_teacher_logits(
             mask = inputs.get("attention_mask") if metadata.per_token else None
             if metadata.per_token and mask is None:
                 raise ValueError("per-token capture needs padded rows with an attention_mask (no packing)")
+            check_teacher_logits(logits, mask, split, first_row + batch_start)
             yield logits, mask
             if progress_bar is not None:
                 progress_bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
 
     def first_outputs() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """The teacher's outputs over the first rows of the first split (at most ``FIT_POSITIONS``)."""
-        first = next(iter(dataset.values()))
+        name, first = next(iter(dataset.items()))
         rows = first.select(range(min(len(first), FIT_POSITIONS)))
-        yield from outputs(task.prepare(rows, student_processor=teacher_processor))
+        yield from outputs(task.prepare(rows, student_processor=teacher_processor), name, 0)
 
     sketch = None if metadata.sketch is None else _sketch_of(partial, metadata, first_outputs(), rank)
 
@@ -349,12 +405,14 @@ def capture_teacher_logits(
             )
             path = _shard_path(partial, name, index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            kept_mass += _write_shard(path, features, outputs(prepared, bar), to_arrow)
-    if metadata.per_token and top_k is not None and kept_mass:
-        setting = f"top_k={top_k}" + ("" if compression is None else f" ({compression.spec()})")
-        report_kept_mass(torch.cat(kept_mass), setting)
+            _write_shard(path, features, outputs(prepared, name, start, bar), to_arrow)
     _barrier()
     if rank == 0:
+        if metadata.per_token and top_k is not None:  # over every shard, whichever process or run wrote it
+            kept = [_kept_path(_shard_path(partial, name, index)) for name, index, *_ in jobs]
+            report_kept_mass(
+                sum((np.load(p) for p in kept if p.is_file()), np.zeros(2 + KEPT_BINS)), top_k, compression
+            )
         _merge(
             partial,
             output_dir,
@@ -395,9 +453,10 @@ def _write_shard(
     features: Features,
     outputs: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
     to_arrow: Callable[[torch.Tensor, torch.Tensor | None], tuple[pa.Table, torch.Tensor]],
-) -> list[torch.Tensor]:
+) -> None:
     """Write the shard ``path`` from the teacher's ``outputs`` (a generator running the teacher batch by
-    batch); returns the kept probability masses (``to_arrow``'s second value) of its batches.
+    batch), and beside it (first) the :func:`kept_mass_summary` of its positions' kept probability
+    masses (``to_arrow``'s second value).
 
     Each batch is turned into rows (``to_arrow``) and appended by one writer thread, in order, while the
     caller's thread runs the teacher on the next batch: at most ``PIPELINE_DEPTH`` batches wait for the
@@ -429,11 +488,17 @@ def _write_shard(
                 for job in pending:
                     job.cancel()
             writer.finalize()
+        summary = kept_mass_summary(torch.cat(kept_mass) if kept_mass else torch.empty(0))
+        write_atomic(_kept_path(path), lambda tmp_kept: np.save(tmp_kept, summary))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return kept_mass
+
+
+def _kept_path(shard: Path) -> Path:
+    """Where a shard's :func:`kept_mass_summary` is kept during a capture."""
+    return shard.with_suffix(".kept.npy")
 
 
 def _kept_mass(columns: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
