@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,10 +145,9 @@ def test_another_codec_never_decodes_the_rows():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lm_setup(tmp_path_factory):
-    """The toy chat data, its tokenizer and a saved 1-layer Llama teacher over it."""
-    root = tmp_path_factory.mktemp("lm")
+def write_lm_setup(root: Path, head_scale: float = 1.0):
+    """The toy chat data, its tokenizer and a saved 1-layer Llama teacher over it (random, its output
+    layer × ``head_scale``: logits far from uniform, as a trained teacher's, when > 1), under ``root``."""
     data = write_toy_chat(root / "data", num_train=48, num_test=8)
     tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     torch.manual_seed(0)
@@ -155,9 +155,17 @@ def lm_setup(tmp_path_factory):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, use_cache=False,
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    teacher = LlamaForCausalLM(config)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(head_scale)
+    teacher.save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     return root, data, tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory):
+    return write_lm_setup(tmp_path_factory.mktemp("lm"))
 
 
 def capture(lm_setup, out, **cache_fields):

@@ -5,26 +5,22 @@ two processes, and refusal of a damaged or missing sketch."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from processes import launch, torchrun
+from test_codec import capture, write_lm_setup
+from transformers import LlamaForCausalLM
 
 from hf_kd import DataArguments, DistillationConfig, ModelArguments, run_distillation
-from hf_kd.data.toy_chat import write_toy_chat
 from hf_kd.losses import DIVERGENCES, SparseLogits, TailSketch, distillation_loss, divergence
-from hf_kd.runs.capture import CacheArguments, run_capture
+from hf_kd.runs.capture import CacheArguments
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache.format import CacheError
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.sketch import SKETCH_FILE, LogitSketch
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def low_rank_logits(n: int, classes: int, rank: int, seed: int = 0) -> torch.Tensor:
@@ -149,32 +145,7 @@ def test_sketch_tail_loss_equals_a_hand_computation():
 
 @pytest.fixture(scope="module")
 def lm_setup(tmp_path_factory):
-    """The toy chat data, its tokenizer and a saved 1-layer Llama teacher over it (random, with a
-    sharpened output layer)."""
-    root = tmp_path_factory.mktemp("lm")
-    data = write_toy_chat(root / "data", num_train=48, num_test=8)
-    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, use_cache=False,
-    )  # fmt: skip
-    teacher = LlamaForCausalLM(config)
-    with torch.no_grad():  # logits far from uniform, as a trained teacher's
-        teacher.lm_head.weight.mul_(30.0)
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    return root, data, tokenizer
-
-
-def capture(lm_setup, out, **cache_fields):
-    root, data, _ = lm_setup
-    data_args = DataArguments(task="causal-lm", dataset_name=str(data), max_length=48, eval_split="test")
-    cache_args = CacheArguments(
-        teacher_model_name_or_path=str(root / "teacher"), output_dir=str(out), batch_size=8, shard_size=16,
-        use_cpu=True, **cache_fields,
-    )  # fmt: skip
-    return run_capture(data_args, cache_args)
+    return write_lm_setup(tmp_path_factory.mktemp("lm"), head_scale=30.0)
 
 
 def collated_teacher(cache, tokenizer, rows: int = 6) -> tuple[SparseLogits, torch.Tensor]:
@@ -304,13 +275,15 @@ def test_two_process_sketch_capture_equals_one_process(lm_setup, tmp_path):
         f"teacher_model_name_or_path: {root / 'teacher'}\nshard_size: 8\nbatch_size: 4\ntop_k: 4\n"
         "compression: topk-golomb\nsketch_rank: 8\nuse_cpu: true\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for n in (1, 2):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-        command += [str(REPO / "scripts/cache_teacher.py"), "--config", str(recipe)]
-        command += ["--output_dir", str(tmp_path / f"cache{n}")]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-3000:]
+        script = [
+            "scripts/cache_teacher.py",
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(tmp_path / f"cache{n}"),
+        ]
+        launch([*torchrun(n), *script], timeout=180)
     one, two = load_teacher_cache(tmp_path / "cache1"), load_teacher_cache(tmp_path / "cache2")
     assert data_files(one) == data_files(two)  # every shard and the sketch matrices, byte for byte
     assert one.metadata.sketch == two.metadata.sketch == {"rank": 8, "bits": 4, "file": SKETCH_FILE}
