@@ -110,3 +110,9 @@ def launch(
         f"{shlex.join(command)} failed (rc={process.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
     )
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def cache_teacher(recipe: Path, output_dir: Path, nproc: int) -> subprocess.CompletedProcess:
+    """``scripts/cache_teacher.py --config recipe`` into ``output_dir`` under torchrun on ``nproc`` processes."""
+    script = ["scripts/cache_teacher.py", "--config", str(recipe), "--output_dir", str(output_dir)]
+    return launch([*torchrun(nproc), *script], timeout=180)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
-from processes import launch, torchrun
+from processes import cache_teacher
 from tiny import (
     bert_classifier,
     image_dataset,
@@ -393,8 +393,7 @@ def test_two_process_capture_equals_one_process(text_setup, tmp_path):
         "shard_size: 8\nbatch_size: 4\ntop_k: 1\nuse_cpu: true\n"
     )
     for n in (1, 2):
-        script = ["scripts/cache_teacher.py", "--config", str(recipe)]
-        launch([*torchrun(n), *script, "--output_dir", str(tmp_path / f"cache{n}")], timeout=180)
+        cache_teacher(recipe, tmp_path / f"cache{n}", n)
     one, two = load_teacher_cache(tmp_path / "cache1"), load_teacher_cache(tmp_path / "cache2")
     for split in ("train", "test"):
         assert one.splits[split].to_dict() == two.splits[split].to_dict()

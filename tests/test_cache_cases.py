@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from datasets import DatasetDict
-from processes import launch, torchrun
+from processes import cache_teacher
 from test_cache import CrashingTeacher, arrow_files, tiny_gpt_and_texts
 from tiny import sentiment_dataset
 
@@ -214,14 +214,7 @@ def test_two_process_compressed_capture_reports_the_whole_cache_once(tmp_path):
     )
     outputs = {}
     for n in (1, 2):
-        script = [
-            "scripts/cache_teacher.py",
-            "--config",
-            str(recipe),
-            "--output_dir",
-            str(tmp_path / f"c{n}"),
-        ]
-        result = launch([*torchrun(n), *script], timeout=180)
+        result = cache_teacher(recipe, tmp_path / f"c{n}", n)
         outputs[n] = [line for line in (result.stdout + result.stderr).splitlines() if "kept" in line]
         assert "top-4 (topk-golomb) of" in result.stdout
     assert arrow_files(load_teacher_cache(tmp_path / "c1")) == arrow_files(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import launch, torchrun
+from processes import cache_teacher
 from test_codec import capture, write_lm_setup
 from transformers import LlamaForCausalLM
 
@@ -276,14 +276,7 @@ def test_two_process_sketch_capture_equals_one_process(lm_setup, tmp_path):
         "compression: topk-golomb\nsketch_rank: 8\nuse_cpu: true\n"
     )
     for n in (1, 2):
-        script = [
-            "scripts/cache_teacher.py",
-            "--config",
-            str(recipe),
-            "--output_dir",
-            str(tmp_path / f"cache{n}"),
-        ]
-        launch([*torchrun(n), *script], timeout=180)
+        cache_teacher(recipe, tmp_path / f"cache{n}", n)
     one, two = load_teacher_cache(tmp_path / "cache1"), load_teacher_cache(tmp_path / "cache2")
     assert data_files(one) == data_files(two)  # every shard and the sketch matrices, byte for byte
     assert one.metadata.sketch == two.metadata.sketch == {"rank": 8, "bits": 4, "file": SKETCH_FILE}
