@@ -308,7 +308,9 @@ def test_bucket_tail_matches_the_tail_mass_and_leaves_its_shape_to_the_student()
 
 def _write_bits_bit_by_bit(values: torch.Tensor, widths: torch.Tensor) -> bytes:
     """The previous writer, one bit at a time: each field's low ``widths`` bits, most significant first."""
-    bits = [(int(v) >> (int(w) - 1 - b)) & 1 for v, w in zip(values, widths, strict=True) for b in range(int(w))]
+    bits = [
+        (int(v) >> (int(w) - 1 - b)) & 1 for v, w in zip(values, widths, strict=True) for b in range(int(w))
+    ]
     bits += [0] * (-len(bits) % 8)
     return bytes(int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8))
 
