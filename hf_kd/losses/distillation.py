@@ -4,6 +4,7 @@ states (docs/knowledge.md#the-distillation-loss)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from hf_kd.losses.cross_tokenizer import AlignedLogits
 from hf_kd.losses.divergences import (
+    LOG_ZERO,
     bucket_divergence,
     closed_form_tail,
     divergence,
@@ -116,6 +118,66 @@ class _SparseKDSums(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None, None, None, None
 
 
+CLOSED_FORM_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+"""Divergences whose gradient :class:`_DenseKDSums` writes in closed form against a dense teacher."""
+
+
+class _DenseKDSums(torch.autograd.Function):
+    """(Σ hard CE, Σ soft D) of student logits z [n, K] against dense teacher logits v [n, K], as
+    :func:`_loss_sums` computes them through autograd, with the gradients written in closed form in the
+    forward pass (one float32 [n, K] tensor per term kept for backward, no autograd graph). With
+    q = softmax(z / τ), p = softmax(v / τ), q¹ = softmax(z), m = β p + (1 − β) q:
+
+        ∂ CE / ∂z = q¹ − onehot(y)
+        ∂ KL(p ‖ q) / ∂z = (q − p) / τ
+        ∂ KL(q ‖ p) / ∂z = q ⊙ (log q − log p − KL(q ‖ p)) / τ
+        ∂ JSD_β / ∂z = (1 − β) · q ⊙ (log q − log m − KL(q ‖ m)) / τ
+
+    (JSD's derivative in q is (1 − β) log(q / m): its p / m terms cancel.) β = 0 and β = 1 are the KLs,
+    as in :func:`hf_kd.losses.divergences.divergence_from_log_probs`."""
+
+    @staticmethod
+    def forward(ctx, z, labels, soft_mask, teacher, name, temperature, beta):  # noqa: D102
+        zf = z.detach().float()
+        labelled = labels != -100
+        log_q1 = torch.log_softmax(zf, -1)
+        hard = -torch.where(labelled, log_q1.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0).sum()
+        log_q = log_q1 if temperature == 1.0 else torch.log_softmax(zf / temperature, -1)
+        log_p = torch.log_softmax(teacher.float() / temperature, -1).clamp_(min=LOG_ZERO)
+        if name == "jsd" and beta in (0.0, 1.0):
+            name = "forward_kl" if beta == 0.0 else "reverse_kl"
+        q = log_q.exp()
+        if name == "forward_kl":
+            p = log_p.exp()
+            per_item = (p * (log_p - log_q)).sum(-1)
+            grad_soft = q.sub_(p).div_(temperature)
+        else:
+            if name == "reverse_kl":
+                log_ratio, scale = log_q - log_p, 1.0
+                per_item = (q * log_ratio).sum(-1)
+                kl_q = per_item
+            else:  # jsd
+                log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+                log_ratio, scale = log_q - log_m, 1.0 - beta
+                kl_q = (q * log_ratio).sum(-1)
+                per_item = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + scale * kl_q
+            grad_soft = log_ratio.sub_(kl_q[:, None]).mul_(q).mul_(scale / temperature)
+        soft_rows = soft_mask.to(grad_soft.dtype)[:, None]
+        soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
+        grad_hard = log_q1.exp_() if log_q1 is not log_q else log_q1.exp()
+        grad_hard.scatter_add_(-1, labels.clamp(min=0)[:, None], -torch.ones_like(zf[:, :1]))
+        ctx.dtype = z.dtype
+        ctx.save_for_backward(grad_hard.mul_(labelled[:, None]), grad_soft.mul_(soft_rows))
+        return hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_soft):  # noqa: D102
+        hard, soft = ctx.saved_tensors
+        # In place on the saved tensors, spent once read (a second backward fails loudly).
+        grad = hard.mul_(grad_hard).add_(soft.mul_(grad_soft))
+        return grad.to(ctx.dtype), None, None, None, None, None, None
+
+
 def _loss_sums(
     student_logits: torch.Tensor,
     teacher: torch.Tensor | SparseLogits,
@@ -132,6 +194,11 @@ def _loss_sums(
     if _fused(teacher, divergence_name, tail, target_fn):
         return _SparseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
+        )
+    if torch.is_tensor(teacher) and target_fn is None and divergence_name in CLOSED_FORM_DIVERGENCES:
+        beta = params.get("beta", 0.5)
+        return _DenseKDSums.apply(
+            student_logits, labels, soft_mask, teacher, divergence_name, temperature, beta
         )
     hard = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
     if teacher is None:
