@@ -16,7 +16,7 @@ Sections (each figure is a median of ``--repeats`` timed repeats after warm-ups;
 1. ``loss``: forward + backward of the soft loss Σ D(p, q) / N (α = 1, τ = 1: Liger's loss, which has no
    hard-label term) from the student's last hidden states [N, 4096] and output layer [128,256, 4096] in
    bf16, at N = 8,192 (JSD β = 0.5, forward KL) and N = 4,096 (JSD): the dense code (full logits,
-   ``distillation_loss`` without chunks), hf_kd given the teacher's logits (its default chunk for the
+   autograd through ``hf_kd.losses.divergence``), hf_kd given the teacher's logits (its default chunk for the
    device), hf_kd given the teacher's hidden states and output layer too (``+ teacher head``: neither
    [N, V] logits ever exist), and Liger's ``LigerFusedLinearJSD`` (β = 0 is its forward KL). The loss
    values are printed beside each other: they must agree.
@@ -49,7 +49,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository, run as a script
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
-from hf_kd.losses import HiddenStates, distillation_loss  # noqa: E402
+from hf_kd.losses import HiddenStates, distillation_loss, divergence  # noqa: E402
 from hf_kd.losses.distillation import default_chunk_size  # noqa: E402
 from hf_kd.tasks import CausalLMTask  # noqa: E402
 from hf_kd.teachers.cached import CachedTeacher  # noqa: E402
@@ -174,10 +174,18 @@ def loss_row(name, h, w, teacher_h, teacher_w, labels, chunk, liger, device, rep
         return step
 
     with torch.no_grad():
-        teacher_logits = teacher_h @ teacher_w.T
-    dense = measure(step_of(lambda: h @ w.T, teacher_logits, None, "dense"), device, repeats)
-    chunked = measure(step_of(lambda: HiddenStates(h, w), teacher_logits, chunk, "hf_kd"), device, repeats)
-    del teacher_logits
+        held = [teacher_h @ teacher_w.T]  # the teacher's full logits, freed before the fused runs
+    kept = labels != -100
+
+    def dense_step() -> None:  # the obvious code: autograd through the divergence on the full logits
+        h.grad = w.grad = None
+        loss = divergence(name, h @ w.T, held[0], beta=0.5)[kept].sum() / kept.sum()
+        loss.backward()
+        values["dense"] = loss.item()
+
+    dense = measure(dense_step, device, repeats)
+    chunked = measure(step_of(lambda: HiddenStates(h, w), held[0], chunk, "hf_kd"), device, repeats)
+    held.clear()
     head = HiddenStates(teacher_h, teacher_w)
     fused = measure(step_of(lambda: HiddenStates(h, w), head, chunk, "head"), device, repeats)
     liger_result = None
