@@ -24,14 +24,20 @@ def config(tmp_path, teacher_hidden: bool, student_hidden: bool = False, **field
 @pytest.mark.parametrize("divergence", ["jsd", "forward_kl", "mse"])
 def test_loss_and_gradients_equal_the_full_teacher_logits(toy, tmp_path, divergence):  # noqa: F811
     """The teacher's vocabulary padded beyond the student's (48 vs 40: its output layer's rows are cut);
-    with the student's logits whole, and with both made from hidden states in the same chunks."""
+    with the student's logits whole, with both made from hidden states in the same chunks, and with no
+    loss_chunk_size (the device's default chunk)."""
     task, rows = prepared_rows(toy, [0, 3, 7, 11])
     batch = task.collate(list(rows))
     teacher = tiny_llama(48, seed=1)
     results = []
-    for teacher_hidden, student_hidden in ((False, False), (True, False), (True, True)):
+    for teacher_hidden, student_hidden, chunk in (
+        (False, False, 5),
+        (True, False, 5),
+        (True, True, 5),
+        (True, False, None),
+    ):
         student = tiny_llama(40, seed=0, layers=2).train()
-        args = config(tmp_path, teacher_hidden, student_hidden, divergence=divergence)
+        args = config(tmp_path, teacher_hidden, student_hidden, divergence=divergence, loss_chunk_size=chunk)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, task=task)
         made = trainer.teacher_signal(dict(batch))
         assert isinstance(made, HiddenStates) == teacher_hidden
