@@ -96,6 +96,13 @@ class DistillationConfig(TrainingArguments):
             and the loss makes its logits chunk by chunk through the output layer, so the
             [tokens × vocabulary] student logits never exist. Needs an output layer without bias; not with
             `compute_metrics`, FSDP or ZeRO-3.
+        teacher_logits_from_hidden_states (`bool`, *optional*, defaults to `False`):
+            causal-lm, online teacher of the student's tokenizer only: the teacher's forward stops at its
+            final hidden states and the loss makes its logits chunk by chunk through its output layer, in the
+            same pass as the student's, so the [tokens × vocabulary] teacher logits never exist either
+            (`loss_chunk_size`, or the device's default: 512 positions at a 128k vocabulary on a GPU). Needs
+            a teacher output layer without bias; not with a cached teacher, feature losses, a teacher of
+            another tokenizer, or a teacher sharded by ZeRO-3.
 
         > Different tokenizers (causal-lm; docs/knowledge.md#different-tokenizers)
 
@@ -274,6 +281,14 @@ class DistillationConfig(TrainingArguments):
             "student logits never exist (output layer without bias; no compute_metrics, FSDP or ZeRO-3)."
         },
     )
+    teacher_logits_from_hidden_states: bool = field(
+        default=False,
+        metadata={
+            "help": "causal-lm, online teacher of the student's tokenizer: the teacher's forward stops at its final "
+            "hidden states and the loss makes its logits chunk by chunk, so the [tokens × vocab] teacher logits "
+            "never exist (output layer without bias; no cached teacher, feature losses or ZeRO-3)."
+        },
+    )
     cross_tokenizer_matched_weight: float = field(
         default=1.0,
         metadata={
@@ -404,6 +419,11 @@ class DistillationConfig(TrainingArguments):
                 "student_logits_from_hidden_states: true needs loss_chunk_size (the positions per chunk of "
                 "student logits made from the hidden states)"
             )
+        if self.teacher_logits_from_hidden_states and self.teacher_source == "cached":
+            raise ValueError(
+                "teacher_logits_from_hidden_states: true needs an online teacher; teacher_source='cached' "
+                "stores top-k logits, not hidden states"
+            )
         for name in ("cross_tokenizer_matched_weight", "cross_tokenizer_unmatched_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be ≥ 0")
@@ -446,10 +466,9 @@ class DistillationConfig(TrainingArguments):
                 "hidden_loss / attention_weight read the teacher's hidden states, which a cached teacher "
                 "does not have: use teacher_source: online"
             )
-        if self.student_logits_from_hidden_states:
-            raise ValueError(
-                "hidden_loss / attention_weight are not supported with student_logits_from_hidden_states"
-            )
+        for name in ("student_logits_from_hidden_states", "teacher_logits_from_hidden_states"):
+            if getattr(self, name):
+                raise ValueError(f"hidden_loss / attention_weight are not supported with {name}")
 
     def __getstate__(self) -> dict[str, Any]:
         """The pickled state (``training_args.bin``, written next to every saved student) without

@@ -171,6 +171,8 @@ class Task(ABC):
         measure: (logits [n, C], labels [n] (−100: not scored), the bytes each position covers or None,
         the positions scored) — here the student's items over the ``classes`` both models share; None
         when the batch holds nothing comparable."""
+        if isinstance(teacher_output, HiddenStates):  # teacher_logits_from_hidden_states: made whole here
+            teacher_output = teacher_output.logits()
         items = self.kd_items(teacher_output[..., :classes], None, batch["labels"])
         return items.student_logits.float(), items.labels, batch.get(TEXT_BYTES), batch["labels"] != NO_LABEL
 

@@ -602,9 +602,9 @@ class CausalLMTask(Task):
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         """Position t of a row is one instance with target ``labels[t + 1]``. Both logits are cut to the
         shared vocabulary prefix when the output layers are padded to different sizes (views, no copy
-        of the student's logits). The student may be :class:`HiddenStates` (final hidden states
-        [B, T, H], output-layer weight [V, H]): its weight's rows are cut instead, and the loss makes
-        its logits chunk by chunk."""
+        of the student's logits). The student and the teacher may be :class:`HiddenStates` (final hidden
+        states [B, T, H], output-layer weight [V, H]): their weight's rows are cut instead, and the loss
+        makes their logits chunk by chunk."""
         targets = next_token_targets(labels).reshape(-1)
         if isinstance(teacher_logits, AlignedLogits):  # another tokenizer: already over flattened rows
             student = student_logits.reshape(-1, student_logits.shape[-1])
@@ -618,6 +618,10 @@ class CausalLMTask(Task):
                     f"cached teacher top-k holds token ids ≥ {vocab}, beyond the student's vocabulary"
                 )
             teacher = teacher_logits.reshape(-1).first_classes(vocab)
+        elif isinstance(teacher_logits, HiddenStates):  # teacher_logits_from_hidden_states: its output layer
+            vocab = min(vocab, teacher_logits.weight.shape[0])
+            hidden = teacher_logits.hidden
+            teacher = HiddenStates(hidden.reshape(-1, hidden.shape[-1]), teacher_logits.weight[:vocab])
         elif teacher_logits is not None:
             vocab = min(vocab, teacher_logits.shape[-1])
             teacher = teacher_logits[..., :vocab].reshape(-1, vocab)
