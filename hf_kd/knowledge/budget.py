@@ -94,11 +94,12 @@ def compare_budgets(kd: Sequence, twin: Sequence, tolerance: float = BUDGET_TOLE
     seen may differ only by the KD run's unlabelled rows at equal steps (named, not blocking)."""
     by_seed = {r.seed: r for r in twin}
     pairs = [(k, by_seed[k.seed]) for k in kd if k.seed in by_seed] or [(k, t) for k in kd for t in twin]
+    found = [(k, t, *_pair(k, t, tolerance)) for k, t in pairs]
+    alike = all(words == found[0][2] for _, _, words, _ in found)  # the same for every pair: said once
     differences: list[str] = []
     blocking: list[str] = []
-    for k, t in pairs:
-        words, block = _pair(k, t, tolerance)
-        tag = f" (seed {k.seed})" if len(pairs) > 1 and k.seed == t.seed else ""
+    for k, t, words, block in found:
+        tag = "" if alike else f" (KD seed {k.seed}, twin seed {t.seed})"
         differences += [w + tag for w in words if w + tag not in differences]
         blocking += [b for b in block if b not in blocking]
     return BudgetComparison(tuple(differences), tuple(blocking), not blocking)

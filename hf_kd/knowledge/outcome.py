@@ -266,8 +266,8 @@ def budget_diagnosis(
         return _diagnosis(
             "budget difference",
             "Budgets: " + "; ".join(found.differences) + ".",
-            "Nothing to equalise: both ran the same optimizer steps of the same rows; the verdict weighs the "
-            "teacher's soft labels on the unlabelled rows against more passes over the labels.",
+            "Nothing to equalise: both made the same optimizer steps of the same batch size; the verdict weighs "
+            "the teacher's soft labels on the unlabelled rows against more passes over the labels.",
         )
     return _diagnosis(
         "unequal budgets",
