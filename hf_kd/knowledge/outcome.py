@@ -54,8 +54,9 @@ OUTCOME_THRESHOLDS = {
   last quarter of the learning-rate time → still falling: under-trained. A straight line scores 1/3, a
   flattened curve near 0 (a relative drop would flag a loss that is tiny and still halving). On the
   learning-rate clock a decaying schedule does not flatten the curve: on the standard-library text
-  runs of BENCHMARKS.md, "When KD does not help", a 200-step linear-decay KD run scores 0.2–0.3 there
-  (a few % on the step axis) and a converged run under 0.1.
+  runs of BENCHMARKS.md, "When KD does not help", an 800-step linear-decay KD run scores 0.22 there
+  (0.075 on the step axis: "flat") and gained 7.4 points at twice the steps; at 1,600 steps, on a
+  plateau, it scores 0.07.
 - ``soft_not_learnt``: the soft loss at the end is at least this share of its first logged value → the
   student has not come close to the teacher on the transfer rows.
 - ``low_agreement``: student–teacher agreement on the evaluation split below it, with the soft loss no
