@@ -143,12 +143,13 @@ def summarize_grid(
     return summary
 
 
-def _f(x: float) -> str:
-    return "—" if math.isnan(x) else f"{x:.4f}"
+def _f(x: float, sign: bool = False) -> str:
+    return "—" if math.isnan(x) else f"{x:+.4f}" if sign else f"{x:.4f}"
 
 
-def _spread(mean: float, std: float, n: int) -> str:
-    return f"{_f(mean)} (1 seed: no spread)" if n < 2 or math.isnan(std) else f"{_f(mean)} ± {_f(std)}"
+def _spread(mean: float, std: float, n: int, sign: bool = False) -> str:
+    head = _f(mean, sign)
+    return f"{head} (1 seed: no spread)" if n < 2 or math.isnan(std) else f"{head} ± {_f(std)}"
 
 
 def table(summary: dict[str, dict[str, Any]], metric: str) -> str:
@@ -160,7 +161,7 @@ def table(summary: dict[str, dict[str, Any]], metric: str) -> str:
     ]
     for name, s in sorted(summary.items(), key=lambda item: -item[1]["score"]):
         low, high = s["gain_interval"]
-        gain = "" if name.startswith("none_") else _spread(s["gain"], s["gain_std"], s["n"])
+        gain = "" if name.startswith("none_") else _spread(s["gain"], s["gain_std"], s["n"], sign=True)
         if not math.isnan(low):
             gain += f" ({low:+.4f} … {high:+.4f})"
         lines.append(
@@ -336,7 +337,7 @@ def tune(
     verdict = (
         "no KD setting beat no KD on validation: KD does not pay here at these settings"
         if best.startswith("none_")
-        else f"gain over no KD at the same {s['steps']:,} optimizer steps {_spread(s['gain'], s['gain_std'], s['n'])}"
+        else f"gain over no KD at the same {s['steps']:,} optimizer steps {_spread(s['gain'], s['gain_std'], s['n'], sign=True)}"
     )
     comment = (
         f"Chosen by scripts/tune.py: {best}, validation {metric} {_spread(s['mean'], s['std'], s['n'])} over "
