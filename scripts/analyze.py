@@ -9,7 +9,9 @@
 from its ``run_record.json``, no recipe file needed; the first run is the analysed student. ``--twin``:
 the output_dir of the no-KD twin (α = 0, same recipe otherwise; repeat for seeds, paired by seed): the
 report then leads with the outcome — the gain and its seed spread, the share of the no-KD → teacher gap
-closed, both budgets, and when KD did not help, each cause found with what to try. ``--card`` renders
+closed, both budgets (a verdict only when they are equal: else "cannot judge", naming the difference),
+budget differences and under-training whatever the verdict, and when KD did not help, each other cause
+found with what to try. ``--card`` renders
 the first run's model card again with that outcome as its first section.
 
 The recipe gives the dataset, the task, α and τ; the teacher defaults to its
