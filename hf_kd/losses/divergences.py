@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_kd.losses.cross_tokenizer import uld_distance
 from hf_kd.losses.sparse import SparseLogits
 
 
@@ -127,6 +128,14 @@ def skew_kl(log_q: torch.Tensor, log_p: torch.Tensor, *, skew: float = 0.1) -> t
 def skew_rkl(log_q: torch.Tensor, log_p: torch.Tensor, *, skew: float = 0.1) -> torch.Tensor:
     """KL(q ‖ (1 − s) p + s q) (DistiLLM, s = ``skew``)."""
     return _kl(log_q, _log_mix(log_p, log_q, 1.0 - skew))
+
+
+@register_divergence("uld", "Σ_i |sort↓(p)_i − sort↓(q)_i|")
+def uld(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """ULD (Boizard et al. 2024): the L1 distance between the two probability vectors sorted in
+    decreasing order, blind to which token has which probability (the cross-tokenizer loss's unmatched
+    part, ``hf_kd.losses.cross_tokenizer.uld_distance``)."""
+    return uld_distance(log_q.exp(), log_p.exp())
 
 
 @register_divergence("mse", "(1/K) Σ_i (z_i/τ − v_i/τ)²", on_logits=True)
