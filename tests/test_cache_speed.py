@@ -14,7 +14,9 @@ from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache import capture as capture_module
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.load import load_teacher_cache
-from hf_kd.teachers.codec import TopkCodec, _read_bits, _words
+from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.codec.bits import read_bits as _read_bits
+from hf_kd.teachers.codec.bits import words as _words
 
 # 10 rows in shards of 4 + 4 + 2, batches of 3: 2 + 2 + 1 batches
 SETTINGS = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
