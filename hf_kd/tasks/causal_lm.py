@@ -77,6 +77,7 @@ class CausalLMTask(Task):
 
     name = "causal-lm"
     input_column = "input_ids"
+    token_level = scores_bytes = aligns_tokenizers = True
 
     def __init__(
         self,
@@ -108,6 +109,11 @@ class CausalLMTask(Task):
         if self.prompt_column is not None:
             return (self.prompt_column,)
         return (self.text_column, self.messages_column)
+
+    @property
+    def can_generate(self) -> bool:
+        """Unpacked rows only: completions are generated per prompt."""
+        return not self.packing
 
     def use_processor(self, processor, *, pad_token_id=None) -> None:
         """Pad with the tokenizer's pad id (else its EOS: padded positions are masked, any id works); without
