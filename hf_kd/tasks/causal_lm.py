@@ -7,11 +7,9 @@ Face convention: aligned with ``input_ids`` (the model's logit at position t pre
 −100 where there is no target — prompt tokens when ``completion_only_loss``, padding, and the first
 token of every packed sequence.
 
-The named parts: ``chat.py`` (prompt columns, chat-template spans, a text's ids with offsets),
-``lm_scoring.py`` (next-token targets, text bytes, bits per byte), ``lm_batches.py`` (packing and
-collation, a compressed cache decoded), ``lm_teacher.py`` and ``alignment.py`` (a teacher of another
-tokenizer's columns). Their public
-names are also importable from here.
+The named parts, whose public names also import from here: ``chat.py`` (prompt columns, chat-template
+spans, a text's ids with offsets), ``lm_scoring.py`` (next-token targets, bits per byte), ``lm_batches.py``
+(packing, collation), ``lm_teacher.py`` and ``alignment.py`` (a teacher of another tokenizer's columns).
 """
 
 from __future__ import annotations
