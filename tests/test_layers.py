@@ -120,12 +120,17 @@ LAYER_OF = {
             "hf_kd.completion_log",
             "hf_kd.teachers.placement",
             "hf_kd.teachers.signal",
-            "hf_kd.hub",
         ),
         2,  # the trainer and what it is built from
     ),
     **dict.fromkeys(
-        ("hf_kd.modeling", "hf_kd.data.loading", "hf_kd.teachers.cache.load", "hf_kd.teachers.cache.capture"),
+        (
+            "hf_kd.modeling",
+            "hf_kd.data.loading",
+            "hf_kd.teachers.cache.load",
+            "hf_kd.teachers.cache.capture",
+            "hf_kd.hub",
+        ),
         1,  # loading: models, datasets and teacher caches read from (or written to) disk or the Hub
     ),
 }
