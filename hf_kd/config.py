@@ -15,7 +15,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_kd.feature_losses import HIDDEN_LOSSES
-from hf_kd.losses import DIVERGENCES, TAIL_MODES
+from hf_kd.losses import DIVERGENCE_REGISTRY, DIVERGENCES, TAIL_MODES
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
 TEACHER_SOURCES = {
@@ -74,8 +74,9 @@ class DistillationConfig(TrainingArguments):
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight α ∈ [0, 1] of the soft term: 0 is plain fine-tuning on labels, 1 the soft term only.
         divergence (`str`, *optional*, defaults to `"forward_kl"`):
-            The soft term's divergence D: `"forward_kl"`, `"reverse_kl"`, `"jsd"`, `"tvd"`, `"skew_kl"`,
-            `"skew_rkl"` or `"mse"` (on logits; the real teacher only). See docs/knowledge.md#divergences.
+            The soft term's divergence D, a name of the registry `hf_kd.losses.DIVERGENCE_REGISTRY` (the
+            `--help` text lists them; docs/knowledge.md#divergences gives each formula). `"mse"` compares
+            logits (the real teacher only).
         beta (`float`, *optional*, defaults to `0.5`):
             Interpolation β ∈ [0, 1] of the generalised `"jsd"`; 0 is forward KL, 1 reverse KL.
         skew (`float`, *optional*, defaults to `0.1`):
@@ -437,9 +438,9 @@ class DistillationConfig(TrainingArguments):
                 "teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)"
             )
         self._check_generation()
-        if self.divergence == "mse" and self.synthetic_teacher not in ("kd", "none"):
+        if DIVERGENCE_REGISTRY[self.divergence].on_logits and self.synthetic_teacher not in ("kd", "none"):
             raise ValueError(
-                f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
+                f"divergence={self.divergence!r} compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
             )
 
     def _check_feature_losses(self) -> None:

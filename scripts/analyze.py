@@ -26,9 +26,7 @@ import argparse
 from pathlib import Path
 
 from hf_kd import parse_args
-from hf_kd.data.loading import dataset_inputs
 from hf_kd.knowledge.outcome import outcome_markdown
-from hf_kd.paths import refuse_overlap
 from hf_kd.runs.report import build_report
 from hf_kd.runs.run_record import read_run, recipe_arguments, write_outcome_card
 
@@ -88,12 +86,6 @@ def main(argv: list[str] | None = None) -> Path:
     elif student.lower() == "none":
         student = None
     report_dir = Path(own.report_dir or Path(config.output_dir) / "report")
-    refuse_overlap(
-        "report_dir",
-        report_dir,
-        {"teacher": teacher, "student": student, **dataset_inputs(data_args)},
-        may_lie_inside=("student",),  # the default: <output_dir>/report, next to the student it describes
-    )
     content = build_report(
         data_args,
         config,

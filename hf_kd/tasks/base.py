@@ -109,6 +109,16 @@ class Task(ABC):
     needs_processor: bool = True  # False: model inputs are dataset columns as they are (feature vectors)
     input_column: str  # the model-input column of processed rows (``input_ids``, ``pixel_values``, ...)
 
+    # What the task can do, declared here so that no caller tests its type or name:
+    token_level: bool = False
+    """Each token with a next-token target is one item (a vocabulary instead of label names)."""
+    scores_bytes: bool = False
+    """Its evaluation reports perplexity and bits per byte (``hf_kd.tasks.lm_scoring``)."""
+    can_generate: bool = False
+    """Its rows are prompts a model can continue (on-policy distillation samples completions)."""
+    aligns_tokenizers: bool = False
+    """It can distil a teacher of another tokenizer (``use_teacher_tokenizer``, ``hf_kd.tasks.alignment``)."""
+
     @abstractmethod
     def raw_columns(self) -> tuple[str, ...]:
         """Columns of raw rows, any one of which :meth:`prepare` turns into model inputs."""
