@@ -113,7 +113,6 @@ LAYER_OF = {
             "hf_kd.callbacks",
             "hf_kd.predictions",
             "hf_kd.checkpoints",
-            "hf_kd.hidden_states",
             "hf_kd.features",
             "hf_kd.on_policy",
             "hf_kd.generation",
