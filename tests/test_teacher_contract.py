@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from processes import TeacherServer
 from test_cache import tiny_gpt_and_texts
 from tiny import save_model, tiny_config
 
@@ -17,7 +18,7 @@ from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
 from hf_kd.teachers.sources import TEACHER_SOURCES, TeacherSource, register_teacher_source
 
 CASES = {}
-"""Source name → a function (setup, tmp_path) building (its signal, the task, the prepared rows)."""
+"""Source name → a function (setup, tmp_path, pytest request) building (its signal, the task, the prepared rows)."""
 
 
 def case(name):
@@ -45,7 +46,7 @@ def _task_and_rows(tokenizer, splits):
 
 
 @case("online")
-def online_signal(lm, tmp_path):
+def online_signal(lm, tmp_path, request):
     root, tokenizer, teacher, student, data = lm
     config = tiny_config(tmp_path, teacher_source="online", alpha=0.5)
     task, rows = _task_and_rows(tokenizer, data)
@@ -53,7 +54,7 @@ def online_signal(lm, tmp_path):
 
 
 @case("cached")
-def cached_signal(lm, tmp_path):
+def cached_signal(lm, tmp_path, request):
     root, tokenizer, teacher, student, data = lm
     kwargs = dict(teacher_id="gpt", top_k=4, batch_size=4, progress=False)
     capture_teacher_logits(teacher, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "cache", **kwargs)
@@ -71,9 +72,9 @@ def test_every_registered_source_has_a_case_here():
 
 
 @pytest.mark.parametrize("name", sorted(TEACHER_SOURCES))
-def test_every_registered_source_satisfies_the_contract(name, lm, tmp_path):
+def test_every_registered_source_satisfies_the_contract(name, lm, tmp_path, request):
     source = TEACHER_SOURCES[name]
-    signal, task, rows = CASES[name](lm, tmp_path)
+    signal, task, rows = CASES[name](lm, tmp_path, request)
     assert isinstance(signal, TeacherSignal)
     check_teacher_signal(signal)
     assert set(signal.returns) <= set(source.returns)
@@ -132,3 +133,25 @@ def test_registering_a_source_twice_or_with_unknown_outputs_is_refused():
     with pytest.raises(ValueError, match=r"returns \('logits',\); expected some of"):
         register_teacher_source(odd)
     assert "odd" not in TEACHER_SOURCES
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    root = lm[0]
+    with TeacherServer(root / "teacher", "--served-model-name", "gpt") as running:
+        yield running
+
+
+@case("served")
+def served_signal(lm, tmp_path, request):
+    server = request.getfixturevalue("server")
+    root, tokenizer, teacher, student, data = lm
+    options = {"url": server.url, "model": "gpt", "top_k": 4}
+    config = tiny_config(tmp_path, teacher_source="served", teacher_options=options, alpha=0.5)
+    task, rows = _task_and_rows(tokenizer, data)
+    client, _ = open_teacher_source(config, task, data, ["train"])
+    return (
+        build_teacher_signal(config, task, student, resource=client, student_processor=tokenizer),
+        task,
+        rows,
+    )

@@ -8,6 +8,7 @@ source      returns                     features  on-policy  loads the   built b
 online      dense (aligned: another     yes       yes        yes         ``hf_kd.teachers.online``
             tokenizer)
 cached      dense or sparse (top-k)     no        no         no          ``hf_kd.teachers.cached``
+served      sparse (top-k)              no        yes        no          ``hf_kd.teachers.served``
 ==========  ==========================  ========  =========  ==========  ================================
 
 The configuration (``hf_kd.config``) reads the declared capabilities to refuse what a source cannot do
@@ -126,5 +127,18 @@ register_teacher_source(
         open="hf_kd.teachers.cached:open_teacher_cache",
         build="hf_kd.teachers.cached:build_cached_teacher",
         requires=("teacher_cache",),
+    )
+)
+register_teacher_source(
+    TeacherSource(
+        name="served",
+        description="the teacher's top-k log-probabilities were asked of a server (vLLM's OpenAI-compatible API)",
+        returns=("sparse",),
+        loads_model=False,
+        gives_features=False,
+        scores_samples=True,
+        open="hf_kd.teachers.served:open_served_teacher",
+        build="hf_kd.teachers.served:build_served_teacher",
+        options=("url", "model", "top_k", "api_key_env", "timeout", "retries", "backoff", "concurrency"),
     )
 )
