@@ -57,6 +57,12 @@ class DistillationConfig(TrainingArguments):
             `"online"` (the teacher runs at every step) or `"cached"` (read from `teacher_cache`).
         teacher_options (`dict`, `str` or `None`, *optional*, defaults to `None`):
             The options of `teacher_source`, as its registry entry names them; a string is read as YAML.
+        teachers (`list`, `str` or `None`, *optional*, defaults to `None`):
+            With `teacher_source="mixture"`: the teachers, each `{name, source, weight, model, revision, cache,
+            options}` (`hf_kd.teachers.mixture`); a string is read as YAML.
+        teacher_routing_column (`str` or `None`, *optional*, defaults to `None`):
+            With `teacher_source="mixture"`: a dataset column naming each example's teacher; each example is
+            then taught by that teacher alone instead of the weighted mixture.
         teacher_cache (`str` or `None`, *optional*, defaults to `None`):
             With `teacher_source="cached"`: a local cache directory or a Hub dataset id written by
             `scripts/cache_teacher.py`.
@@ -200,6 +206,16 @@ class DistillationConfig(TrainingArguments):
     teacher_options: dict | str | None = field(
         default=None,
         metadata={"help": "The options of teacher_source (see its entry in hf_kd.teachers.sources)."},
+    )
+    teachers: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "teacher_source='mixture': the teachers, each {name, source, weight, model, cache, options}."
+        },
+    )
+    teacher_routing_column: str | None = field(
+        default=None,
+        metadata={"help": "teacher_source='mixture': a column naming each example's teacher (routing)."},
     )
     teacher_cache: str | None = field(
         default=None,
@@ -387,7 +403,13 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_options={self.teacher_options!r}: expected a mapping of option → value"
             )
+        if isinstance(self.teachers, str):
+            self.teachers = yaml.safe_load(self.teachers)
         _check_choice("teacher_source", self.teacher_source, tuple(TEACHER_SOURCES))
+        if (self.teachers or self.teacher_routing_column) and self.teacher_source != "mixture":
+            raise ValueError(
+                f"teachers / teacher_routing_column are read with teacher_source: mixture, not {self.teacher_source!r}"
+            )
         self._check_feature_losses()
         self.resume_from_checkpoint = _resume_flag(self.resume_from_checkpoint)
         _check_range("alpha", self.alpha, 0.0, 1.0)

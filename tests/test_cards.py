@@ -47,7 +47,13 @@ def test_tables_escape_cells_and_leave_out_missing_fields():
 
 @pytest.mark.parametrize("source", sorted(TEACHER_SOURCES))
 def test_card_names_every_teacher_source_a_config_accepts(tmp_path, source):
-    DistillationConfig(output_dir=str(tmp_path), teacher_source=source, teacher_cache=str(tmp_path / "cache"))
+    teachers = [{"name": "a", "model": "m"}] if source == "mixture" else None  # what the source requires
+    DistillationConfig(
+        output_dir=str(tmp_path),
+        teacher_source=source,
+        teacher_cache=str(tmp_path / "cache"),
+        teachers=teachers,
+    )
     text = str(render_model_card(_info(teacher_source=source)))
     assert f"- **Teacher signal:** {source}: {TEACHER_SOURCES[source].description}" in text
 

@@ -155,3 +155,24 @@ def served_signal(lm, tmp_path, request):
         task,
         rows,
     )
+
+
+@case("mixture")
+def mixture_signal(lm, tmp_path, request):
+    root, tokenizer, teacher, student, data = lm
+    kwargs = dict(teacher_id="gpt", top_k=4, batch_size=4, progress=False)
+    capture_teacher_logits(teacher, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "cache", **kwargs)
+    teachers = [
+        {"name": "online", "source": "online", "model": str(root / "teacher"), "weight": 1},
+        {"name": "cached", "source": "cached", "cache": str(tmp_path / "cache"), "weight": 2},
+    ]
+    config = tiny_config(tmp_path, teacher_source="mixture", teachers=teachers, alpha=0.5)
+    task = CausalLMTask(max_length=6)
+    task.use_processor(tokenizer)
+    opened, splits = open_teacher_source(config, task, data, ["train"])
+    rows = task.prepare(splits["train"], student_processor=tokenizer)
+    return (
+        build_teacher_signal(config, task, student, resource=opened, student_processor=tokenizer),
+        task,
+        rows,
+    )

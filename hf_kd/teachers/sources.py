@@ -9,6 +9,7 @@ online      dense (aligned: another     yes       yes        yes         ``hf_kd
             tokenizer)
 cached      dense or sparse (top-k)     no        no         no          ``hf_kd.teachers.cached``
 served      sparse (top-k)              no        yes        no          ``hf_kd.teachers.served``
+mixture     dense (log-probabilities)   no        no         no          ``hf_kd.teachers.mixture``
 ==========  ==========================  ========  =========  ==========  ================================
 
 The configuration (``hf_kd.config``) reads the declared capabilities to refuse what a source cannot do
@@ -140,5 +141,18 @@ register_teacher_source(
         open="hf_kd.teachers.served:open_served_teacher",
         build="hf_kd.teachers.served:build_served_teacher",
         options=("url", "model", "top_k", "api_key_env", "timeout", "retries", "backoff", "concurrency"),
+    )
+)
+register_teacher_source(
+    TeacherSource(
+        name="mixture",
+        description="several teachers' distributions were mixed by weight, or each example routed to one of them",
+        returns=("dense",),
+        loads_model=False,
+        gives_features=False,
+        scores_samples=False,
+        open="hf_kd.teachers.mixture:open_mixture",
+        build="hf_kd.teachers.mixture:build_mixture_teacher",
+        requires=("teachers",),
     )
 )
