@@ -50,6 +50,7 @@ class Teacher:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = load_teacher(CausalLMTask(), path)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.decoded = [self.tokenizer.decode([i]) for i in range(self.vocab_size)]  # vLLM's decoded_token
         self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_tokens = max_batch_tokens
         self.lock = threading.Lock()
@@ -138,33 +139,43 @@ class Teacher:
         for b, p in enumerate(prompts):
             n = len(p)
             next_id = int(log_p[b, n - 1].argmax())
-            entry = {
-                "index": first_index + b,
-                "text": self.tokenizer.decode([next_id]),
-                "logprobs": None,
-                "finish_reason": "length",
-                "stop_reason": None,
-                "prompt_logprobs": None
-                if k is None
-                else [None] + [self._position(log_p[b, t - 1], p[t], k) for t in range(1, n)],
-            }
-            choices.append(entry)
+            choices.append(
+                {
+                    "index": first_index + b,
+                    "text": self.decoded[next_id],
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "prompt_logprobs": None
+                    if k is None
+                    else [None, *self._positions(log_p[b, : n - 1], p[1:], k)],
+                }
+            )
         return choices
 
-    def _position(self, log_p: torch.Tensor, token: int, k: int) -> dict:
-        """The k most likely ids (rank 1..k) and the prompt's own ``token`` with its rank."""
-        top = torch.topk(log_p, k).indices.tolist() if k else []
-        ranks = {token_id: rank for rank, token_id in enumerate(top, start=1)}
-        if token not in ranks:
-            ranks[token] = int((log_p > log_p[token]).sum()) + 1
-        return {
-            str(token_id): {
-                "logprob": float(log_p[token_id]),
-                "rank": rank,
-                "decoded_token": self.tokenizer.decode([token_id]),
+    def _positions(self, log_p: torch.Tensor, tokens: list[int], k: int) -> list[dict]:
+        """At each position, the k most likely ids (rank 1..k) and the prompt's own next token with its
+        rank (1 + the number of ids more likely), from ``log_p`` [positions, V]."""
+        own = torch.tensor(tokens)
+        own_log_p = log_p.gather(1, own[:, None])
+        own_rank = ((log_p > own_log_p).sum(-1) + 1).tolist()
+        top_log_p, top_ids = torch.topk(log_p, k, dim=-1) if k else (log_p[:, :0], own[:, None][:, :0])
+        answers = []
+        for values, ids, token, token_log_p, rank in zip(
+            top_log_p.tolist(), top_ids.tolist(), tokens, own_log_p[:, 0].tolist(), own_rank, strict=True
+        ):
+            entries = {
+                str(i): {"logprob": v, "rank": r, "decoded_token": self.decoded[i]}
+                for r, (i, v) in enumerate(zip(ids, values, strict=True), start=1)
             }
-            for token_id, rank in ranks.items()
-        }
+            if token not in ids:
+                entries[str(token)] = {
+                    "logprob": token_log_p,
+                    "rank": rank,
+                    "decoded_token": self.decoded[token],
+                }
+            answers.append(entries)
+        return answers
 
 
 def handler(teacher: Teacher, api_key: str | None):

@@ -220,7 +220,8 @@ def served_fields(server, **options):
 
 
 def test_a_student_trained_from_the_server_ends_where_one_from_a_cache_ends(setup, tmp_path, key):
-    """Same seed, same teacher, same top-k and sparse_tail: the served run's weights equal the cached run's."""
+    """Same seed, same teacher, same top-k and sparse_tail: the served run's weights equal the cached run's,
+    its requests made in the training process or in a DataLoader worker."""
     root, tokenizer, teacher, data, server = setup
     capture_teacher_logits(
         teacher,
@@ -237,8 +238,11 @@ def test_a_student_trained_from_the_server_ends_where_one_from_a_cache_ends(setu
     )
     served = train(setup, tmp_path / "served", served_fields(server))
     assert not torch.equal(served["lm_head.weight"], gpt(1).lm_head.weight)  # it trained
+    # asked in a DataLoader worker: the answers travel in the batch (kd_teacher_served_* columns)
+    in_worker = train(setup, tmp_path / "worker", {**served_fields(server), "dataloader_num_workers": 1})
     for name in cached:
         torch.testing.assert_close(served[name], cached[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(in_worker[name], cached[name], atol=1e-5, rtol=1e-4)
 
 
 class StopServerAtSave(TrainerCallback):

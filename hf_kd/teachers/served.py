@@ -16,8 +16,10 @@ top-k is (``sparse_tail`` applies). The last real position of a row and its padd
 filler (uniform over the k slots, tail −inf): they have no next-token target.
 
 Requests for a batch start when the batch is collated (:meth:`ServedTeacher.collator`), in a thread pool
-of ``concurrency`` workers, so the next batches are in flight while the student trains; a batch not seen
-by the collator (the student's sampled completions) is asked for when it is needed. Each request is tried
+of ``concurrency`` workers, so the next batch is in flight while the student trains; with
+``dataloader_num_workers`` ≥ 1 each DataLoader worker asks for its own batches (``prefetch_factor``
+batches each, answers parsed outside the training process). A batch not seen by the collator (the
+student's sampled completions) is asked for when it is needed. Each request is tried
 ``retries + 1`` times with exponential backoff; then :class:`TeacherServerError` stops the run (its
 checkpoints are complete: resume once the server is back). Before training the server is checked once:
 the model it serves, and its tokenizer against the student's (``tokenizer_hash`` and ``vocab_size``
@@ -44,7 +46,7 @@ import torch
 
 from hf_kd.losses import SparseLogits
 from hf_kd.modeling import logit_layer_weight
-from hf_kd.tasks.base import Task, processor_fingerprint
+from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
 from hf_kd.teachers.contract import SignalDefaults
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ DEFAULTS = {
 """``teacher_options`` of ``teacher_source: served`` besides ``url`` and ``model`` (both required)."""
 PROBE_TEXT = "The teacher and the student read the same tokens: 0123456789 ÄÖÜ éà ß 日本 🙂."
 """A text whose token ids, by the server's tokenizer and the student's, must agree."""
+SERVED = "served_"
+"""The batch columns (``kd_teacher_served_*``) of answers asked in a DataLoader worker."""
 PENDING_LIMIT = 64
 """Requested batches kept for their training step at most (older ones are dropped unused)."""
 
@@ -222,18 +226,20 @@ def sparse_from_prompt_logprobs(
     indices = torch.arange(top_k).expand(rows, length, top_k).clone()
     tail = torch.full((rows, length), -math.inf)
     for b, (answer, n) in enumerate(zip(answers, lengths, strict=True)):
-        for t in range(n - 1):
-            entries = sorted(answer[t + 1].items(), key=lambda item: (item[1]["rank"], -item[1]["logprob"]))
-            if len(entries) < top_k:
+        if n < 2:
+            continue
+        values, ids = [], []
+        for position in answer[1:n]:
+            top = sorted(position.items(), key=lambda item: item[1]["rank"])[:top_k]
+            if len(top) < top_k:
                 raise TeacherServerError(
-                    f"the teacher server answered {len(entries)} log-probs at a position, fewer than top_k={top_k}"
+                    f"the teacher server answered {len(top)} log-probs at a position, fewer than top_k={top_k}"
                 )
-            top = entries[:top_k]
-            values = torch.tensor([entry["logprob"] for _, entry in top], dtype=torch.float64)
-            log_probs[b, t] = values.float()
-            indices[b, t] = torch.tensor([int(token) for token, _ in top])
-            kept = values.exp().sum().item()
-            tail[b, t] = math.log1p(-kept) if kept < 1 else -math.inf
+            values.append([entry["logprob"] for _, entry in top])
+            ids.append([int(token) for token, _ in top])
+        row_values = torch.tensor(values, dtype=torch.float64)
+        log_probs[b, : n - 1], indices[b, : n - 1] = row_values.float(), torch.tensor(ids)
+        tail[b, : n - 1] = torch.log1p(-row_values.exp().sum(-1).clamp(max=1.0)).float()
     if bool((indices >= num_classes).any()):
         raise TeacherServerError(
             f"the teacher server answered token ids ≥ {num_classes}, beyond the student's vocabulary"
@@ -273,23 +279,36 @@ class ServedTeacher(SignalDefaults):
         return sparse_from_prompt_logprobs(answers, lengths, length, self.top_k, self.num_classes)
 
     def collator(self, collate):
-        """``collate``, then the batch's request started in the pool (in the main process: a
-        DataLoader worker's batches are asked for when they are used)."""
+        """``collate``, then the batch's request: in the main process started in the thread pool (the
+        step takes its answer); in a DataLoader worker (``dataloader_num_workers`` ≥ 1: several batches
+        in flight, the answers parsed outside the training process) asked there and attached to the batch
+        as ``kd_teacher_served_*`` columns."""
 
         def collate_and_request(features):
             batch = collate(features)
-            if torch.utils.data.get_worker_info() is None:
-                prompts, lengths, length = self._rows(batch)
-                key = self._key(prompts, length)
-                if key not in self._pending:
-                    self._pending[key] = self._pool.submit(self._ask, prompts, lengths, length)
-                    while len(self._pending) > PENDING_LIMIT:
-                        self._pending.popitem(last=False)
+            prompts, lengths, length = self._rows(batch)
+            if torch.utils.data.get_worker_info() is not None:
+                sparse = self._ask(prompts, lengths, length)
+                batch |= {
+                    CACHE_PREFIX + SERVED + "log_probs": sparse.log_probs,
+                    CACHE_PREFIX + SERVED + "indices": sparse.indices,
+                    CACHE_PREFIX + SERVED + "tail_log_mass": sparse.tail_log_mass,
+                }
+                return batch
+            key = self._key(prompts, length)
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._ask, prompts, lengths, length)
+                while len(self._pending) > PENDING_LIMIT:
+                    self._pending.popitem(last=False)
             return batch
 
         return collate_and_request
 
     def __call__(self, batch: dict[str, Any]) -> SparseLogits:
+        columns = split_batch(batch)[2]
+        if SERVED + "log_probs" in columns:  # asked in a DataLoader worker
+            names = ("log_probs", "indices", "tail_log_mass")
+            return SparseLogits(*(columns[SERVED + name] for name in names), self.num_classes)
         prompts, lengths, length = self._rows(batch)
         future = self._pending.pop(self._key(prompts, length), None)
         sparse = future.result() if future is not None else self._ask(prompts, lengths, length)
@@ -300,6 +319,10 @@ class ServedTeacher(SignalDefaults):
             sparse.tail_log_mass.to(device),
             sparse.num_classes,
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a DataLoader worker started by spawn) without the pool and the pending requests."""
+        return {**self.__dict__, "_pool": None, "_pending": OrderedDict()}
 
 
 def open_served_teacher(config, task: Task, splits, split_names: list[str]):
