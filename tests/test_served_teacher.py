@@ -7,6 +7,7 @@ teacher, refusals before training (another model, another tokenizer, no key), th
 from __future__ import annotations
 
 import json
+import math
 import urllib.request
 from pathlib import Path
 
@@ -273,3 +274,19 @@ def test_the_server_down_mid_run_stops_with_a_named_error_and_resume_finishes_th
     resumed = train(setup, out, fields, resume=True)
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+def test_ids_beyond_the_students_vocabulary_are_dropped_and_the_rest_renormalised():
+    """A padded output layer's id in the top-k (id 40 ≥ the student's 40 classes): dropped, the kept
+    log-probs renormalised over the mass left, its slot padding (−inf), the tail what the kept leave."""
+    from hf_kd.teachers.served import sparse_from_prompt_logprobs
+
+    def entry(logprob, rank):
+        return {"logprob": math.log(logprob), "rank": rank, "decoded_token": "x"}
+
+    answer = [None, {"7": entry(0.5, 1), "40": entry(0.3, 2), "3": entry(0.1, 3), "9": entry(0.05, 5)}]
+    sparse = sparse_from_prompt_logprobs([answer], [2], 2, 3, 40)
+    torch.testing.assert_close(sparse.log_probs[0, 0, :2], torch.tensor([0.5 / 0.7, 0.1 / 0.7]).log())
+    assert sparse.log_probs[0, 0, 2] == -math.inf and sparse.indices[0, 0].tolist()[:2] == [7, 3]
+    assert sparse.indices[0, 0, 2] not in (7, 3)
+    torch.testing.assert_close(sparse.tail_log_mass[0, 0], torch.tensor(1 - 0.6 / 0.7).log())

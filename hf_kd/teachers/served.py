@@ -215,12 +215,34 @@ def _error_message(err: urllib.error.HTTPError) -> str:
     return inner.get("message", str(body)) if isinstance(inner, dict) else str(body)
 
 
+def _position_entries(position: dict, top_k: int, num_classes: int) -> tuple[list[float], list[int]]:
+    """One position's ``top_k`` entries of lowest rank, as (log-probs, ids) over the first ``num_classes``
+    ids: an id beyond them (a padded output layer) is dropped and the others renormalised over the mass
+    left (as the online teacher's logits are cut to the student's vocabulary); the slots it leaves are
+    padding (log-prob −inf, an id not kept)."""
+    top = sorted(position.items(), key=lambda item: item[1]["rank"])[:top_k]
+    if len(top) < top_k:
+        raise TeacherServerError(
+            f"the teacher server answered {len(top)} log-probs at a position, fewer than top_k={top_k}"
+        )
+    kept = [(int(token), entry["logprob"]) for token, entry in top if int(token) < num_classes]
+    if len(kept) == top_k:
+        return [value for _, value in kept], [token for token, _ in kept]
+    dropped = sum(math.exp(entry["logprob"]) for token, entry in top if int(token) >= num_classes)
+    norm = math.log1p(-min(dropped, 1.0 - 1e-12))
+    ids = [token for token, _ in kept]
+    free = (token for token in range(num_classes) if token not in ids)
+    padding = [next(free) for _ in range(top_k - len(kept))]
+    return [value - norm for _, value in kept] + [-math.inf] * len(padding), ids + padding
+
+
 def sparse_from_prompt_logprobs(
     answers: list[list[dict | None]], lengths: list[int], length: int, top_k: int, num_classes: int
 ) -> SparseLogits:
     """``prompt_logprobs`` answers (one per row of real length ``lengths[b]``) → SparseLogits
-    ``[B, length, top_k]``: position t holds the entries of answer position t + 1, the ``top_k`` of
-    lowest rank (the prompt's own token beyond them left out); the rest as the collator pads cached top-k."""
+    ``[B, length, top_k]`` over ``num_classes`` classes: position t holds the entries of answer position
+    t + 1 (:func:`_position_entries`), the tail its left-out mass; the rest as the collator pads a cached
+    top-k."""
     rows = len(answers)
     log_probs = torch.full((rows, length, top_k), -math.log(top_k))
     indices = torch.arange(top_k).expand(rows, length, top_k).clone()
@@ -228,22 +250,11 @@ def sparse_from_prompt_logprobs(
     for b, (answer, n) in enumerate(zip(answers, lengths, strict=True)):
         if n < 2:
             continue
-        values, ids = [], []
-        for position in answer[1:n]:
-            top = sorted(position.items(), key=lambda item: item[1]["rank"])[:top_k]
-            if len(top) < top_k:
-                raise TeacherServerError(
-                    f"the teacher server answered {len(top)} log-probs at a position, fewer than top_k={top_k}"
-                )
-            values.append([entry["logprob"] for _, entry in top])
-            ids.append([int(token) for token, _ in top])
-        row_values = torch.tensor(values, dtype=torch.float64)
-        log_probs[b, : n - 1], indices[b, : n - 1] = row_values.float(), torch.tensor(ids)
+        entries = [_position_entries(position, top_k, num_classes) for position in answer[1:n]]
+        row_values = torch.tensor([values for values, _ in entries], dtype=torch.float64)
+        log_probs[b, : n - 1] = row_values.float()
+        indices[b, : n - 1] = torch.tensor([ids for _, ids in entries])
         tail[b, : n - 1] = torch.log1p(-row_values.exp().sum(-1).clamp(max=1.0)).float()
-    if bool((indices >= num_classes).any()):
-        raise TeacherServerError(
-            f"the teacher server answered token ids ≥ {num_classes}, beyond the student's vocabulary"
-        )
     return SparseLogits(log_probs, indices, tail, num_classes)
 
 
