@@ -54,7 +54,8 @@ class DistillationConfig(TrainingArguments):
             (`hf_kd.teachers.placement`).
         teacher_source (`str`, *optional*, defaults to `"online"`):
             Where the teacher's logits come from, a source registered in `hf_kd.teachers.sources`:
-            `"online"` (the teacher runs at every step) or `"cached"` (read from `teacher_cache`).
+            `"online"` (the teacher runs at every step), `"cached"` (read from `teacher_cache`), `"served"`
+            (asked of a server speaking vLLM's API: `teacher_options`) or `"mixture"` (several `teachers`).
         teacher_options (`dict`, `str` or `None`, *optional*, defaults to `None`):
             The options of `teacher_source`, as its registry entry names them; a string is read as YAML.
         teachers (`list`, `str` or `None`, *optional*, defaults to `None`):
@@ -200,7 +201,7 @@ class DistillationConfig(TrainingArguments):
         default="online",
         metadata={
             "help": "Where the teacher's logits come from: a source of hf_kd.teachers.sources ('online': run "
-            "the teacher each step; 'cached')."
+            "the teacher each step; 'cached'; 'served'; 'mixture')."
         },
     )
     teacher_options: dict | str | None = field(

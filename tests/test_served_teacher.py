@@ -290,3 +290,53 @@ def test_ids_beyond_the_students_vocabulary_are_dropped_and_the_rest_renormalise
     assert sparse.log_probs[0, 0, 2] == -math.inf and sparse.indices[0, 0].tolist()[:2] == [7, 3]
     assert sparse.indices[0, 0, 2] not in (7, 3)
     torch.testing.assert_close(sparse.tail_log_mass[0, 0], torch.tensor(1 - 0.6 / 0.7).log())
+
+
+def test_on_policy_samples_are_scored_by_the_server(tmp_path, key):
+    """lmbda = 1: the student's sampled completions (which no collator saw) are asked of the server when
+    the step needs them, and equal the teacher's own top-k on the sampled batch."""
+    from test_on_policy import PAD, tiny_llama
+
+    from hf_kd.data.toy_chat import write_toy_chat
+
+    path = write_toy_chat(tmp_path / "toy_chat", num_train=8, num_test=2)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
+    teacher = tiny_llama(40, seed=1).eval()
+    save_model(teacher, tokenizer, tmp_path / "teacher")
+    with TeacherServer(tmp_path / "teacher", "--served-model-name", "toy") as server:
+        options = {"url": server.url, "model": "toy", "top_k": K}
+        config = tiny_config(
+            tmp_path / "out", teacher_source="served", teacher_options=options, alpha=0.5, lmbda=1.0,
+            max_new_tokens=4, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        )  # fmt: skip
+        task = CausalLMTask(max_length=64)
+        task.use_processor(tokenizer, pad_token_id=PAD)
+        from datasets import load_from_disk
+
+        client, splits = open_teacher_source(config, task, load_from_disk(str(path)), ["train"])
+        rows = task.prepare(splits["train"], student_processor=tokenizer)
+        student = tiny_llama(40, seed=0)
+        signal = build_teacher_signal(config, task, student, resource=client, student_processor=tokenizer)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_signal=signal,
+            args=config,
+            task=task,
+            train_dataset=rows,
+            processing_class=tokenizer,
+        )
+        batch = trainer.data_collator([rows[i] for i in range(4)])
+        (sampled,), _ = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+        assert not torch.equal(sampled["input_ids"], batch["input_ids"])  # the student's completions
+        served = signal(sampled)
+        with torch.no_grad():
+            logits = teacher(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]).logits
+        reference = SparseLogits.from_logits(logits, K)
+        targets = torch.zeros_like(sampled["attention_mask"], dtype=torch.bool)
+        targets[:, :-1] = sampled["attention_mask"][:, 1:].bool()
+        assert torch.equal(served.indices[targets], reference.indices[targets])
+        torch.testing.assert_close(
+            served.log_probs[targets], reference.log_probs[targets], atol=1e-5, rtol=1e-5
+        )
+        trainer.train()
+        assert [h for h in trainer.state.log_history if "loss_soft_generated" in h]

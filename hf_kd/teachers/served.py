@@ -279,6 +279,12 @@ class ServedTeacher(SignalDefaults):
         lengths = (
             mask.cpu().sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
         ).tolist()
+        if mask is not None and not torch.equal(
+            mask.cpu().bool(), torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]
+        ):
+            raise ValueError(
+                "a served teacher reads right-padded rows: each attention mask must be ones, then zeros"
+            )
         return [row[:n].tolist() for row, n in zip(ids, lengths, strict=True)], lengths, ids.shape[1]
 
     @staticmethod
