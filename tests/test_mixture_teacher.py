@@ -182,4 +182,4 @@ def test_a_run_trains_from_a_mixture_and_its_card_names_the_source(setup, tmp_pa
     assert [round(h["loss_soft"], 6) > 0 for h in history if "loss_soft" in h] == [True] * 3
     card = (tmp_path / "run" / "README.md").read_text()
     assert "- **Teacher signal:** mixture: several teachers" in card
-    assert f"a (online `{root / 'a'}`, weight 1), b (cached `{root / 'cache_b'}`, weight 1)" in card
+    assert f"a (online {root / 'a'}, weight 1), b (cached {root / 'cache_b'}, weight 1)" in card

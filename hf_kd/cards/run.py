@@ -57,13 +57,13 @@ def run_card_info(
     elif config.uses_teacher and config.teachers:  # several teachers
         teacher_id = ", ".join(
             f"{m['name']} ({m.get('source', 'online')} "
-            f"`{m.get('model') or m.get('cache') or (m.get('options') or {}).get('model')}`, "
+            f"{m.get('model') or m.get('cache') or (m.get('options') or {}).get('model')}, "
             f"weight {m.get('weight', 1)})"
             for m in config.teachers
         )
     elif config.uses_teacher:  # a served teacher is named by the model its server serves
         teacher_id = config.teacher_model_name_or_path or (config.teacher_options or {}).get("model")
-        teacher_revision = config.teacher_model_revision
+        teacher_revision = config.teacher_model_revision if config.teacher_model_name_or_path else None
     return DistillationCardInfo(
         student_id=config.hub_model_id or Path(config.output_dir).name,
         teacher_id=teacher_id,
