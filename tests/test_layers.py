@@ -61,6 +61,7 @@ def within(modules: list[str], layers: tuple[str, ...]) -> list[str]:
         ("hf_kd.knowledge", ABOVE_PURE + LOADERS),
         ("hf_kd.tasks", ABOVE_PURE),
         ("hf_kd.teachers.synthetic", ABOVE_PURE),
+        ("hf_kd.teachers.sources", ABOVE_PURE + LOADERS + HUB_IO),
         ("hf_kd.teachers.cache", ABOVE_PURE + LOADERS + HUB_IO + ("hf_kd.cards",)),
         ("hf_kd.cards", ABOVE_PURE + LOADERS + HUB_IO),
         ("hf_kd.redact", ABOVE_PURE + LOADERS + HUB_IO),
