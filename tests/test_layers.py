@@ -120,6 +120,7 @@ LAYER_OF = {
             "hf_kd.completion_log",
             "hf_kd.teachers.placement",
             "hf_kd.teachers.signal",
+            "hf_kd.teachers.mixture",  # builds each member's signal through the factory
         ),
         2,  # the trainer and what it is built from
     ),
@@ -129,6 +130,8 @@ LAYER_OF = {
             "hf_kd.data.loading",
             "hf_kd.teachers.cache.load",
             "hf_kd.teachers.cache.capture",
+            "hf_kd.teachers.cached",  # opens a cache (teachers.cache.load)
+            "hf_kd.teachers.served",  # connects to a server, checks it against the student
             "hf_kd.hub",
         ),
         1,  # loading: models, datasets and teacher caches read from (or written to) disk or the Hub
