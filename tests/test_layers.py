@@ -206,7 +206,6 @@ STILL_OVER = {
     "hf_kd/config.py": 845,
     "hf_kd/trainer.py": 575,
     "hf_kd/teachers/cache/capture.py": 548,
-    "hf_kd/knowledge/outcome.py": 525,
     "hf_kd/runs/distill.py": 484,
 }
 """Product modules still over :data:`MAX_LINES`, each with its size when this list was made as a ceiling:

@@ -11,15 +11,9 @@ from distill_run import write_tiny_run
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.cards.model import DistillationCardInfo, render_model_card
-from hf_kd.knowledge.outcome import (
-    RunFacts,
-    compare,
-    diagnose_outcome,
-    knowledge_causes,
-    outcome,
-    outcome_markdown,
-    per_class_scores,
-)
+from hf_kd.knowledge.causes import diagnose_outcome, knowledge_causes, per_class_scores
+from hf_kd.knowledge.facts import RunFacts
+from hf_kd.knowledge.outcome import compare, outcome, outcome_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,15 +14,9 @@ from distill_run import write_tiny_run
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.knowledge.budget import compare_budgets
-from hf_kd.knowledge.outcome import (
-    OUTCOME_THRESHOLDS,
-    RunFacts,
-    outcome,
-    outcome_markdown,
-    per_class_scores,
-    teacher_weak_classes,
-    under_training,
-)
+from hf_kd.knowledge.causes import per_class_scores, teacher_weak_classes, under_training
+from hf_kd.knowledge.facts import OUTCOME_THRESHOLDS, RunFacts
+from hf_kd.knowledge.outcome import outcome, outcome_markdown
 from hf_kd.knowledge.progress import late_fall_share, lr_clock
 from hf_kd.runs.run_record import read_run
 

@@ -2,7 +2,7 @@
 and labelled rows seen, compared pair by pair: every difference is named, and the ones that decide the
 result instead of the teacher make the outcome say it cannot judge.
 
-Pure: :class:`~hf_kd.knowledge.outcome.RunFacts`-like objects in (``optimizer_steps``, ``batch_size``,
+Pure: :class:`~hf_kd.knowledge.facts.RunFacts`-like objects in (``optimizer_steps``, ``batch_size``,
 ``labelled_rows``, ``unlabelled_rows``, ``labelled_rows_seen``, ``uses_soft_term``), sentences out.
 """
 

@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from hf_kd.files import write_atomic
+from hf_kd.knowledge.causes import per_class_scores
 from hf_kd.knowledge.diagnosis import THRESHOLDS, diagnose
 from hf_kd.knowledge.domain import most_frequent_classes
+from hf_kd.knowledge.facts import RunFacts
 from hf_kd.knowledge.instance import rescaling_weight
 from hf_kd.knowledge.measures import Predictions, knowledge_measures, scalar_measures, similarity_matrices
-from hf_kd.knowledge.outcome import RunFacts, outcome, outcome_markdown, per_class_scores
+from hf_kd.knowledge.outcome import outcome, outcome_markdown
 from hf_kd.knowledge.universe import teacher_entropy, wrong_mass
 
 

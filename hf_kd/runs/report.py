@@ -12,7 +12,7 @@ import torch
 
 from hf_kd.data.hierarchy import class_groups
 from hf_kd.data.loading import dataset_inputs, load_splits
-from hf_kd.knowledge.outcome import RunFacts
+from hf_kd.knowledge.facts import RunFacts
 from hf_kd.knowledge.report import write_report
 from hf_kd.modeling import (
     check_model_source,

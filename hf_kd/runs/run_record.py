@@ -18,7 +18,7 @@ from hf_kd.cards.model import DistillationCardInfo, write_model_card
 from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.config import ARGUMENT_CLASSES
 from hf_kd.files import write_atomic
-from hf_kd.knowledge.outcome import RunFacts
+from hf_kd.knowledge.facts import RunFacts
 
 RECORD_NAME = "run_record.json"
 

@@ -150,4 +150,6 @@ def build_online_teacher(
         check_output_layer(task, unwrapped, TEACHER_OPTION)
         if unwrapped.get_output_embeddings().weight.numel() == 0:
             raise ValueError(f"{TEACHER_OPTION} needs the teacher's whole output layer: not with ZeRO-3")
-    return OnlineTeacher(teacher_model, output_map, from_hidden_states=config.teacher_logits_from_hidden_states)
+    return OnlineTeacher(
+        teacher_model, output_map, from_hidden_states=config.teacher_logits_from_hidden_states
+    )
