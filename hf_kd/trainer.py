@@ -418,6 +418,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             "tail": args.sparse_tail,
             "target_fn": self.target_fn,
             "chunk_size": args.loss_chunk_size,
+            "standardize": args.logit_standardization,
             "beta": args.beta,
             "skew": args.skew,
         }
