@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="the student's recipe (YAML)")
     parser.add_argument("--report_dir", help="report folder (default: outputs/preflight/<recipe name>)")
     parser.add_argument("--max_samples", type=int, default=512, help="rows of the slice measured")
-    parser.add_argument("--max_tokens", type=int, default=4096, help="token-level tasks: tokens measured")
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        default=4096,
+        help="token-level tasks: positions read (the labelled ones are measured)",
+    )
     parser.add_argument("--split", help="the split measured (default: the recipe's training split)")
     parser.add_argument(
         "--student_reference", type=float, help="the student's score without KD, when known (e.g. 0.74)"

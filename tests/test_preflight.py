@@ -166,3 +166,33 @@ def test_a_cached_teacher_gives_the_same_measures_as_the_online_one(tmp_path):
     for key, value in online["profile"]["teacher"].items():
         assert cached["profile"]["teacher"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
     assert cached["recommendation"]["fields"] == online["recommendation"]["fields"]
+
+
+def test_a_causal_lm_preflight_measures_the_student_and_the_cache_widths(tmp_path):
+    """The tiny on-policy recipe: the untrained student's NLL, the teacher's kept mass per k, both equal to
+    the same numbers computed from the two models' own logits, and the on-policy warning for lmbda 1."""
+    from tiny import tiny_llama
+    from transformers import AutoTokenizer
+
+    from hf_kd.data.toy_chat import write_toy_chat
+
+    data = write_toy_chat(tmp_path / "toy_chat", num_train=16, num_test=4)
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(48, seed=1, pad_token_id=0, eos_token_id=5).save_pretrained(teacher_dir)
+    AutoTokenizer.from_pretrained(str(data / "tokenizer")).save_pretrained(teacher_dir)
+    argv = ["--config", "recipes/causal_lm/tiny/on_policy.yaml", "--dataset_name", str(data)]
+    argv += ["--student_processor", str(data / "tokenizer"), "--teacher_model_name_or_path", str(teacher_dir)]
+    argv += ["--report_dir", str(tmp_path / "p"), "--max_tokens", "40", "--lmbda", "1.0"]
+    content = preflight.main(argv)
+    profile = content["profile"]
+    assert 0 < profile["num_items"] <= 40 and "student" in profile and profile["kept_mass"]
+    masses = [m["mean"] for _, m in sorted(profile["kept_mass"].items())]
+    assert masses == sorted(masses) and all(0 < m < 1 for m in masses)  # wider keeps more
+    fields = content["recommendation"]["fields"]
+    assert fields["alpha"]["value"] == PREFLIGHT_RULES["alpha_token_level"]
+    assert "cache_top_k" in fields and "cache_top_k" not in yaml.safe_load(
+        (tmp_path / "p" / "recommended.yaml").read_text()
+    )
+    gap = profile["student"]["nll"] - profile["teacher"]["nll"]
+    warned = any(w.startswith("On-policy KD from a student") for w in content["recommendation"]["warnings"])
+    assert warned == (gap > PREFLIGHT_RULES["on_policy_gap_nats"])
