@@ -133,6 +133,11 @@ def test_preflight_script_writes_the_report_and_a_recipe_distill_accepts(tmp_pat
     from hf_kd.config import parse_args
 
     parse_args(["--config", str(report / "recommended.yaml")])  # a recipe distill.py accepts
+    no_kd = preflight.main(
+        ["--config", str(recipe), "--report_dir", str(tmp_path / "p0"), "--max_samples", "48"]
+        + ["--alpha", "0"]
+    )
+    assert no_kd["profile"] == content["profile"]  # a no-KD recipe: its teacher is measured all the same
     with pytest.raises(ValueError, match="report_dir"):  # never written into an input
         preflight.main(["--config", str(recipe), "--report_dir", str(tmp_path / "teacher" / "x")])
 
