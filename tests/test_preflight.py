@@ -9,7 +9,13 @@ import torch
 import yaml
 from distill_run import write_tiny_run
 
-from hf_kd.knowledge.preflight import PREFLIGHT_RULES, kept_mass_by_k, recommend, teacher_profile
+from hf_kd.knowledge.preflight import (
+    PREFLIGHT_RULES,
+    heldout_scores,
+    kept_mass_by_k,
+    recommend,
+    teacher_profile,
+)
 from scripts import cache_teacher, preflight
 
 PLAN = dict(planned_steps=100, train_rows=320, batch_size=32)
@@ -87,6 +93,13 @@ def test_a_teacher_no_better_than_the_students_reference_is_called_unlikely_to_h
     assert any("unlikely to help" in w for w in rec.warnings)
     rec = recommend(profile, **PLAN, student_reference=accuracy - 0.1)
     assert not any("unlikely to help" in w for w in rec.warnings)
+    held_logits, held_labels = teacher_logits(200, 10, margin=0.0, seed=1)  # memorised: chance held out
+    profile["heldout"] = heldout_scores(held_logits, held_labels)
+    assert profile["heldout"]["accuracy"] == pytest.approx(
+        (held_logits.argmax(-1) == held_labels).double().mean().item()
+    )
+    rec = recommend(profile, **PLAN, student_reference=accuracy - 0.1)
+    assert any("unlikely to help: its held-out accuracy" in w for w in rec.warnings)
 
 
 def test_a_flat_tailed_teacher_is_warned_about():
@@ -124,6 +137,7 @@ def test_preflight_script_writes_the_report_and_a_recipe_distill_accepts(tmp_pat
     assert sorted(p.name for p in report.iterdir()) == ["preflight.json", "preflight.md", "recommended.yaml"]
     profile = content["profile"]
     assert profile["num_items"] == 48 and profile["num_classes"] == 3
+    assert profile["heldout"]["num_items"] == 32  # the recipe's evaluation split, all 32 rows
     written = yaml.safe_load((report / "recommended.yaml").read_text())
     fields = content["recommendation"]["fields"]
     for name in ("alpha", "temperature", "divergence", "max_steps"):

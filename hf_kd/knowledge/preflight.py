@@ -122,6 +122,18 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits.float(), labels).item()
 
 
+def heldout_scores(teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The teacher's accuracy and NLL on held-out labelled items (label ≥ 0): what it knows beyond the rows
+    it may have memorised, the number its usefulness is judged by."""
+    keep = labels >= 0
+    v, y = teacher_logits[keep].float(), labels[keep]
+    return {
+        "num_items": int(y.numel()),
+        "accuracy": (v.argmax(-1) == y).double().mean().item(),
+        "nll": _nll(v, y),
+    }
+
+
 def teacher_profile(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -236,9 +248,11 @@ def recommend(
         if student_reference is not None
         else (profile["majority_share"], "the majority-class share")
     )
-    if not token_level and t["accuracy"] < reference + rules["teacher_margin"]:
+    heldout = profile.get("heldout")
+    accuracy, where = (heldout["accuracy"], "held-out accuracy") if heldout else (t["accuracy"], "accuracy")
+    if not token_level and accuracy < reference + rules["teacher_margin"]:
         warnings.append(
-            f"The teacher is unlikely to help: its accuracy {t['accuracy']:.3f} is not above {source} "
+            f"The teacher is unlikely to help: its {where} {accuracy:.3f} is not above {source} "
             f"({reference:.3f}) by {rules['teacher_margin']}. Train the student on labels alone, or find a better teacher."
         )
     saturated = t["saturation_share"] >= rules["saturated_share"]
@@ -374,6 +388,12 @@ def preflight_markdown(
     for tau, r in sorted(profile["by_temperature"].items()):
         lines.append(
             f"| {tau:g} | {r['teacher_entropy']:.4f} | {r['kl_to_uniform']:.4f} | {r['soft_signal']:.4f} |"
+        )
+    if "heldout" in profile:
+        h = profile["heldout"]
+        lines.insert(
+            lines.index("| τ | normalised entropy | KL to uniform | soft signal (mean 1 − p^τ_t) |") - 1,
+            f"- held out ({h['num_items']} items of the evaluation split): accuracy {h['accuracy']:.4f}, NLL {h['nll']:.4f}",
         )
     if "student" in profile:
         s = profile["student"]

@@ -22,7 +22,7 @@ from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.labels import label_names
 from hf_kd.data.loading import dataset_inputs, load_splits
 from hf_kd.files import write_atomic_dir
-from hf_kd.knowledge.preflight import preflight_markdown, recommend, teacher_profile
+from hf_kd.knowledge.preflight import heldout_scores, preflight_markdown, recommend, teacher_profile
 from hf_kd.modeling import check_model_fits, check_model_source, count_parameters, load_teacher
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions
@@ -54,7 +54,9 @@ def run_preflight(
     student_reference: float | None = None,
 ) -> dict[str, Any]:
     """Measure the recipe's teacher on ``max_samples`` rows (token-level tasks: ``max_tokens`` tokens) of
-    ``split`` (default: the training split, the rows the soft term will read), with the student as it starts, and write the report
+    ``split`` (default: the training split, the rows the soft term will read) — and, for an online
+    classification teacher, its accuracy on as many rows of the evaluation split (what it knows beyond
+    rows it may have memorised) — with the student as it starts, and write the report
     folder ``report_dir``. ``recipe``: the YAML the recommended recipe is written from (default: the
     recommended fields alone). ``student_reference``: the student's score without KD, when known."""
     started = time.perf_counter()
@@ -155,6 +157,16 @@ def run_preflight(
         student_logits=predictions.student_logits,
         token_level=token_level and cache is None,
     )
+    heldout = data_args.eval_split
+    if not token_level and cache is None and heldout and heldout != split and heldout in splits:
+        rows_out = splits[heldout].select(range(min(max_samples, len(splits[heldout]))))
+        prepared_out = task.prepare(
+            rows_out, student_processor=student_processor, teacher_processor=teacher_processor
+        )
+        out = collect_predictions(
+            prepared_out, task, teacher_signal=signal, batch_size=config.per_device_eval_batch_size
+        )
+        profile["heldout"] = heldout_scores(out.teacher_logits, out.labels)
 
     if data_args.use_unlabeled or data_args.num_labeled_examples is None:
         train_rows = len(train)
