@@ -73,6 +73,15 @@ def test_a_healthy_teacher_gets_alpha_09_and_the_smallest_temperature_with_soft_
     assert not any("unlikely" in w or "Over-confident" in w for w in rec.warnings)
 
 
+def test_a_confident_unsaturated_teacher_keeps_temperature_1():
+    """As the text task's teacher: little mass off the true class at τ 1 (< 0.1), yet none saturated."""
+    logits, labels = teacher_logits(400, 8, margin=5.5)
+    profile = teacher_profile(logits, labels)
+    assert profile["by_temperature"][1.0]["soft_signal"] < PREFLIGHT_RULES["soft_signal"]
+    assert profile["teacher"]["saturation_share"] < PREFLIGHT_RULES["saturated_share"]
+    assert recommend(profile, **PLAN).fields["temperature"].value == 1.0
+
+
 def test_a_saturated_teacher_gets_a_higher_temperature_a_lower_alpha_and_a_warning():
     logits, labels = teacher_logits(400, 10, margin=12.0)
     profile = teacher_profile(logits, labels)
