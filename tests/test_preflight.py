@@ -151,6 +151,7 @@ def test_preflight_script_writes_the_report_and_a_recipe_distill_accepts(tmp_pat
     fields = content["recommendation"]["fields"]
     for name in ("alpha", "temperature", "divergence", "max_steps"):
         assert written[name] == fields[name]["value"]
+    assert written["output_dir"] == str(tmp_path / "out") + "_preflight"
     assert written["max_steps"] == max(4, math.ceil(15 * 16 / 16))  # 15 passes over 16 labelled rows
     assert json.loads((report / "preflight.json").read_text())["profile"]["teacher"] == profile["teacher"]
     from hf_kd.config import parse_args

@@ -202,7 +202,7 @@ def run_preflight(
         f"{name}: {c.value} ({c.because})" for name, c in recommendation.fields.items()
     )
     if recipe is not None:
-        text = recommended_recipe(recipe, fields, "max_steps", comment)
+        text = recommended_recipe(recipe, fields, "max_steps", comment, suffix="_preflight")
     else:
         text = "".join(f"# {line}\n" for line in comment.splitlines()) + yaml.safe_dump(
             fields, sort_keys=False
