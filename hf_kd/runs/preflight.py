@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from transformers import AutoConfig, set_seed
 
-from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
+from hf_kd.config import DataArguments, DistillationConfig, ModelArguments, load_recipe
 from hf_kd.data.labels import label_names
 from hf_kd.data.loading import dataset_inputs, load_splits
 from hf_kd.files import write_atomic_dir
@@ -27,7 +27,6 @@ from hf_kd.modeling import check_model_fits, check_model_source, count_parameter
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions
 from hf_kd.runs.distill import load_student
-from hf_kd.runs.tune import recommended_recipe
 from hf_kd.tasks import CausalLMTask, build_task, teacher_own_processor
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.signal import build_teacher_signal
@@ -201,12 +200,13 @@ def run_preflight(
     comment = "Recommended by scripts/preflight.py before training:\n" + "\n".join(
         f"{name}: {c.value} ({c.because})" for name, c in recommendation.fields.items()
     )
-    if recipe is not None:
-        text = recommended_recipe(recipe, fields, "max_steps", comment, suffix="_preflight")
-    else:
-        text = "".join(f"# {line}\n" for line in comment.splitlines()) + yaml.safe_dump(
-            fields, sort_keys=False
-        )
+    recommended = (load_recipe(recipe) if recipe is not None else {}) | fields
+    if "output_dir" in recommended:  # the recommended run never overwrites the planned one
+        recommended["output_dir"] = str(recommended["output_dir"]).rstrip("/") + "_preflight"
+    if recommended.get("max_steps", -1) > 0:
+        recommended.pop("num_train_epochs", None)  # the budget is max_steps alone
+    text = "".join(f"# {line}\n" for line in comment.splitlines())
+    text += yaml.safe_dump(recommended, sort_keys=False, allow_unicode=True)
     content = {"profile": profile, "recommendation": recommendation.as_dict(), "facts": facts}
     title = f"Pre-flight: {Path(str(facts['teacher'])).name} → student on {split}"
     markdown = preflight_markdown(title, profile, recommendation, facts)

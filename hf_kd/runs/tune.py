@@ -119,14 +119,12 @@ def table(summary: dict[str, dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def recommended_recipe(
-    recipe: str, fields: dict[str, Any], budget_field: str, comment: str, suffix: str = "_tuned"
-) -> str:
-    """The recipe's YAML with the chosen fields set and ``output_dir`` suffixed ``suffix``."""
+def recommended_recipe(recipe: str, fields: dict[str, Any], budget_field: str, comment: str) -> str:
+    """The recipe's YAML with the chosen fields set and ``output_dir`` suffixed ``_tuned``."""
     content = load_recipe(recipe) | fields
     if budget_field == "num_train_epochs":
         content["max_steps"] = -1
-    content["output_dir"] = str(content.get("output_dir", "outputs/student")).rstrip("/") + suffix
+    content["output_dir"] = str(content.get("output_dir", "outputs/student")).rstrip("/") + "_tuned"
     header = "".join(f"# {line}\n" for line in comment.splitlines())
     return header + yaml.safe_dump(content, sort_keys=False, allow_unicode=True)
 
