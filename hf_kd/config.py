@@ -73,9 +73,16 @@ class DistillationConfig(TrainingArguments):
 
         > Loss
 
-        temperature (`float`, *optional*, defaults to `2.0`):
+        temperature (`float` or `"auto"`, *optional*, defaults to `2.0`):
             Softmax temperature τ > 0 that divides both the teacher's and the student's logits in the
-            soft term (the hard term uses τ = 1).
+            soft term (the hard term uses τ = 1). `"auto"` sets it per item: logit standardisation (Sun
+            et al., CVPR 2024), each item's logits z-scored before the softmax at the base τ
+            `AUTO_BASE_TEMPERATURE` = 2, so its effective τ is 2·σ(logits) — the same as
+            `logit_standardization: true` with `temperature: 2`, which is what the parsed config holds.
+            Needs a full row of teacher logits (online teacher or a full-logit cache); a top-k cache or a
+            teacher of another tokenizer is refused. See docs/knowledge.md#logit-standardisation.
+        logit_standardization (`bool`, *optional*, defaults to `False`):
+            Z-score both models' logits per item before the soft term's softmax at `temperature`.
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight α ∈ [0, 1] of the soft term: 0 is plain fine-tuning on labels, 1 the soft term only.
         divergence (`str`, *optional*, defaults to `"forward_kl"`):
@@ -232,9 +239,18 @@ class DistillationConfig(TrainingArguments):
             "help": "With teacher_source='cached': a local cache directory or a Hub dataset id (see scripts/cache_teacher.py)."
         },
     )
-    temperature: float = field(
+    temperature: float | str = field(
         default=2.0,
-        metadata={"help": "Softmax temperature τ > 0 applied to both teacher and student logits."},
+        metadata={
+            "help": "Softmax temperature τ > 0 applied to both teacher and student logits, or 'auto' (logit "
+            "standardisation at base τ 2)."
+        },
+    )
+    logit_standardization: bool = field(
+        default=False,
+        metadata={
+            "help": "Z-score both models' logits per item before the soft term's softmax (Sun et al. 2024)."
+        },
     )
     alpha: float = field(
         default=0.5,
@@ -432,6 +448,9 @@ class DistillationConfig(TrainingArguments):
         _check_range("alpha", self.alpha, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)
         _check_range("skew", self.skew, 0.0, 1.0, low_open=True)
+        self.temperature = temperature_value(self.temperature)
+        if self.temperature == "auto":
+            self.temperature, self.logit_standardization = AUTO_BASE_TEMPERATURE, True
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0")
         _check_choice("divergence", self.divergence, DIVERGENCES)
@@ -863,6 +882,21 @@ class DataArguments:
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, DistillationConfig)
 
+AUTO_BASE_TEMPERATURE = 2.0
+"""The base τ of ``temperature: auto`` (logit standardisation), the authors' default."""
+
+
+def temperature_value(value: float | str) -> float | str:
+    """A temperature from YAML or the command line: a number, or ``"auto"``."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"temperature={value!r}: expected a number > 0 or 'auto'") from None
+    return value
+
 
 def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, Any]:
     """Read a YAML recipe (``yaml.safe_load``) and reject keys none of ``classes`` knows."""
@@ -903,4 +937,7 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
             if action.dest in recipe:
                 action.required = False
         parser.set_defaults(**recipe)
+    for action in parser._actions:
+        if action.dest == "temperature":  # a number or "auto": argparse's float would refuse "auto"
+            action.type = temperature_value
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -33,6 +33,7 @@ from hf_kd.hidden_states import check_student_for_hidden_states, student_hidden_
 from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
 from hf_kd.on_policy import GENERATED_KEY, check_prompt_rows, check_prompts_only, on_policy_batches
+from hf_kd.on_policy_watch import OnPolicyWatch
 from hf_kd.paths import refuse_overlap
 from hf_kd.tasks import Task, split_batch, task_for_model
 from hf_kd.tasks.base import (
@@ -177,6 +178,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         )
         if self.on_policy is not None and isinstance(self.train_dataset, Dataset):
             check_prompt_rows(self.train_dataset, self.task.max_length)
+        if self.on_policy is not None and 0 < args.lmbda < 1 and not args.seq_kd:
+            self.add_callback(OnPolicyWatch())  # warns when the student's samples are far from the data's
         self.completion_log = (
             CompletionLog(args.output_dir, args.num_completions_to_log, self.processing_class)
             if args.log_completions and self.is_world_process_zero()
@@ -428,6 +431,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             "tail": args.sparse_tail,
             "target_fn": self.target_fn,
             "chunk_size": args.loss_chunk_size,
+            "standardize": args.logit_standardization,
             "beta": args.beta,
             "skew": args.skew,
         }

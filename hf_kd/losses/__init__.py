@@ -16,6 +16,7 @@ positions so that no full-vocabulary float32 tensor for all positions is alive a
   from a sparse teacher;
 - ``hf_kd.losses.distillation``: the training loss (:func:`distillation_loss`), chunked, in one pass for a
   sparse teacher, or from the student's hidden states (:class:`HiddenStates`);
+- ``hf_kd.losses.standardization``: logit standardisation (``temperature: auto``);
 - ``hf_kd.losses.cross_tokenizer``: a teacher of another tokenizer (:class:`AlignedLogits`): the matched
   part on the shared tokens and ULD on the rest.
 
@@ -35,6 +36,7 @@ from hf_kd.losses.divergences import (
     teacher_log_probs,
 )
 from hf_kd.losses.sparse import TAIL_MODES, SparseLogits, TailSketch
+from hf_kd.losses.standardization import standardize_logits
 
 __all__ = [
     "AlignedLogits",
@@ -52,6 +54,7 @@ __all__ = [
     "divergence",
     "divergence_from_log_probs",
     "register_divergence",
+    "standardize_logits",
     "teacher_log_probs",
     "uld_distance",
 ]

@@ -22,6 +22,7 @@ from hf_kd.losses.divergences import (
     teacher_log_probs,
 )
 from hf_kd.losses.sparse import SparseLogits
+from hf_kd.losses.standardization import standardize_logits
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """Maps (teacher log p^τ [n, K], labels [n]) to the target log-probabilities actually distilled
@@ -189,8 +190,10 @@ def _loss_sums(
     tail: str,
     target_fn: TargetFn | None,
     params: dict,
+    standardize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ hard CE over labelled items, Σ D over soft-masked items) for one chunk of positions."""
+    """(Σ hard CE over labelled items, Σ D over soft-masked items) for one chunk of positions; with
+    ``standardize`` the soft term reads both models' logits z-scored per item (the hard term never)."""
     if _fused(teacher, divergence_name, tail, target_fn):
         return _SparseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
@@ -203,6 +206,8 @@ def _loss_sums(
     hard = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
     if teacher is None:
         return hard, torch.zeros_like(hard)
+    if standardize:
+        student_logits, teacher = standardize_logits(student_logits), standardize_logits(teacher)
     if divergence_name == "mse" or target_fn is None:
         per_item = divergence(
             divergence_name, student_logits, teacher, temperature=temperature, tail=tail, **params
@@ -368,6 +373,7 @@ def distillation_loss(
     tail: str = "uniform",
     target_fn: TargetFn | None = None,
     chunk_size: int | None = None,
+    standardize: bool = False,
     **params: float,
 ) -> LossTerms:
     """L = (1 − α) · Σ_hard H(y, q¹) / N_hard + α · s · Σ_soft D(p^τ, q^τ) / N_soft,  s = τ² or 1.
@@ -383,7 +389,18 @@ def distillation_loss(
     [N, K] tensor exists in full (``chunk_size`` None: :func:`default_chunk_size` for the device). A teacher of another tokenizer
     (:class:`AlignedLogits`) replaces Σ_soft D by its matched and unmatched parts
     (``hf_kd.losses.cross_tokenizer``), logged apart in :attr:`LossTerms.parts`.
+
+    ``standardize`` (``temperature: auto``): D reads p = softmax(Z(v)/τ), q = softmax(Z(z)/τ) with Z the
+    per-item z-score of :func:`hf_kd.losses.standardization.standardize_logits` (chunks and hidden states
+    compose: Z is per item); a top-k or cross-tokenizer teacher has no full row of logits to z-score and
+    is refused.
     """
+    if standardize and isinstance(teacher, SparseLogits | AlignedLogits):
+        raise ValueError(
+            f"temperature: auto (logit standardisation) z-scores each item's full row of teacher logits; a "
+            f"{type(teacher).__name__} teacher (a top-k cache or another tokenizer) has none: set a number "
+            "for temperature, or use an online teacher or a full-logit cache"
+        )
     if soft_mask is None:
         soft_mask = labels != -100
     num_hard = (labels != -100).sum() if num_hard is None else num_hard
@@ -434,6 +451,7 @@ def distillation_loss(
             tail=tail,
             target_fn=target_fn,
             params=params,
+            standardize=standardize,
         )
 
     loss, hard, soft = _weighted_sums(
