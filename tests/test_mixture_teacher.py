@@ -10,10 +10,12 @@ import torch
 from datasets import Dataset, DatasetDict
 from test_served_teacher import WORDS, gpt, texts, tokenizer_of
 from tiny import save_model, tiny_config
+from transformers import AutoTokenizer
 
 from hf_kd import DataArguments, ModelArguments, run_distillation
 from hf_kd.losses import distillation_loss
 from hf_kd.tasks import CausalLMTask
+from hf_kd.tasks.base import processor_fingerprint
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.mixture import MixtureTeacher
 from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
@@ -152,6 +154,25 @@ def test_a_route_naming_no_teacher_and_a_teacher_of_another_tokenizer_are_refuse
     teachers = [{"name": "a", "model": str(root / "a")}, {"name": "o", "model": str(tmp_path / "other")}]
     with pytest.raises(ValueError, match=r"teachers\['o'\] reads another tokenizer than the student"):
         mixture(setup, tmp_path, teachers)
+
+
+def test_a_teacher_saved_after_truncating_still_reads_the_students_tokenizer(setup, tmp_path):
+    """A run saves its tokenizer with the truncation it used (``max_length`` in ``tokenizer.json``): the
+    fingerprint leaves that state out, so the mixture accepts such a teacher; another vocabulary differs."""
+    root, tokenizer, a, _, _ = setup
+    used = tokenizer_of(WORDS)
+    used(["w1 w2 w3"], truncation=True, max_length=2, padding="max_length")  # as a run's preprocessing
+    assert used.backend_tokenizer.truncation is not None
+    save_model(a, used, tmp_path / "a_saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "a_saved")
+    assert saved.backend_tokenizer.truncation == {**used.backend_tokenizer.truncation}
+    assert processor_fingerprint(saved) == processor_fingerprint(tokenizer)
+    assert saved.backend_tokenizer.truncation is not None  # the processor itself is left as it was
+    other = tokenizer_of(WORDS[:-1] + ["w99"])
+    assert processor_fingerprint(other) != processor_fingerprint(tokenizer)
+    teachers = [{"name": "a", "model": str(tmp_path / "a_saved")}, {"name": "b", "model": str(root / "b")}]
+    signal, _ = mixture(setup, tmp_path, teachers)
+    assert signal.names == ["a", "b"]
 
 
 def test_a_run_trains_from_a_mixture_and_its_card_names_the_source(setup, tmp_path):

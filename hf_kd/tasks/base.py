@@ -20,6 +20,7 @@ from typing import Any
 
 import datasets
 import torch
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from hf_kd.losses import HiddenStates, SparseLogits
@@ -61,11 +62,16 @@ def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], 
 def processor_fingerprint(processor: Any) -> str:
     """SHA-256 of what decides a processor's output: a tokenizer's full vocabulary, merges, normaliser
     and special tokens (its ``tokenizer.json``), or an image processor's settings. hf_kd's one processor
-    fingerprint: equal fingerprints, same model inputs (a teacher cache records it as ``processor_hash``)."""
+    fingerprint: equal fingerprints, same model inputs (a teacher cache records it as ``processor_hash``).
+    A tokenizer's truncation and padding state is left out: a tokenizer saved after a run truncated with it
+    carries its ``max_length`` in ``tokenizer.json``, yet splits every text into the same tokens."""
     if hasattr(processor, "backend_tokenizer"):
-        payload = processor.backend_tokenizer.to_str() + json.dumps(
-            processor.special_tokens_map, sort_keys=True
-        )
+        backend = processor.backend_tokenizer
+        if backend.truncation is not None or backend.padding is not None:
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        payload = backend.to_str() + json.dumps(processor.special_tokens_map, sort_keys=True)
     elif hasattr(processor, "to_json_string"):
         state = json.loads(processor.to_json_string())
         state.pop("processor_class", None)
