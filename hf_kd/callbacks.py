@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from hf_kd.cards.run import KNOWLEDGE_PREFIX
-from hf_kd.knowledge.measures import knowledge_measures, scalar_measures
+from hf_kd.knowledge.measures import knowledge_measures, scalar_measures, teacher_agreement
 from hf_kd.modeling import logit_layer_weight_or_none
 from hf_kd.predictions import collect_predictions
 from hf_kd.teachers.placement import full_teacher
@@ -15,7 +15,9 @@ from hf_kd.teachers.placement import full_teacher
 class KnowledgeCallback(TrainerCallback):
     """After each evaluation, runs the student and the trainer's teacher signal over the evaluation set
     (at most ``max_items`` items) and logs the scalars of :func:`hf_kd.knowledge.measures.knowledge_measures`
-    as ``eval_knowledge/<level>/<measure>`` through ``trainer.log``.
+    as ``eval_knowledge/<level>/<measure>`` through ``trainer.log``; with several teachers (the signal's
+    ``teachers``), the student's agreement with each as ``eval_knowledge/teachers/<name>/<measure>``
+    (:func:`hf_kd.knowledge.measures.teacher_agreement`).
 
         trainer = DistillationTrainer(...)
         trainer.add_callback(KnowledgeCallback(trainer))
@@ -57,4 +59,17 @@ class KnowledgeCallback(TrainerCallback):
             student_weight=logit_layer_weight_or_none(model),
         )
         measures.pop("settings")
+        for name, teacher in signal.teachers.items():  # several teachers: the student's agreement with each
+            own = collect_predictions(
+                trainer.eval_dataset,
+                trainer.task,
+                student=model,
+                teacher_signal=teacher,
+                batch_size=args.per_device_eval_batch_size,
+                max_items=self.max_items,
+                device=args.device,
+            )
+            measures.setdefault("teachers", {})[name] = teacher_agreement(
+                own.student_logits, own.teacher_logits, own.labels
+            )
         trainer.log(scalar_measures(measures, prefix=KNOWLEDGE_PREFIX))

@@ -42,6 +42,7 @@ from transformers import (
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
 from hf_kd.data.stdlib_text import PACKAGES, stdlib_text_dataset, word_tokenizer
+from hf_kd.knowledge.measures import teacher_agreement
 from hf_kd.runs.distill import run_distillation
 
 DOMAINS = {"A": PACKAGES[:4], "B": PACKAGES[4:]}
@@ -69,23 +70,24 @@ def prepare(root: Path) -> DatasetDict:
     return data
 
 
+def logits(model, tokenizer, rows) -> torch.Tensor:
+    """``model``'s logits [N, 8] on ``rows`` (``text``), tokenized as the runs do."""
+    model.eval()
+    enc = tokenizer(
+        list(rows["text"]), truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        return model(**enc).logits
+
+
 def accuracy(model, tokenizer, rows) -> float:
     """Top-1 accuracy of ``model`` on ``rows`` (``text``, ``label``)."""
-    model.eval()
-    enc = tokenizer(list(rows["text"]), truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**enc).logits.argmax(-1)
-    return (predicted == torch.tensor(list(rows["label"]))).float().mean().item()
+    return (
+        (logits(model, tokenizer, rows).argmax(-1) == torch.tensor(list(rows["label"]))).float().mean().item()
+    )
 
 
-def top1_agreement(a, b, tokenizer, rows) -> float:
-    """Share of ``rows`` where models ``a`` and ``b`` predict the same class."""
-    enc = tokenizer(list(rows["text"]), truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return (a(**enc).logits.argmax(-1) == b(**enc).logits.argmax(-1)).float().mean().item()
-
-
-def settings(root: Path, name: str, seed: int, args, **fields) -> DistillationConfig:
+def settings(root: Path, name: str, seed: int, **fields) -> DistillationConfig:
     return DistillationConfig(
         output_dir=str(root / name), seed=seed, per_device_train_batch_size=32, learning_rate=2e-3,
         weight_decay=0.05, warmup_steps=0.1, lr_scheduler_type="cosine", use_cpu=True, report_to="none",
@@ -105,7 +107,7 @@ def train_teacher(root: Path, domain: str, args) -> Path:
     model_args = ModelArguments(
         student_config=bert(len(tokenizer), 4).to_dict(), student_processor=str(root / "tokenizer")
     )
-    config = settings(root, f"teacher-{domain}", 0, args, alpha=0.0, num_train_epochs=args.teacher_epochs)
+    config = settings(root, f"teacher-{domain}", 0, alpha=0.0, num_train_epochs=args.teacher_epochs)
     run_distillation(data_args, model_args, config)
     return root / f"teacher-{domain}"
 
@@ -197,7 +199,12 @@ def main() -> None:
                     results[arm][part].append(accuracy(model, tokenizer, test[part]))
                 if arm == "mixture":
                     for d in DOMAINS:
-                        agreement[d].append(top1_agreement(model, teachers[d], tokenizer, test["both"]))
+                        z, v = (
+                            logits(model, tokenizer, test["both"]),
+                            logits(teachers[d], tokenizer, test["both"]),
+                        )
+                        labels = torch.tensor(list(test["both"]["label"]))
+                        agreement[d].append(teacher_agreement(z, v, labels)["top1_agreement"])
                 print(
                     f"[mixture] seed {seed} {arm}: "
                     + ", ".join(f"{part} {results[arm][part][-1]:.4f}" for part in test),

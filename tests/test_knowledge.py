@@ -226,3 +226,19 @@ def test_logit_layer_weight_or_none():
     torch.testing.assert_close(weight, model[1].weight.detach().float())
     model.config.num_labels = 5
     assert logit_layer_weight_or_none(model) is None
+
+
+def test_teacher_agreement_counts_top1_matches_and_the_kl_on_labelled_items():
+    from hf_kd.knowledge.measures import teacher_agreement
+
+    student = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [5.0, 0.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [0.0, 9.0, 0.0]])
+    labels = torch.tensor([0, 2, 1, -100])  # the last item has no label: left out
+    out = teacher_agreement(student, teacher, labels)
+    assert out["top1_agreement"] == pytest.approx(2 / 3)
+    assert out["teacher_accuracy"] == pytest.approx(2 / 3)
+    p, q = torch.softmax(teacher[:3], -1), torch.softmax(student[:3], -1)
+    assert out["kl"] == pytest.approx((p * (p / q).log()).sum(-1).mean().item(), rel=1e-6)
+    assert teacher_agreement(teacher, teacher, labels)["kl"] == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="every label is < 0"):
+        teacher_agreement(student, teacher, torch.full((4,), -100))

@@ -204,3 +204,58 @@ def test_a_run_trains_from_a_mixture_and_its_card_names_the_source(setup, tmp_pa
     card = (tmp_path / "run" / "README.md").read_text()
     assert "- **Teacher signal:** mixture: several teachers" in card
     assert f"a (online {root / 'a'}, weight 1), b (cached {root / 'cache_b'}, weight 1)" in card
+
+
+def test_the_card_reports_the_students_agreement_with_each_teacher(tmp_path):
+    """A classification run from two teachers logs, at its evaluation, the student's top-1 agreement, KL and
+    the teacher's accuracy for each teacher (``eval_knowledge/teachers/<name>/...``), equal to the same
+    measures computed here from the saved student and each teacher; the card's table shows them."""
+    from tiny import bert_classifier, sentiment_dataset, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    teachers = {
+        name: bert_classifier(len(tokenizer), seed=seed).eval() for name, seed in (("x", 3), ("y", 4))
+    }
+    for name, model in teachers.items():
+        save_model(model, tokenizer, tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    DatasetDict(train=sentiment_dataset(32), test=sentiment_dataset(16, seed=1)).save_to_disk(
+        tmp_path / "data"
+    )
+    data_args = DataArguments(
+        task="text-classification", dataset_name=str(tmp_path / "data"), eval_split="test", max_length=16
+    )
+    model_args = ModelArguments(
+        student_processor=str(tmp_path / "tokenizer"),
+        student_config={"model_type": "bert", "vocab_size": len(tokenizer), "hidden_size": 16,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                        "max_position_embeddings": 64},
+    )  # fmt: skip
+    members = [{"name": n, "model": str(tmp_path / n), "weight": w} for n, w in (("x", 1), ("y", 3))]
+    config = tiny_config(
+        tmp_path / "run", teacher_source="mixture", teachers=members, alpha=0.5, max_steps=4,
+        per_device_train_batch_size=8, eval_strategy="no",
+    )  # fmt: skip
+    result = run_distillation(data_args, model_args, config)
+    logged = {k: v for entry in result.trainer.state.log_history for k, v in entry.items()}
+    test = sentiment_dataset(16, seed=1)
+    enc = tokenizer(list(test["text"]), truncation=True, max_length=16, padding=True, return_tensors="pt")
+    student = result.trainer.model.cpu().eval()
+    with torch.no_grad():
+        z = student(**enc).logits
+        for name, teacher in teachers.items():
+            v = teacher(**enc).logits
+            prefix = f"eval_knowledge/teachers/{name}/"
+            agree = (z.argmax(-1) == v.argmax(-1)).double().mean().item()
+            kl = torch.nn.functional.kl_div(
+                z.log_softmax(-1), v.log_softmax(-1), log_target=True, reduction="batchmean"
+            )
+            assert logged[prefix + "top1_agreement"] == pytest.approx(agree)
+            assert logged[prefix + "kl"] == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+            accuracy = (v.argmax(-1) == torch.tensor(list(test["label"]))).double().mean().item()
+            assert logged[prefix + "teacher_accuracy"] == pytest.approx(accuracy)
+    assert logged["eval_knowledge/teachers/x/kl"] != logged["eval_knowledge/teachers/y/kl"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert (
+        f"| `teachers/y/top1_agreement` | {logged['eval_knowledge/teachers/y/top1_agreement']:.4g} |" in card
+    )

@@ -114,7 +114,8 @@ def test_an_object_missing_the_contract_is_refused_naming_what_it_lacks():
             return torch.zeros(1)
 
     with pytest.raises(
-        TypeError, match=r"lacks \['returns', 'gives_features', 'scores_samples', 'run', 'collator'\]"
+        TypeError,
+        match=r"lacks \['returns', 'gives_features', 'scores_samples', 'teachers', 'run', 'collator'\]",
     ):
         check_teacher_signal(Bare())
 

@@ -190,6 +190,27 @@ def knowledge_measures(
     return measures
 
 
+def teacher_agreement(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """The student's agreement with one teacher on the labelled items (label ≥ 0); [N, K] logits, [N]
+    labels (several teachers: one call per teacher, so the report says what each one contributed).
+
+    top1_agreement = mean[argmax z = argmax v];  kl = mean KL(p ‖ q), p = softmax(v), q = softmax(z)
+    (τ = 1);  teacher_accuracy = mean[argmax v = y].
+    """
+    keep = labels >= 0
+    if not keep.any():
+        raise ValueError("teacher_agreement needs labelled items (label ≥ 0); every label is < 0")
+    z, v, y = student_logits[keep].float(), teacher_logits[keep].float(), labels[keep]
+    log_p, log_q = torch.log_softmax(v, -1), torch.log_softmax(z, -1)
+    return {
+        "top1_agreement": (z.argmax(-1) == v.argmax(-1)).double().mean().item(),
+        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+        "teacher_accuracy": (v.argmax(-1) == y).double().mean().item(),
+    }
+
+
 def scalar_measures(measures: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric leaves of ``measures`` as a flat ``{"level1/teacher_entropy": value}`` dict (for logs)."""
     flat: dict[str, float] = {}

@@ -12,7 +12,8 @@ these, never the signal's kind; :func:`check_teacher_signal` holds any signal to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -43,6 +44,9 @@ class TeacherSignal(Protocol):
             when no model runs in this process (cached or served logits, the uniform teacher).
         real_teacher: True when the logits are a trained teacher's, so that the student's agreement with
             them is worth reporting; False for a synthetic source (the uniform teacher).
+        teachers: the teachers the signal combines, by name, each a callable ``batch -> output`` giving that
+            teacher's part as the signal reads it (several teachers: the student's agreement with each is
+            reported); empty for a signal of one teacher.
     """
 
     returns: tuple[str, ...]
@@ -51,6 +55,7 @@ class TeacherSignal(Protocol):
     output_map: list[int] | None
     model: torch.nn.Module | None
     real_teacher: bool
+    teachers: Mapping[str, Callable[[dict[str, Any]], TeacherOutput]]
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         """The teacher's logits for ``batch`` (a collated batch with ``labels``)."""
@@ -67,7 +72,7 @@ class TeacherSignal(Protocol):
 
 class SignalDefaults:
     """The contract's defaults: no features, no scoring of new sequences, no model, the task's collator
-    as it is, a real teacher. A source sets ``returns`` and defines ``__call__``."""
+    as it is, a real teacher, one teacher. A source sets ``returns`` and defines ``__call__``."""
 
     returns: tuple[str, ...] = ()
     gives_features = False
@@ -75,6 +80,7 @@ class SignalDefaults:
     output_map: list[int] | None = None
     model: torch.nn.Module | None = None
     real_teacher = True
+    teachers: Mapping[str, Callable[[dict[str, Any]], TeacherOutput]] = MappingProxyType({})
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         raise NotImplementedError

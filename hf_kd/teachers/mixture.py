@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -123,6 +124,12 @@ class MixtureTeacher(SignalDefaults):
         self.members, self.names = members, names
         total = sum(weights)
         self.log_weights = torch.log(torch.tensor([w / total for w in weights], dtype=torch.float32))
+        self.teachers = {name: partial(self.member_output, i) for i, name in enumerate(names)}
+
+    def member_output(self, index: int, batch: dict[str, Any]) -> torch.Tensor:
+        """Member ``index``'s log-probabilities [..., K] as they enter the mixture (every member runs: the
+        classes kept are those all of them cover)."""
+        return self.member_log_probs(batch)[index]
 
     def collator(self, collate):
         for member in self.members:
