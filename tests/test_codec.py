@@ -21,7 +21,8 @@ from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache.format import METADATA_FILE, CacheError
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
-from hf_kd.teachers.codec import CodecError, TopkCodec, _write_bits
+from hf_kd.teachers.codec import CodecError, TopkCodec
+from hf_kd.teachers.codec.bits import write_bits
 
 V = 512
 
@@ -323,4 +324,4 @@ def test_packed_bytes_are_unchanged_by_the_faster_bit_writer(seed):
     widths = torch.randint(0, 41, (300,), generator=g)
     widths[::7] = 0
     values = torch.randint(0, 2**45, (300,), generator=g)
-    assert _write_bits(values, widths).tobytes() == _write_bits_bit_by_bit(values, widths)
+    assert write_bits(values, widths).tobytes() == _write_bits_bit_by_bit(values, widths)
