@@ -32,6 +32,7 @@ from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
+from hf_kd.tasks.causal_lm import drop_rows_without_target
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.placement import full_teacher
@@ -390,6 +391,13 @@ def run_distillation(
             evaluation, student_processor=student_processor, teacher_processor=teacher_processor
         )
     )
+    if token_level:  # rows with no token to learn only add steps; a split of only such rows is refused
+        if not (config.lmbda == 1 or config.seq_kd):  # else every completion is generated from the prompts
+            where = f"split {data_args.train_split!r}"
+            train_prepared = drop_rows_without_target(train_prepared, where, task.max_length)
+        if eval_prepared is not None:
+            where = f"split {data_args.eval_split!r}"
+            eval_prepared = drop_rows_without_target(eval_prepared, where, task.max_length)
     if task.name == "image-classification":
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
     cross_tokenizer = token_level and task.vocabulary is not None

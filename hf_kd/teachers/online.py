@@ -9,6 +9,7 @@ import torch
 from hf_kd.losses import AlignedLogits
 from hf_kd.tasks.alignment import VocabularyMap, aligned_logits
 from hf_kd.tasks.base import split_batch
+from hf_kd.teachers.finite import check_teacher_logits
 
 
 class OnlineTeacher:
@@ -30,11 +31,16 @@ class OnlineTeacher:
 
     def run(self, batch: dict[str, Any], **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
         """The teacher's logits and its whole forward output, asked for ``forward_kwargs`` (e.g.
-        ``output_hidden_states=True``: feature losses read them from this same forward)."""
+        ``output_hidden_states=True``: feature losses read them from this same forward). A logit that is
+        NaN or +inf (or a position whose logits are all −inf) where the inputs are not padding raises
+        :class:`hf_kd.teachers.finite.NonFiniteTeacherError`: nothing is distilled from such a teacher."""
         student_inputs, teacher_inputs, _ = split_batch(batch)
+        inputs = teacher_inputs or student_inputs
         with torch.no_grad():
-            outputs = self.model(**(teacher_inputs or student_inputs), **forward_kwargs)
+            outputs = self.model(**inputs, **forward_kwargs)
         logits = outputs.logits
+        mask = inputs.get("attention_mask") if logits.dim() == 3 else None
+        check_teacher_logits(logits, mask, "a batch", 0, "refusing to distil from it")
         if self.output_map is not None:
             logits = logits[..., self.output_map]
         return logits, outputs
