@@ -16,6 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_kd.feature_losses import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCES, TAIL_MODES
+from hf_kd.redact import redact, redact_value
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
 TEACHER_SOURCES = {
@@ -452,9 +453,22 @@ class DistillationConfig(TrainingArguments):
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        """The pickled state (``training_args.bin``, written next to every saved student) without
-        ``hub_token``: a token never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
-        return {**self.__dict__, "hub_token": None}
+        """The pickled state (``training_args.bin``, written next to every saved student) without any
+        secret (``hf_kd.redact.redact_value``): ``hub_token`` and every secret-named key at any depth
+        (``teacher_model_init_kwargs: {token: …}``) become None, credential-shaped strings ``<redacted>``.
+        A secret never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
+        return redact_value({**self.__dict__, "hub_token": None}, (self.hub_token,), replacement=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``TrainingArguments.to_dict`` (what ``str(config)``, logs and integrations show) with every secret
+        redacted (``hf_kd.redact.redact_value``)."""
+        return redact_value(super().to_dict(), (self.hub_token,))
+
+    def __repr__(self) -> str:
+        """``TrainingArguments``' listing of every field, every secret redacted (``hf_kd.redact.redact``)."""
+        return redact(TrainingArguments.__str__(self), (self.hub_token,))
+
+    __str__ = __repr__
 
     def _check_generation(self) -> None:
         """The on-policy fields: ranges, and a teacher that can score (or write) new tokens."""
@@ -841,4 +855,7 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
             if action.dest in recipe:
                 action.required = False
         parser.set_defaults(**recipe)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:  # e.g. flags no field knows, quoted back: never with a secret
+        raise ValueError(redact(str(error))) from None
