@@ -34,6 +34,7 @@ from hf_kd.losses import HiddenStates, TargetFn, distillation_loss
 from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer_weight
 from hf_kd.on_policy import GENERATED_KEY, check_prompt_rows, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
+from hf_kd.run_lock import output_dir_lock
 from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
 from hf_kd.tasks.base import (
     ALIGNMENT_PREFIX,
@@ -232,7 +233,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             )
         self._warn_of_inert_rows()
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        with output_dir_lock(self.args.output_dir, main=self.args.process_index == 0):  # one run per folder
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def _warn_of_inert_rows(self) -> None:
         """Without a soft term, unlabelled rows only fill batches: say how many (scripts/distill.py drops them)."""

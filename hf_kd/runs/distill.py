@@ -29,6 +29,7 @@ from hf_kd.modeling import (
 from hf_kd.on_policy import check_prompts_only
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
+from hf_kd.run_lock import output_dir_lock
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
@@ -281,7 +282,21 @@ def run_distillation(
     processor and model card (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card,
     secrets redacted), the results (``train_results.json``, ``eval_results.json``) and the log history
     (``trainer_state.json``) into ``output_dir``; push the student when ``config.push_to_hub`` (a failed
-    push raises :class:`hf_kd.hub.HubPushError` after everything is saved)."""
+    push raises :class:`hf_kd.hub.HubPushError` after everything is saved). The run holds ``output_dir``'s
+    lock throughout (:func:`hf_kd.run_lock.output_dir_lock`): a second run into it is refused by name."""
+    with output_dir_lock(config.output_dir, main=config.process_index == 0):
+        return _distill(data_args, model_args, config, command=command, recipe_yaml=recipe_yaml)
+
+
+def _distill(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    *,
+    command: str | None,
+    recipe_yaml: str | None,
+) -> RunResult:
+    """:func:`run_distillation`'s work, under the lock."""
     _check_sources(data_args, model_args, config)
     checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # before any loading
     repo_id = _prepare_push(config)
