@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_kd.teachers.finite import check_teacher_weights
@@ -35,10 +37,32 @@ def check_model_source(field_name: str, name_or_path: str) -> None:
             )
 
 
+class DamagedWeightsError(ValueError):
+    """A weights file that cannot be read whole (truncated by an interrupted copy, or damaged)."""
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Open the header of every ``*.safetensors`` file of a local ``folder`` (cheap: no tensor is read);
+    one that is truncated or damaged raises :class:`DamagedWeightsError` naming the file, its size and
+    safetensors' own reason, instead of a bare ``SafetensorError`` from deep inside the load."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise DamagedWeightsError(
+                f"{str(path)!r} ({path.stat().st_size} bytes) is not a whole safetensors file ({error}): "
+                "truncated or damaged (an interrupted copy, download or save?). Copy or save it again"
+            ) from None
+
+
 def load_pretrained(
     model_class, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False, **kwargs: Any
 ) -> PreTrainedModel:
-    """``model_class.from_pretrained`` with safetensors weights only and remote code off unless asked."""
+    """``model_class.from_pretrained`` with safetensors weights only and remote code off unless asked; the
+    weight files of a local folder are checked whole first (:func:`check_weight_files`)."""
+    if Path(name_or_path).expanduser().is_dir():
+        check_weight_files(Path(name_or_path).expanduser())
     return model_class.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )

@@ -140,18 +140,19 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
         raise ValueError(
             "a student built from student_config needs student_processor (a tokenizer or image processor path)"
         )
-    processor = task.load_processor(
-        processor_source,
-        revision=model_args.student_model_revision if processor_source == checkpoint else "main",
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    if checkpoint:
+    if checkpoint:  # its config before its processor: a text model for images is named as such
         model_config = AutoConfig.from_pretrained(
             checkpoint,
             revision=model_args.student_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-    else:
+        check_model_fits(task, model_config, "student", max_length=max_length)
+    processor = task.load_processor(
+        processor_source,
+        revision=model_args.student_model_revision if processor_source == checkpoint else "main",
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if not checkpoint:
         model_config = config_from_dict(model_args.student_config, tokenizer_sizes(processor), **head)
     check_model_fits(task, model_config, "student", processor=processor, max_length=max_length)
     if checkpoint:
@@ -347,14 +348,20 @@ def _distill(
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
-    teacher, teacher_processor = None, None
-    if config.needs_teacher_model:  # its tokenizer before any weights load: a folder without one is refused
+    teacher, teacher_processor, teacher_config = None, None, None
+    max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
+    if config.needs_teacher_model:  # its config, then its tokenizer, before any weights load
+        teacher_config = AutoConfig.from_pretrained(
+            config.teacher_model_name_or_path,
+            revision=config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        check_model_fits(task, teacher_config, "teacher", max_length=max_length)  # e.g. a text model, images
         teacher_processor = task.load_processor(
             model_args.teacher_processor or config.teacher_model_name_or_path,
             revision="main" if model_args.teacher_processor else config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-    max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
     init_teacher, student_init = None, None
     if model_args.student_init == "teacher":
         student, student_processor, init_teacher, student_init = teacher_initialised_student(
@@ -364,12 +371,6 @@ def _distill(
         student, student_processor = load_student(task, model_args, labels, max_length)
 
     if config.needs_teacher_model:
-        teacher_config = AutoConfig.from_pretrained(
-            config.teacher_model_name_or_path,
-            revision=config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-        check_model_fits(task, teacher_config, "teacher", max_length=max_length)
         if token_level:  # the vocabularies compared: another one makes a cross-tokenizer run
             task.use_processor(student_processor)
             task.use_teacher_tokenizer(teacher_processor)
