@@ -21,7 +21,7 @@ from hf_kd.modeling import TeacherWeightsError
 from hf_kd.tasks import CausalLMTask
 from hf_kd.tasks.causal_lm import NoTargetError
 from hf_kd.teachers.finite import NonFiniteTeacherError
-from hf_kd.training_guard import NonFiniteTrainingError, NothingToLearnError
+from hf_kd.training_guard import NonFiniteTrainingError, NothingToLearnError, check_window
 
 LLAMA_STUDENT = {
     "model_type": "llama",
@@ -245,3 +245,20 @@ def test_a_window_without_targets_stops_a_python_run(chat, tmp_path):
     ):
         trainer.train()
     assert nothing_saved(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("counts", "hard_term", "soft_term", "said"),
+    [
+        ([0, 0], True, False, "no item with a target"),
+        ([3, 0], True, True, "no position for the soft term"),  # α in (0, 1): the soft term is asked for
+        ([0, 0], False, True, "no position for the soft term"),  # α = 1
+    ],
+)
+def test_a_window_is_refused_when_every_term_asked_for_is_empty(tmp_path, counts, hard_term, soft_term, said):
+    with pytest.raises(NothingToLearnError, match=rf"optimizer step 7: its batches hold {said}"):
+        check_window(counts, hard_term=hard_term, soft_term=soft_term, step=7, output_dir=str(tmp_path))
+    check_window(
+        [0, 4], hard_term=True, soft_term=True, step=7, output_dir=str(tmp_path)
+    )  # unlabelled rows, α > 0
+    check_window([2, 0], hard_term=True, soft_term=False, step=7, output_dir=str(tmp_path))  # labels only
