@@ -10,7 +10,7 @@ A secret hides in three kinds of places, all covered here:
   (``['--hub_token', 'X']``);
 - a value *shaped* like a credential, wherever it is: a Hub token (``hf_…``), an OpenAI-style key
   (``sk-…``), a GitHub token (``ghp_…``, ``github_pat_…``), an AWS access key id (``AKIA…``), a Slack
-  token (``xox…-``), a bearer header;
+  token (``xox…-``), a bearer header, the password of a URL (``https://user:password@host``);
 - the secrets of this run, given by value (``secrets``), and the token huggingface_hub would use
   (``HF_TOKEN``, ``hf auth login``).
 """
@@ -48,6 +48,8 @@ _CREDENTIAL = re.compile(
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}"
 )
 """Values shaped like a credential, whatever their name."""
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
+"""The password of a URL with credentials (``https://user:password@host``)."""
 
 
 def is_secret_name(name: str) -> bool:
@@ -73,6 +75,7 @@ def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
             text = text.replace(secret, REDACTED)
     for pattern in (_FLAG, _LISTED_FLAG, _FIELD, _FLOW, _QUOTED, _KEYWORD):
         text = pattern.sub(_by_name, text)
+    text = _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
     return _CREDENTIAL.sub(REDACTED, text)
 
 

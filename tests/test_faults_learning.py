@@ -262,3 +262,28 @@ def test_a_window_is_refused_when_every_term_asked_for_is_empty(tmp_path, counts
         [0, 4], hard_term=True, soft_term=True, step=7, output_dir=str(tmp_path)
     )  # unlabelled rows, α > 0
     check_window([2, 0], hard_term=True, soft_term=False, step=7, output_dir=str(tmp_path))  # labels only
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--num_labeled_examples", "0"],  # alpha 0: every row inert, dropped
+        ["--num_labeled_examples", "0", "--use_unlabeled", "false", "--alpha", "0.5"],
+        ["--max_train_samples", "0"],
+    ],
+)
+def test_a_classification_run_left_without_a_row_to_learn_is_refused_before_loading(tmp_path, flags):
+    DatasetDict(train=sentiment_dataset(16), test=sentiment_dataset(8, seed=1)).save_to_disk(
+        str(tmp_path / "data")
+    )
+    args = [
+        "--task", "text-classification", "--dataset_name", str(tmp_path / "data"),
+        "--student_model_name_or_path", str(tmp_path / "missing"),  # never loaded
+        "--teacher_model_name_or_path", str(tmp_path / "missing"),
+        "--alpha", "0", "--use_cpu", "true", "--output_dir", str(tmp_path / "out"), *flags,
+    ]  # fmt: skip
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "missing" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"no training row is left to learn from in split 'train'"):
+        run_distillation(*parse_args(args))
+    assert not (tmp_path / "out").exists()

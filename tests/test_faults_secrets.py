@@ -45,6 +45,7 @@ def load_script(name: str):
         f"Some specified arguments are not used by the HfArgumentParser: ['--hub_token', '{PLAIN}']",
         f"Authorization: Bearer {PLAIN}",
         f"dataset_name: {HUB}",
+        f"endpoint https://user:{PLAIN}@hub.example.org/api",
         "sk-proj-" + "A1b2" * 8,
         "ghp_" + "x" * 36,
         "AKIA" + "ABCDEFGHIJ012345",

@@ -71,3 +71,29 @@ def test_the_lock_is_reentrant_and_other_processes_of_a_run_take_none(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_capture_into_a_held_folder_is_refused_before_loading(tmp_path):
+    from datasets import DatasetDict
+    from tiny import sentiment_dataset
+
+    from hf_kd.config import DataArguments
+    from hf_kd.runs.capture import CacheArguments, run_capture
+
+    DatasetDict(train=sentiment_dataset(8)).save_to_disk(str(tmp_path / "data"))
+    data_args = DataArguments(
+        task="text-classification", dataset_name=str(tmp_path / "data"), eval_split=None
+    )
+    cache = tmp_path / "cache"
+    cache_args = CacheArguments(
+        teacher_model_name_or_path="hub-user/tiny-teacher", output_dir=str(cache), use_cpu=True
+    )
+    holder = hold_lock(cache)
+    try:
+        with pytest.raises(
+            OutputDirInUseError, match=rf"output_dir '{cache}' is in use by another run \(pid {holder.pid}"
+        ):
+            run_capture(data_args, cache_args)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -339,6 +339,13 @@ def _distill(
         rows_before_drop = len(train)  # dropped by choice, not inert
     elif labels is not None and not config.uses_teacher:
         train = drop_inert_rows(train, data_args.label_column, config)
+    if len(train) == 0:  # before any model loads
+        raise ValueError(
+            f"no training row is left to learn from in split {data_args.train_split!r} "
+            f"(num_labeled_examples={data_args.num_labeled_examples}, use_unlabeled={data_args.use_unlabeled}, "
+            f"alpha={config.alpha}, max_train_samples={data_args.max_train_samples}): unlabelled rows teach only "
+            "through a soft term (alpha > 0 with a teacher), and use_unlabeled: false drops them"
+        )
     unlabelled_rows = count_unlabeled(train, data_args.label_column)
     evaluation = splits[data_args.eval_split] if data_args.eval_split else None
     if evaluation is not None:
