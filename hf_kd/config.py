@@ -16,7 +16,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_kd.feature_losses import HIDDEN_LOSSES
-from hf_kd.losses import DIVERGENCES, TAIL_MODES
+from hf_kd.losses import DIVERGENCE_REGISTRY, DIVERGENCES, TAIL_MODES
 from hf_kd.redact import redact, redact_value
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
@@ -76,8 +76,9 @@ class DistillationConfig(TrainingArguments):
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight α ∈ [0, 1] of the soft term: 0 is plain fine-tuning on labels, 1 the soft term only.
         divergence (`str`, *optional*, defaults to `"forward_kl"`):
-            The soft term's divergence D: `"forward_kl"`, `"reverse_kl"`, `"jsd"`, `"tvd"`, `"skew_kl"`,
-            `"skew_rkl"` or `"mse"` (on logits; the real teacher only). See docs/knowledge.md#divergences.
+            The soft term's divergence D, a name of the registry `hf_kd.losses.DIVERGENCE_REGISTRY` (the
+            `--help` text lists them; docs/knowledge.md#divergences gives each formula). `"mse"` compares
+            logits (the real teacher only).
         beta (`float`, *optional*, defaults to `0.5`):
             Interpolation β ∈ [0, 1] of the generalised `"jsd"`; 0 is forward KL, 1 reverse KL.
         skew (`float`, *optional*, defaults to `0.1`):
@@ -98,6 +99,13 @@ class DistillationConfig(TrainingArguments):
             and the loss makes its logits chunk by chunk through the output layer, so the
             [tokens × vocabulary] student logits never exist. Needs an output layer without bias; not with
             `compute_metrics`, FSDP or ZeRO-3.
+        teacher_logits_from_hidden_states (`bool`, *optional*, defaults to `False`):
+            causal-lm, online teacher of the student's tokenizer only: the teacher's forward stops at its
+            final hidden states and the loss makes its logits chunk by chunk through its output layer, in the
+            same pass as the student's, so the [tokens × vocabulary] teacher logits never exist either
+            (`loss_chunk_size`, or the device's default: 512 positions at a 128k vocabulary on a GPU). Needs
+            a teacher output layer without bias; not with a cached teacher, feature losses, a teacher of
+            another tokenizer, or a teacher sharded by ZeRO-3.
 
         > Different tokenizers (causal-lm; docs/knowledge.md#different-tokenizers)
 
@@ -276,6 +284,14 @@ class DistillationConfig(TrainingArguments):
             "student logits never exist (output layer without bias; no compute_metrics, FSDP or ZeRO-3)."
         },
     )
+    teacher_logits_from_hidden_states: bool = field(
+        default=False,
+        metadata={
+            "help": "causal-lm, online teacher of the student's tokenizer: the teacher's forward stops at its final "
+            "hidden states and the loss makes its logits chunk by chunk, so the [tokens × vocab] teacher logits "
+            "never exist (output layer without bias; no cached teacher, feature losses or ZeRO-3)."
+        },
+    )
     cross_tokenizer_matched_weight: float = field(
         default=1.0,
         metadata={
@@ -406,6 +422,11 @@ class DistillationConfig(TrainingArguments):
                 "student_logits_from_hidden_states: true needs loss_chunk_size (the positions per chunk of "
                 "student logits made from the hidden states)"
             )
+        if self.teacher_logits_from_hidden_states and self.teacher_source == "cached":
+            raise ValueError(
+                "teacher_logits_from_hidden_states: true needs an online teacher; teacher_source='cached' "
+                "stores top-k logits, not hidden states"
+            )
         for name in ("cross_tokenizer_matched_weight", "cross_tokenizer_unmatched_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be ≥ 0")
@@ -419,9 +440,9 @@ class DistillationConfig(TrainingArguments):
                 "teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)"
             )
         self._check_generation()
-        if self.divergence == "mse" and self.synthetic_teacher not in ("kd", "none"):
+        if DIVERGENCE_REGISTRY[self.divergence].on_logits and self.synthetic_teacher not in ("kd", "none"):
             raise ValueError(
-                f"divergence='mse' compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
+                f"divergence={self.divergence!r} compares logits; synthetic_teacher={self.synthetic_teacher!r} gives probabilities"
             )
 
     def _check_feature_losses(self) -> None:
@@ -448,10 +469,9 @@ class DistillationConfig(TrainingArguments):
                 "hidden_loss / attention_weight read the teacher's hidden states, which a cached teacher "
                 "does not have: use teacher_source: online"
             )
-        if self.student_logits_from_hidden_states:
-            raise ValueError(
-                "hidden_loss / attention_weight are not supported with student_logits_from_hidden_states"
-            )
+        for name in ("student_logits_from_hidden_states", "teacher_logits_from_hidden_states"):
+            if getattr(self, name):
+                raise ValueError(f"hidden_loss / attention_weight are not supported with {name}")
 
     def __getstate__(self) -> dict[str, Any]:
         """The pickled state (``training_args.bin``, written next to every saved student) without any

@@ -26,7 +26,7 @@ from hf_kd.feature_losses import (
     hidden_state_loss,
 )
 from hf_kd.student_init import find_layer_list
-from hf_kd.tasks import CausalLMTask, Task
+from hf_kd.tasks import Task
 from hf_kd.tasks.base import NO_LABEL
 from hf_kd.tasks.causal_lm import next_token_targets
 
@@ -85,7 +85,7 @@ class FeatureDistiller(nn.Module):
                 "in its forward); this run has none"
             )
         self.task, self.args = task, args
-        self.causal = isinstance(task, CausalLMTask)
+        self.causal = task.token_level
         student_depth = len(find_layer_list(student)[1])
         teacher_depth = len(find_layer_list(teacher)[1])
         self.hidden_kind = args.hidden_loss

@@ -373,7 +373,7 @@ def on_policy_batches(
     ``max_length``."""
     if not config.generates:
         return None
-    if getattr(task, "name", None) != "causal-lm" or getattr(task, "packing", False):
+    if not getattr(task, "can_generate", False):
         raise ValueError(
             f"lmbda={config.lmbda} / seq_kd={config.seq_kd}: on-policy distillation needs task causal-lm "
             "without packing (completions are generated per prompt)"

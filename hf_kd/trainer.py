@@ -35,7 +35,7 @@ from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer
 from hf_kd.on_policy import GENERATED_KEY, check_prompt_rows, check_prompts_only, on_policy_batches
 from hf_kd.paths import refuse_overlap
 from hf_kd.run_lock import output_dir_lock
-from hf_kd.tasks import CausalLMTask, Task, split_batch, task_for_model
+from hf_kd.tasks import Task, split_batch, task_for_model
 from hf_kd.tasks.base import (
     ALIGNMENT_PREFIX,
     CACHE_PREFIX,
@@ -310,7 +310,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         cover are known, ``eval_bits_per_byte`` (``hf_kd.tasks.causal_lm.bits_per_byte``)."""
         cross_entropy = loss_sum / count if count else math.nan
         scores = {"eval_loss_hard": cross_entropy}
-        if isinstance(self.task, CausalLMTask):
+        if self.task.scores_bytes:
             scores["eval_perplexity"] = math.exp(cross_entropy) if cross_entropy < 700 else math.inf
             if num_bytes:
                 scores["eval_bits_per_byte"] = bits_per_byte(loss_sum, num_bytes)
@@ -451,7 +451,7 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             and not self._kd_sums[mode].get("n_grad")
             and 0 < alpha < 1
             and torch.is_tensor(items.student_logits)
-            and not isinstance(self.task, CausalLMTask)
+            and not self.task.token_level
         ):
             self._record_term_gradients(items, settings)  # first micro-batch of each logging window
         byte_count = None

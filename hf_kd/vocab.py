@@ -89,3 +89,17 @@ def shared_vocab_size(teacher_size: int, student_size: int, tokenizer_size: int 
             shared,
         )
     return shared
+
+
+def vocab_size_of(config) -> int:
+    """Rows of a (possibly multimodal) model's output layer."""
+    return config.get_text_config().vocab_size
+
+
+def check_output_layer(name: str, config, tokenizer) -> None:
+    """A model (``name``: teacher or student) must score every token of its own tokenizer."""
+    if vocab_size_of(config) < len(tokenizer):
+        raise ValueError(
+            f"the {name}'s tokenizer has {len(tokenizer)} tokens but the {name} scores only "
+            f"{vocab_size_of(config)}: is it the {name}'s tokenizer?"
+        )

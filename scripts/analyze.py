@@ -9,7 +9,9 @@
 from its ``run_record.json``, no recipe file needed; the first run is the analysed student. ``--twin``:
 the output_dir of the no-KD twin (α = 0, same recipe otherwise; repeat for seeds, paired by seed): the
 report then leads with the outcome — the gain and its seed spread, the share of the no-KD → teacher gap
-closed, both budgets, and when KD did not help, each cause found with what to try. ``--card`` renders
+closed, both budgets (a verdict only when they are equal: else "cannot judge", naming the difference),
+budget differences and under-training whatever the verdict, and when KD did not help, each other cause
+found with what to try. ``--card`` renders
 the first run's model card again with that outcome as its first section.
 
 The recipe gives the dataset, the task, α and τ; the teacher defaults to its
@@ -24,9 +26,7 @@ import argparse
 from pathlib import Path
 
 from hf_kd import parse_args
-from hf_kd.data.loading import dataset_inputs
 from hf_kd.knowledge.outcome import outcome_markdown
-from hf_kd.paths import refuse_overlap
 from hf_kd.runs.report import build_report
 from hf_kd.runs.run_record import read_run, recipe_arguments, write_outcome_card
 
@@ -86,12 +86,6 @@ def main(argv: list[str] | None = None) -> Path:
     elif student.lower() == "none":
         student = None
     report_dir = Path(own.report_dir or Path(config.output_dir) / "report")
-    refuse_overlap(
-        "report_dir",
-        report_dir,
-        {"teacher": teacher, "student": student, **dataset_inputs(data_args)},
-        may_lie_inside=("student",),  # the default: <output_dir>/report, next to the student it describes
-    )
     content = build_report(
         data_args,
         config,

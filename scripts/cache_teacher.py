@@ -16,6 +16,7 @@ from hf_kd.config import DataArguments, parse_args
 from hf_kd.redact import redact_logs_and_errors
 from hf_kd.runs.capture import CacheArguments, run_capture
 from hf_kd.runs.processes import end_processes
+from hf_kd.teachers.cache.advice import recommended_sparse_tail
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
             f" ({metadata.dtype})" if metadata.compression is None else f" ({metadata.compression['codec']})"
         )
         if metadata.sketch is not None:
-            stored += f" with a rank-{metadata.sketch['rank']} logit sketch"
+            tail = recommended_sparse_tail(has_sketch=True, flat=True)[0]
+            stored += f" with a rank-{metadata.sketch['rank']} logit sketch (train with sparse_tail: {tail})"
         print(f"teacher cache {cache_args.output_dir}: {stored} of {metadata.teacher_id}; {rows}")
     end_processes()
 

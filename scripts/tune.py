@@ -1,14 +1,17 @@
 """Sweep α, τ and the budget (and optionally teacher checkpoints) for a student recipe, each setting with
-its no-KD twin at the same budget, over paired seeds, scored on a validation split carved from the
-training data (never the test split), and write the recommended recipe.
+its no-KD twin at the same number of optimizer steps, over paired seeds, scored on a validation split
+carved from the training data (never the test split), and write the recommended recipe.
 
-    python scripts/tune.py --config recipes/demo/student_kd.yaml --alphas 0.5,0.9 --taus 1,2 \
-        --budget_field max_steps --budgets 240,720 [--teachers a,b] [--seeds 3] [--validation_fraction 0.2]
-        [--output_dir outputs/tune/<recipe>] [--metric eval_accuracy] [--field value ...]
+    python scripts/tune.py --config recipes/demo/student_kd.yaml [--alphas 0.5,0.9] [--taus 1,2] \
+        [--budgets 200,600] [--budget_field max_steps|num_train_epochs] [--teachers a,b] [--seeds 3]
+        [--validation_fraction 0.2] [--output_dir outputs/tune/<recipe>] [--metric eval_accuracy] [--field value ...]
 
-Each (setting, seed) result is kept under ``<output_dir>/<setting>/seed<k>``: the same command again trains
-only what is missing. Writes ``tune.md`` (table, best first), ``tune.json``, ``tune.png`` and
-``recommended.yaml`` (run it with ``python scripts/distill.py --config <output_dir>/recommended.yaml``).
+Every arm of a budget runs the same optimizer steps (a budget in epochs is converted with the KD arms'
+training rows). Each (setting, seed) result is kept under ``<output_dir>/<setting>/seed<k>``: the same
+command again trains only what is missing, and another grid in the same folder adds to the earlier ones.
+Writes ``tune.md`` (table, best first, with steps), ``tune.json``, ``tune.png`` and ``recommended.yaml``
+(run it with ``python scripts/distill.py --config <output_dir>/recommended.yaml``). Warns on one seed, a
+gain inside the seed spread, and a winner at the largest budget tried.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hf_kd.runs.tune import table, tune
+from hf_kd.runs.tune import DEFAULT_BUDGETS, table, tune
 
 
 def numbers(text: str) -> list[float]:
@@ -38,10 +41,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alphas", type=numbers, default=[0.5, 0.9], help="comma-separated α values (> 0)")
     parser.add_argument("--taus", type=numbers, default=[1.0, 2.0], help="comma-separated τ values")
     parser.add_argument(
-        "--budget_field", default="num_train_epochs", choices=["num_train_epochs", "max_steps"]
+        "--budget_field",
+        default="max_steps",
+        choices=["max_steps", "num_train_epochs"],
+        help="unit of --budgets (epochs are converted to the same optimizer steps for every arm)",
     )
     parser.add_argument(
-        "--budgets", type=numbers, required=True, help="comma-separated values of --budget_field"
+        "--budgets",
+        type=numbers,
+        default=list(DEFAULT_BUDGETS),
+        help=f"comma-separated values of --budget_field (default: {','.join(map(str, DEFAULT_BUDGETS))} steps)",
     )
     parser.add_argument(
         "--teachers", default="", help="comma-separated teacher checkpoints (default: the recipe's)"

@@ -31,6 +31,8 @@ def divergence_of_probs(
         return kl(p, skew * p + (1 - skew) * q)
     if name == "skew_rkl":
         return kl(q, (1 - skew) * p + skew * q)
+    if name == "uld":
+        return (p.sort(-1, descending=True).values - q.sort(-1, descending=True).values).abs().sum(-1)
     raise ValueError(name)
 
 

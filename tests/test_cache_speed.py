@@ -14,7 +14,8 @@ from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache import capture as capture_module
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.load import load_teacher_cache
-from hf_kd.teachers.codec import TopkCodec, _read_bits, _words
+from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.codec.bits import read_bits, words
 
 # 10 rows in shards of 4 + 4 + 2, batches of 3: 2 + 2 + 1 batches
 SETTINGS = dict(teacher_id="gpt", top_k=4, batch_size=3, shard_size=4, progress=False)
@@ -97,4 +98,4 @@ def test_the_word_reader_reads_every_width_at_every_bit_offset_up_to_the_streams
     starts = torch.stack([torch.randint(0, len(bits) - int(w) + 1, (), generator=g) for w in widths])
     starts[-8:] = len(bits) - widths[-8:]  # fields ending on the stream's last bit
     expected = [int(bits[s : s + w] or "0", 2) for s, w in zip(starts.tolist(), widths.tolist(), strict=True)]
-    assert _read_bits(_words(stream), starts, widths).tolist() == expected
+    assert read_bits(words(stream), starts, widths).tolist() == expected

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
 
@@ -156,21 +155,51 @@ def test_golomb_capture_decodes_in_the_collator(lm_setup, tmp_path):  # noqa: F8
     assert 0 < error <= GolombTopkCodec(8, 0.9).error_bound() + 1e-3  # plain's log-probs are float32
 
 
+PINNED_ROWS = [  # GolombTopkCodec(8, 0.95, 4, 0.4) over rows of 2 and 4 positions of 40 classes
+    "020000008132ccf4e6b79a81121022234303444fa55db2fa46e0",
+    "04000000c3929c41e2791956a4c39508574873102105803226951355c9fba18f00",
+]
+PINNED_IDS = [
+    [0, 1, 3, 4, 6, 12, 25, 30],
+    [3, 6, 7, 9, 14, 16, 22, 23],
+    [4, 5, 12, 21, 25, 26, 29, 36],
+    [5, 10, 39],
+    [20, 22, 31, 39],
+    [20],
+]
+PINNED_LOG_PROBS = [
+    [-2.8702, -2.8702, -3.2702, -2.8702, -2.4702, -3.2702, -3.2702, -3.2702],
+    [-2.7388, -3.1388, -2.7388, -1.5388, -2.7388, -3.1388, -3.1388, -3.1388],
+    [-0.7711, -3.9711, -2.7711, -3.5711, -2.3711, -3.9711, -3.5711, -1.9711],
+    [-1.1987, -0.7987, -1.5987],
+    [-1.0492, -0.6492, -2.6492, -3.8492],
+    [-0.0475],
+]
+PINNED_TAILS = [-0.5219, -0.8721, -1.9085, -3.0711, -3.3431, -3.0711]
+
+
+def _pinned_logits() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    scale = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0])[:, None]
+    return torch.randn(6, 40, generator=g) * scale - 0.05 * torch.arange(40)
+
+
+def _check_pinned(decoded) -> None:
+    for position, (ids, log_probs) in enumerate(zip(PINNED_IDS, PINNED_LOG_PROBS, strict=True)):
+        n = len(ids)
+        assert decoded.indices[position, :n].tolist() == ids
+        assert torch.isneginf(decoded.log_probs[position, n:]).all()
+        torch.testing.assert_close(
+            decoded.log_probs[position, :n], torch.tensor(log_probs), atol=2e-4, rtol=0
+        )
+    torch.testing.assert_close(decoded.tail_log_mass, torch.tensor(PINNED_TAILS), atol=2e-4, rtol=0)
+
+
 def test_golomb_bytes_are_pinned():
-    """The format caches are written in today: SHA-256 of the rows and kept masses of fixed logits under
-    three settings. A change here makes every existing topk-golomb cache unreadable: give it a new name."""
-    g = torch.Generator().manual_seed(12)
-    logits = torch.randn(50, 3000, generator=g) * torch.linspace(0.5, 6.0, 50)[
-        :, None
-    ] - 0.003 * torch.arange(3000)
-    digest = hashlib.sha256()
-    for codec in (
-        GolombTopkCodec(64, 0.99, 4, 0.4),
-        GolombTopkCodec(32, 0.95, 5, 0.25),
-        GolombTopkCodec(8, 1.0, 16, 0.01),
-    ):
-        rows, kept = codec.encode(logits, [7, 0, 20, 1, 22])
-        for row in rows:
-            digest.update(row)
-        digest.update(kept.numpy().tobytes())
-    assert digest.hexdigest() == "4461235cfc2c91fa3c947ec643f759f201c5c788bba8b10adbf343a64fc71563"
+    """The format caches are written in today: rows written once decode to the same ids, log-probs and
+    tail masses, and today's encoder writes rows that decode to them. A change here makes every existing
+    topk-golomb cache unreadable: give it a new name."""
+    codec = GolombTopkCodec(8, 0.95, 4, 0.4)
+    _check_pinned(codec.decode([bytes.fromhex(row) for row in PINNED_ROWS], [2, 4], 40))
+    rows, _ = codec.encode(_pinned_logits(), [2, 4])
+    _check_pinned(codec.decode(rows, [2, 4], 40))

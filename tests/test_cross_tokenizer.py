@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from hf_kd import DistillationConfig, DistillationTrainer, parse_args, run_distillation
 from hf_kd.data import toy_chat
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer, write_toy_chat
-from hf_kd.losses import AlignedLogits, distillation_loss, uld_distance
+from hf_kd.losses import DIVERGENCES, AlignedLogits, distillation_loss, uld_distance
 from hf_kd.tasks import CausalLMTask
 from hf_kd.tasks.alignment import align_spans, aligned_logits, alignment_columns, vocabulary_map
 from hf_kd.tasks.causal_lm import encode_with_eos, next_token_targets
@@ -173,8 +173,6 @@ def test_chat_rows_align_the_assistant_tokens_only():
 
 
 # ---- the loss -------------------------------------------------------------------------------------
-
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "mse"]
 
 
 def value_and_grad(fn, z):

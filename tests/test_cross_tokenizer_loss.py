@@ -4,9 +4,8 @@ and the ULD part, between the span start's two normalised distributions, teaches
 
 import pytest
 import torch
-from test_cross_tokenizer import DIVERGENCES
 
-from hf_kd.losses import AlignedLogits, distillation_loss
+from hf_kd.losses import DIVERGENCES, AlignedLogits, distillation_loss
 from hf_kd.losses.divergences import divergence
 
 

@@ -29,6 +29,7 @@ from tiny import (
 )
 
 from hf_kd import DataArguments, DistillationConfig, DistillationTrainer, parse_args, run_distillation
+from hf_kd.runs.report import build_report
 from hf_kd.tasks import TextClassificationTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +203,22 @@ def test_report_into_the_teacher_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"report_dir=.*teacher' is teacher="):
         analyze.main(
             ["--config", str(recipe), "--student", "none", "--report_dir", str(tmp_path / "teacher")]
+        )
+    assert snapshot(tmp_path) == before
+
+
+def test_build_report_from_python_refuses_a_report_dir_inside_the_dataset(tmp_path):
+    """The check lives in build_report, so a Python caller is protected as the script is."""
+    recipe = write_tiny_run(tmp_path)
+    before = snapshot(tmp_path)
+    data_args, _, config = parse_args(["--config", str(recipe)])
+    with pytest.raises(ValueError, match=r"report_dir=.* lies inside dataset_name="):
+        build_report(
+            data_args,
+            config,
+            teacher=str(tmp_path / "teacher"),
+            student=None,
+            report_dir=tmp_path / "data" / "r",
         )
     assert snapshot(tmp_path) == before
 

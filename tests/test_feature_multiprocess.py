@@ -64,6 +64,7 @@ def test_two_processes_train_student_and_projection_as_one(feature_runs):
     weights_two = load_file(root / "two" / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     for name, tensor in weights_one.items():
-        # as in test_multiprocess: the key bias's true gradient is zero, Adam magnifies its rounding
-        atol = 1e-4 if name.endswith("key.bias") else 1e-6
+        # as in test_multiprocess: the key bias's true gradient is zero, Adam magnifies its rounding; the
+        # key weight's is near zero along the same shift (seen: 2.2e-6 apart at |w| 0.076 on one machine)
+        atol = 1e-4 if name.endswith(("key.bias", "key.weight")) else 1e-6
         torch.testing.assert_close(weights_two[name], tensor, rtol=1e-5, atol=atol, msg=name)

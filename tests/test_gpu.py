@@ -86,3 +86,75 @@ def test_two_gpu_launch(tmp_path, config):
     # Both processes' rows evaluated once: the accuracy is a whole number of the 32 evaluation rows.
     correct = metrics["eval_accuracy"] * 32
     assert correct == round(correct) and metrics["eval_loss_soft"] > 0
+
+
+# ---- the loss through the output layers at a real vocabulary, bf16 ------------------------------------
+
+
+def head_inputs(rows: int, vocab: int, hidden: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    scale = hidden**-0.5 * 2
+    tensors = [torch.randn(rows, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * scale]
+    tensors += [torch.randn(rows, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * scale]
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[torch.rand(rows, generator=g) < 0.1] = -100
+    return [t.to("cuda", dtype) for t in tensors], labels.cuda()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "mse"])
+def test_bf16_heads_at_a_real_vocabulary_match_the_float64_formula(name):
+    """1,024 positions, vocabulary 128,256, hidden 1,024, bf16 student and teacher given as hidden states
+    and output layers (default chunk for the GPU): loss and both gradients within bf16 rounding of the
+    dense formula in float64 on the same values."""
+    from formulas import divergence_by_hand
+
+    from hf_kd.losses import HiddenStates, distillation_loss
+
+    (h, w, th, tw), labels = head_inputs(1024, 128_256, 1024, torch.bfloat16)
+    h.requires_grad_(True), w.requires_grad_(True)
+    settings = dict(alpha=0.5, temperature=2.0, divergence_name=name, beta=0.3, skew=0.2)
+    terms = distillation_loss(HiddenStates(h, w), HiddenStates(th, tw), labels, **settings)
+    terms.loss.backward()
+    h64, w64 = (x.detach().double().requires_grad_(True) for x in (h, w))
+    z, v = h64 @ w64.T, th.double() @ tw.double().T
+    kept = labels != -100
+    ce = -torch.log_softmax(z, -1)[kept].gather(-1, labels[kept, None]).mean()
+    d = divergence_by_hand(name, z, v, 2.0, beta=0.3, skew=0.2)[kept].mean()
+    want = 0.5 * ce + 0.5 * 4.0 * d
+    want.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(terms.loss.double(), want.detach(), rtol=1e-2, atol=1e-3)
+    for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_autocast_keeps_float32_weight_gradients_and_less_memory_than_the_dense_loss():
+    """float32 master weights under bf16 autocast: the output layer's gradient accumulates in float32 (one
+    product per chunk, bf16 operands); the fused pass with the teacher's output layer peaks below a
+    quarter of the dense loss's memory at 8,192 positions × 128,256."""
+    from hf_kd.losses import HiddenStates, distillation_loss
+
+    (h, w, th, tw), labels = head_inputs(8192, 128_256, 1024, torch.float32)
+    th, tw = th.bfloat16(), tw.bfloat16()
+    h.requires_grad_(True), w.requires_grad_(True)
+    peaks, grads = [], []
+    for fused in (False, True):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            student = HiddenStates(h, w) if fused else h @ w.T
+            teacher = HiddenStates(th, tw) if fused else th @ tw.T
+            loss = distillation_loss(
+                student, teacher, labels, alpha=0.5, temperature=2.0, divergence_name="jsd"
+            )
+        loss.loss.backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+        grads.append((loss.loss.detach(), h.grad.clone(), w.grad.clone()))
+    assert grads[1][2].dtype == torch.float32
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-3, atol=1e-4)
+    for got, ref in zip(grads[1][1:], grads[0][1:], strict=True):
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+    assert peaks[1] < peaks[0] / 4, peaks

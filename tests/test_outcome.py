@@ -18,7 +18,7 @@ from hf_kd.knowledge.outcome import (
     knowledge_causes,
     outcome,
     outcome_markdown,
-    per_class_accuracy,
+    per_class_scores,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,12 @@ def test_unequal_budgets_found_and_both_budgets_stated():
     kd = run(0, 0.28, optimizer_steps=80, epochs=2.0, unlabelled_rows=1108)
     twin = run(0, 0.48, alpha=0.0, inert_rows_dropped=1108)
     result = outcome([kd], [twin])
+    assert result["verdict"] == "cannot judge"
+    assert result["sentence"].startswith(
+        "Cannot judge: budgets differ (steps 80 vs 240, labelled rows seen 300 vs 7,200)"
+    )
     budget = next(d for d in result["diagnoses"] if d["name"] == "unequal budgets")
-    assert "optimizer steps 80 (KD) vs 240 (no KD), 3.0× apart" in budget["finding"]
+    assert "optimizer steps 80 (KD) vs 240 (no KD), 3.00× apart" in budget["finding"]
     assert "labelled rows seen 300 (KD) vs 7,200 (no KD)" in budget["finding"]
     assert "max_steps: 240" in budget["remedy"]
     assert result["budgets"][0].startswith("KD: 80 optimizer steps")
@@ -132,10 +136,13 @@ def test_under_training_needs_a_still_falling_soft_loss():
     kd = run(0, 0.3, optimizer_steps=80, epochs=2.0, losses=falling, agreement=0.3)
     found = diagnose_outcome([kd], [run(0, 0.5, alpha=0.0)])
     under = next(d for d in found if d["name"] == "under-training")
-    assert "soft loss made 33% of its whole fall in the last quarter" in under["finding"]
+    assert (
+        "soft loss (1 → 0.9) made 33% of its whole fall in the last quarter of its training"
+        in under["finding"]
+    )
     assert "2 times, the twin 48 times" in under["finding"]
     assert "soft loss is still 90% of its start" in under["finding"]
-    assert "max_steps: 240" in under["remedy"]  # at least the twin's steps
+    assert "max_steps: 240 for both" in under["remedy"]  # at least the twin's steps, the twin as many
     assert "capacity gap" not in names(found)  # a student still learning is not at its limit
     assert "under-training" not in names(diagnose_outcome([run(0)], [run(0, alpha=0.0)]))  # flat at the end
 
@@ -159,7 +166,8 @@ def test_a_memorised_hard_loss_or_flat_evaluations_are_not_under_training():
         d for d in diagnose_outcome([flat_loss], [run(0, 0.5, alpha=0.0)]) if d["name"] == "under-training"
     )
     assert (
-        "evaluation metric still rose +0.100 over the last quarter of its 8 evaluations" in under["finding"]
+        "evaluation metric still rose +0.100 over the last quarter of its evaluations (8 evaluations"
+        in under["finding"]
     )
 
 
@@ -274,10 +282,24 @@ def test_classes_the_teacher_gets_wrong_are_named():
     labels = torch.tensor([0] * 10 + [1] * 10)
     teacher = torch.nn.functional.one_hot(torch.tensor([0] * 10 + [0] * 6 + [1] * 4), 2).float()
     student = torch.nn.functional.one_hot(torch.tensor([0] * 10 + [1] * 10), 2).float()
-    per_class = per_class_accuracy(teacher, student, labels, ["cat", "dog"])
-    assert per_class == {"cat": (1.0, 1.0, 10), "dog": (pytest.approx(0.4), 1.0, 10)}
+    per_class = per_class_scores(teacher, student, labels, ["cat", "dog"])
+    assert per_class["dog"] == {
+        "items": 10,
+        "teacher_precision": 1.0,
+        "teacher_recall": pytest.approx(0.4),
+        "teacher_f1": pytest.approx(2 * 0.4 / 1.4),
+        "teacher_predicted": 4,
+        "student_precision": 1.0,
+        "student_recall": 1.0,
+        "student_f1": 1.0,
+        "student_predicted": 10,
+    }
+    assert per_class["cat"]["teacher_precision"] == pytest.approx(10 / 16)  # 6 dogs called cats
     found = diagnose_outcome([run(0)], [run(0, alpha=0.0)], per_class=per_class)
-    assert found[0]["name"] == "teacher worse on some classes" and "dog (0.40 vs 1.00)" in found[0]["finding"]
+    assert found[0]["name"] == "teacher worse on some classes"
+    assert (
+        "dog (F1 0.57 vs 1.00: precision 1.00 vs 1.00, recall 0.40 vs 1.00, 10 items)" in found[0]["finding"]
+    )
 
 
 def test_knowledge_failure_patterns_come_with_a_remedy():
@@ -294,10 +316,17 @@ def test_a_gain_raises_no_alarm_but_unequal_budgets():
     assert "capacity gap" in names(diagnose_outcome(kd, twin))
     result = outcome(kd, twin, knowledge_failures=["Over-confident teacher pattern: ..."])
     assert result["verdict"] == "helped" and result["diagnoses"] == []
-    fewer_passes = [run(s, 0.85 + 0.01 * s, epochs=6.0) for s in range(3)]  # same steps, unlabelled rows too
-    assert outcome(fewer_passes, twin)["diagnoses"] == []  # a budget against KD does not spoil its gain
+    # same steps of the same rows, 1,050 of each epoch's 1,200 unlabelled: the trade KD makes, named only
+    fewer_passes = [run(s, 0.85 + 0.01 * s, epochs=6.0, unlabelled_rows=1050) for s in range(3)]
+    named = outcome(fewer_passes, twin)
+    assert named["verdict"] == "helped" and names(named["diagnoses"]) == ["budget difference"]
+    assert (
+        "labelled rows seen 900 (KD) vs 7,200 (no KD), 8.00× apart: at equal steps the KD run spends 88% of its "
+        "rows on 1,050 unlabelled rows" in named["diagnoses"][0]["finding"]
+    )
     more_steps = [run(s, 0.85 + 0.01 * s, optimizer_steps=720) for s in range(3)]
-    assert names(outcome(more_steps, twin)["diagnoses"]) == ["unequal budgets"]
+    unequal = outcome(more_steps, twin)
+    assert unequal["verdict"] == "cannot judge" and names(unequal["diagnoses"]) == ["unequal budgets"]
     assert "Why, and what to try" not in outcome_markdown(result)
 
 
@@ -336,7 +365,8 @@ def test_analyze_reports_the_outcome_from_output_dirs_alone(tmp_path, capsys):
     twin_acc = json.loads((tmp_path / "twin" / "eval_results.json").read_text())["eval_accuracy"]
     assert content["outcome"]["gain"] == pytest.approx(kd_acc - twin_acc)
     md = (report_dir / "report.md").read_text()
-    assert "optimizer steps 4 (KD) vs 8 (no KD), 2.0× apart" in md  # stated whatever the verdict
+    assert "optimizer steps 4 (KD) vs 8 (no KD), 2.00× apart" in md  # stated whatever the verdict
+    assert "**Cannot judge: budgets differ (steps 4 vs 8, labelled rows seen 64 vs 128)" in md
     assert md.index("## Did KD pay?") < md.index("## What the teacher transfers")
     assert "KD: 4 optimizer steps" in md and "No KD: 8 optimizer steps" in md
     card = (tmp_path / "kd" / "README.md").read_text()

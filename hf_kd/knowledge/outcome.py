@@ -1,6 +1,8 @@
 """Did distillation pay? A run compared with its no-KD twin (same student, same data, α = 0): the gain and
-its seed spread, the share of the no-KD → teacher gap closed, the budgets of both, and — when KD did not
-help — each measured cause with what to try, decided by the rules of thumb of :data:`OUTCOME_THRESHOLDS`.
+its seed spread, the share of the no-KD → teacher gap closed, the budgets of both — the verdict only at an
+equal budget (:mod:`hf_kd.knowledge.budget`), "cannot judge" otherwise — and each measured cause with what
+to try, decided by the rules of thumb of :data:`OUTCOME_THRESHOLDS`. Budget differences and under-training
+(:mod:`hf_kd.knowledge.progress`) are named whatever the verdict; the other causes when KD did not help.
 
 Pure: run facts in (:class:`RunFacts`, read from a run's folder by ``hf_kd.runs.run_record``), numbers and
 sentences out.
@@ -14,9 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_kd.knowledge.budget import BUDGET_TOLERANCE, apart, budget_remedy, compare_budgets
+from hf_kd.knowledge.progress import clock_at, late_fall_share, late_rise, lr_clock
+
 OUTCOME_THRESHOLDS = {
     "confidence": 0.9,
-    "budget_ratio": 1.5,
+    "budget_tolerance": BUDGET_TOLERANCE,
     "still_improving": 0.02,
     "still_falling": 0.1,
     "soft_not_learnt": 0.5,
@@ -34,17 +39,24 @@ OUTCOME_THRESHOLDS = {
   Welch's). "Helped" when the whole interval is above 0, "hurt" when below: each a one-sided test at
   (1 − confidence)/2 = 5 %. At 3 seeds the mean gain must exceed 1.69× the per-seed gains' std, at 5
   seeds 0.95×, at 10 seeds 0.55×; one seed decides nothing.
-- ``budget_ratio``: the KD run and its twin differ by more than this factor in optimizer steps or in
-  labelled rows seen → unequal budgets: the comparison measures the budget, not the teacher.
+- ``budget_tolerance``: the KD run and its twin differ by more than this share in optimizer steps, rows
+  per step, labelled rows, or labelled rows seen (except the KD run's own unlabelled rows at equal
+  steps, see :func:`hf_kd.knowledge.budget.compare_budgets`) → unequal budgets: the comparison measures
+  the budget, not the teacher, and the verdict is "cannot judge".
 - ``still_improving``: with ≥ 4 evaluations logged during training (``eval_strategy: steps``), the
-  compared metric's mean over the last quarter of them exceeds the quarter before by at least this →
-  the student was still getting better when it stopped: under-trained. The held-out metric is the
-  direct signal; a training loss keeps falling while a student memorises a few labels. On digits
-  (evaluated every 10 % of 720 cosine steps) converged runs rose at most 0.013 (7 of 539 images).
+  compared metric's mean over the last quarter of the learning-rate time (``Σ η`` up to each step,
+  :mod:`hf_kd.knowledge.progress`) exceeds the quarter before by at least this → the student was still
+  getting better when it stopped: under-trained. The held-out metric is the direct signal; a training
+  loss keeps falling while a student memorises a few labels. On digits (evaluated every 10 % of 720
+  cosine steps) converged runs rose at most 0.013 (7 of 539 images).
 - ``still_falling``: without such evaluations, the soft loss (the training loss when there is no soft
   term) made at least this share of its whole fall (first quarter's mean → last quarter's) over the
-  last quarter of training → still falling: under-trained. A straight line scores 1/3, a flattened
-  curve near 0 (a relative drop would flag a loss that is tiny and still halving).
+  last quarter of the learning-rate time → still falling: under-trained. A straight line scores 1/3, a
+  flattened curve near 0 (a relative drop would flag a loss that is tiny and still halving). On the
+  learning-rate clock a decaying schedule does not flatten the curve: on the standard-library text
+  runs of BENCHMARKS.md, "When KD does not help", an 800-step linear-decay KD run scores 0.22 there
+  (0.075 on the step axis: "flat") and gained 7.4 points at twice the steps; at 1,600 steps, on a
+  plateau, it scores 0.07.
 - ``soft_not_learnt``: the soft loss at the end is at least this share of its first logged value → the
   student has not come close to the teacher on the transfer rows.
 - ``low_agreement``: student–teacher agreement on the evaluation split below it, with the soft loss no
@@ -87,8 +99,9 @@ class RunFacts:
     agreement: float | None = None
     """Share of evaluation rows where student and teacher predict the same class."""
     losses: tuple[dict[str, float], ...] = field(default_factory=tuple)
-    """The logged training entries in order: ``step``, ``loss`` and, when logged, ``loss_hard``,
-    ``loss_soft``, ``grad_norm_hard``, ``grad_norm_soft`` (the weighted terms' gradient norms)."""
+    """The logged training entries in order: ``step``, ``loss`` and, when logged, ``learning_rate``,
+    ``loss_hard``, ``loss_soft``, ``grad_norm_hard``, ``grad_norm_soft`` (the weighted terms' gradient
+    norms)."""
     evals: tuple[dict[str, float], ...] = field(default_factory=tuple)
     """The evaluations logged during training in order: ``step`` and the compared ``metric``."""
 
@@ -181,8 +194,8 @@ def compare(
         "hurt": "KD did not help: the student is worse than without KD",
         "inside the spread": "KD did not help measurably: the gain's interval includes 0",
     }[verdict]
-    sentence = (
-        f"{head}. {metric} {_pm(kd_mean, kd_std)} with KD vs {_pm(twin_mean, twin_std)} without "
+    detail = (
+        f"{metric} {_pm(kd_mean, kd_std)} with KD vs {_pm(twin_mean, twin_std)} without "
         f"(gain {_pm(gain, gain_std, sign=True)}, {how})"
     )
     if teacher is not None:
@@ -193,7 +206,7 @@ def compare(
             if gap_closed >= 0
             else f"; KD widened the no-KD → teacher gap by {-gap_closed:.0%}"
         )
-        sentence += f"; teacher {teacher:.3f}{closed}"
+        detail += f"; teacher {teacher:.3f}{closed}"
     return {
         "metric": metric,
         "kd": {"mean": kd_mean, "std": kd_std, "n": len(kd)},
@@ -207,7 +220,8 @@ def compare(
         "confidence": confidence,
         "gap_closed": gap_closed,
         "verdict": verdict,
-        "sentence": sentence + ".",
+        "detail": detail + ".",
+        "sentence": f"{head}. {detail}.",
     }
 
 
@@ -227,100 +241,92 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values)
 
 
+def _entries(run: RunFacts, key: str) -> list[dict[str, float]]:
+    return [entry for entry in run.losses if entry.get(key) is not None and math.isfinite(entry[key])]
+
+
 def _series(run: RunFacts, key: str) -> list[float]:
-    return [entry[key] for entry in run.losses if entry.get(key) is not None and math.isfinite(entry[key])]
-
-
-def _quarters(values: Sequence[float]) -> tuple[float, float, float] | None:
-    """Means of the first quarter, the second-to-last quarter and the last quarter of ``values`` (None
-    with fewer than 4 values)."""
-    if len(values) < 4:
-        return None
-    q = len(values) // 4
-    return _mean(values[:q]), _mean(values[-2 * q : -q]), _mean(values[-q:])
-
-
-def still_falling(values: Sequence[float]) -> float | None:
-    """Share of the whole fall of ``values`` (first quarter's mean → last quarter's) made over the last
-    quarter (None with fewer than 4 values or no fall): about 1/3 on a straight line, near 0 once a curve
-    has flattened — whatever the size of the values, so a hard loss memorising its few labels (tiny and
-    still halving) does not count as falling."""
-    quarters = _quarters(values)
-    if quarters is None or quarters[0] <= quarters[2]:
-        return None
-    first, before, last = quarters
-    return (before - last) / (first - last)
-
-
-def still_improving(values: Sequence[float]) -> float | None:
-    """How much the mean of the last quarter of ``values`` (a metric, higher is better) exceeds the
-    quarter before (None with fewer than 4 values)."""
-    quarters = _quarters(values)
-    return None if quarters is None else quarters[2] - quarters[1]
+    return [entry[key] for entry in _entries(run, key)]
 
 
 def _diagnosis(name: str, finding: str, remedy: str) -> dict[str, str]:
     return {"name": name, "finding": finding, "remedy": remedy}
 
 
-def unequal_budgets(kd: RunFacts, twin: RunFacts, limit: float) -> dict[str, str] | None:
-    """The two runs differ by more than ``limit``× in optimizer steps or labelled rows seen, or the twin
-    iterated over unlabelled rows it cannot learn from."""
-    causes = []
-    for what, a, b in (
-        ("optimizer steps", kd.optimizer_steps, twin.optimizer_steps),
-        ("labelled rows seen", kd.labelled_rows_seen, twin.labelled_rows_seen),
-    ):
-        if min(a, b) > 0 and max(a, b) / min(a, b) > limit:
-            causes.append(f"{what} {a:,.0f} (KD) vs {b:,.0f} (no KD), {max(a, b) / min(a, b):.1f}× apart")
-    if not twin.uses_soft_term and twin.unlabelled_rows:
-        causes.append(
-            f"the twin iterated over {twin.unlabelled_rows:,} unlabelled rows from which nothing learns at α = 0"
-        )
-    if not causes:
+def budget_diagnosis(
+    kd: Sequence[RunFacts], twin: Sequence[RunFacts], tolerance: float
+) -> dict[str, str] | None:
+    """Every budget difference between the KD runs and their twins (:func:`compare_budgets`): ``unequal
+    budgets`` when one decides the comparison, ``budget difference`` when it is only named (the KD run's
+    unlabelled rows at equal steps)."""
+    found = compare_budgets(kd, twin, tolerance)
+    if not found.differences:
         return None
-    steps = max(kd.optimizer_steps, twin.optimizer_steps)
-    if (
-        min(kd.optimizer_steps, twin.optimizer_steps) * limit >= steps
-        and twin.labelled_rows_seen > kd.labelled_rows_seen
-    ):
-        remedy = (  # same steps: the KD run spends most of each batch on unlabelled rows
-            f"Train the KD run until it has seen each labelled row about as often as the twin "
-            f"(num_train_epochs: {twin.epochs:.3g}), or state both budgets when comparing."
-        )
-    else:
-        remedy = (
-            f"Compare at the same budget: give both runs max_steps: {steps:,} (the longer of the two), and let "
-            "the twin train on its labelled rows only (use_unlabeled: false, or hf_kd's default of dropping inert rows)."
+    pair = next((r for r in twin if r.seed == kd[0].seed), twin[0])
+    if found.same:
+        return _diagnosis(
+            "budget difference",
+            "Budgets: " + "; ".join(found.differences) + ".",
+            "Nothing to equalise: both made the same optimizer steps of the same batch size; the verdict weighs "
+            "the teacher's soft labels on the unlabelled rows against more passes over the labels.",
         )
     return _diagnosis(
-        "unequal budgets", "Unequal budgets: " + "; ".join(causes) + f" (limit {limit}×).", remedy
+        "unequal budgets",
+        "Unequal budgets: " + "; ".join(found.differences) + f" (tolerance {tolerance:.0%}).",
+        budget_remedy(kd[0], pair),
     )
 
 
+def _late_fall(run: RunFacts, key: str) -> tuple[float | None, float | None, bool]:
+    """The share of ``key``'s whole fall made over the last quarter of the learning-rate time, the same
+    over the last quarter of the steps, and whether the learning-rate clock was available."""
+    entries = _entries(run, key)
+    values = [e[key] for e in entries]
+    by_step = late_fall_share(values, [e["step"] for e in entries])
+    clock = lr_clock(entries)
+    return (by_step, by_step, False) if clock is None else (late_fall_share(values, clock), by_step, True)
+
+
 def under_training(kd: RunFacts, twin: RunFacts, thresholds: Mapping[str, float]) -> dict[str, str] | None:
-    """The KD run was still learning when it stopped, or stopped early: its evaluation metric, when
-    evaluated during training, still rose by ``still_improving`` over the last quarter of its
-    evaluations (else its soft loss — its training loss without a soft term — made at least
-    ``still_falling`` of its whole fall in the last quarter); or it made ``budget_ratio``× fewer optimizer
-    steps than the twin with its soft loss still above ``soft_not_learnt`` of its start (a decaying
-    learning rate flattens any curve at the end of a short run). Also stated: labelled rows seen fewer
-    times than by the twin."""
+    """The KD run was still learning when it stopped, measured on the learning-rate clock (a decaying
+    schedule flattens every curve on the step axis, :mod:`hf_kd.knowledge.progress`): its evaluation
+    metric, when evaluated during training, still rose by ``still_improving`` over the last quarter of the
+    learning-rate time (else its soft loss — its training loss without a soft term — made at least
+    ``still_falling`` of its whole fall there); or it made fewer optimizer steps than the twin (beyond
+    ``budget_tolerance``) with its soft loss still above ``soft_not_learnt`` of its start. Also stated:
+    labelled rows seen fewer times than by the twin."""
     soft = _series(kd, "loss_soft")
     evidence = []
     if len(kd.evals) >= 4:
-        rise = still_improving([e["metric"] for e in kd.evals])
-        if rise >= thresholds["still_improving"]:
+        clock = lr_clock(kd.losses) if kd.losses else None
+        steps = [e["step"] for e in kd.evals]
+        rise = late_rise(
+            [e["metric"] for e in kd.evals], None if clock is None else clock_at(steps, kd.losses, clock)
+        )
+        if rise is not None and rise >= thresholds["still_improving"]:
+            where = "learning-rate time" if clock is not None else "evaluations"
             evidence.append(
-                f"its evaluation metric still rose {rise:+.3f} over the last quarter of its {len(kd.evals)} "
-                f"evaluations during training ({kd.evals[0]['metric']:.3f} → {kd.evals[-1]['metric']:.3f})"
+                f"its evaluation metric still rose {rise:+.3f} over the last quarter of its {where} "
+                f"({len(kd.evals)} evaluations during training, {kd.evals[0]['metric']:.3f} → {kd.evals[-1]['metric']:.3f})"
             )
     else:
-        which = "soft loss" if soft else "training loss"
-        share = still_falling(soft or _series(kd, "loss"))
+        key = "loss_soft" if soft else "loss"
+        share, by_step, on_clock = _late_fall(kd, key)
         if share is not None and share >= thresholds["still_falling"]:
-            evidence.append(f"its {which} made {share:.0%} of its whole fall in the last quarter of training")
-    short = kd.optimizer_steps * thresholds["budget_ratio"] < twin.optimizer_steps
+            where = "learning-rate time" if on_clock else "training"
+            hidden = (
+                f"; on the step axis the decaying learning rate made it look flat ({by_step:.0%})"
+                if on_clock and (by_step or 0.0) < thresholds["still_falling"]
+                else ""
+            )
+            values = _series(kd, key)
+            evidence.append(
+                f"its {'soft' if soft else 'training'} loss ({values[0]:.3g} → {values[-1]:.3g}) made {share:.0%} of its "
+                f"whole fall in the last quarter of its {where} (a converged curve: near 0 %){hidden}"
+            )
+    short = kd.optimizer_steps < twin.optimizer_steps and apart(
+        kd.optimizer_steps, twin.optimizer_steps, thresholds["budget_tolerance"]
+    )
     if soft and soft[-1] >= thresholds["soft_not_learnt"] * soft[0] and (evidence or short):
         evidence.append(
             f"its soft loss is still {soft[-1] / soft[0]:.0%} of its start ({soft[0]:.3g} → {soft[-1]:.3g}) "
@@ -334,8 +340,8 @@ def under_training(kd: RunFacts, twin: RunFacts, thresholds: Mapping[str, float]
     return _diagnosis(
         "under-training",
         "Under-trained: " + "; ".join(evidence) + ".",
-        f"Train the KD student longer: {factor:.3g}× the steps, at least the twin's (max_steps: "
-        f"{math.ceil(factor * kd.optimizer_steps):,}, or num_train_epochs: {factor * kd.epochs:.3g}), until it stops improving.",
+        f"Train the KD student longer: {factor:.3g}× the steps, and the twin for as many (max_steps: "
+        f"{math.ceil(factor * kd.optimizer_steps):,} for both), until it stops improving.",
     )
 
 
@@ -395,20 +401,35 @@ def term_balance(kd: RunFacts, limit: float) -> dict[str, str] | None:
 
 
 def teacher_weak_classes(
-    per_class: Mapping[str, tuple[float, float, int]], deficit: float, min_items: int
+    per_class: Mapping[str, Mapping[str, float]], deficit: float, min_items: int
 ) -> dict[str, str] | None:
-    """Classes (``name → (teacher accuracy, student accuracy, items)``) on which the teacher is worse
-    than the student by at least ``deficit``."""
+    """Classes (``name → scores``, as :func:`per_class_scores`) on which the teacher's F1 is below the
+    student's by at least ``deficit``: precision and recall both count, so a student that predicts a
+    class everywhere (recall 1, precision low) is not called better on it."""
     weak = sorted(
-        (name for name, (t, s, n) in per_class.items() if n >= min_items and s - t >= deficit),
-        key=lambda name: per_class[name][0] - per_class[name][1],
+        (
+            name
+            for name, c in per_class.items()
+            if c["items"] >= min_items and c["student_f1"] - c["teacher_f1"] >= deficit
+        ),
+        key=lambda name: per_class[name]["teacher_f1"] - per_class[name]["student_f1"],
     )
     if not weak:
         return None
-    listed = ", ".join(f"{n} ({per_class[n][0]:.2f} vs {per_class[n][1]:.2f})" for n in weak[:8])
+
+    def scores(name: str) -> str:
+        c = per_class[name]
+        return (
+            f"{name} (F1 {c['teacher_f1']:.2f} vs {c['student_f1']:.2f}: precision {c['teacher_precision']:.2f} "
+            f"vs {c['student_precision']:.2f}, recall {c['teacher_recall']:.2f} vs {c['student_recall']:.2f}, "
+            f"{c['items']:,} items)"
+        )
+
     return _diagnosis(
         "teacher worse on some classes",
-        f"The teacher is worse than the student on {len(weak)} classes (teacher vs student accuracy): {listed}.",
+        f"The teacher is worse than the student on {len(weak)} classes (teacher vs student): "
+        + ", ".join(scores(n) for n in weak[:8])
+        + ".",
         "Its soft labels pull the student the wrong way there: use a better teacher for those classes, a lower α, "
         "or keep those classes' rows labelled.",
     )
@@ -438,17 +459,18 @@ def diagnose_outcome(
     twin: Sequence[RunFacts],
     *,
     knowledge_failures: Sequence[str] = (),
-    per_class: Mapping[str, tuple[float, float, int]] | None = None,
+    per_class: Mapping[str, Mapping[str, float]] | None = None,
     thresholds: Mapping[str, float] = OUTCOME_THRESHOLDS,
 ) -> list[dict[str, str]]:
-    """Every cause found, each ``{name, finding, remedy}``, measured on the first KD run and its twin of
-    the same seed (else the first twin): budgets, under-training, capacity gap, the hard/soft balance,
-    classes the teacher gets wrong, and the teacher's failure patterns from the knowledge report."""
+    """Every cause found, each ``{name, finding, remedy}``: budget differences over every pair of runs,
+    then — measured on the first KD run and its twin of the same seed (else the first twin) —
+    under-training, capacity gap, the hard/soft balance, classes the teacher gets wrong, and the
+    teacher's failure patterns from the knowledge report."""
     first = kd[0]
     pair = next((r for r in twin if r.seed == first.seed), twin[0])
     under_trained = under_training(first, pair, thresholds)
     found = [
-        unequal_budgets(first, pair, thresholds["budget_ratio"]),
+        budget_diagnosis(kd, twin, thresholds["budget_tolerance"]),
         under_trained,
         None
         if under_trained
@@ -461,29 +483,39 @@ def diagnose_outcome(
     return [d for d in found if d is not None] + knowledge_causes(knowledge_failures)
 
 
+ALWAYS_NAMED = ("unequal budgets", "budget difference", "under-training")
+"""Causes named whatever the verdict: a gain at another budget, or from a student still learning, is not
+the teacher's to claim."""
+
+
 def outcome(
     kd: Sequence[RunFacts],
     twin: Sequence[RunFacts],
     *,
     metric: str = "accuracy",
     knowledge_failures: Sequence[str] = (),
-    per_class: Mapping[str, tuple[float, float, int]] | None = None,
+    per_class: Mapping[str, Mapping[str, float]] | None = None,
     thresholds: Mapping[str, float] = OUTCOME_THRESHOLDS,
 ) -> dict[str, Any]:
-    """:func:`compare` plus both runs' budgets in words and — when KD did not help — the diagnoses of
-    :func:`diagnose_outcome` (when it helped, only a budget that favoured KD, which makes its gain unfair)."""
+    """:func:`compare` at an equal budget — else the verdict is ``cannot judge`` and the sentence says
+    which budgets differ — plus both runs' budgets in words and the diagnoses of :func:`diagnose_outcome`:
+    budget differences and under-training whatever the verdict, the other causes when KD did not help."""
     result = compare(kd, twin, metric, thresholds["confidence"])
     pair = next((r for r in twin if r.seed == kd[0].seed), twin[0])
+    budgets = compare_budgets(kd, twin, thresholds["budget_tolerance"])
+    if not budgets.same:
+        result["verdict"] = "cannot judge"
+        result["sentence"] = (
+            f"Cannot judge: budgets differ ({', '.join(budgets.blocking)}); the difference measures the budget, "
+            f"not the teacher. {result['detail']}"
+        )
     causes = diagnose_outcome(
         kd, twin, knowledge_failures=knowledge_failures, per_class=per_class, thresholds=thresholds
     )
-    if result["verdict"] == "helped":  # only a budget that favoured KD makes its gain unfair
-        limit = thresholds["budget_ratio"]
-        favoured = kd[0].optimizer_steps > limit * pair.optimizer_steps or (
-            kd[0].labelled_rows_seen > limit * pair.labelled_rows_seen
-        )
-        causes = [c for c in causes if c["name"] == "unequal budgets" and favoured]
+    if result["verdict"] == "helped":
+        causes = [c for c in causes if c["name"] in ALWAYS_NAMED]
     result["budgets"] = [budget_sentence(kd[0], "KD"), budget_sentence(pair, "No KD")]
+    result["budget_differences"] = list(budgets.differences)
     result["diagnoses"] = causes
     result["thresholds"] = dict(thresholds)
     return result
@@ -504,22 +536,38 @@ def outcome_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def per_class_accuracy(
+def _precision_recall(predicted, labels, k: int) -> tuple[float, float, int]:
+    hits = int(((predicted == k) & (labels == k)).sum())
+    n_predicted, n_items = int((predicted == k).sum()), int((labels == k).sum())
+    return (hits / n_predicted if n_predicted else 0.0), (hits / n_items if n_items else 0.0), n_predicted
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def per_class_scores(
     teacher_logits, student_logits, labels, names: Sequence[str] = ()
-) -> dict[str, tuple[float, float, int]]:
-    """``class name → (teacher accuracy, student accuracy, items)`` over the labelled items (torch tensors
-    ``[N, K]``, ``[N, K]``, ``[N]``; a label < 0 is unlabelled); a class without a name is named by its index."""
+) -> dict[str, dict[str, float]]:
+    """``class name → {teacher_precision, teacher_recall, teacher_f1, teacher_predicted, student_…,
+    items}`` over the labelled items (torch tensors ``[N, K]``, ``[N, K]``, ``[N]``; a label < 0 is
+    unlabelled). Precision = right predictions of the class / predictions of it (0 when never
+    predicted), recall = right / items of it, F1 their harmonic mean. A class without a name is named by
+    its index."""
     keep = labels >= 0
     y = labels[keep]
-    teacher_right = teacher_logits[keep].argmax(-1) == y
-    student_right = student_logits[keep].argmax(-1) == y
+    predicted = {"teacher": teacher_logits[keep].argmax(-1), "student": student_logits[keep].argmax(-1)}
     table = {}
     for k in y.unique().tolist():
-        rows = y == k
         name = names[k] if k < len(names) else str(k)
-        table[name] = (
-            teacher_right[rows].float().mean().item(),
-            student_right[rows].float().mean().item(),
-            int(rows.sum()),
-        )
+        row: dict[str, float] = {"items": int((y == k).sum())}
+        for who, guess in predicted.items():
+            precision, recall, n_predicted = _precision_recall(guess, y, k)
+            row |= {
+                f"{who}_precision": precision,
+                f"{who}_recall": recall,
+                f"{who}_f1": _f1(precision, recall),
+                f"{who}_predicted": n_predicted,
+            }
+        table[name] = row
     return table

@@ -19,7 +19,7 @@ from hf_kd.knowledge.diagnosis import THRESHOLDS, diagnose
 from hf_kd.knowledge.domain import most_frequent_classes
 from hf_kd.knowledge.instance import rescaling_weight
 from hf_kd.knowledge.measures import Predictions, knowledge_measures, scalar_measures, similarity_matrices
-from hf_kd.knowledge.outcome import RunFacts, outcome, outcome_markdown, per_class_accuracy
+from hf_kd.knowledge.outcome import RunFacts, outcome, outcome_markdown, per_class_scores
 from hf_kd.knowledge.universe import teacher_entropy, wrong_mass
 
 
@@ -175,7 +175,7 @@ def write_report(
         per_class = (
             None
             if predictions.student_logits is None
-            else per_class_accuracy(
+            else per_class_scores(
                 predictions.teacher_logits, predictions.student_logits, predictions.labels, class_names
             )
         )

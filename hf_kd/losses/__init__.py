@@ -12,7 +12,8 @@ and :func:`distillation_loss` computes it over flattened positions, optionally i
 positions so that no full-vocabulary float32 tensor for all positions is alive at once.
 
 - ``hf_kd.losses.sparse``: a top-k teacher (:class:`SparseLogits`) and how its left-out mass is read;
-- ``hf_kd.losses.divergences``: every divergence, dense or from a sparse teacher;
+- ``hf_kd.losses.divergences``: the divergence registry (name → function, parameters, formula), dense or
+  from a sparse teacher;
 - ``hf_kd.losses.distillation``: the training loss (:func:`distillation_loss`), chunked, in one pass for a
   sparse teacher, or from the student's hidden states (:class:`HiddenStates`);
 - ``hf_kd.losses.cross_tokenizer``: a teacher of another tokenizer (:class:`AlignedLogits`): the matched
@@ -24,17 +25,22 @@ The names below are the package's public interface.
 from hf_kd.losses.cross_tokenizer import AlignedLogits, uld_distance
 from hf_kd.losses.distillation import HiddenStates, LossTerms, TargetFn, distillation_loss
 from hf_kd.losses.divergences import (
+    DIVERGENCE_REGISTRY,
     DIVERGENCES,
     LOG_ZERO,
+    Divergence,
     divergence,
     divergence_from_log_probs,
+    register_divergence,
     teacher_log_probs,
 )
 from hf_kd.losses.sparse import TAIL_MODES, SparseLogits, TailSketch
 
 __all__ = [
     "AlignedLogits",
+    "DIVERGENCE_REGISTRY",
     "DIVERGENCES",
+    "Divergence",
     "LOG_ZERO",
     "TAIL_MODES",
     "HiddenStates",
@@ -45,6 +51,7 @@ __all__ = [
     "distillation_loss",
     "divergence",
     "divergence_from_log_probs",
+    "register_divergence",
     "teacher_log_probs",
     "uld_distance",
 ]

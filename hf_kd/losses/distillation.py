@@ -4,6 +4,7 @@ states (docs/knowledge.md#the-distillation-loss)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from hf_kd.losses.cross_tokenizer import AlignedLogits
 from hf_kd.losses.divergences import (
+    LOG_ZERO,
     bucket_divergence,
     closed_form_tail,
     divergence,
@@ -116,6 +118,66 @@ class _SparseKDSums(torch.autograd.Function):
         return grad.to(dtype), None, None, None, None, None, None, None
 
 
+CLOSED_FORM_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+"""Divergences whose gradient :class:`_DenseKDSums` writes in closed form against a dense teacher."""
+
+
+class _DenseKDSums(torch.autograd.Function):
+    """(Σ hard CE, Σ soft D) of student logits z [n, K] against dense teacher logits v [n, K], as
+    :func:`_loss_sums` computes them through autograd, with the gradients written in closed form in the
+    forward pass (one float32 [n, K] tensor per term kept for backward, no autograd graph). With
+    q = softmax(z / τ), p = softmax(v / τ), q¹ = softmax(z), m = β p + (1 − β) q:
+
+        ∂ CE / ∂z = q¹ − onehot(y)
+        ∂ KL(p ‖ q) / ∂z = (q − p) / τ
+        ∂ KL(q ‖ p) / ∂z = q ⊙ (log q − log p − KL(q ‖ p)) / τ
+        ∂ JSD_β / ∂z = (1 − β) · q ⊙ (log q − log m − KL(q ‖ m)) / τ
+
+    (JSD's derivative in q is (1 − β) log(q / m): its p / m terms cancel.) β = 0 and β = 1 are the KLs,
+    as in :func:`hf_kd.losses.divergences.divergence_from_log_probs`."""
+
+    @staticmethod
+    def forward(ctx, z, labels, soft_mask, teacher, name, temperature, beta):  # noqa: D102
+        zf = z.detach().float()
+        labelled = labels != -100
+        log_q1 = torch.log_softmax(zf, -1)
+        hard = -torch.where(labelled, log_q1.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0).sum()
+        log_q = log_q1 if temperature == 1.0 else torch.log_softmax(zf / temperature, -1)
+        log_p = torch.log_softmax(teacher.float() / temperature, -1).clamp_(min=LOG_ZERO)
+        if name == "jsd" and beta in (0.0, 1.0):
+            name = "forward_kl" if beta == 0.0 else "reverse_kl"
+        q = log_q.exp()
+        if name == "forward_kl":
+            p = log_p.exp()
+            per_item = (p * (log_p - log_q)).sum(-1)
+            grad_soft = q.sub_(p).div_(temperature)
+        else:
+            if name == "reverse_kl":
+                log_ratio, scale = log_q - log_p, 1.0
+                per_item = (q * log_ratio).sum(-1)
+                kl_q = per_item
+            else:  # jsd
+                log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+                log_ratio, scale = log_q - log_m, 1.0 - beta
+                kl_q = (q * log_ratio).sum(-1)
+                per_item = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + scale * kl_q
+            grad_soft = log_ratio.sub_(kl_q[:, None]).mul_(q).mul_(scale / temperature)
+        soft_rows = soft_mask.to(grad_soft.dtype)[:, None]
+        soft = torch.where(soft_mask, per_item, torch.zeros_like(per_item)).sum()
+        grad_hard = log_q1.exp_() if log_q1 is not log_q else log_q1.exp()
+        grad_hard.scatter_add_(-1, labels.clamp(min=0)[:, None], -torch.ones_like(zf[:, :1]))
+        ctx.dtype = z.dtype
+        ctx.save_for_backward(grad_hard.mul_(labelled[:, None]), grad_soft.mul_(soft_rows))
+        return hard, soft
+
+    @staticmethod
+    def backward(ctx, grad_hard, grad_soft):  # noqa: D102
+        hard, soft = ctx.saved_tensors
+        # In place on the saved tensors, spent once read (a second backward fails loudly).
+        grad = hard.mul_(grad_hard).add_(soft.mul_(grad_soft))
+        return grad.to(ctx.dtype), None, None, None, None, None, None
+
+
 def _loss_sums(
     student_logits: torch.Tensor,
     teacher: torch.Tensor | SparseLogits,
@@ -132,6 +194,11 @@ def _loss_sums(
     if _fused(teacher, divergence_name, tail, target_fn):
         return _SparseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
+        )
+    if torch.is_tensor(teacher) and target_fn is None and divergence_name in CLOSED_FORM_DIVERGENCES:
+        beta = params.get("beta", 0.5)
+        return _DenseKDSums.apply(
+            student_logits, labels, soft_mask, teacher, divergence_name, temperature, beta
         )
     hard = F.cross_entropy(student_logits.float(), labels, ignore_index=-100, reduction="sum")
     if teacher is None:
@@ -178,51 +245,117 @@ class _ChunkedLoss(torch.autograd.Function):
 
 @dataclass
 class HiddenStates:
-    """A student given by its last hidden states [N, H] and output-layer weight [V, H] (no bias): its
-    logits are ``hidden · weightᵀ``. :func:`distillation_loss` with a ``chunk_size`` makes them one chunk
-    of positions at a time, so the student's [N, V] logits and their gradient never exist in full."""
+    """A model given by its last hidden states [N, H] and output-layer weight [V, H] (no bias): its
+    logits are ``hidden · weightᵀ``. :func:`distillation_loss` with a student or a teacher given this way
+    makes its logits one chunk of positions at a time, so the [N, V] logits (and, for the student, their
+    gradient) never exist in full. The product runs in :func:`compute_dtype` (bf16 under autocast)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
 
     def logits(self, rows: slice = slice(None)) -> torch.Tensor:
-        return self.hidden[rows] @ self.weight.T
+        dtype = compute_dtype(self.hidden)
+        return self.hidden[rows].to(dtype) @ self.weight.to(dtype).T
+
+    def cast(self) -> HiddenStates:
+        """Both tensors in :func:`compute_dtype` (themselves when already in it), so that :meth:`logits`
+        casts nothing per chunk; detached from autograd's view of any cast."""
+        dtype = compute_dtype(self.hidden)
+        return HiddenStates(self.hidden.to(dtype), self.weight.to(dtype))
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the output layer's products: autocast's when it is on for ``hidden``'s device, else
+    ``hidden``'s own (a float32 weight is then cast once per loss, as autocast would per product)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+CUDA_CHUNK_ELEMENTS = 1 << 26
+"""Logit elements per chunk on a CUDA device when no ``chunk_size`` is given: 256 MiB of float32 logits,
+so a chunk's handful of float32 [rows, V] temporaries stays near 2 GiB while the output layer's gradient,
+updated once per chunk, is rewritten only N · V / 2²⁶ times."""
+CPU_CHUNK_ELEMENTS = 1 << 22
+"""The same on the CPU: 16 MiB of float32 logits per chunk (``scripts/bench_lm_loss.py --hidden``)."""
+
+
+def default_chunk_size(num_classes: int, device: torch.device) -> int:
+    """Positions per chunk for logits made from hidden states when none is given: the largest power of two
+    with at most :data:`CUDA_CHUNK_ELEMENTS` (CPU: :data:`CPU_CHUNK_ELEMENTS`) logit elements, at least 16.
+    At V = 128,256: 512 rows on a GPU, 32 on the CPU."""
+    elements = CUDA_CHUNK_ELEMENTS if torch.device(device).type == "cuda" else CPU_CHUNK_ELEMENTS
+    rows = max(1, elements // max(1, num_classes))
+    return max(16, 1 << (rows.bit_length() - 1))
+
+
+_MIXED_ADDMM = [True]  # whether torch.addmm takes out_dtype on CUDA (torch ≥ 2.8); cleared on first refusal
+
+
+def _accumulate_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a · b in place, the product computed in ``a``'s dtype with float32 accumulation inside the
+    matrix product: bf16 operands into a float32 ``total`` go through ``addmm(out_dtype=float32)`` on
+    CUDA (no float32 copy of an operand), else through one product in ``a``'s dtype added to ``total``."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+        return
+    if a.is_cuda and _MIXED_ADDMM[0]:
+        try:
+            torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_ADDMM[0] = False
+    total.add_(a @ b)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """:class:`_ChunkedLoss` through the output layer: per chunk, z = h Wᵀ, then ∂L/∂h = (∂L/∂z) W and
-    ∂L/∂W += (∂L/∂z)ᵀ h (accumulated in float32); only those two gradients are kept for backward."""
+    ∂L/∂W += (∂L/∂z)ᵀ h, all in the forward pass; only those two gradients are kept for backward.
+
+    The three products run in :func:`compute_dtype` (bf16 under autocast: tensor cores) with float32
+    accumulation inside each product; ∂L/∂W accumulates over chunks in the weight's dtype (float32
+    master weights: float32; bf16 weights: rounded once per chunk, as Liger does). No float32 copy of
+    h or W is made; a float32 W is cast once to the compute dtype."""
 
     @staticmethod
     def forward(ctx, hidden, weight, hard_weight, soft_weight, chunk_size, sums_fn):  # noqa: D102
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        dtype = compute_dtype(hidden)
+        h_all, w = hidden.to(dtype), weight.to(dtype)  # no copy when already in the compute dtype
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         hard_total = hidden.new_zeros((), dtype=torch.float32)
         soft_total = hard_total.clone()
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
+            h = h_all[rows]
             with torch.enable_grad():
-                logits = (hidden[rows] @ weight.T).detach().requires_grad_(True)
+                logits = (h @ w.T).requires_grad_(True)
                 hard, soft = sums_fn(logits, rows)
                 (grad_logits,) = torch.autograd.grad(hard * hard_weight + soft * soft_weight, logits)
-            grad_hidden[rows] = grad_logits @ weight
-            grad_weight.addmm_(grad_logits.T.float(), hidden[rows].float())
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ w
+            if grad_weight is not None:
+                _accumulate_product(grad_weight, grad_logits.T, h)
             hard_total += hard.detach()
             soft_total += soft.detach()
-        ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return hard_total * hard_weight + soft_total * soft_weight, hard_total, soft_total
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_hard, _grad_soft):  # noqa: D102
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        return grad_hidden, grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None
+        # In place: a second full-size tensor would double the peak (a second backward then fails loudly).
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def distillation_loss(
     student_logits: torch.Tensor | HiddenStates,
-    teacher: torch.Tensor | SparseLogits | None,
+    teacher: torch.Tensor | SparseLogits | HiddenStates | None,
     labels: torch.Tensor,
     *,
     alpha: float,
@@ -245,8 +378,9 @@ def distillation_loss(
     ``soft_mask`` [N] bool for the items that take the soft term (default: labelled items). ``num_hard``
     and ``num_soft`` are the normalisers (default: the local counts); pass window totals for exact
     gradient accumulation. With ``chunk_size`` the loss and its gradient are computed ``chunk_size``
-    positions at a time (same values and gradients as one chunk). ``student_logits`` may be
-    :class:`HiddenStates`: the logits are then made chunk by chunk too. A teacher of another tokenizer
+    positions at a time (same values and gradients as one chunk). ``student_logits`` and a dense
+    ``teacher`` may be :class:`HiddenStates`: their logits are then made chunk by chunk too, so neither
+    [N, K] tensor exists in full (``chunk_size`` None: :func:`default_chunk_size` for the device). A teacher of another tokenizer
     (:class:`AlignedLogits`) replaces Σ_soft D by its matched and unmatched parts
     (``hf_kd.losses.cross_tokenizer``), logged apart in :attr:`LossTerms.parts`.
     """
@@ -276,10 +410,23 @@ def distillation_loss(
             params=params,
         )
 
+    teacher_head = isinstance(teacher, HiddenStates)
+    if chunk_size is None and (from_hidden or teacher_head):
+        head = student_logits if from_hidden else teacher
+        chunk_size = default_chunk_size(head.weight.shape[0], device)
+    if teacher_head:
+        teacher = teacher.cast()  # one cast of its weight, not one per chunk
+
+    def teacher_rows(rows: slice) -> torch.Tensor | SparseLogits | None:
+        if not teacher_head:
+            return None if teacher is None else teacher[rows]
+        with torch.no_grad():
+            return teacher.logits(rows)
+
     def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return _loss_sums(
             logits_rows,
-            None if teacher is None else teacher[rows],
+            teacher_rows(rows),
             labels[rows],
             soft_mask[rows],
             temperature=temperature,
@@ -307,7 +454,7 @@ def _weighted_sums(
     over all rows: in one piece, or ``chunk_size`` rows at a time (through :class:`_ChunkedLoss` /
     :class:`_ChunkedHeadLoss` when a gradient is needed: same values and gradients)."""
     from_hidden = isinstance(student_logits, HiddenStates)
-    logits_of = student_logits.logits if from_hidden else student_logits.__getitem__
+    logits_of = student_logits.cast().logits if from_hidden else student_logits.__getitem__
     needs_grad = torch.is_grad_enabled() and (
         student_logits.hidden.requires_grad or student_logits.weight.requires_grad
         if from_hidden

@@ -4,12 +4,13 @@ returns one value per position, shape ``logits.shape[:-1]``, in float32 (docs/kn
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from hf_kd.losses.cross_tokenizer import uld_distance
 from hf_kd.losses.sparse import SparseLogits
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl", "mse")
 
 
 def teacher_log_probs(
@@ -37,42 +38,144 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     return torch.logaddexp(log_a + torch.log(w), log_b + torch.log1p(-w))
 
 
-def divergence_from_log_probs(
-    name: str, log_q: torch.Tensor, log_p: torch.Tensor, *, beta: float = 0.5, skew: float = 0.1
-) -> torch.Tensor:
-    """Per-position divergence between teacher p and student q given as log-probabilities.
+@dataclass(frozen=True)
+class Divergence:
+    """One registered divergence D(p, q) between a teacher p and a student q.
 
-    forward_kl  KL(p ‖ q) = Σ p (log p − log q)
-    reverse_kl  KL(q ‖ p) = Σ q (log q − log p)
-    jsd         β · KL(p ‖ m) + (1 − β) · KL(q ‖ m),  m = β p + (1 − β) q   (TRL's generalized JSD;
-                β = 0 is defined as forward KL and β = 1 as reverse KL, as in TRL)
-    tvd         ½ Σ |p − q|
-    skew_kl     KL(p ‖ s p + (1 − s) q)              (DistiLLM, s = ``skew``)
-    skew_rkl    KL(q ‖ (1 − s) p + s q)
+    Attributes:
+        name: the value of ``DistillationConfig.divergence`` that selects it.
+        function: ``function(log_q, log_p, **params) -> [...]`` on log-probabilities [..., K] (teacher log p
+            with zeros as LOG_ZERO), or, with ``on_logits``, ``function(z, v, τ)`` on the logits.
+        formula: D(p, q) as docs/knowledge.md#divergences writes it (a test compares the two).
+        params: the keyword parameters ``function`` reads, named as the config fields that set them.
+        parameter: the parameter as the documentation's table describes it ("" when there is none).
+        on_logits: compares logits, not probabilities: needs dense teacher logits and the real teacher.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    formula: str
+    params: tuple[str, ...] = ()
+    parameter: str = ""
+    on_logits: bool = False
+
+
+DIVERGENCE_REGISTRY: dict[str, Divergence] = {}
+"""Every divergence, by name, in the order the documentation lists them (:func:`register_divergence`)."""
+
+
+def register_divergence(
+    name: str, formula: str, *, params: tuple[str, ...] = (), parameter: str = "", on_logits: bool = False
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator adding a divergence function to :data:`DIVERGENCE_REGISTRY` under ``name``."""
+
+    def add(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in DIVERGENCE_REGISTRY:
+            raise ValueError(f"divergence {name!r} is already registered")
+        DIVERGENCE_REGISTRY[name] = Divergence(name, function, formula, params, parameter, on_logits)
+        return function
+
+    return add
+
+
+@register_divergence("forward_kl", "KL(p ‖ q) = Σ p (log p − log q)")
+def forward_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ p (log p − log q)."""
+    return _kl(log_p, log_q)
+
+
+@register_divergence("reverse_kl", "KL(q ‖ p) = Σ q (log q − log p)")
+def reverse_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p) = Σ q (log q − log p)."""
+    return _kl(log_q, log_p)
+
+
+@register_divergence(
+    "jsd",
+    "β · KL(p ‖ m) + (1 − β) · KL(q ‖ m), m = β p + (1 − β) q",
+    params=("beta",),
+    parameter="β = `beta` ∈ [0, 1], default 0.5",
+)
+def jsd(log_q: torch.Tensor, log_p: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
+    """β · KL(p ‖ m) + (1 − β) · KL(q ‖ m), m = β p + (1 − β) q (TRL's generalized JSD; β = 0 is defined
+    as forward KL and β = 1 as reverse KL, as in TRL)."""
+    if beta == 0.0:
+        return _kl(log_p, log_q)
+    if beta == 1.0:
+        return _kl(log_q, log_p)
+    log_m = _log_mix(log_p, log_q, beta)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
+@register_divergence("tvd", "½ Σ_i |p_i − q_i|")
+def tvd(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """½ Σ |p − q|."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+@register_divergence(
+    "skew_kl",
+    "KL(p ‖ s p + (1 − s) q)",
+    params=("skew",),
+    parameter="s = `skew` ∈ (0, 1], default 0.1",
+)
+def skew_kl(log_q: torch.Tensor, log_p: torch.Tensor, *, skew: float = 0.1) -> torch.Tensor:
+    """KL(p ‖ s p + (1 − s) q) (DistiLLM, s = ``skew``)."""
+    return _kl(log_p, _log_mix(log_p, log_q, skew))
+
+
+@register_divergence("skew_rkl", "KL(q ‖ (1 − s) p + s q)", params=("skew",), parameter="s = `skew`")
+def skew_rkl(log_q: torch.Tensor, log_p: torch.Tensor, *, skew: float = 0.1) -> torch.Tensor:
+    """KL(q ‖ (1 − s) p + s q) (DistiLLM, s = ``skew``)."""
+    return _kl(log_q, _log_mix(log_p, log_q, 1.0 - skew))
+
+
+@register_divergence("uld", "Σ_i |sort↓(p)_i − sort↓(q)_i|")
+def uld(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """ULD (Boizard et al. 2024): the L1 distance between the two probability vectors sorted in
+    decreasing order, blind to which token has which probability (the cross-tokenizer loss's unmatched
+    part, ``hf_kd.losses.cross_tokenizer.uld_distance``)."""
+    return uld_distance(log_q.exp(), log_p.exp())
+
+
+@register_divergence("mse", "(1/K) Σ_i (z_i/τ − v_i/τ)²", on_logits=True)
+def mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(1/K) Σ (z/τ − v/τ)², from the logits z and v (float32)."""
+    return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
+
+
+DIVERGENCES = tuple(DIVERGENCE_REGISTRY)
+"""The registered divergences' names (the choices of ``DistillationConfig.divergence``)."""
+DIVERGENCE_PARAMS = tuple(dict.fromkeys(p for d in DIVERGENCE_REGISTRY.values() for p in d.params))
+"""Every parameter a registered divergence reads (the config fields passed as ``params``)."""
+
+
+def get_divergence(name: str) -> Divergence:
+    """The registered divergence ``name``, or a ValueError naming the value and the choices."""
+    if name not in DIVERGENCE_REGISTRY:
+        raise ValueError(f"divergence={name!r} is not one of {tuple(DIVERGENCE_REGISTRY)}")
+    return DIVERGENCE_REGISTRY[name]
+
+
+def divergence_from_log_probs(
+    name: str, log_q: torch.Tensor, log_p: torch.Tensor, **params: float
+) -> torch.Tensor:
+    """Per-position divergence ``name`` (:data:`DIVERGENCE_REGISTRY`) between teacher p and student q
+    given as log-probabilities. ``params`` may hold any of :data:`DIVERGENCE_PARAMS`; each divergence
+    reads its own (``beta`` of jsd, ``skew`` of the skewed KLs) and takes its default for a missing one.
 
     A zero teacher probability (log p = −inf: a renormalised top-k teacher, a synthetic target) is
     taken as e^LOG_ZERO: it adds nothing to the KL terms weighted by p, and a large finite penalty
     instead of +inf to those weighted by q (reverse_kl).
     """
-    log_p = log_p.clamp(min=LOG_ZERO)
-    if name == "forward_kl":
-        return _kl(log_p, log_q)
-    if name == "reverse_kl":
-        return _kl(log_q, log_p)
-    if name == "jsd":
-        if beta == 0.0:
-            return _kl(log_p, log_q)
-        if beta == 1.0:
-            return _kl(log_q, log_p)
-        log_m = _log_mix(log_p, log_q, beta)
-        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-    if name == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    if name == "skew_kl":
-        return _kl(log_p, _log_mix(log_p, log_q, skew))
-    if name == "skew_rkl":
-        return _kl(log_q, _log_mix(log_p, log_q, 1.0 - skew))
-    raise ValueError(f"divergence={name!r} is not one of {DIVERGENCES}")
+    spec = get_divergence(name)
+    if spec.on_logits:
+        raise ValueError(f"divergence={name!r} compares logits, not log-probabilities")
+    unknown = set(params) - set(DIVERGENCE_PARAMS)
+    if unknown:
+        raise ValueError(f"divergence parameters {sorted(unknown)} are not among {DIVERGENCE_PARAMS}")
+    own = {key: value for key, value in params.items() if key in spec.params}
+    return spec.function(log_q, log_p.clamp(min=LOG_ZERO), **own)
 
 
 def divergence(
@@ -90,10 +193,12 @@ def divergence(
     caller's. ``mse`` is the mean over classes of (z/τ − v/τ)² and needs dense teacher logits. See
     :func:`divergence_from_log_probs` for the others; ``params`` are ``beta`` (jsd) and ``skew``.
     """
-    if name == "mse":
+    if get_divergence(name).on_logits:
         if isinstance(teacher_logits, SparseLogits):
-            raise ValueError("divergence='mse' compares logits and needs a dense teacher, not top-k logits")
-        return ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean(-1)
+            raise ValueError(
+                f"divergence={name!r} compares logits and needs a dense teacher, not top-k logits"
+            )
+        return get_divergence(name).function(student_logits, teacher_logits, temperature)
     if isinstance(teacher_logits, SparseLogits) and tail == "bucket":
         log_q = torch.log_softmax(student_logits.float(), dim=-1)
         return bucket_divergence(

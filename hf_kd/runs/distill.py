@@ -303,7 +303,7 @@ def _distill(
     repo_id = _prepare_push(config)
     set_seed(config.seed)
     task = build_task(data_args)
-    token_level = task.name == CausalLMTask.name  # a causal LM: vocabulary instead of label names
+    token_level = task.token_level  # a causal LM: vocabulary instead of label names
     metrics = None if token_level else ClassificationMetrics(data_args.metrics, model_args.trust_remote_code)
     cache = (
         load_teacher_cache(
@@ -378,7 +378,7 @@ def _distill(
         student, student_processor = load_student(task, model_args, labels, max_length)
 
     if config.needs_teacher_model:
-        if token_level:  # the vocabularies compared: another one makes a cross-tokenizer run
+        if task.aligns_tokenizers:  # the vocabularies compared: another one makes a cross-tokenizer run
             task.use_processor(student_processor)
             task.use_teacher_tokenizer(teacher_processor)
             if task.vocabulary is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from hf_kd.data.hierarchy import class_groups
-from hf_kd.data.loading import load_splits
+from hf_kd.data.loading import dataset_inputs, load_splits
 from hf_kd.knowledge.outcome import RunFacts
 from hf_kd.knowledge.report import write_report
 from hf_kd.modeling import (
@@ -21,6 +21,7 @@ from hf_kd.modeling import (
     load_teacher,
     logit_layer_weight_or_none,
 )
+from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions
 from hf_kd.tasks import build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import CausalLMTask
@@ -50,7 +51,9 @@ def build_report(
     with the outcome of KD (``metric`` names their compared score).
 
     The teacher is loaded at the recipe's ``teacher_model_revision`` when it is the recipe's teacher,
-    at ``main`` otherwise. Classification tasks only: a token-level task (``causal-lm``) is refused."""
+    at ``main`` otherwise. Classification tasks only: a token-level task (``causal-lm``) is refused.
+    ``report_dir`` may not be, contain or lie inside the teacher or the dataset (inside the student is
+    allowed: ``<output_dir>/report``, next to the student it describes), checked before anything loads."""
     if data_args.task == CausalLMTask.name:
         raise ValueError(
             f"task={data_args.task!r}: the knowledge report covers classification tasks (one label per row); "
@@ -59,6 +62,12 @@ def build_report(
     check_model_source("teacher", teacher)
     if student is not None:
         check_model_source("student", student)
+    refuse_overlap(
+        "report_dir",
+        report_dir,
+        {"teacher": teacher, "student": student, **dataset_inputs(data_args)},
+        may_lie_inside=("student",),
+    )
     split = split or data_args.eval_split or data_args.train_split
     task = build_task(data_args)
     splits = load_splits(data_args)

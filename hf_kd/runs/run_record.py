@@ -23,7 +23,7 @@ from hf_kd.redact import redact_value
 
 RECORD_NAME = "run_record.json"
 
-TRAINING_LOGS = ("loss_hard", "loss_soft", "grad_norm_hard", "grad_norm_soft")
+TRAINING_LOGS = ("learning_rate", "loss_hard", "loss_soft", "grad_norm_hard", "grad_norm_soft")
 """The distillation trainer's logged training measures a :class:`RunFacts` keeps."""
 
 RECORDED_SETTINGS = (

@@ -109,6 +109,16 @@ class Task(ABC):
     needs_processor: bool = True  # False: model inputs are dataset columns as they are (feature vectors)
     input_column: str  # the model-input column of processed rows (``input_ids``, ``pixel_values``, ...)
 
+    # What the task can do, declared here so that no caller tests its type or name:
+    token_level: bool = False
+    """Each token with a next-token target is one item (a vocabulary instead of label names)."""
+    scores_bytes: bool = False
+    """Its evaluation reports perplexity and bits per byte (``hf_kd.tasks.lm_scoring``)."""
+    can_generate: bool = False
+    """Its rows are prompts a model can continue (on-policy distillation samples completions)."""
+    aligns_tokenizers: bool = False
+    """It can distil a teacher of another tokenizer (``use_teacher_tokenizer``, ``hf_kd.tasks.alignment``)."""
+
     @abstractmethod
     def raw_columns(self) -> tuple[str, ...]:
         """Columns of raw rows, any one of which :meth:`prepare` turns into model inputs."""
@@ -171,6 +181,8 @@ class Task(ABC):
         measure: (logits [n, C], labels [n] (−100: not scored), the bytes each position covers or None,
         the positions scored) — here the student's items over the ``classes`` both models share; None
         when the batch holds nothing comparable."""
+        if isinstance(teacher_output, HiddenStates):  # teacher_logits_from_hidden_states: made whole here
+            teacher_output = teacher_output.logits()
         items = self.kd_items(teacher_output[..., :classes], None, batch["labels"])
         return items.student_logits.float(), items.labels, batch.get(TEXT_BYTES), batch["labels"] != NO_LABEL
 

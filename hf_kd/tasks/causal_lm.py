@@ -6,29 +6,26 @@ Rows are plain text (``text_column``), conversations (``messages_column``, a lis
 Face convention: aligned with ``input_ids`` (the model's logit at position t predicts ``labels[t + 1]``),
 −100 where there is no target — prompt tokens when ``completion_only_loss``, padding, and the first
 token of every packed sequence.
+
+The named parts, whose public names also import from here: ``chat.py`` (prompt columns, chat-template
+spans, a text's ids with offsets), ``lm_scoring.py`` (next-token targets, bits per byte), ``lm_batches.py``
+(packing, collation), ``lm_teacher.py`` and ``alignment.py`` (a teacher of another tokenizer's columns).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd.losses import AlignedLogits, HiddenStates, SparseLogits
-from hf_kd.tasks.alignment import (
-    ALIGNMENT_PREFIX,
-    VocabularyMap,
-    align_spans,
-    alignment_columns,
-    vocabulary_map,
-)
+from hf_kd.tasks.alignment import VocabularyMap, vocabulary_map
 from hf_kd.tasks.base import (
     CACHE_PREFIX,
     NO_LABEL,
@@ -39,62 +36,33 @@ from hf_kd.tasks.base import (
     Task,
     check_tokenizer,
 )
-from hf_kd.vocab import first_difference, same_vocabulary, shared_vocab_size
+from hf_kd.tasks.chat import assistant_spans, check_prompt_columns, encode_with_eos
+from hf_kd.tasks.lm_batches import collate_rows, pack_rows
+from hf_kd.tasks.lm_scoring import bits_per_byte, in_spans, next_token_targets, scored_bytes, text_bytes
+from hf_kd.tasks.lm_teacher import teacher_columns
+from hf_kd.vocab import (
+    check_output_layer,
+    first_difference,
+    same_vocabulary,
+    shared_vocab_size,
+    vocab_size_of,
+)
+
+__all__ = [
+    "CausalLMTask",
+    "assistant_spans",
+    "bits_per_byte",
+    "check_output_layer",
+    "check_prompt_columns",
+    "encode_with_eos",
+    "in_spans",
+    "next_token_targets",
+    "scored_bytes",
+    "text_bytes",
+    "vocab_size_of",
+]
 
 logger = logging.getLogger(__name__)
-
-
-def vocab_size_of(config) -> int:
-    """Rows of a (possibly multimodal) model's output layer."""
-    return config.get_text_config().vocab_size
-
-
-def check_output_layer(name: str, config, tokenizer) -> None:
-    """A model (``name``: teacher or student) must score every token of its own tokenizer."""
-    if vocab_size_of(config) < len(tokenizer):
-        raise ValueError(
-            f"the {name}'s tokenizer has {len(tokenizer)} tokens but the {name} scores only "
-            f"{vocab_size_of(config)}: is it the {name}'s tokenizer?"
-        )
-
-
-def text_bytes(text: str, offsets: list[tuple[int, int]]) -> list[int]:
-    """UTF-8 bytes of ``text`` that each token covers, from its character ``offsets``: from where the tokens
-    before it stop (0 for the first) to its own end. Each character counts once, whatever a tokenizer's
-    offsets leave out between tokens (a trimmed space) or give to several (the byte pieces of one
-    character: the first takes it), so a row's tokens together cover ``text`` up to their last end; a
-    zero-width token (an added BOS or EOS) covers 0 bytes."""
-    counts, covered = [], 0
-    for _, end in offsets:
-        stop = max(end, covered)
-        counts.append(len(text[covered:stop].encode()))
-        covered = stop
-    return counts
-
-
-def bits_per_byte(nll_sum: float, num_bytes: float) -> float:
-    """The tokenizer-free measure of a causal LM on some text: its summed next-token negative
-    log-likelihood (nats) over the scored tokens, per UTF-8 byte of the text those tokens cover
-    (:func:`text_bytes`), in bits: nll / (ln 2 · bytes). NaN without bytes."""
-    return nll_sum / (math.log(2) * num_bytes) if num_bytes else math.nan
-
-
-def scored_bytes(byte_counts: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """The bytes covered by the tokens that are next-token targets: ``byte_counts[b, t]`` summed where
-    ``scored[b, t]`` (a bool mask over the same positions) for t ≥ 1 (token 0 has no predictor)."""
-    return (byte_counts[:, 1:] * scored[:, 1:]).sum()
-
-
-def in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None) -> list[bool]:
-    """Whether each token starts inside one of the character ``spans`` (None: every token does)."""
-    if spans is None:
-        return [True] * len(offsets)
-    return [any(start <= char < end for start, end in spans) for char, _ in offsets]
-
-
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """targets[b, t] = labels[b, t + 1]: what position t is trained to predict (−100 at the last position)."""
-    return F.pad(labels[:, 1:], (0, 1), value=NO_LABEL)
 
 
 class NoTargetError(ValueError):
@@ -150,87 +118,6 @@ def drop_rows_without_target(dataset, where: str, max_length: int):
     return dataset.select(keep)
 
 
-def check_prompt_columns(
-    features: Any, prompt_column: str, completion_column: str, where: str = "dataset"
-) -> None:
-    """Refuse, naming the field and the column, a ``prompt_column`` that ``features`` (a ``datasets``
-    ``Features`` mapping, or a list of column names when the types are unknown) lacks, or a prompt or
-    completion column that does not hold plain strings."""
-    columns = list(features)
-    if prompt_column not in columns:
-        raise ValueError(
-            f"prompt_column={prompt_column!r}: {where} has no column {prompt_column!r}; its columns: {columns}"
-        )
-    if not isinstance(features, dict):
-        return
-    for field_name, column in (("prompt_column", prompt_column), ("completion_column", completion_column)):
-        feature = features.get(column)
-        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise ValueError(
-                f"{field_name}={column!r}: column {column!r} of {where} must hold plain-text strings, not "
-                f"{feature}; conversations ([{{role, content}}, ...]) go in messages_column"
-            )
-
-
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
-    """Character spans of ``text`` (the whole rendered conversation) written by the assistant.
-
-    A reply's span starts where the conversation before it, rendered with the generation prompt,
-    ends, and ends where the conversation up to it ends (its end-of-turn marker included, so the
-    student learns to stop). Needs a template that renders conversations prefix by prefix.
-    """
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
-            raise ValueError(
-                f"the chat template does not render this conversation prefix by prefix (turn {i}), so its "
-                "assistant tokens cannot be located; set completion_only_loss: false to train on every token"
-            )
-        spans.append((len(before), len(through)))
-    return spans
-
-
-def encode_with_eos(
-    tokenizer: Any, text: str, add_special_tokens: bool, with_eos: bool
-) -> tuple[list[int], list[tuple[int, int]], list[bool]]:
-    """(ids, character offsets, whether each token is a special token) of ``text``; with ``with_eos`` an
-    EOS is appended, at offset (len(text), len(text)), unless the ids already end with one. Special
-    tokens the tokenizer's post-processor adds after the text (an EOS of ``"<s> $A </s>"``), which it
-    reports at (0, 0), are put there too: they follow the text, they do not precede it. A token is
-    special when the tokenizer names it so (``all_special_ids``) or its post-processor added it (a BOS
-    added without ``bos_token`` set)."""
-    encoded = tokenizer(
-        text,
-        add_special_tokens=add_special_tokens,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
-    ids = list(encoded["input_ids"])
-    spans = [tuple(span) for span in encoded["offset_mapping"]]
-    special_ids = set(tokenizer.all_special_ids)
-    special = [
-        token in special_ids or bool(added)
-        for token, added in zip(ids, encoded["special_tokens_mask"], strict=True)
-    ]
-    text_tokens = [
-        i
-        for i, (flag, (start, end)) in enumerate(zip(special, spans, strict=True))
-        if not flag or end > start
-    ]
-    after_text = text_tokens[-1] + 1 if text_tokens else len(ids)
-    spans[after_text:] = [(len(text), len(text))] * (len(ids) - after_text)
-    eos = tokenizer.eos_token_id
-    if with_eos and eos is not None and (not ids or ids[-1] != eos):
-        ids.append(eos)
-        spans.append((len(text), len(text)))
-        special.append(True)
-    return ids, spans, special
-
-
 class CausalLMTask(Task):
     """Plain-text or chat causal LM, padded (``attention_mask``) or packed (``position_ids``).
 
@@ -242,6 +129,7 @@ class CausalLMTask(Task):
 
     name = "causal-lm"
     input_column = "input_ids"
+    token_level = scores_bytes = aligns_tokenizers = True
 
     def __init__(
         self,
@@ -273,6 +161,11 @@ class CausalLMTask(Task):
         if self.prompt_column is not None:
             return (self.prompt_column,)
         return (self.text_column, self.messages_column)
+
+    @property
+    def can_generate(self) -> bool:
+        """Unpacked rows only: completions are generated per prompt."""
+        return not self.packing
 
     def use_processor(self, processor, *, pad_token_id=None) -> None:
         """Pad with the tokenizer's pad id (else its EOS: padded positions are masked, any id works); without
@@ -379,7 +272,11 @@ class CausalLMTask(Task):
         if not self.packing:
             return encoded
         return encoded.map(
-            self._pack, batched=True, batch_size=1000, remove_columns=encoded.column_names, desc="Packing"
+            partial(pack_rows, max_length=self.max_length),
+            batched=True,
+            batch_size=1000,
+            remove_columns=encoded.column_names,
+            desc="Packing",
         )
 
     def use_teacher_tokenizer(self, teacher_processor) -> None:
@@ -483,162 +380,28 @@ class CausalLMTask(Task):
         special: list[bool],
         scored_spans: list[tuple[int, int]] | None = None,
     ) -> dict[str, list[int]]:
-        """``row`` (the student's truncated ids and labels) with, for a teacher of another tokenizer, the
-        teacher's ids of the same ``text`` (truncated alike), the alignment columns and the bytes each
-        teacher token covers, −1 for a token the teacher is not scored on: one starting outside
-        ``scored_spans`` (the characters whose tokens have labels; None: all), as the student's labels."""
+        """``row`` with, for a teacher of another tokenizer, its columns (:func:`teacher_columns`)."""
         if self.teacher_tokenizer is None:
             return row
-        teacher_ids, teacher_offsets, teacher_special = encode_with_eos(
-            self.teacher_tokenizer, text, add_special_tokens, with_eos
+        return row | teacher_columns(
+            self.teacher_tokenizer,
+            self.vocabulary,
+            text,
+            row,
+            offsets,
+            special,
+            max_length=self.max_length,
+            add_special_tokens=add_special_tokens,
+            with_eos=with_eos,
+            scored_spans=scored_spans,
         )
-        kept_student, kept_teacher = len(row["input_ids"]), min(len(teacher_ids), self.max_length)
-
-        def end(offsets_kept: list, total: int) -> int:  # where a side's kept tokens stop covering the text
-            return len(text) if len(offsets_kept) == total else max((o[1] for o in offsets_kept), default=0)
-
-        spans = align_spans(
-            offsets[:kept_student],
-            teacher_offsets[:kept_teacher],
-            student_special=special[:kept_student],
-            teacher_special=teacher_special[:kept_teacher],
-            student_end=end(offsets[:kept_student], len(offsets)),
-            teacher_end=end(teacher_offsets[:kept_teacher], len(teacher_offsets)),
-            text=text,
-        )
-        teacher_ids = teacher_ids[:kept_teacher]
-        columns = alignment_columns(
-            spans, row["input_ids"], row["labels"], teacher_ids, self.vocabulary.teacher_id_of
-        )
-        teacher_bytes = [
-            count if scored else -1
-            for count, scored in zip(
-                text_bytes(text, teacher_offsets), in_spans(teacher_offsets, scored_spans), strict=True
-            )
-        ]
-        return (
-            row
-            | columns
-            | {
-                "teacher_input_ids": teacher_ids,
-                "teacher_attention_mask": [1] * kept_teacher,
-                TEACHER_TEXT_BYTES: teacher_bytes[:kept_teacher],
-            }
-        )
-
-    def _pack(self, rows: dict[str, list]) -> dict[str, list]:
-        """First-fit in order: examples fill a row until the next one would pass ``max_length``."""
-        packed: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], TEXT_BYTES: []}
-        for ids, labels, byte_counts in zip(rows["input_ids"], rows["labels"], rows[TEXT_BYTES], strict=True):
-            if not packed["input_ids"] or len(packed["input_ids"][-1]) + len(ids) > self.max_length:
-                for column in packed.values():
-                    column.append([])
-            packed["input_ids"][-1] += ids
-            packed["labels"][-1] += [NO_LABEL] + labels[1:]  # no target across the example boundary
-            packed["position_ids"][-1] += list(range(len(ids)))
-            packed[TEXT_BYTES][-1] += byte_counts
-        return packed
 
     # ---- batches ------------------------------------------------------------------------------
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest row: ``attention_mask`` for padded rows (the rows' own, padded, when
-        they have one); for packed rows the padding gets its own ``position_ids`` run (a separate block
-        nobody attends to). Rows without ``labels`` are their own targets (Transformers' causal-LM
-        convention); no position outside the attention mask has one. Cached per-token teacher columns are
-        padded with a valid distribution (uniform over the stored k) so masked positions stay finite.
-        Packed columns (a compressed cache) are decoded here into the same three columns. A teacher of
-        another tokenizer gets its own padded ``teacher_input_ids`` / ``teacher_attention_mask``; the
-        alignment columns are padded with −1 (no alignment) and 0 (not matched); the text bytes with 0 (the
-        student's: padding has no label) and −1 (the teacher's: not scored)."""
-        length = max(len(f["input_ids"]) for f in features)
-        lengths = [len(f["input_ids"]) for f in features]
-
-        def padded(key: str, value) -> torch.Tensor:
-            return torch.tensor(
-                [list(f[key]) + [value] * (length - n) for f, n in zip(features, lengths, strict=True)]
-            )
-
-        batch = {
-            "input_ids": padded("input_ids", self.pad_token_id),
-            "labels": padded("labels" if "labels" in features[0] else "input_ids", NO_LABEL),
-        }
-        if "position_ids" in features[0]:
-            batch["position_ids"] = torch.tensor(
-                [
-                    list(f["position_ids"]) + list(range(length - n))
-                    for f, n in zip(features, lengths, strict=True)
-                ]
-            )
-        elif "attention_mask" in features[0]:
-            batch["attention_mask"] = padded("attention_mask", 0)
-            batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, NO_LABEL)
-        else:
-            batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
-        if TEACHER_INPUT_PREFIX + "input_ids" in features[0]:
-            batch.update(self._collate_teacher(features))
-        for key in features[0]:
-            if key.startswith(ALIGNMENT_PREFIX) and key not in batch:  # over the student's positions
-                batch[key] = padded(key, 0 if key == ALIGNMENT_PREFIX + "matched" else -1)
-            elif key == TEXT_BYTES:
-                batch[key] = padded(key, 0)
-            elif key == CACHE_PREFIX + "packed":
-                batch.update(self._decode_packed([f[key] for f in features], lengths, length))
-            elif key.startswith(CACHE_PREFIX):
-                batch[key] = self._pad_cached(key, [torch.as_tensor(f[key]) for f in features], length)
-        return batch
-
-    def _collate_teacher(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """The columns over the teacher's own positions (a teacher of another tokenizer), right-padded: its
-        input ids, attention mask and text bytes (−1: not scored)."""
-        ids_key, mask_key = TEACHER_INPUT_PREFIX + "input_ids", TEACHER_INPUT_PREFIX + "attention_mask"
-        length = max(len(f[ids_key]) for f in features)
-        fills = ((ids_key, self.teacher_pad_token_id), (mask_key, 0), (TEACHER_TEXT_BYTES, -1))
-        return {
-            key: torch.tensor([list(f[key]) + [value] * (length - len(f[key])) for f in features])
-            for key, value in fills
-            if key in features[0]
-        }
-
-    def _decode_packed(self, rows: list[bytes], lengths: list[int], length: int) -> dict[str, torch.Tensor]:
-        """Packed per-token top-k rows → the ``log_probs`` / ``indices`` / ``tail_log_mass`` columns
-        [B, length, k], padded positions filled as :meth:`_pad_cached` fills them."""
-        if self.cache_decoder is None:
-            raise ValueError(
-                f"the batch holds {CACHE_PREFIX}packed (a compressed teacher cache) but no decoder was set "
-                "(cache_decoder = TeacherCache.decoder())"
-            )
-        sparse = self.cache_decoder(rows, lengths)
-        k = sparse.log_probs.shape[-1]
-        mask = torch.arange(length) < torch.tensor(lengths)[:, None]
-        log_probs = torch.full((len(rows), length, k), -math.log(k))
-        indices = torch.arange(k).expand(len(rows), length, k).clone()
-        tail = torch.full((len(rows), length), -math.inf)
-        log_probs[mask], indices[mask], tail[mask] = sparse.log_probs, sparse.indices, sparse.tail_log_mass
-        return {
-            CACHE_PREFIX + "log_probs": log_probs,
-            CACHE_PREFIX + "indices": indices,
-            CACHE_PREFIX + "tail_log_mass": tail,
-        }
-
-    @staticmethod
-    def _pad_cached(key: str, rows: list[torch.Tensor], length: int) -> torch.Tensor:
-        name = key[len(CACHE_PREFIX) :]
-        out = []
-        for row in rows:
-            missing = length - row.shape[0]
-            if name == "log_probs":
-                fill = torch.full(
-                    (missing, row.shape[-1]), -torch.log(torch.tensor(float(row.shape[-1]))).item()
-                )
-            elif name == "indices":
-                fill = torch.arange(row.shape[-1]).expand(missing, -1)
-            elif name == "tail_log_mass":
-                fill = torch.full((missing,), -torch.inf)
-            else:  # full logits
-                fill = torch.zeros((missing, *row.shape[1:]))
-            out.append(torch.cat([row, fill.to(row.dtype)]))
-        return torch.stack(out)
+        """Right-padded batch of ``features`` (:func:`hf_kd.tasks.lm_batches.collate_rows`), padded with
+        this task's pad ids and a compressed cache decoded by :attr:`cache_decoder`."""
+        return collate_rows(features, self.pad_token_id, self.teacher_pad_token_id, self.cache_decoder)
 
     def teacher_scored_items(self, teacher_output, batch: dict[str, Any], classes: int):
         """As :meth:`Task.teacher_scored_items`; a teacher of another tokenizer (:class:`AlignedLogits`) is
@@ -656,9 +419,9 @@ class CausalLMTask(Task):
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         """Position t of a row is one instance with target ``labels[t + 1]``. Both logits are cut to the
         shared vocabulary prefix when the output layers are padded to different sizes (views, no copy
-        of the student's logits). The student may be :class:`HiddenStates` (final hidden states
-        [B, T, H], output-layer weight [V, H]): its weight's rows are cut instead, and the loss makes
-        its logits chunk by chunk."""
+        of the student's logits). The student and the teacher may be :class:`HiddenStates` (final hidden
+        states [B, T, H], output-layer weight [V, H]): their weight's rows are cut instead, and the loss
+        makes their logits chunk by chunk."""
         targets = next_token_targets(labels).reshape(-1)
         if isinstance(teacher_logits, AlignedLogits):  # another tokenizer: already over flattened rows
             student = student_logits.reshape(-1, student_logits.shape[-1])
@@ -672,6 +435,10 @@ class CausalLMTask(Task):
                     f"cached teacher top-k holds token ids ≥ {vocab}, beyond the student's vocabulary"
                 )
             teacher = teacher_logits.reshape(-1).first_classes(vocab)
+        elif isinstance(teacher_logits, HiddenStates):  # teacher_logits_from_hidden_states: its output layer
+            vocab = min(vocab, teacher_logits.weight.shape[0])
+            hidden = teacher_logits.hidden
+            teacher = HiddenStates(hidden.reshape(-1, hidden.shape[-1]), teacher_logits.weight[:vocab])
         elif teacher_logits is not None:
             vocab = min(vocab, teacher_logits.shape[-1])
             teacher = teacher_logits[..., :vocab].reshape(-1, vocab)

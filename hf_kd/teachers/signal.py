@@ -21,11 +21,12 @@ from typing import Any, Protocol
 import torch
 from accelerate.utils import extract_model_from_parallel
 
+from hf_kd.hidden_states import check_output_layer
 from hf_kd.losses import SparseLogits
 from hf_kd.modeling import logit_layer_weight
 from hf_kd.tasks.base import Task
 from hf_kd.teachers.cached import CachedTeacher
-from hf_kd.teachers.online import CrossTokenizerTeacher, OnlineTeacher
+from hf_kd.teachers.online import TEACHER_OPTION, CrossTokenizerTeacher, OnlineTeacher
 from hf_kd.teachers.synthetic import UniformTeacher
 
 
@@ -60,6 +61,7 @@ def check_cross_tokenizer(config: Any) -> None:
     unsupported = {
         f"{sampling} (sampled tokens have no teacher alignment)": config.generates,
         "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
+        "teacher_logits_from_hidden_states: true": config.teacher_logits_from_hidden_states,
         f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
     }
     refused = [name for name, on in unsupported.items() if on]
@@ -113,7 +115,14 @@ def build_teacher_signal(
                 matched_weight=config.cross_tokenizer_matched_weight,
                 unmatched_weight=config.cross_tokenizer_unmatched_weight,
             )
-        return OnlineTeacher(teacher_model, output_map)
+        if config.teacher_logits_from_hidden_states:
+            unwrapped = extract_model_from_parallel(teacher_model)
+            check_output_layer(task, unwrapped, TEACHER_OPTION)
+            if unwrapped.get_output_embeddings().weight.numel() == 0:
+                raise ValueError(f"{TEACHER_OPTION} needs the teacher's whole output layer: not with ZeRO-3")
+        return OnlineTeacher(
+            teacher_model, output_map, from_hidden_states=config.teacher_logits_from_hidden_states
+        )
     raise ValueError(
         f"alpha={config.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
     )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from hf_kd.files import write_atomic, write_atomic_dir
 from hf_kd.losses import SparseLogits
 from hf_kd.tasks.base import CACHE_PREFIX, Task, processor_fingerprint, split_batch
+from hf_kd.teachers.cache.advice import sparse_tail_advice
 from hf_kd.teachers.cache.format import (
     LOGIT_DTYPES,
     METADATA_FILE,
@@ -140,10 +141,15 @@ def kept_mass_summary(kept: torch.Tensor) -> np.ndarray:
     return np.concatenate([[kept.numel(), kept.sum().item()], histogram.numpy()])
 
 
-def report_kept_mass(summary: np.ndarray, top_k: int, compression: TopkCodec | None) -> dict[str, float]:
+def report_kept_mass(
+    summary: np.ndarray, top_k: int, compression: TopkCodec | None, sketch_rank: int = 0
+) -> dict[str, float]:
     """Log the mean and quantiles (to 1 / ``KEPT_BINS``) of the probability mass a top-k capture kept
-    per position (:func:`kept_mass_summary` of all its positions), with a warning when the mean is below
-    ``LOW_KEPT_MASS`` that names the settings that keep more; returns them."""
+    per position (:func:`kept_mass_summary` of all its positions); when the mean is below
+    ``LOW_KEPT_MASS`` (a flat teacher), the ``sparse_tail`` to train with
+    (:func:`hf_kd.teachers.cache.advice.sparse_tail_advice`: ``sketch`` for a cache with a logit sketch
+    of rank ``sketch_rank``, logged as information since that is the recommended setting for a flat
+    teacher; else a warning advising ``bucket`` and naming the settings that keep more); returns them."""
     count, total, histogram = summary[0], summary[1], summary[2:]
     if count == 0:
         return {}
@@ -159,7 +165,16 @@ def report_kept_mass(summary: np.ndarray, top_k: int, compression: TopkCodec | N
         count,
         *q,
     )
-    if stats["mean"] < LOW_KEPT_MASS:
+    if stats["mean"] < LOW_KEPT_MASS and sketch_rank:
+        logger.info(
+            "%s keeps %.3f of the teacher's probability mass on average (< %.2f: a flat teacher); the rest is "
+            "stored as its tail mass. %s",
+            setting,
+            stats["mean"],
+            LOW_KEPT_MASS,
+            sparse_tail_advice(True, True, sketch_rank),
+        )
+    elif stats["mean"] < LOW_KEPT_MASS:
         more = [f"a larger top_k (now {top_k})"]
         if compression is None:
             more.append("compression: topk-golomb (up to top_k tokens per position in far fewer bytes)")
@@ -171,12 +186,12 @@ def report_kept_mass(summary: np.ndarray, top_k: int, compression: TopkCodec | N
                 f"the top-1 are dropped; now {compression.step * (2**compression.bits - 1):.3g})"
             )
         logger.warning(
-            "%s keeps only %.3f of the teacher's probability mass on average (< %.2f): with sparse_tail: "
-            "uniform the rest is spread evenly over the other classes, which acts like label smoothing. Train "
-            "with sparse_tail: bucket, and keep more tokens for this teacher: %s.",
+            "%s keeps only %.3f of the teacher's probability mass on average (< %.2f). %s To keep more "
+            "tokens for this teacher: %s.",
             setting,
             stats["mean"],
             LOW_KEPT_MASS,
+            sparse_tail_advice(False, True),
             ", or ".join(more),
         )
     return stats
@@ -394,7 +409,10 @@ def capture_teacher_logits(
         if metadata.per_token and top_k is not None:  # over every shard, whichever process or run wrote it
             kept = [_kept_path(_shard_path(partial, name, index)) for name, index, *_ in jobs]
             report_kept_mass(
-                sum((np.load(p) for p in kept if p.is_file()), np.zeros(2 + KEPT_BINS)), top_k, compression
+                sum((np.load(p) for p in kept if p.is_file()), np.zeros(2 + KEPT_BINS)),
+                top_k,
+                compression,
+                metadata.sketch["rank"] if metadata.sketch else 0,
             )
         _merge(
             partial,

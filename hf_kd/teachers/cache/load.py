@@ -9,6 +9,7 @@ against the metadata.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig
 
 from hf_kd.tasks.base import Task, processor_fingerprint
+from hf_kd.teachers.cache.advice import recommended_sparse_tail, sparse_tail_advice
 from hf_kd.teachers.cache.format import (
     DERIVED_FILE,
     FORMAT_VERSION,
@@ -38,6 +40,8 @@ from hf_kd.teachers.cache.format import (
 )
 from hf_kd.teachers.codec import CodecError, TopkCodec
 from hf_kd.teachers.sketch import LogitSketch
+
+logger = logging.getLogger(__name__)
 
 
 def read_metadata(path: str | os.PathLike) -> CacheMetadata:
@@ -183,12 +187,23 @@ class TeacherCache:
         return joined
 
     def check_sparse_tail(self, sparse_tail: str) -> None:
-        """A clear error when ``sparse_tail`` needs what this cache does not hold (a logit sketch)."""
+        """A clear error when ``sparse_tail`` needs what this cache does not hold (a logit sketch); a
+        warning when the cache holds a sketch that ``sparse_tail`` leaves unused."""
         if sparse_tail == "sketch" and self.sketch is None:
             raise ValueError(
                 f"sparse_tail='sketch' spreads the tail like the cache's logit sketch, but teacher cache "
-                f"{str(self.path)!r} has none: capture it with sketch_rank > 0, or choose sparse_tail "
-                "'uniform', 'renormalize' or 'bucket'"
+                f"{str(self.path)!r} has none: capture it with sketch_rank > 0 (sketch_rank: 32 is the "
+                "recommended cache of README.md), or train with another sparse_tail: "
+                f"{recommended_sparse_tail(False, True)[0]!r} on a flat teacher (its top-k keeps little of the "
+                f"mass), {recommended_sparse_tail(False, False)[0]!r} on a peaked one"
+            )
+        if self.sketch is not None and sparse_tail != "sketch":
+            logger.warning(
+                "teacher cache %r holds a rank-%d logit sketch that sparse_tail=%r leaves unused. %s",
+                str(self.path),
+                self.sketch.rank,
+                sparse_tail,
+                sparse_tail_advice(True, True, self.sketch.rank),
             )
 
     def decoder(self):

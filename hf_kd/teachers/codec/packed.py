@@ -19,17 +19,6 @@ A row of T positions is ``<T: uint32><CRC-32: uint32>`` then a bit stream: T fix
 to a byte. The CRC is seeded with the codec's name and parameters, so a row never decodes under
 another codec or other parameters, and a damaged row is refused (:class:`CodecError`).
 
-Codec ``topk-golomb`` (:class:`GolombTopkCodec`, same parameters; the one to write): the same support,
-log-prob codes and tail code, but each gap g in an exp-Golomb code of order r (r from 0..7, the one
-that makes the position's ids shortest): x = g + 2^r has h + 1 bits; h − r zeros and a 1 (the prefix),
-then the h bits of x below its leading 1 (the mantissa) — 2h − r + 1 bits. A tokenizer's frequent
-tokens, which a teacher's top-k favours, crowd its low ids (BPE numbers merges by frequency), so most
-gaps are short: on the real LM of ``scripts/bench_cache.py`` ~5.5 bits an id against ~8.7 for the
-fixed width. A row of T positions is ``<T><CRC>``, then T headers (n − 1, r, tail code), then every
-position's n log-prob codes, then every id's prefix, then every id's mantissa, zero-padded to a byte.
-Decoding finds where each prefix ends as the row's j-th 1 bit after its codes (one list of the 1 bits,
-indexed by rank), so it stays vectorised. Error bound as ``topk-packed``'s; ids are exact.
-
 Error bound. For the n tokens kept at a position, let p be the teacher's distribution rebuilt from the
 exact top-n log-probabilities and the exact tail mass (uniform tail, or renormalised), and p̂ the
 decoded one. For every class i, |log p̂_i − log p_i| ≤ 1.5 · ``step`` + ``TAIL_STEP`` / 2
@@ -57,11 +46,11 @@ import torch.nn.functional as F
 
 from hf_kd.losses import SparseLogits
 from hf_kd.losses.sparse import top_k
+from hf_kd.teachers.codec import bits
 
 TAIL_LOW, TAIL_HIGH, TAIL_CODES = -24.0, 12.0, 255
 TAIL_STEP = (TAIL_HIGH - TAIL_LOW) / (TAIL_CODES - 1)
 TAIL_BITS = 8
-ORDER_BITS = 3  # topk-golomb: exp-Golomb orders 0..7
 ROW_PREFIX = struct.Struct("<II")  # positions, CRC-32 of the bit stream
 
 
@@ -82,6 +71,10 @@ class TopkCodec:
     step: float = 0.4
     """Nats per log-probability code step: the codes span ``step · (2^bits − 1)`` nats below the top-1."""
     name: ClassVar[str] = "topk-packed"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        CODECS[cls.name] = cls
 
     def __post_init__(self) -> None:
         checks = {
@@ -201,7 +194,7 @@ class TopkCodec:
             + [torch.arange(len(lengths), device=device) * stride + len(sections)]
         )
         order = torch.sort(section, stable=True).indices
-        stream = _write_bits(values[order], widths[order])
+        stream = bits.write_bits(values[order], widths[order])
         body_sizes = ((row_bits + pad_widths) // 8).tolist()
         bodies = np.split(stream, np.cumsum(body_sizes)[:-1]) if lengths else []
         return [
@@ -227,8 +220,10 @@ class TopkCodec:
         slot = torch.arange(int(n.max()) if len(n) else 0)
         keep = slot < n[:, None]
         words = unpacked.words
-        gaps = _read_bits(words, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
-        codes = _read_bits(words, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep)
+        gaps = bits.read_bits(words, payload_start[:, None] + slot * width[:, None], width[:, None] * keep)
+        codes = bits.read_bits(
+            words, (payload_start + n * width)[:, None] + slot * self.bits, self.bits * keep
+        )
         return self._distribution(gaps, codes, keep, tail_code, num_classes)
 
     def _unpack(self, rows: list[bytes], lengths: list[int], header_widths: list[int]) -> _Unpacked:
@@ -239,7 +234,7 @@ class TopkCodec:
         header_bits = sum(header_widths)
         sizes = torch.tensor([len(b) for b in bodies], dtype=torch.long)
         stream = b"".join(bodies)
-        words = _words(stream)
+        words = bits.words(stream)
         counts = torch.tensor(lengths, dtype=torch.long)
         if bool((sizes * 8 < counts * header_bits).any()):
             raise CodecError(
@@ -251,7 +246,7 @@ class TopkCodec:
         position = torch.arange(len(row_of)) - first[row_of]
         offsets = torch.tensor(header_widths)
         starts = (row_start[row_of] + position * header_bits)[:, None] + torch.cumsum(offsets, 0) - offsets
-        header = _read_bits(words, starts, offsets.expand_as(starts))
+        header = bits.read_bits(words, starts, offsets.expand_as(starts))
         data_start = row_start + counts * header_bits
         return _Unpacked(stream, words, row_start, sizes, row_of, first, data_start, header)
 
@@ -292,86 +287,9 @@ class TopkCodec:
         return body
 
 
-class GolombTopkCodec(TopkCodec):
-    """The ``topk-golomb`` codec: :class:`TopkCodec`'s support, log-prob codes and tail code, with each
-    id gap in an exp-Golomb code of an order chosen per position (see the module docstring)."""
-
-    name: ClassVar[str] = "topk-golomb"
-
-    def encode(self, logits: torch.Tensor, lengths: list[int]) -> tuple[list[bytes], torch.Tensor]:
-        """As :meth:`TopkCodec.encode`, ids exp-Golomb coded."""
-        kept, codes, n = self._select_rows(logits, lengths)
-        count_bits = self._widths(kept.num_classes, kept.indices.shape[-1])[2]
-        keep, gaps, codes, tail_code = _sorted_support(kept, codes)
-        cost = torch.stack(  # [N, orders]: bits of the position's ids, prefixes and mantissas
-            [((2 * _bit_length(gaps + (1 << r)) - r - 1) * keep).sum(-1) for r in range(2**ORDER_BITS)], -1
-        )
-        order = cost.argmin(-1)
-        high = _bit_length(gaps + (1 << order[:, None])) - 1  # bits below the leading 1
-        header = torch.stack([n - 1, order, tail_code], dim=-1)
-        header_widths = torch.tensor([count_bits, ORDER_BITS, TAIL_BITS]).expand_as(header)
-        sections = [
-            (header, header_widths),
-            (codes, self.bits * keep),
-            (torch.ones_like(gaps), (high - order[:, None] + 1) * keep),  # prefix: zeros, then a 1
-            (gaps + (1 << order[:, None]), high * keep),  # mantissa: the bits below the leading 1
-        ]
-        return self._pack(sections, lengths), -torch.expm1(kept.tail_log_mass)
-
-    def decode(self, rows: list[bytes], lengths: list[int], num_classes: int) -> SparseLogits:
-        """As :meth:`TopkCodec.decode`, ids exp-Golomb coded."""
-        k = min(self.max_k, num_classes)
-        count_bits = self._widths(num_classes, k)[2]
-        unpacked = self._unpack(rows, lengths, [count_bits, ORDER_BITS, TAIL_BITS])
-        n, order, tail_code = unpacked.header[:, 0] + 1, unpacked.header[:, 1], unpacked.header[:, 2]
-        if bool((n > k).any()):
-            raise CodecError("a packed teacher row holds a count out of range: damaged")
-        words, row_of = unpacked.words, unpacked.row_of
-        slot = torch.arange(int(n.max()) if len(n) else 0)
-        keep = slot < n[:, None]
-        code_bits = n * self.bits
-        codes_start = unpacked.data_start[row_of] + unpacked.within_row(code_bits)
-        codes = _read_bits(words, codes_start[:, None] + slot * self.bits, self.bits * keep)
-
-        # Prefixes: the j-th id of a row ends at the j-th 1 bit after the row's codes.
-        prefix_start = unpacked.data_start + unpacked.row_total(code_bits)
-        row_end = unpacked.row_start + unpacked.sizes * 8
-        if bool((prefix_start > row_end).any()):
-            raise CodecError("a packed teacher row is shorter than its log-prob codes: damaged")
-        ones = unpacked.bits.nonzero().squeeze(1)  # where every 1 bit is, in order
-        first_one = torch.searchsorted(ones, prefix_start)[row_of]  # the row's first prefix end
-        rank = (first_one + unpacked.within_row(n))[:, None] + slot
-        if bool(((rank >= len(ones)) & keep).any()):
-            raise CodecError("a packed teacher row ends inside an id code: damaged")
-        last = len(ones) - 1  # slots past n are clamped; empty only with no ids (or refused above)
-        end = ones[rank.clamp(max=last)]
-        previous = torch.where(
-            rank == first_one[:, None], prefix_start[row_of][:, None] - 1, ones[(rank - 1).clamp(0, last)]
-        )
-        high = (end - previous - 1 + order[:, None]) * keep  # mantissa bits of each id
-        if bool(
-            ((end >= row_end[row_of][:, None]) & keep).any()
-            | (high > _bit_length(torch.tensor(num_classes - 1 + 2**ORDER_BITS))).any()
-        ):
-            raise CodecError("a packed teacher row holds an id code past its end or out of range: damaged")
-
-        prefix_bits = ((high - order[:, None] + 1) * keep).sum(-1)
-        mantissa_start = prefix_start + unpacked.row_total(prefix_bits)
-        before = torch.cumsum(high, -1) - high
-        starts = (mantissa_start[row_of] + unpacked.within_row(high.sum(-1)))[:, None] + before
-        gaps = (_read_bits(words, starts, high) + (1 << high) - (1 << order[:, None])) * keep
-        unpacked.check_length(unpacked.row_total(code_bits + prefix_bits + high.sum(-1)))
-        return self._distribution(gaps, codes, keep, tail_code, num_classes)
-
-
-CODECS: dict[str, type[TopkCodec]] = {codec.name: codec for codec in (TopkCodec, GolombTopkCodec)}
-"""The codecs a cache's metadata may name, by name: every one this hf_kd ever wrote stays readable."""
-COMPRESSIONS = ("none", *CODECS)
-
-
-def _bit_length(x: torch.Tensor) -> torch.Tensor:
-    """Bits of each non-negative integer (0 for 0), exactly (float64 exponents)."""
-    return torch.frexp(x.double()).exponent.long()
+CODECS: dict[str, type[TopkCodec]] = {TopkCodec.name: TopkCodec}
+"""The codecs a cache's metadata may name, by name: every one this hf_kd ever wrote stays readable. A
+subclass of :class:`TopkCodec` with its own ``name`` is added when its module is imported."""
 
 
 @dataclass
@@ -381,7 +299,7 @@ class _Unpacked:
     stream: bytes
     """All rows' bodies, one after the other."""
     words: torch.Tensor
-    """The stream's :func:`_words` (what :func:`_read_bits` reads)."""
+    """The stream's :func:`bits.words` (what :func:`bits.read_bits` reads)."""
     row_start: torch.Tensor
     """First bit of each row [R]."""
     sizes: torch.Tensor
@@ -433,41 +351,3 @@ def _tail_code(odds: torch.Tensor) -> torch.Tensor:
     grid's ends for odds beyond them: a tiny tail stays a tiny tail, never log 0)."""
     grid = torch.round((odds.clamp(TAIL_LOW, TAIL_HIGH) - TAIL_LOW) / TAIL_STEP).long() + 1
     return torch.where(odds == -math.inf, 0, grid)
-
-
-def _write_bits(values: torch.Tensor, widths: torch.Tensor) -> np.ndarray:
-    """Fields ``values`` (their low ``widths`` bits each, most significant bit first) packed into bytes.
-
-    Each field is shifted into place within the few bytes it touches, and the bytes are summed (the
-    fields' bits never overlap, so the sum is their OR): O(fields), not O(fields × widest field)."""
-    widths = widths.long()
-    values = values.long() & ((1 << widths) - 1)
-    start = torch.cumsum(widths, 0) - widths
-    span = (int(widths.max()) + 7) // 8 + 1 if len(widths) else 0  # bytes one field can touch
-    first, offset = start // 8, start % 8
-    window = values << (span * 8 - offset - widths)  # the field within bytes first .. first + span − 1
-    shifts = 8 * torch.arange(span - 1, -1, -1)
-    parts = (window[:, None] >> shifts) & 0xFF
-    size = (int(widths.sum()) + 7) // 8
-    at = (first[:, None] + torch.arange(span)).clamp(max=size)  # a spare byte takes the zero overhang
-    stream = torch.zeros(size + 1, dtype=torch.long).index_add_(0, at.reshape(-1), parts.reshape(-1))
-    return stream[:size].to(torch.uint8).numpy()
-
-
-def _words(stream: bytes) -> torch.Tensor:
-    """For each byte of ``stream``, the 8 bytes from it (zeros past the end) as one big-endian int64."""
-    data = torch.frombuffer(bytearray(stream) + bytes(7), dtype=torch.uint8).long()
-    size = len(stream)
-    words = torch.zeros(size, dtype=torch.long)
-    for j in range(8):
-        words.bitwise_or_(data[j : j + size] << (56 - 8 * j))
-    return words
-
-
-def _read_bits(words: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """The fields of ``widths`` bits (at most 57) starting at bit ``starts`` (same shapes; width 0 reads
-    0) of the stream whose :func:`_words` are ``words``: one read of the word at each field's first byte."""
-    if not len(words):
-        return torch.zeros_like(starts)
-    word = words[(starts >> 3).clamp(0, len(words) - 1)]
-    return (word >> (64 - (starts & 7) - widths).clamp(max=63)) & ((1 << widths) - 1)

@@ -1,0 +1,62 @@
+"""A causal LM row's columns for a teacher of another tokenizer: the teacher's ids of the same text,
+the alignment of the two tokenizations (``hf_kd.tasks.alignment``) and the bytes each teacher token
+covers (docs/knowledge.md#different-tokenizers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_kd.tasks.alignment import VocabularyMap, align_spans, alignment_columns
+from hf_kd.tasks.base import TEACHER_TEXT_BYTES
+from hf_kd.tasks.chat import encode_with_eos
+from hf_kd.tasks.lm_scoring import in_spans, text_bytes
+
+
+def teacher_columns(
+    teacher_tokenizer: Any,
+    vocabulary: VocabularyMap,
+    text: str,
+    row: dict,
+    offsets: list,
+    special: list[bool],
+    *,
+    max_length: int,
+    add_special_tokens: bool,
+    with_eos: bool,
+    scored_spans: list[tuple[int, int]] | None = None,
+) -> dict[str, list[int]]:
+    """For ``row`` (the student's truncated ids and labels of ``text``, its tokens' character ``offsets``
+    and special-token flags): the teacher's ids of the same ``text`` (truncated alike), the alignment
+    columns and the bytes each teacher token covers, −1 for a token the teacher is not scored on: one
+    starting outside ``scored_spans`` (the characters whose tokens have labels; None: all), as the
+    student's labels."""
+    teacher_ids, teacher_offsets, teacher_special = encode_with_eos(
+        teacher_tokenizer, text, add_special_tokens, with_eos
+    )
+    kept_student, kept_teacher = len(row["input_ids"]), min(len(teacher_ids), max_length)
+
+    def end(offsets_kept: list, total: int) -> int:  # where a side's kept tokens stop covering the text
+        return len(text) if len(offsets_kept) == total else max((o[1] for o in offsets_kept), default=0)
+
+    spans = align_spans(
+        offsets[:kept_student],
+        teacher_offsets[:kept_teacher],
+        student_special=special[:kept_student],
+        teacher_special=teacher_special[:kept_teacher],
+        student_end=end(offsets[:kept_student], len(offsets)),
+        teacher_end=end(teacher_offsets[:kept_teacher], len(teacher_offsets)),
+        text=text,
+    )
+    teacher_ids = teacher_ids[:kept_teacher]
+    columns = alignment_columns(spans, row["input_ids"], row["labels"], teacher_ids, vocabulary.teacher_id_of)
+    teacher_bytes = [
+        count if scored else -1
+        for count, scored in zip(
+            text_bytes(text, teacher_offsets), in_spans(teacher_offsets, scored_spans), strict=True
+        )
+    ]
+    return columns | {
+        "teacher_input_ids": teacher_ids,
+        "teacher_attention_mask": [1] * kept_teacher,
+        TEACHER_TEXT_BYTES: teacher_bytes[:kept_teacher],
+    }
