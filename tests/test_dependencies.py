@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = {
     "deepspeed": "ZeRO-3 placement, imported only when the run's accelerate config asks for DeepSpeed",
     "trl": "benchmarks compare with TRL's losses when it imports",
+    "liger_kernel": "the GPU benchmark's Liger column, when it imports",
 }
 """Imported only behind a check that they are installed, for what needs them."""
 
