@@ -18,13 +18,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_kd.feature_losses import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCE_REGISTRY, DIVERGENCES, TAIL_MODES
 from hf_kd.redact import redact, redact_value
+from hf_kd.teachers.sources import TEACHER_SOURCES, TeacherSource, teacher_source
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
-TEACHER_SOURCES = {
-    "online": "the teacher ran alongside the student at every step",
-    "cached": "the teacher's outputs were computed once and read back from a cache",
-}
-"""The values of ``teacher_source``, each with what it means for a run (as its model card says it)."""
 RESERVED_INIT_KWARGS = {"revision", "trust_remote_code", "use_safetensors"}
 """``from_pretrained`` arguments hf_kd sets itself (from its own fields), not through teacher_model_init_kwargs."""
 NO_SPLIT = ("none", "null", "")
@@ -59,8 +55,17 @@ class DistillationConfig(TrainingArguments):
             Keep the online teacher's weights in CPU memory and move them to the device layer by layer
             (`hf_kd.teachers.placement`).
         teacher_source (`str`, *optional*, defaults to `"online"`):
-            Where the teacher's logits come from: `"online"` (the teacher runs at every step) or
-            `"cached"` (read from `teacher_cache`).
+            Where the teacher's logits come from, a source registered in `hf_kd.teachers.sources`:
+            `"online"` (the teacher runs at every step), `"cached"` (read from `teacher_cache`), `"served"`
+            (asked of a server speaking vLLM's API: `teacher_options`) or `"mixture"` (several `teachers`).
+        teacher_options (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            The options of `teacher_source`, as its registry entry names them; a string is read as YAML.
+        teachers (`list`, `str` or `None`, *optional*, defaults to `None`):
+            With `teacher_source="mixture"`: the teachers, each `{name, source, weight, model, revision, cache,
+            options}` (`hf_kd.teachers.mixture`); a string is read as YAML.
+        teacher_routing_column (`str` or `None`, *optional*, defaults to `None`):
+            With `teacher_source="mixture"`: a dataset column naming each example's teacher; each example is
+            then taught by that teacher alone instead of the weighted mixture.
         teacher_cache (`str` or `None`, *optional*, defaults to `None`):
             With `teacher_source="cached"`: a local cache directory or a Hub dataset id written by
             `scripts/cache_teacher.py`.
@@ -205,8 +210,23 @@ class DistillationConfig(TrainingArguments):
     teacher_source: str = field(
         default="online",
         metadata={
-            "help": "Where the teacher's logits come from: 'online' (run the teacher each step) or 'cached'."
+            "help": "Where the teacher's logits come from: a source of hf_kd.teachers.sources ('online': run "
+            "the teacher each step; 'cached'; 'served'; 'mixture')."
         },
+    )
+    teacher_options: dict | str | None = field(
+        default=None,
+        metadata={"help": "The options of teacher_source (see its entry in hf_kd.teachers.sources)."},
+    )
+    teachers: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "teacher_source='mixture': the teachers, each {name, source, weight, model, cache, options}."
+        },
+    )
+    teacher_routing_column: str | None = field(
+        default=None,
+        metadata={"help": "teacher_source='mixture': a column naming each example's teacher (routing)."},
     )
     teacher_cache: str | None = field(
         default=None,
@@ -396,6 +416,19 @@ class DistillationConfig(TrainingArguments):
             self.teacher_label_mapping = yaml.safe_load(self.teacher_label_mapping)
         if isinstance(self.layer_mapping, str):
             self.layer_mapping = yaml.safe_load(self.layer_mapping)
+        if isinstance(self.teacher_options, str):
+            self.teacher_options = yaml.safe_load(self.teacher_options)
+        if self.teacher_options is not None and not isinstance(self.teacher_options, dict):
+            raise ValueError(
+                f"teacher_options={self.teacher_options!r}: expected a mapping of option → value"
+            )
+        if isinstance(self.teachers, str):
+            self.teachers = yaml.safe_load(self.teachers)
+        _check_choice("teacher_source", self.teacher_source, tuple(TEACHER_SOURCES))
+        if (self.teachers or self.teacher_routing_column) and self.teacher_source != "mixture":
+            raise ValueError(
+                f"teachers / teacher_routing_column are read with teacher_source: mixture, not {self.teacher_source!r}"
+            )
         self._check_feature_losses()
         self.resume_from_checkpoint = _resume_flag(self.resume_from_checkpoint)
         _check_range("alpha", self.alpha, 0.0, 1.0)
@@ -404,7 +437,6 @@ class DistillationConfig(TrainingArguments):
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0")
         _check_choice("divergence", self.divergence, DIVERGENCES)
-        _check_choice("teacher_source", self.teacher_source, tuple(TEACHER_SOURCES))
         _check_choice("synthetic_teacher", self.synthetic_teacher, SYNTHETIC_KINDS)
         _check_choice("sparse_tail", self.sparse_tail, TAIL_MODES)
         if self.synthetic_teacher == "kd_topk" and (self.synthetic_topk is None or self.synthetic_topk <= 0):
@@ -435,10 +467,7 @@ class DistillationConfig(TrainingArguments):
                 "cross_tokenizer_matched_weight and cross_tokenizer_unmatched_weight are both 0: a teacher with "
                 "another tokenizer would teach nothing (set alpha: 0 for no teacher)"
             )
-        if self.teacher_source == "cached" and not self.teacher_cache:
-            raise ValueError(
-                "teacher_source='cached' needs teacher_cache (a cache directory or Hub dataset id)"
-            )
+        self.source.check_config(self)
         self._check_generation()
         if DIVERGENCE_REGISTRY[self.divergence].on_logits and self.synthetic_teacher not in ("kd", "none"):
             raise ValueError(
@@ -464,10 +493,10 @@ class DistillationConfig(TrainingArguments):
                 f"hidden_loss / attention_weight need the teacher: alpha={self.alpha} with "
                 f"synthetic_teacher={self.synthetic_teacher!r} runs none (use alpha > 0 and a teacher-based target)"
             )
-        if self.teacher_source == "cached":
+        if not self.source.gives_features:
             raise ValueError(
-                "hidden_loss / attention_weight read the teacher's hidden states, which a cached teacher "
-                "does not have: use teacher_source: online"
+                f"hidden_loss / attention_weight read the teacher's hidden states, which a {self.teacher_source} "
+                f"teacher does not have: use teacher_source: {_sources_that('gives_features')}"
             )
         for name in ("student_logits_from_hidden_states", "teacher_logits_from_hidden_states"):
             if getattr(self, name):
@@ -511,11 +540,13 @@ class DistillationConfig(TrainingArguments):
             )
         if self.num_completions_to_log < 1:
             raise ValueError(f"num_completions_to_log={self.num_completions_to_log!r} must be ≥ 1")
-        if self.generates and self.teacher_source == "cached":
+        if (self.lmbda > 0 and not self.source.scores_samples) or (
+            self.seq_kd and not self.source.loads_model
+        ):
             raise ValueError(
-                f"lmbda={self.lmbda} / seq_kd={self.seq_kd} with teacher_source='cached': a cached teacher "
-                "cannot score (or write) newly sampled tokens; use teacher_source: online, or lmbda: 0 and "
-                "seq_kd: false"
+                f"lmbda={self.lmbda} / seq_kd={self.seq_kd} with teacher_source={self.teacher_source!r}: a "
+                f"{self.teacher_source} teacher cannot score (or write) newly sampled tokens; use teacher_source: "
+                f"{_sources_that('scores_samples' if self.lmbda > 0 else 'loads_model')}, or lmbda: 0 and seq_kd: false"
             )
         if self.lmbda > 0 and not self.uses_teacher:
             raise ValueError(
@@ -530,9 +561,15 @@ class DistillationConfig(TrainingArguments):
         return self.lmbda > 0 or self.seq_kd
 
     @property
+    def source(self) -> TeacherSource:
+        """The registered teacher source ``teacher_source`` names (``hf_kd.teachers.sources``)."""
+        return teacher_source(self.teacher_source)
+
+    @property
     def needs_teacher_model(self) -> bool:
-        """Whether the run loads an online teacher model: for the soft term, or to write completions."""
-        return self.teacher_source == "online" and (self.uses_teacher or self.seq_kd)
+        """Whether the run loads the teacher's weights (a source that does, like ``online``): for the soft
+        term, or to write completions."""
+        return self.source.loads_model and (self.uses_teacher or self.seq_kd)
 
     @property
     def uses_teacher(self) -> bool:
@@ -565,6 +602,11 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
     if not (low < value <= high if low_open else low <= value <= high):
         bracket = "(" if low_open else "["
         raise ValueError(f"{name}={value!r} is out of range: expected a number in {bracket}{low}, {high}]")
+
+
+def _sources_that(capability: str) -> str:
+    """The registered teacher sources with ``capability`` (a flag of ``TeacherSource``), as a recipe names them."""
+    return " or ".join(name for name, source in TEACHER_SOURCES.items() if getattr(source, capability))
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

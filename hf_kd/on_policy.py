@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from hf_kd.generation import Generator, SamplingSettings, TransformersGenerator
 from hf_kd.tasks.base import NO_LABEL
 from hf_kd.tasks.causal_lm import assistant_spans, encode_with_eos, vocab_size_of
-from hf_kd.teachers.signal import check_cross_tokenizer
+from hf_kd.teachers.online import check_cross_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -45,8 +45,9 @@ from hf_kd.tasks.base import (
     row_columns,
 )
 from hf_kd.tasks.causal_lm import bits_per_byte, scored_bytes
+from hf_kd.teachers.contract import TeacherSignal, check_teacher_signal
 from hf_kd.teachers.placement import place_teacher
-from hf_kd.teachers.signal import TeacherSignal, build_teacher_signal
+from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
 from hf_kd.training_guard import FiniteStepGuard, check_window
 
@@ -78,7 +79,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         args: a :class:`hf_kd.DistillationConfig`.
         task: the task adapter (default: inferred from the student's head: sequence or image
             classification, causal LM).
-        teacher_signal: where teacher logits come from (:class:`hf_kd.teachers.signal.TeacherSignal`);
+        teacher_signal: where teacher logits come from (:class:`hf_kd.teachers.contract.TeacherSignal`,
+            checked; its ``collator`` wraps the data collator);
             default: :func:`~hf_kd.teachers.signal.build_teacher_signal` from ``args`` and ``teacher_model``
             (the online teacher, or the uniform teacher for ``synthetic_teacher='ls'``).
         target_fn: maps the teacher's log p^τ to the distilled target (a synthetic teacher); default none.
@@ -135,6 +137,14 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             teacher_signal = build_teacher_signal(
                 args, self.task, self.model, teacher_model=self.teacher_model
             )
+        if teacher_signal is not None:  # the contract (hf_kd.teachers.contract), whatever the source
+            check_teacher_signal(teacher_signal)
+            if args.lmbda > 0 and not teacher_signal.scores_samples:
+                raise ValueError(
+                    f"lmbda={args.lmbda}: {type(teacher_signal).__name__} cannot score the student's sampled "
+                    "completions (scores_samples is False); use a teacher that can, or lmbda: 0"
+                )
+            self.data_collator = teacher_signal.collator(self.data_collator)
         self.teacher_signal: TeacherSignal | None = teacher_signal
         if target_fn is None and args.alpha > 0 and args.synthetic_teacher in ("kd_pt", "kd_topk"):
             target_fn = SyntheticTargetFn(args.synthetic_teacher, k=args.synthetic_topk)

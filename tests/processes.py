@@ -116,3 +116,56 @@ def cache_teacher(recipe: Path, output_dir: Path, nproc: int) -> subprocess.Comp
     """``scripts/cache_teacher.py --config recipe`` into ``output_dir`` under torchrun on ``nproc`` processes."""
     script = ["scripts/cache_teacher.py", "--config", str(recipe), "--output_dir", str(output_dir)]
     return launch([*torchrun(nproc), *script], timeout=180)
+
+
+class TeacherServer:
+    """``scripts/serve_teacher.py`` for ``model_dir`` on a free port of 127.0.0.1, started now and waited
+    for (its ``/v1/models`` answers); ``stop()`` ends it (SIGTERM, then SIGKILL), ``start()`` again on the
+    same port. A context manager that stops it on exit."""
+
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+        self.port, self.args, self.env, self.timeout = free_port(), [str(model_dir), *args], env, timeout
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        model, *rest = self.args
+        command = [*python(), "scripts/serve_teacher.py", "--model", model, "--port", str(self.port), *rest]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **ENV, **(self.env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"the teacher server exited (rc={self.process.returncode}):\n{self.process.stdout.read()}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"the teacher server did not listen on port {self.port} within {self.timeout} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> TeacherServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

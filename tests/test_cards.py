@@ -7,7 +7,8 @@ import pytest
 
 from hf_kd.cards.markdown import code_block, field_table, format_value, markdown_table
 from hf_kd.cards.model import SYNTHETIC_TARGETS, DistillationCardInfo, render_model_card
-from hf_kd.config import TEACHER_SOURCES, DistillationConfig
+from hf_kd.config import DistillationConfig
+from hf_kd.teachers.sources import TEACHER_SOURCES
 
 
 def _info(**fields) -> DistillationCardInfo:
@@ -46,9 +47,15 @@ def test_tables_escape_cells_and_leave_out_missing_fields():
 
 @pytest.mark.parametrize("source", sorted(TEACHER_SOURCES))
 def test_card_names_every_teacher_source_a_config_accepts(tmp_path, source):
-    DistillationConfig(output_dir=str(tmp_path), teacher_source=source, teacher_cache=str(tmp_path / "cache"))
+    teachers = [{"name": "a", "model": "m"}] if source == "mixture" else None  # what the source requires
+    DistillationConfig(
+        output_dir=str(tmp_path),
+        teacher_source=source,
+        teacher_cache=str(tmp_path / "cache"),
+        teachers=teachers,
+    )
     text = str(render_model_card(_info(teacher_source=source)))
-    assert f"- **Teacher signal:** {source}: {TEACHER_SOURCES[source]}" in text
+    assert f"- **Teacher signal:** {source}: {TEACHER_SOURCES[source].description}" in text
 
 
 def test_card_states_the_synthetic_teacher_and_its_soft_target():

@@ -61,6 +61,7 @@ def within(modules: list[str], layers: tuple[str, ...]) -> list[str]:
         ("hf_kd.knowledge", ABOVE_PURE + LOADERS),
         ("hf_kd.tasks", ABOVE_PURE),
         ("hf_kd.teachers.synthetic", ABOVE_PURE),
+        ("hf_kd.teachers.sources", ABOVE_PURE + LOADERS + HUB_IO),
         ("hf_kd.teachers.cache", ABOVE_PURE + LOADERS + HUB_IO + ("hf_kd.cards",)),
         ("hf_kd.cards", ABOVE_PURE + LOADERS + HUB_IO),
         ("hf_kd.redact", ABOVE_PURE + LOADERS + HUB_IO),
@@ -119,6 +120,7 @@ LAYER_OF = {
             "hf_kd.completion_log",
             "hf_kd.teachers.placement",
             "hf_kd.teachers.signal",
+            "hf_kd.teachers.mixture",  # builds each member's signal through the factory
         ),
         2,  # the trainer and what it is built from
     ),
@@ -128,6 +130,8 @@ LAYER_OF = {
             "hf_kd.data.loading",
             "hf_kd.teachers.cache.load",
             "hf_kd.teachers.cache.capture",
+            "hf_kd.teachers.cached",  # opens a cache (teachers.cache.load)
+            "hf_kd.teachers.served",  # connects to a server, checks it against the student
             "hf_kd.hub",
         ),
         1,  # loading: models, datasets and teacher caches read from (or written to) disk or the Hub

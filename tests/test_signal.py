@@ -12,6 +12,7 @@ from hf_kd import DistillationTrainer
 from hf_kd.modeling import load_teacher
 from hf_kd.tasks import TextClassificationTask
 from hf_kd.teachers.cached import CachedTeacher
+from hf_kd.teachers.contract import SignalDefaults
 from hf_kd.teachers.online import OnlineTeacher
 from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import UniformTeacher
@@ -63,10 +64,10 @@ def test_cached_signal_keeps_its_output_map_as_given():
     torch.testing.assert_close(signal({"kd_teacher_logits": logits}), torch.tensor([[2.0, 0.0, 1.0]]))
 
 
-class ScaledTeacher:
+class ScaledTeacher(SignalDefaults):
     """A new kind of source: a model's logits times a constant, agreement reported as its flag says."""
 
-    output_map = None
+    returns = ("dense",)
 
     def __init__(self, model, real_teacher: bool):
         self.model, self.real_teacher = model, real_teacher

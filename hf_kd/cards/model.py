@@ -21,9 +21,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_kd.cards.markdown import code_block, field_table, format_value, markdown_table
-from hf_kd.config import TEACHER_SOURCES
 from hf_kd.files import write_atomic
 from hf_kd.redact import redact
+from hf_kd.teachers.sources import TEACHER_SOURCES
 
 PIPELINE_TAGS = {
     "text-classification": "text-classification",
@@ -98,7 +98,7 @@ class DistillationCardInfo:
     """The run's ``synthetic_teacher`` kind (``ls``, ``kd_pt``, ``kd_sim``, ``kd_topk`` ...), or None
     (the teacher's own distribution)."""
     teacher_source: str = "online"
-    """Where the teacher's outputs came from, one of ``hf_kd.config.TEACHER_SOURCES``."""
+    """Where the teacher's outputs came from, one of ``hf_kd.teachers.sources.TEACHER_SOURCES``."""
     cache_provenance: dict[str, Any] | None = None
     """Metadata of the teacher cache (teacher id, revision, dataset fingerprint ...), or None."""
     teacher_metrics: dict[str, float] = field(default_factory=dict)
@@ -240,7 +240,9 @@ def _method_section(info: DistillationCardInfo) -> str:
     if info.teacher_id is None:
         return "\n".join(lines)
     source = TEACHER_SOURCES.get(info.teacher_source)
-    lines.append(f"- **Teacher signal:** {info.teacher_source}" + (f": {source}" if source else ""))
+    lines.append(
+        f"- **Teacher signal:** {info.teacher_source}" + (f": {source.description}" if source else "")
+    )
     if info.cache_provenance:
         lines += [
             "",

@@ -43,7 +43,8 @@ def run_card_info(
 
     The student is named by ``hub_model_id`` (else the output folder's name); the teacher by the
     teacher id and revision the cache recorded when the run read a teacher cache, else by
-    ``teacher_model_name_or_path`` and ``teacher_model_revision``. A run whose loss uses no teacher
+    ``teacher_model_name_or_path`` and ``teacher_model_revision`` (a served teacher: its served model;
+    several teachers: each one's name, source, model and weight). A run whose loss uses no teacher
     (α = 0, ``none``, ``ls``) has none: an ordinary fine-tuning card. ``command`` and ``recipe_yaml`` are
     quoted with every secret redacted (``hf_kd.redact.redact``). ``student_init`` and ``feature_losses``
     say how the student was initialised from the teacher and which feature losses were used;
@@ -53,9 +54,16 @@ def run_card_info(
     if config.uses_teacher and cache_provenance is not None:
         teacher_id = cache_provenance["teacher_id"]
         teacher_revision = cache_provenance.get("teacher_revision")
-    elif config.uses_teacher:
-        teacher_id = config.teacher_model_name_or_path
-        teacher_revision = config.teacher_model_revision
+    elif config.uses_teacher and config.teachers:  # several teachers
+        teacher_id = ", ".join(
+            f"{m['name']} ({m.get('source', 'online')} "
+            f"{m.get('model') or m.get('cache') or (m.get('options') or {}).get('model')}, "
+            f"weight {m.get('weight', 1)})"
+            for m in config.teachers
+        )
+    elif config.uses_teacher:  # a served teacher is named by the model its server serves
+        teacher_id = config.teacher_model_name_or_path or (config.teacher_options or {}).get("model")
+        teacher_revision = config.teacher_model_revision if config.teacher_model_name_or_path else None
     return DistillationCardInfo(
         student_id=config.hub_model_id or Path(config.output_dir).name,
         teacher_id=teacher_id,

@@ -35,9 +35,9 @@ from hf_kd.student_init import choose_layers, describe_student_init, student_fro
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.causal_lm import drop_rows_without_target
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
-from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.online import check_cross_tokenizer
 from hf_kd.teachers.placement import full_teacher
-from hf_kd.teachers.signal import build_teacher_signal, check_cross_tokenizer
+from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
 from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
 from hf_kd.trainer import DistillationTrainer
 
@@ -305,26 +305,14 @@ def _distill(
     task = build_task(data_args)
     token_level = task.token_level  # a causal LM: vocabulary instead of label names
     metrics = None if token_level else ClassificationMetrics(data_args.metrics, model_args.trust_remote_code)
-    cache = (
-        load_teacher_cache(
-            config.teacher_cache,
-            teacher=config.teacher_model_name_or_path,
-            teacher_revision=config.teacher_model_revision,
-        )
-        if config.teacher_source == "cached" and config.uses_teacher
-        else None
-    )
     splits = load_splits(data_args)
     check_prompts_only(
         config, splits[data_args.train_split].column_names, task, f"split {data_args.train_split!r}"
     )
-    if cache is not None:  # checked to be the captured rows, joined before any row selection
-        cache.check_sparse_tail(config.sparse_tail)  # before any model is loaded
-        if token_level:
-            task.cache_decoder = cache.decoder()  # None unless the cache is compressed
-        splits = cache.join(
-            splits, task.name, [name for name in (data_args.train_split, data_args.eval_split) if name]
-        )
+    # the source opened before any model loads and any row is selected (a cache: loaded, checked, joined)
+    source_resource, splits = open_teacher_source(
+        config, task, splits, [name for name in (data_args.train_split, data_args.eval_split) if name]
+    )
     train = splits[data_args.train_split]
     labels = None if token_level else label_names(train, data_args.label_column)  # before labels are hidden
     if labels is not None and config.alpha > 0 and config.synthetic_teacher == "kd_topk":
@@ -398,10 +386,10 @@ def _distill(
             **(config.teacher_model_init_kwargs or {}),
         )
     del init_teacher  # a teacher loaded only to initialise the student is not kept
-    teacher_signal = None  # an online teacher's is built by the trainer, once the teacher is placed
-    if cache is not None:
+    teacher_signal = None  # a loaded teacher's is built by the trainer, once the teacher is placed
+    if config.uses_teacher and not config.source.loads_model:
         teacher_signal = build_teacher_signal(
-            config, task, student, cache=cache, student_processor=student_processor
+            config, task, student, resource=source_resource, student_processor=student_processor
         )
 
     train_prepared = task.prepare(
@@ -437,7 +425,7 @@ def _distill(
         config,
         student_parameters=count_parameters(student),
         teacher_parameters=None if teacher is None else count_parameters(teacher),
-        cache_provenance=cache.metadata.provenance() if cache is not None else None,
+        cache_provenance=source_resource.provenance() if hasattr(source_resource, "provenance") else None,
         command=command,
         recipe_yaml=recipe_yaml,
         student_source=model_args.student_model_name_or_path,

@@ -263,9 +263,10 @@ def tune(
     if not budgets or any(b <= 0 for b in budgets):
         raise ValueError(f"budgets={list(budgets)} must be positive numbers of {budget_field}")
     data_args, _, config = parse_args(["--config", recipe, *overrides])
-    if config.teacher_source == "cached":
+    if config.uses_teacher and not config.source.scores_samples:  # e.g. a cache: the uncarved rows only
         raise ValueError(
-            "teacher_source=cached: a cache holds the uncarved training rows; tune with the online teacher"
+            f"teacher_source={config.teacher_source}: its outputs exist only for the uncarved training rows; "
+            "tune with a teacher that scores any rows (online)"
         )
     output_dir = Path(output_dir)
     identity = {

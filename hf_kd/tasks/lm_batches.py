@@ -79,6 +79,8 @@ def collate_rows(
             batch[key] = padded(key, 0)
         elif key == CACHE_PREFIX + "packed":
             batch.update(decode_packed(cache_decoder, [f[key] for f in features], lengths, length))
+        elif key.startswith(CACHE_PREFIX) and torch.as_tensor(features[0][key]).dim() == 0:  # one per row
+            batch[key] = torch.tensor([f[key] for f in features])
         elif key.startswith(CACHE_PREFIX):
             batch[key] = pad_cached(key, [torch.as_tensor(f[key]) for f in features], length)
     return batch

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 
 from hf_kd.losses import SparseLogits
-from hf_kd.tasks.base import split_batch
+from hf_kd.tasks.base import Task, split_batch
+from hf_kd.teachers.cache.load import TeacherCache, load_teacher_cache
+from hf_kd.teachers.contract import SignalDefaults
 from hf_kd.teachers.sketch import LogitSketch
 
 
-class CachedTeacher:
+class CachedTeacher(SignalDefaults):
     """Teacher signal of a cache written by :func:`hf_kd.teachers.cache.capture.capture_teacher_logits`.
 
     Full logits come back as a dense float32 tensor; top-k columns as :class:`hf_kd.losses.SparseLogits`
@@ -21,8 +23,7 @@ class CachedTeacher:
     the teacher's logits, attached to the top-k as a :class:`hf_kd.losses.TailSketch` (``sparse_tail: sketch``).
     """
 
-    model = None  # no teacher model runs: its logit layer cannot be read
-    real_teacher = True
+    returns = ("dense", "sparse")
 
     def __init__(
         self, num_classes: int, output_map: list[int] | None = None, sketch: LogitSketch | None = None
@@ -60,3 +61,35 @@ class CachedTeacher:
         return SparseLogits(
             cached["log_probs"].float(), indices, cached["tail_log_mass"].float(), self.num_classes, tail
         )
+
+
+def open_teacher_cache(config, task: Task, splits, split_names: list[str]):
+    """The ``cached`` source's opening, before any model loads: the cache named by ``config.teacher_cache``
+    (every recorded fact verified, its teacher checked against ``teacher_model_name_or_path`` when one is
+    named), its top-k checked against ``sparse_tail``, its decoder given to a per-token ``task`` (for a
+    compressed cache), and its columns joined to the ``split_names`` of ``splits`` (checked to be the
+    captured rows). Returns (the cache, the joined splits)."""
+    cache = load_teacher_cache(
+        config.teacher_cache,
+        teacher=config.teacher_model_name_or_path,
+        teacher_revision=config.teacher_model_revision,
+    )
+    cache.check_sparse_tail(config.sparse_tail)
+    if hasattr(task, "cache_decoder"):  # a per-token task
+        task.cache_decoder = cache.decoder()  # None unless the cache is compressed
+    return cache, cache.join(splits, task.name, split_names)
+
+
+def build_cached_teacher(
+    config, task: Task, student, *, resource: TeacherCache | None = None, student_processor=None, **_
+) -> CachedTeacher:
+    """The ``cached`` source's signal: the logits of ``resource`` (the cache :func:`open_teacher_cache`
+    opened), checked against the task, the student's config and ``student_processor``."""
+    if resource is None:
+        raise ValueError(
+            "teacher_source='cached' needs its cache opened first (hf_kd.teachers.signal.open_teacher_source), "
+            "or pass teacher_signal=CachedTeacher(...)"
+        )
+    output_map = resource.check_run(task, student.config, student_processor, config)
+    resource.check_sparse_tail(config.sparse_tail)
+    return CachedTeacher(resource.metadata.num_classes, output_map, resource.sketch)

@@ -7,16 +7,17 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from hf_kd.hidden_states import student_hidden_states
+from hf_kd.hidden_states import check_output_layer, student_hidden_states
 from hf_kd.losses import AlignedLogits, HiddenStates
 from hf_kd.tasks.alignment import VocabularyMap, aligned_logits
-from hf_kd.tasks.base import split_batch
+from hf_kd.tasks.base import Task, split_batch
+from hf_kd.teachers.contract import SignalDefaults
 from hf_kd.teachers.finite import check_teacher_logits
 
 TEACHER_OPTION = "teacher_logits_from_hidden_states: true"
 
 
-class OnlineTeacher:
+class OnlineTeacher(SignalDefaults):
     """Runs a frozen teacher on each batch, on its own inputs (``teacher_*`` columns) when its
     preprocessing differs from the student's, else on the student's inputs.
 
@@ -27,7 +28,9 @@ class OnlineTeacher:
     chunk.
     """
 
-    real_teacher = True
+    returns = ("dense",)
+    gives_features = True
+    scores_samples = True
 
     def __init__(
         self, model: torch.nn.Module, output_map: list[int] | None = None, *, from_hidden_states: bool = False
@@ -75,7 +78,12 @@ class CrossTokenizerTeacher(OnlineTeacher):
     """An online teacher whose tokenizer differs from the student's: it runs on its own
     ``teacher_input_ids`` and its logits come with their alignment to the student's tokens
     (:class:`hf_kd.losses.AlignedLogits`, built from the batch's alignment columns), which the loss
-    reads (``hf_kd.losses.cross_tokenizer``)."""
+    reads (``hf_kd.losses.cross_tokenizer``). Its features and on-policy samples are refused
+    (:func:`check_cross_tokenizer`): the two models' positions differ."""
+
+    returns = ("aligned",)
+    gives_features = False
+    scores_samples = False
 
     def __init__(
         self,
@@ -97,3 +105,56 @@ class CrossTokenizerTeacher(OnlineTeacher):
             matched_weight=self.matched_weight,
             unmatched_weight=self.unmatched_weight,
         )
+
+
+def check_cross_tokenizer(config: Any) -> None:
+    """Refuse what a teacher with another tokenizer does not support (its tokens are aligned with the
+    student's on the data's text; packing is the task's refusal), from ``config`` (a
+    :class:`hf_kd.DistillationConfig`): before the teacher's weights load in a recipe run, when the
+    teacher signal is built from Python."""
+    sampling = f"lmbda={config.lmbda}" if config.lmbda > 0 else "seq_kd: true"
+    unsupported = {
+        f"{sampling} (sampled tokens have no teacher alignment)": config.generates,
+        "student_logits_from_hidden_states: true": config.student_logits_from_hidden_states,
+        "teacher_logits_from_hidden_states: true": config.teacher_logits_from_hidden_states,
+        f"synthetic_teacher={config.synthetic_teacher!r}": config.synthetic_teacher != "kd",
+    }
+    refused = [name for name, on in unsupported.items() if on]
+    if refused:
+        raise ValueError(
+            f"the teacher's tokenizer differs from the student's (cross-tokenizer distillation), which does not "
+            f"support {', '.join(refused)}; turn {'them' if len(refused) > 1 else 'it'} off, or use a teacher "
+            "that shares the student's tokenizer"
+        )
+
+
+def build_online_teacher(
+    config, task: Task, student: torch.nn.Module, *, teacher_model=None, **_: Any
+) -> OnlineTeacher:
+    """The ``online`` source: ``teacher_model`` (as placed for the run), its classes checked against the
+    student's and mapped into their order; when ``task`` was prepared with a teacher tokenizer of another
+    vocabulary (``task.vocabulary``), the cross-tokenizer teacher (what it does not support refused by
+    :func:`check_cross_tokenizer`). Raises ValueError without a teacher model."""
+    if teacher_model is None:
+        raise ValueError(
+            f"alpha={config.alpha} needs a teacher: pass teacher_model or teacher_signal (or set alpha: 0)"
+        )
+    teacher_config = extract_model_from_parallel(teacher_model).config
+    output_map = task.teacher_output_map(teacher_config, student.config, config)
+    vocabulary = getattr(task, "vocabulary", None)
+    if vocabulary is not None:
+        check_cross_tokenizer(config)
+        return CrossTokenizerTeacher(
+            teacher_model,
+            vocabulary,
+            matched_weight=config.cross_tokenizer_matched_weight,
+            unmatched_weight=config.cross_tokenizer_unmatched_weight,
+        )
+    if config.teacher_logits_from_hidden_states:
+        unwrapped = extract_model_from_parallel(teacher_model)
+        check_output_layer(task, unwrapped, TEACHER_OPTION)
+        if unwrapped.get_output_embeddings().weight.numel() == 0:
+            raise ValueError(f"{TEACHER_OPTION} needs the teacher's whole output layer: not with ZeRO-3")
+    return OnlineTeacher(
+        teacher_model, output_map, from_hidden_states=config.teacher_logits_from_hidden_states
+    )

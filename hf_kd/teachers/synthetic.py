@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from hf_kd.losses import SparseLogits
+from hf_kd.teachers.contract import SignalDefaults
 
 SYNTHETIC_KINDS = ("none", "ls", "kd_pt", "kd_sim", "kd", "kd_topk")
 
@@ -178,13 +179,13 @@ class SyntheticTargetFn:
         return rho.log()
 
 
-class UniformTeacher:
+class UniformTeacher(SignalDefaults):
     """The teacher signal of label smoothing (the ``ls`` target): constant logits over ``num_classes``
     classes for every item of the batch (shape ``labels.shape + (K,)``), p = u = 1/K. No model runs,
     so agreement with the student means nothing (``real_teacher`` is False)."""
 
-    output_map = None
-    model = None
+    returns = ("dense",)
+    scores_samples = True  # the same zeros for any sequence
     real_teacher = False
 
     def __init__(self, num_classes: int):

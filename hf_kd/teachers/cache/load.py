@@ -154,6 +154,10 @@ class TeacherCache:
     sketch: LogitSketch | None = None
     """The low-rank sketch of the teacher's logits stored with a per-token top-k, if any."""
 
+    def provenance(self) -> dict:
+        """What a student's model card lists about the cache it was trained from."""
+        return self.metadata.provenance()
+
     def check_split(self, name: str, rows: Dataset) -> None:
         """The run's rows of split ``name`` are the rows the teacher saw (count and content)."""
         cached = self.metadata.splits.get(name)
