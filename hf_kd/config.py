@@ -4,7 +4,6 @@ data arguments of ``scripts/distill.py``, and recipe parsing (YAML + command lin
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 import sys
@@ -17,6 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_kd.feature_losses import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCE_REGISTRY, DIVERGENCES, TAIL_MODES
+from hf_kd.recipe import load_yaml, refuse, typed_recipe
 from hf_kd.redact import redact, redact_value
 from hf_kd.teachers.sources import TEACHER_SOURCES, TeacherSource, teacher_source
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
@@ -879,85 +879,6 @@ class DataArguments:
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, DistillationConfig)
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with a key written twice (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str | int | float | bool) and key in lines:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is written twice (lines {lines[key]} and {line}): keep one"
-                )
-            lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str, source: str) -> Any:
-    """``text`` (YAML read from ``source``) through :class:`UniqueKeyLoader`: safe types only, a key written
-    twice refused in one line naming it, its lines and ``source``."""
-    try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as error:
-        raise ValueError(f"{source}: {' '.join(str(error).split())}") from None
-
-
-def _typed(key: str, value: Any, action: Any, path: Path) -> Any:
-    """A recipe ``value`` for the parser action of field ``key``: converted as a command-line string
-    would be (``1e-5`` read by YAML as a string becomes a number), or refused in one line naming the key,
-    the value, its type and what the field takes."""
-    convert = action.type
-    if value is None or convert is None:
-        return value
-    name = getattr(convert, "__name__", "")
-    if isinstance(value, str):
-        try:
-            converted = convert(value)
-        except (TypeError, ValueError, KeyError, argparse.ArgumentTypeError):
-            converted = _REFUSED
-    elif convert is int:
-        converted = value if isinstance(value, int) and not isinstance(value, bool) else _REFUSED
-    elif convert is float:
-        converted = (
-            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _REFUSED
-        )
-    elif name == "string_to_bool":
-        converted = value if isinstance(value, bool) else _REFUSED
-    else:
-        converted = value  # a mapping or list for a field that also takes one (e.g. dict | str)
-    if converted is not _REFUSED and (not action.choices or converted in action.choices):
-        return converted
-    expected = {int: "an integer", float: "a number"}.get(
-        convert, "true or false" if name == "string_to_bool" else "a string"
-    )
-    if action.choices:
-        expected = f"one of {[getattr(c, 'value', c) for c in action.choices]}"
-    raise ValueError(
-        f"{key}: {value!r} ({type(value).__name__}) in recipe {str(path)!r}: expected {expected}"
-    )
-
-
-_REFUSED = object()
-
-
-def typed_recipe(recipe: dict[str, Any], parser: HfArgumentParser, path: Path) -> dict[str, Any]:
-    """``recipe`` with every value checked and converted by its field's parser action (:func:`_typed`),
-    lists element by element: a wrong type is refused before anything loads, not after the teacher."""
-    actions = {action.dest: action for action in parser._actions}
-    typed = {}
-    for key, value in recipe.items():
-        action = actions.get(key)
-        if action is None:
-            typed[key] = value
-        elif isinstance(value, list) and action.nargs in ("+", "*"):
-            typed[key] = [_typed(key, item, action, path) for item in value]
-        else:
-            typed[key] = _typed(key, value, action, path)
-    return typed
-
-
 def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, Any]:
     """Read a YAML recipe (:func:`load_yaml`: safe types, no key twice) and reject keys none of ``classes``
     knows."""
@@ -978,11 +899,6 @@ def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) 
     return recipe
 
 
-def _refuse(message: str) -> None:
-    """``ArgumentParser.error`` as one ValueError naming the flag and value, secrets redacted."""
-    raise ValueError(redact(message))
-
-
 def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> tuple:
     """``--config recipe.yaml [--field value ...]``: defaults < recipe < command line.
 
@@ -992,7 +908,7 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(classes)
-    parser.error = _refuse  # one line, not argparse's usage dump and exit
+    parser.error = refuse  # one line, not argparse's usage dump and exit
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

@@ -19,7 +19,7 @@ from hf_kd import DistillationTrainer, parse_args, run_distillation
 from hf_kd.data.toy_chat import write_toy_chat
 from hf_kd.modeling import TeacherWeightsError
 from hf_kd.tasks import CausalLMTask
-from hf_kd.tasks.causal_lm import NoTargetError
+from hf_kd.tasks.lm_targets import NoTargetError
 from hf_kd.teachers.finite import NonFiniteTeacherError
 from hf_kd.training_guard import NonFiniteTrainingError, NothingToLearnError, check_window
 

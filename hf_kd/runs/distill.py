@@ -33,8 +33,8 @@ from hf_kd.run_lock import output_dir_lock
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
-from hf_kd.tasks.causal_lm import drop_rows_without_target
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
+from hf_kd.tasks.lm_targets import drop_rows_without_target
 from hf_kd.teachers.online import check_cross_tokenizer
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
