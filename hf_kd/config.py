@@ -16,6 +16,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_kd.feature_losses import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCE_REGISTRY, DIVERGENCES, TAIL_MODES
+from hf_kd.recipe import load_yaml, refuse, typed_recipe
+from hf_kd.redact import redact, redact_value
 from hf_kd.teachers.sources import TEACHER_SOURCES, TeacherSource, teacher_source
 from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
@@ -520,9 +522,22 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(f"hidden_loss / attention_weight are not supported with {name}")
 
     def __getstate__(self) -> dict[str, Any]:
-        """The pickled state (``training_args.bin``, written next to every saved student) without
-        ``hub_token``: a token never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
-        return {**self.__dict__, "hub_token": None}
+        """The pickled state (``training_args.bin``, written next to every saved student) without any
+        secret (``hf_kd.redact.redact_value``): ``hub_token`` and every secret-named key at any depth
+        (``teacher_model_init_kwargs: {token: …}``) become None, credential-shaped strings ``<redacted>``.
+        A secret never reaches a file or the Hub (a ``copy.deepcopy`` has none either)."""
+        return redact_value({**self.__dict__, "hub_token": None}, (self.hub_token,), replacement=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``TrainingArguments.to_dict`` (what ``str(config)``, logs and integrations show) with every secret
+        redacted (``hf_kd.redact.redact_value``)."""
+        return redact_value(super().to_dict(), (self.hub_token,))
+
+    def __repr__(self) -> str:
+        """``TrainingArguments``' listing of every field, every secret redacted (``hf_kd.redact.redact``)."""
+        return redact(TrainingArguments.__str__(self), (self.hub_token,))
+
+    __str__ = __repr__
 
     def _check_generation(self) -> None:
         """The on-policy fields: ranges, and a teacher that can score (or write) new tokens."""
@@ -899,11 +914,12 @@ def temperature_value(value: float | str) -> float | str:
 
 
 def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, Any]:
-    """Read a YAML recipe (``yaml.safe_load``) and reject keys none of ``classes`` knows."""
+    """Read a YAML recipe (:func:`load_yaml`: safe types, no key twice) and reject keys none of ``classes``
+    knows."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = load_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
     if not isinstance(recipe, dict):
         raise ValueError(
             f"recipe {str(path)!r} must be a mapping of field: value, got {type(recipe).__name__}"
@@ -926,11 +942,12 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(classes)
+    parser.error = refuse  # one line, not argparse's usage dump and exit
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise ValueError("--config needs a recipe path")
-        recipe = load_recipe(argv[i + 1], classes)
+        recipe = typed_recipe(load_recipe(argv[i + 1], classes), parser, Path(argv[i + 1]))
         argv = argv[:i] + argv[i + 2 :]
         # Required fields (output_dir) may come from the recipe: give argparse their defaults.
         for action in parser._actions:
@@ -940,4 +957,7 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
     for action in parser._actions:
         if action.dest == "temperature":  # a number or "auto": argparse's float would refuse "auto"
             action.type = temperature_value
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:  # e.g. flags no field knows, quoted back: never with a secret
+        raise ValueError(redact(str(error))) from None

@@ -35,6 +35,7 @@ from hf_kd.modeling import check_model_source, freeze, load_teacher, logit_layer
 from hf_kd.on_policy import GENERATED_KEY, check_prompt_rows, check_prompts_only, on_policy_batches
 from hf_kd.on_policy_watch import OnPolicyWatch
 from hf_kd.paths import refuse_overlap
+from hf_kd.run_lock import output_dir_lock
 from hf_kd.tasks import Task, split_batch, task_for_model
 from hf_kd.tasks.base import (
     ALIGNMENT_PREFIX,
@@ -49,6 +50,7 @@ from hf_kd.teachers.contract import TeacherSignal, check_teacher_signal
 from hf_kd.teachers.placement import place_teacher
 from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.synthetic import SyntheticTargetFn
+from hf_kd.training_guard import FiniteStepGuard, check_window
 
 GRAD_KEYS = ("grad_hard", "grad_soft", "n_grad")
 """Sums of the logged terms' gradient norms (:meth:`DistillationTrainer._record_term_gradients`) and their count."""
@@ -164,6 +166,13 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         trained alongside the student (in its optimizer, never saved into it); None when off."""
         if self.features is not None:
             self.add_callback(ZeroGradsAfterStep(self.features))
+        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
+            "train": defaultdict(float),
+            "eval": defaultdict(float),
+        }
+        modules = [self.model] + ([self.features] if self.features is not None else [])
+        reduce = lambda flag: self.accelerator.reduce(flag, reduction="sum")  # noqa: E731
+        self.add_callback(FiniteStepGuard(self._kd_sums["train"], modules, reduce))
         self._output_layer_checked = False
         self._part_names: set[str] = set()
         """The names of the loss parts logged on their own (``LossTerms.parts``), as they appear."""
@@ -189,10 +198,6 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         (``hf_kd.completion_log``; ``args.log_completions``, main process); None when off."""
         if self.completion_log is not None:
             self.add_callback(self.completion_log)
-        self._kd_sums: dict[str, dict[str, torch.Tensor]] = {
-            "train": defaultdict(float),
-            "eval": defaultdict(float),
-        }
         self.card_info: DistillationCardInfo | None = None
         """The distillation model card (``hf_kd.cards.run``): when set, written as README.md wherever the
         student is saved (checkpoints, ``save_model``) and pushed with it by ``push_to_hub``."""
@@ -241,7 +246,8 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
             )
         self._warn_of_inert_rows()
         checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+        with output_dir_lock(self.args.output_dir, main=self.args.process_index == 0):  # one run per folder
+            return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def _warn_of_inert_rows(self) -> None:
         """Without a soft term, unlabelled rows only fill batches: say how many (scripts/distill.py drops them)."""
@@ -353,6 +359,15 @@ class DistillationTrainer(CompleteCheckpointsMixin, Trainer):
         counts = torch.stack([self.task.count_items(batch).to(device) for batch in batches]).sum(0)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
+        if self.args.world_size == 1 or self.args.average_tokens_across_devices:  # the same on every process
+            soft = self.teacher_signal is not None and self.args.alpha > 0
+            check_window(
+                counts.tolist(),
+                hard_term=not soft or self.args.alpha < 1,
+                soft_term=soft,
+                step=self.state.global_step + 1,
+                output_dir=self.args.output_dir,
+            )
         return batches, counts
 
     def _generated(self, batch: dict[str, Any], index: int) -> dict[str, Any]:

@@ -114,6 +114,7 @@ LAYER_OF = {
             "hf_kd.callbacks",
             "hf_kd.predictions",
             "hf_kd.checkpoints",
+            "hf_kd.training_guard",  # stops the trainer's steps
             "hf_kd.features",
             "hf_kd.on_policy",
             "hf_kd.generation",

@@ -14,6 +14,7 @@ from hf_kd.data.loading import check_columns, dataset_inputs, load_splits
 from hf_kd.hub import push_cache_to_hub
 from hf_kd.modeling import check_model_source, load_teacher
 from hf_kd.paths import refuse_overlap
+from hf_kd.run_lock import output_dir_lock
 from hf_kd.tasks import build_task
 from hf_kd.teachers.cache.capture import capture_teacher_logits, compression_top_k
 from hf_kd.teachers.cache.format import LOGIT_DTYPES, CacheMetadata
@@ -130,7 +131,15 @@ class CacheArguments:
 
 
 def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
-    """What ``scripts/cache_teacher.py`` does: load the data and the teacher, capture, optionally push."""
+    """What ``scripts/cache_teacher.py`` does: load the data and the teacher, capture, optionally push;
+    holding ``output_dir``'s lock throughout (:func:`hf_kd.run_lock.output_dir_lock`: one capture per folder)."""
+    main = PartialState(cpu=cache_args.use_cpu).is_main_process
+    with output_dir_lock(cache_args.output_dir, main=main):
+        return _capture(data_args, cache_args)
+
+
+def _capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
+    """:func:`run_capture`'s work, under the lock."""
     refuse_overlap(
         "output_dir",
         cache_args.output_dir,

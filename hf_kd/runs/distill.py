@@ -29,10 +29,12 @@ from hf_kd.modeling import (
 from hf_kd.on_policy import check_prompts_only
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
+from hf_kd.run_lock import output_dir_lock
 from hf_kd.runs.run_record import run_record, write_run_record
 from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
 from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
 from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
+from hf_kd.tasks.lm_targets import drop_rows_without_target
 from hf_kd.teachers.online import check_cross_tokenizer
 from hf_kd.teachers.placement import full_teacher
 from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
@@ -138,18 +140,19 @@ def load_student(task: Task, model_args: ModelArguments, labels: list[str] | Non
         raise ValueError(
             "a student built from student_config needs student_processor (a tokenizer or image processor path)"
         )
-    processor = task.load_processor(
-        processor_source,
-        revision=model_args.student_model_revision if processor_source == checkpoint else "main",
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    if checkpoint:
+    if checkpoint:  # its config before its processor: a text model for images is named as such
         model_config = AutoConfig.from_pretrained(
             checkpoint,
             revision=model_args.student_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-    else:
+        check_model_fits(task, model_config, "student", max_length=max_length)
+    processor = task.load_processor(
+        processor_source,
+        revision=model_args.student_model_revision if processor_source == checkpoint else "main",
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if not checkpoint:
         model_config = config_from_dict(model_args.student_config, tokenizer_sizes(processor), **head)
     check_model_fits(task, model_config, "student", processor=processor, max_length=max_length)
     if checkpoint:
@@ -280,7 +283,21 @@ def run_distillation(
     processor and model card (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card,
     secrets redacted), the results (``train_results.json``, ``eval_results.json``) and the log history
     (``trainer_state.json``) into ``output_dir``; push the student when ``config.push_to_hub`` (a failed
-    push raises :class:`hf_kd.hub.HubPushError` after everything is saved)."""
+    push raises :class:`hf_kd.hub.HubPushError` after everything is saved). The run holds ``output_dir``'s
+    lock throughout (:func:`hf_kd.run_lock.output_dir_lock`): a second run into it is refused by name."""
+    with output_dir_lock(config.output_dir, main=config.process_index == 0):
+        return _distill(data_args, model_args, config, command=command, recipe_yaml=recipe_yaml)
+
+
+def _distill(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    *,
+    command: str | None,
+    recipe_yaml: str | None,
+) -> RunResult:
+    """:func:`run_distillation`'s work, under the lock."""
     _check_sources(data_args, model_args, config)
     checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # before any loading
     repo_id = _prepare_push(config)
@@ -310,6 +327,13 @@ def run_distillation(
         rows_before_drop = len(train)  # dropped by choice, not inert
     elif labels is not None and not config.uses_teacher:
         train = drop_inert_rows(train, data_args.label_column, config)
+    if len(train) == 0:  # before any model loads
+        raise ValueError(
+            f"no training row is left to learn from in split {data_args.train_split!r} "
+            f"(num_labeled_examples={data_args.num_labeled_examples}, use_unlabeled={data_args.use_unlabeled}, "
+            f"alpha={config.alpha}, max_train_samples={data_args.max_train_samples}): unlabelled rows teach only "
+            "through a soft term (alpha > 0 with a teacher), and use_unlabeled: false drops them"
+        )
     unlabelled_rows = count_unlabeled(train, data_args.label_column)
     evaluation = splits[data_args.eval_split] if data_args.eval_split else None
     if evaluation is not None:
@@ -319,14 +343,20 @@ def run_distillation(
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
-    teacher, teacher_processor = None, None
-    if config.needs_teacher_model:  # its tokenizer before any weights load: a folder without one is refused
+    teacher, teacher_processor, teacher_config = None, None, None
+    max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
+    if config.needs_teacher_model:  # its config, then its tokenizer, before any weights load
+        teacher_config = AutoConfig.from_pretrained(
+            config.teacher_model_name_or_path,
+            revision=config.teacher_model_revision,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        check_model_fits(task, teacher_config, "teacher", max_length=max_length)  # e.g. a text model, images
         teacher_processor = task.load_processor(
             model_args.teacher_processor or config.teacher_model_name_or_path,
             revision="main" if model_args.teacher_processor else config.teacher_model_revision,
             trust_remote_code=model_args.trust_remote_code,
         )
-    max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
     init_teacher, student_init = None, None
     if model_args.student_init == "teacher":
         student, student_processor, init_teacher, student_init = teacher_initialised_student(
@@ -336,12 +366,6 @@ def run_distillation(
         student, student_processor = load_student(task, model_args, labels, max_length)
 
     if config.needs_teacher_model:
-        teacher_config = AutoConfig.from_pretrained(
-            config.teacher_model_name_or_path,
-            revision=config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-        check_model_fits(task, teacher_config, "teacher", max_length=max_length)
         if task.aligns_tokenizers:  # the vocabularies compared: another one makes a cross-tokenizer run
             task.use_processor(student_processor)
             task.use_teacher_tokenizer(teacher_processor)
@@ -378,6 +402,13 @@ def run_distillation(
             evaluation, student_processor=student_processor, teacher_processor=teacher_processor
         )
     )
+    if token_level:  # rows with no token to learn only add steps; a split of only such rows is refused
+        if not (config.lmbda == 1 or config.seq_kd):  # else every completion is generated from the prompts
+            where = f"split {data_args.train_split!r}"
+            train_prepared = drop_rows_without_target(train_prepared, where, task.max_length)
+        if eval_prepared is not None:
+            where = f"split {data_args.eval_split!r}"
+            eval_prepared = drop_rows_without_target(eval_prepared, where, task.max_length)
     if task.name == "image-classification":
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
     cross_tokenizer = token_level and task.vocabulary is not None

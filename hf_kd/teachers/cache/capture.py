@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from collections import deque
@@ -51,6 +50,7 @@ from hf_kd.teachers.cache.format import (
 )
 from hf_kd.teachers.cache.load import read_metadata
 from hf_kd.teachers.codec import TopkCodec
+from hf_kd.teachers.finite import check_teacher_logits
 from hf_kd.teachers.sketch import FIT_POSITIONS, SKETCH_FILE, LogitSketch, check_setting
 from hf_kd.vocab import shared_vocab_size
 
@@ -131,25 +131,6 @@ def compression_top_k(task_name: str, compression: TopkCodec | None, top_k: int 
     if top_k not in (None, compression.max_k):
         raise ValueError(f"top_k={top_k} differs from the compression's max_k={compression.max_k}")
     return compression.max_k
-
-
-def check_teacher_logits(logits: torch.Tensor, mask: torch.Tensor | None, split: str, first_row: int) -> None:
-    """Refuse a batch of teacher logits [B, (T,) K] (rows ``first_row``… of ``split``; per token, the
-    positions of ``attention_mask``) of which one output is no distribution: a NaN or +inf logit, or
-    every logit −inf. One reduction over the classes; names the first such row and position."""
-    top = logits.detach().amax(-1)  # NaN if any logit is NaN, +inf if one is, −inf if all are
-    bad = ~torch.isfinite(top) if mask is None else ~torch.isfinite(top) & mask.bool()
-    if not bool(bad.any()):
-        return
-    where = bad.nonzero()[0].tolist()
-    value = top[tuple(where)].item()
-    held = "a NaN logit" if math.isnan(value) else ("a +inf logit" if value > 0 else "only −inf logits")
-    position = f", position {where[1]}" if len(where) > 1 else ""
-    raise ValueError(
-        f"the teacher's output for split {split!r}, row {first_row + where[0]}{position} holds {held}: "
-        "not a distribution (a broken teacher: overflow in half precision, or damaged weights?); "
-        "refusing to cache it"
-    )
 
 
 def kept_mass_summary(kept: torch.Tensor) -> np.ndarray:
@@ -383,7 +364,9 @@ def capture_teacher_logits(
             mask = inputs.get("attention_mask") if metadata.per_token else None
             if metadata.per_token and mask is None:
                 raise ValueError("per-token capture needs padded rows with an attention_mask (no packing)")
-            check_teacher_logits(logits, mask, split, first_row + batch_start)
+            check_teacher_logits(
+                logits, mask, f"split {split!r}", first_row + batch_start, "refusing to cache it"
+            )
             yield logits, mask
             if progress_bar is not None:
                 progress_bar.update(len(batch["labels"]) if "labels" in batch else logits.shape[0])
