@@ -70,7 +70,8 @@ def _loss_sums(
         return SparseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
         )
-    if torch.is_tensor(teacher) and target_fn is None and divergence_name in CLOSED_FORM_DIVERGENCES:
+    closed_form = torch.is_tensor(teacher) and target_fn is None and not standardize  # z-scored: autograd
+    if closed_form and divergence_name in CLOSED_FORM_DIVERGENCES:
         beta = params.get("beta", 0.5)
         return DenseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, beta
