@@ -909,8 +909,11 @@ def temperature_value(value: float | str) -> float | str:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"temperature={value!r}: expected a number > 0 or 'auto'") from None
+            raise ValueError(f"temperature={value!r}: expected {temperature_value.expected}") from None
     return value
+
+
+temperature_value.expected = "a number > 0 or 'auto'"  # what a recipe's refusal says it takes
 
 
 def load_recipe(path: str | Path, classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, Any]:
@@ -943,6 +946,9 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(classes)
     parser.error = refuse  # one line, not argparse's usage dump and exit
+    for action in parser._actions:
+        if action.dest == "temperature":  # a number or "auto": argparse's float would refuse "auto"
+            action.type = temperature_value
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -954,9 +960,6 @@ def parse_args(argv: list[str] | None = None, classes: tuple[type, ...] = ARGUME
             if action.dest in recipe:
                 action.required = False
         parser.set_defaults(**recipe)
-    for action in parser._actions:
-        if action.dest == "temperature":  # a number or "auto": argparse's float would refuse "auto"
-            action.type = temperature_value
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # e.g. flags no field knows, quoted back: never with a secret

@@ -63,7 +63,7 @@ def _typed(key: str, value: Any, action: Any, path: Path) -> Any:
         converted = value  # a mapping or list for a field that also takes one (e.g. dict | str)
     if converted is not _REFUSED and (not action.choices or converted in action.choices):
         return converted
-    expected = {int: "an integer", float: "a number"}.get(
+    expected = getattr(convert, "expected", None) or {int: "an integer", float: "a number"}.get(
         convert, "true or false" if name == "string_to_bool" else "a string"
     )
     if action.choices:
