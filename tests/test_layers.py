@@ -131,6 +131,7 @@ LAYER_OF = {
             "hf_kd.data.loading",
             "hf_kd.teachers.cache.load",
             "hf_kd.teachers.cache.capture",
+            "hf_kd.teachers.cache.shards",  # writes the shards, reads them back to merge
             "hf_kd.teachers.cached",  # opens a cache (teachers.cache.load)
             "hf_kd.teachers.served",  # connects to a server, checks it against the student
             "hf_kd.hub",
@@ -206,8 +207,6 @@ MAX_LINES = 400
 STILL_OVER = {
     "hf_kd/config.py": 845,
     "hf_kd/trainer.py": 575,
-    "hf_kd/teachers/cache/capture.py": 548,
-    "hf_kd/runs/distill.py": 484,
 }
 """Product modules still over :data:`MAX_LINES`, each with its size when this list was made as a ceiling:
 they may only shrink. This list must empty: a module split below the limit leaves it."""
