@@ -190,7 +190,7 @@ def collated_log_probs(cache, tokenizer, rows: int = 6) -> torch.Tensor:
 
 def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_path, caplog):
     root, data, tokenizer = lm_setup
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.kept_mass"):
         capture(lm_setup, tmp_path / "packed", top_k=8, compression="topk-packed", compression_mass=0.9)
     assert "top_k=8 ({'codec': 'topk-packed'" in caplog.text and "quantiles" in caplog.text
     assert "acts like label smoothing" in caplog.text  # a random 1-layer teacher is flat: 8 tokens keep < 0.8

@@ -1,5 +1,5 @@
 """A cache capture, as ``scripts/cache_teacher.py`` runs it: load the data and the teacher, capture
-the teacher's outputs (:func:`hf_kd.teachers.cache.capture.capture_teacher_logits`), optionally push
+the teacher's outputs (:func:`hf_kd.teachers.cache.capture.capture`), optionally push
 the cache to the Hub."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from hf_kd.modeling import check_model_source, load_teacher
 from hf_kd.paths import refuse_overlap
 from hf_kd.run_lock import output_dir_lock
 from hf_kd.tasks import build_task
-from hf_kd.teachers.cache.capture import capture_teacher_logits, compression_top_k
+from hf_kd.teachers.cache.capture import capture
 from hf_kd.teachers.cache.format import LOGIT_DTYPES, CacheMetadata
+from hf_kd.teachers.cache.spec import CaptureSpec, compression_top_k
 from hf_kd.teachers.codec import CODECS, COMPRESSIONS, TopkCodec
 from hf_kd.teachers.sketch import SKETCH_BITS, check_setting
 
@@ -169,7 +170,7 @@ def _capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
     if task.needs_processor:
         source = cache_args.teacher_processor or teacher_id
         processor = task.load_processor(source, revision="main" if cache_args.teacher_processor else revision)
-    metadata = capture_teacher_logits(
+    spec = CaptureSpec(
         teacher.to(state.device),
         processor,
         task,
@@ -189,6 +190,7 @@ def _capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         sketch_rank=cache_args.sketch_rank,
         sketch_bits=cache_args.sketch_bits,
     )
+    metadata = capture(spec)
     if state.is_main_process:
         write_dataset_card(cache_args.output_dir, metadata)
     if cache_args.push_to_hub and state.is_main_process:

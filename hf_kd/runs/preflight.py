@@ -26,7 +26,7 @@ from hf_kd.knowledge.preflight import heldout_scores, preflight_markdown, recomm
 from hf_kd.modeling import check_model_fits, check_model_source, count_parameters, load_teacher
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions
-from hf_kd.runs.distill import load_student
+from hf_kd.runs.models import load_student
 from hf_kd.tasks import CausalLMTask, build_task, teacher_own_processor
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.signal import build_teacher_signal
@@ -138,7 +138,7 @@ def run_preflight(
             **(config.teacher_model_init_kwargs or {}),
         )
     signal = build_teacher_signal(
-        config, task, student, teacher_model=teacher, cache=cache, student_processor=student_processor
+        config, task, student, teacher_model=teacher, resource=cache, student_processor=student_processor
     )
     prepared = task.prepare(rows, student_processor=student_processor, teacher_processor=teacher_processor)
     with_student = token_level or model_args.student_model_name_or_path is not None
