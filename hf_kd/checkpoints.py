@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint by transformers.Trainer
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # transformers' own mark of a checkpoint being saved
 STAGING_FOLDER = "_partial_checkpoint"
+MODEL_STAGING_FOLDER = "_partial_model"
+"""Where :meth:`CompleteCheckpointsMixin.save_model` writes a model before moving its files into place."""
 """Where a checkpoint is written before it is renamed into place (its leading ``_`` also keeps it out of
 Trainer's Hub uploads of ``output_dir``)."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -229,6 +231,36 @@ class CompleteCheckpointsMixin:
             raise
         finally:
             self._saving_checkpoint = False
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (the final student, or any save outside a checkpoint) written into
+        ``<output_dir>/_partial_model/`` and its files moved into ``output_dir`` only once all are written
+        (renames, which need no space): a save that fails leaves none of them, and one that filled the disk
+        says so (:func:`disk_full_error`). Checkpoints' own saves are staged by :meth:`_save_checkpoint`."""
+        if _internal_call or self._saving_checkpoint:
+            return super().save_model(output_dir, _internal_call)
+        target = Path(output_dir or self.args.output_dir)
+        staging = target / MODEL_STAGING_FOLDER
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed mid-save
+        self.accelerator.wait_for_everyone()
+        try:
+            super().save_model(str(staging), _internal_call)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                for path in sorted(staging.iterdir()):
+                    if path.is_dir() and (target / path.name).exists():
+                        shutil.rmtree(target / path.name)
+                    os.replace(path, target / path.name)
+                staging.rmdir()
+        except Exception as error:
+            full = is_disk_full(error, target)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if full:
+                raise disk_full_error(error, target, "the final model") from error
+            raise
         self.accelerator.wait_for_everyone()
 
     def _put_checkpoint_in_place(self, written: Path, final: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import shlex
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -27,7 +26,10 @@ PUSH_IGNORE_PATTERNS = ("checkpoint-*", "teacher*")
 """Never uploaded by :func:`push_student`: Trainer checkpoints and any teacher file or folder."""
 
 PUSH_SCRIPT = "scripts/push.py"
-HUB_FAILURES = (httpx2.HTTPError, ConnectionError)
+HTTP_ERROR = next((c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError"), HfHubHTTPError)
+"""The base error of the HTTP client huggingface_hub speaks (``httpx`` in 1.x, ``httpx2`` in 2.x), read from
+its own error class so that hf_kd imports neither: any HTTP status, refused or dropped connection, timeout."""
+HUB_FAILURES = (HTTP_ERROR, ConnectionError)
 """What a failed Hub request raises: HTTP errors (4xx/5xx), refused or dropped connections, timeouts,
 and ``HF_HUB_OFFLINE``."""
 

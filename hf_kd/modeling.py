@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from hf_kd.teachers.finite import check_teacher_weights
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 """Config fields that size a model's learned position table, in the order they are read."""
@@ -33,13 +37,40 @@ def check_model_source(field_name: str, name_or_path: str) -> None:
             )
 
 
+class DamagedWeightsError(ValueError):
+    """A weights file that cannot be read whole (truncated by an interrupted copy, or damaged)."""
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Open the header of every ``*.safetensors`` file of a local ``folder`` (cheap: no tensor is read);
+    one that is truncated or damaged raises :class:`DamagedWeightsError` naming the file, its size and
+    safetensors' own reason, instead of a bare ``SafetensorError`` from deep inside the load."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise DamagedWeightsError(
+                f"{str(path)!r} ({path.stat().st_size} bytes) is not a whole safetensors file ({error}): "
+                "truncated or damaged (an interrupted copy, download or save?). Copy or save it again"
+            ) from None
+
+
 def load_pretrained(
     model_class, name_or_path: str, *, revision: str = "main", trust_remote_code: bool = False, **kwargs: Any
 ) -> PreTrainedModel:
-    """``model_class.from_pretrained`` with safetensors weights only and remote code off unless asked."""
+    """``model_class.from_pretrained`` with safetensors weights only and remote code off unless asked; the
+    weight files of a local folder are checked whole first (:func:`check_weight_files`)."""
+    if Path(name_or_path).expanduser().is_dir():
+        check_weight_files(Path(name_or_path).expanduser())
     return model_class.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
+
+
+class TeacherWeightsError(ValueError):
+    """A teacher checkpoint that does not hold every weight of the model it is loaded as: the missing
+    ones would be randomly initialised, and the student taught by noise."""
 
 
 def load_teacher(
@@ -48,16 +79,36 @@ def load_teacher(
     """The teacher for ``task`` (its ``model_class``), frozen (:func:`freeze`), loaded by
     :func:`load_pretrained`: safetensors weights only, and model code from the Hub only when the user's
     ``trust_remote_code`` says so. ``init_kwargs``: further ``from_pretrained`` arguments (the
-    config's ``teacher_model_init_kwargs``, e.g. ``dtype``)."""
-    return freeze(
-        load_pretrained(
-            task.model_class(),
-            name_or_path,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            **init_kwargs,
-        )
+    config's ``teacher_model_init_kwargs``, e.g. ``dtype``).
+
+    Refused (:class:`TeacherWeightsError`): a checkpoint missing weights of that model, or holding them at
+    another shape (Transformers would initialise them at random: a causal LM loaded as a sequence
+    classifier has no ``score.weight``); and (:class:`hf_kd.teachers.finite.NonFiniteTeacherError`) weights
+    holding a NaN or an infinity."""
+    model, info = load_pretrained(
+        task.model_class(),
+        name_or_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+        **init_kwargs,
     )
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(
+        f"{key} (checkpoint {list(old)}, model {list(new)})"
+        for key, old, new in info.get("mismatched_keys") or ()
+    )
+    if missing or mismatched:
+        found = [f"missing: {', '.join(missing)}"] if missing else []
+        found += [f"at another shape: {', '.join(mismatched)}"] if mismatched else []
+        raise TeacherWeightsError(
+            f"the teacher {name_or_path!r} loaded as {type(model).__name__} (task={task.name!r}) lacks weights "
+            f"of that model ({'; '.join(found)}): Transformers would initialise them at random and the student "
+            "would learn noise. Use a teacher trained for this task (with its head and labels), e.g. a causal "
+            "LM only for task=causal-lm"
+        )
+    check_teacher_weights(model, name_or_path)
+    return freeze(model)
 
 
 def config_from_dict(

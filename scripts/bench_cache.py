@@ -53,14 +53,10 @@ from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.losses import SparseLogits, divergence_from_log_probs
 from hf_kd.tasks import TextClassificationTask, split_batch
 from hf_kd.tasks.causal_lm import CausalLMTask
-from hf_kd.teachers.cache.capture import (
-    capture_teacher_logits,
-    columns_to_arrow,
-    compress_logits,
-    packed_to_arrow,
-)
+from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.format import cache_features
 from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.cache.rows import columns_to_arrow, compress_logits, packed_to_arrow
 from hf_kd.teachers.cached import CachedTeacher
 from hf_kd.teachers.codec import CODECS, TopkCodec
 from hf_kd.teachers.sketch import FIT_POSITIONS, LogitSketch

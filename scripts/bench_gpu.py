@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository,
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_kd.losses import HiddenStates, distillation_loss, divergence  # noqa: E402
-from hf_kd.losses.distillation import default_chunk_size  # noqa: E402
+from hf_kd.losses.output_layer import default_chunk_size  # noqa: E402
 from hf_kd.tasks import CausalLMTask  # noqa: E402
 from hf_kd.teachers.cached import CachedTeacher  # noqa: E402
 

@@ -46,6 +46,7 @@ def trainer(student, teacher, alpha: float, out: str) -> DistillationTrainer:
         model=student, teacher_model=teacher if alpha > 0 else None, args=args, task=TextClassificationTask()
     )
     t.create_optimizer_and_scheduler(num_training_steps=10_000)
+    t.current_gradient_accumulation_steps = 1  # what train() sets; training_step reads it (Transformers 5.17)
     return t
 
 

@@ -13,12 +13,14 @@ import logging
 import torch
 
 from hf_kd.config import DataArguments, parse_args
+from hf_kd.redact import redact_logs_and_errors
 from hf_kd.runs.capture import CacheArguments, run_capture
 from hf_kd.runs.processes import end_processes
 from hf_kd.teachers.cache.advice import recommended_sparse_tail
 
 
 def main(argv: list[str] | None = None) -> None:
+    redact_logs_and_errors()  # no secret in a log line or an error's traceback
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hf_kd").setLevel(logging.INFO)  # the capture's report of the probability mass kept
     data_args, cache_args = parse_args(argv, classes=(DataArguments, CacheArguments))

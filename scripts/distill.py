@@ -13,11 +13,13 @@ from pathlib import Path
 
 from hf_kd import parse_args, run_distillation
 from hf_kd.hub import HubPushError
+from hf_kd.redact import redact, redact_logs_and_errors
 from hf_kd.runs.distill import format_metrics
 from hf_kd.runs.processes import end_processes
 
 
 def main(argv: list[str] | None = None) -> None:
+    redact_logs_and_errors()  # no secret in a log line or an error's traceback
     argv = sys.argv[1:] if argv is None else list(argv)
     recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     failure = None
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         if result.trainer.is_world_process_zero():
             print(format_metrics(result.metrics))
     except HubPushError as err:  # one line: the endpoint, the failure and how to push again
-        failure = f"error: {err}"
+        failure = redact(f"error: {err}")
     end_processes(failure)
 
 

@@ -10,9 +10,11 @@ import argparse
 import sys
 
 from hf_kd.hub import HubPushError, push_student
+from hf_kd.redact import redact_logs_and_errors
 
 
 def main(argv: list[str] | None = None) -> None:
+    redact_logs_and_errors()  # no secret in a log line or an error's traceback
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", required=True, help="The saved student (output_dir of the run).")
     parser.add_argument("--repo_id", required=True, help="Hub model repository, e.g. <user>/<student-name>.")

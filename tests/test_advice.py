@@ -13,7 +13,7 @@ import pytest
 from test_codec import capture, write_lm_setup
 
 from hf_kd.teachers.cache.advice import recommended_sparse_tail, sparse_tail_advice
-from hf_kd.teachers.cache.capture import KEPT_BINS, kept_mass_summary, report_kept_mass
+from hf_kd.teachers.cache.kept_mass import KEPT_BINS, kept_mass_summary, report_kept_mass
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.codec import GolombTopkCodec
 
@@ -90,7 +90,7 @@ def test_a_capture_at_the_readmes_setting_advises_the_readmes_tail(lm_setup, tmp
         "sketch_rank": int(RECOMMENDED["sketch_rank"]),
         "sketch_bits": int(RECOMMENDED["sketch_bits"]),
     }
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.kept_mass"):
         capture(lm_setup, tmp_path / "cache", **fields)
     kept = float(re.search(r"kept (\d\.\d+) of the teacher's probability mass", caplog.text).group(1))
     assert kept < 0.8  # the case of the issue: a flat teacher, below the capture's line
@@ -109,7 +109,7 @@ def test_a_capture_at_the_readmes_setting_advises_the_readmes_tail(lm_setup, tmp
 
 
 def test_a_flat_top_k_cache_without_a_sketch_advises_bucket_or_the_readmes_cache(lm_setup, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.kept_mass"):
         capture(lm_setup, tmp_path / "plain", top_k=8, compression="topk-golomb", compression_mass=0.99)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and ADVICE.findall(warning[0]) == ["bucket", "sketch"]

@@ -27,9 +27,10 @@ from hf_kd import DataArguments, ModelArguments, run_distillation
 from hf_kd.hub import push_cache_to_hub
 from hf_kd.losses import SparseLogits, divergence, teacher_log_probs
 from hf_kd.tasks import CausalLMTask, ImageClassificationTask, TextClassificationTask
-from hf_kd.teachers.cache.capture import capture_teacher_logits, columns_to_arrow, compress_logits
+from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.format import METADATA_FILE, CacheError, CacheMismatchError, cache_features
 from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.cache.rows import columns_to_arrow, compress_logits
 from hf_kd.teachers.cached import CachedTeacher
 
 REPO = Path(__file__).resolve().parent.parent

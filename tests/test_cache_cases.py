@@ -20,8 +20,9 @@ from hf_kd.losses import SparseLogits, divergence
 from hf_kd.losses.divergences import DIVERGENCES
 from hf_kd.runs.capture import CacheArguments, run_capture
 from hf_kd.tasks import CausalLMTask
-from hf_kd.teachers.cache.capture import capture_teacher_logits
+from hf_kd.teachers.cache.capture import capture, capture_teacher_logits
 from hf_kd.teachers.cache.load import load_teacher_cache
+from hf_kd.teachers.cache.spec import CaptureSpec
 from hf_kd.teachers.codec import ROW_PREFIX, TAIL_LOW, GolombTopkCodec, TopkCodec
 
 V = 3000
@@ -176,7 +177,7 @@ def test_the_kept_mass_report_of_a_resumed_capture_covers_every_position(tmp_pat
     codec = GolombTopkCodec(2, mass=0.9)
     kwargs = dict(teacher_id="gpt", batch_size=2, shard_size=4, progress=False, compression=codec)
     task = CausalLMTask(max_length=6)
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.kept_mass"):
         capture_teacher_logits(teacher, tokenizer, task, data, tmp_path / "whole", **kwargs)
     whole = [r.getMessage() for r in caplog.records]
     caplog.clear()
@@ -184,7 +185,7 @@ def test_the_kept_mass_report_of_a_resumed_capture_covers_every_position(tmp_pat
         capture_teacher_logits(
             CrashingTeacher(teacher, crash_at=3), tokenizer, task, data, tmp_path / "r", **kwargs
         )
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.kept_mass"):
         capture_teacher_logits(teacher, tokenizer, task, data, tmp_path / "r", **kwargs)
     resumed = [r.getMessage() for r in caplog.records]
     assert arrow_files(load_teacher_cache(tmp_path / "whole")) == arrow_files(
@@ -215,7 +216,7 @@ def test_two_process_compressed_capture_reports_the_whole_cache_once(tmp_path):
     outputs = {}
     for n in (1, 2):
         result = cache_teacher(recipe, tmp_path / f"c{n}", n)
-        outputs[n] = [line for line in (result.stdout + result.stderr).splitlines() if "kept" in line]
+        outputs[n] = [line for line in (result.stdout + result.stderr).splitlines() if " kept " in line]
         assert "top-4 (topk-golomb) of" in result.stdout
     assert arrow_files(load_teacher_cache(tmp_path / "c1")) == arrow_files(
         load_teacher_cache(tmp_path / "c2")
@@ -259,3 +260,35 @@ def test_bucket_tail_gradients_stay_finite_when_the_kept_classes_hold_all_the_st
             (grad,) = torch.autograd.grad(value.sum(), z)
             assert bool(torch.isfinite(value).all()) and bool(torch.isfinite(grad).all()), temperature
             assert grad.abs().sum() > 0
+
+
+def test_a_capture_spec_checks_itself_and_captures_as_the_keyword_call_does(tmp_path):
+    """The spec refuses bad settings when it is made (before the teacher runs) and settles what the
+    capture stores: the codec's top-k, the tokenizer's classes (not the padded output layer's 40 rows)."""
+    tokenizer, teacher, data = tiny_gpt_and_texts(40)
+    task = CausalLMTask(max_length=6)
+    with pytest.raises(ValueError, match="dtype='float8' is not one of"):
+        CaptureSpec(teacher, tokenizer, task, data, tmp_path / "bad", teacher_id="gpt", dtype="float8")
+    with pytest.raises(ValueError, match="top_k=3 differs from the compression's max_k=4"):
+        CaptureSpec(
+            teacher,
+            tokenizer,
+            task,
+            data,
+            tmp_path / "bad",
+            teacher_id="gpt",
+            top_k=3,
+            compression=TopkCodec(4),
+        )
+    assert not (tmp_path / "bad.partial").exists()
+    settings = dict(
+        teacher_id="gpt", compression=TopkCodec(4, mass=0.9), batch_size=3, shard_size=4, progress=False
+    )
+    spec = CaptureSpec(teacher, tokenizer, task, data, tmp_path / "spec", **settings)
+    assert (spec.top_k, spec.num_classes, spec.per_token) == (4, 32, True)
+    metadata = capture(spec)
+    assert (metadata.top_k, metadata.num_classes) == (4, 32)
+    capture_teacher_logits(teacher, tokenizer, task, data, tmp_path / "keywords", **settings)
+    assert arrow_files(load_teacher_cache(tmp_path / "spec")) == arrow_files(
+        load_teacher_cache(tmp_path / "keywords")
+    )

@@ -11,7 +11,8 @@ import torch
 from test_cache import arrow_files, tiny_gpt_and_texts
 
 from hf_kd.tasks import CausalLMTask
-from hf_kd.teachers.cache import capture as capture_module
+from hf_kd.teachers.cache import rows as rows_module
+from hf_kd.teachers.cache import shards as shards_module
 from hf_kd.teachers.cache.capture import capture_teacher_logits
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.codec import TopkCodec
@@ -45,19 +46,19 @@ def test_rows_are_written_while_the_teacher_runs_the_next_batch_with_serial_byte
     teacher = SignallingTeacher(model)
     overlapped = []
     to_rows = "compress_logits" if compression is None else "packed_to_arrow"
-    original = getattr(capture_module, to_rows)
+    original = getattr(rows_module, to_rows)
 
     def first_waits_for_the_second_forward(*args, **kwargs):
         if not overlapped:  # the first batch's rows: only done once the teacher has moved on
             overlapped.append(teacher.started_second.wait(timeout=5))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(capture_module, to_rows, first_waits_for_the_second_forward)
+    monkeypatch.setattr(rows_module, to_rows, first_waits_for_the_second_forward)
     kwargs = {**SETTINGS, "compression": compression}
     capture_teacher_logits(teacher, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "a", **kwargs)
     assert overlapped == [True]
-    monkeypatch.setattr(capture_module, to_rows, original)
-    monkeypatch.setattr(capture_module, "PIPELINE_DEPTH", 0)  # the teacher waits for each batch's rows
+    monkeypatch.setattr(rows_module, to_rows, original)
+    monkeypatch.setattr(shards_module, "PIPELINE_DEPTH", 0)  # the teacher waits for each batch's rows
     capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "b", **kwargs)
     pipelined, serial = load_teacher_cache(tmp_path / "a"), load_teacher_cache(tmp_path / "b")
     assert len(pipelined.splits["train"]) == 10
@@ -68,7 +69,7 @@ def test_rows_are_written_while_the_teacher_runs_the_next_batch_with_serial_byte
 def test_an_error_while_writing_rows_surfaces_and_leaves_no_shard(tmp_path, monkeypatch, failing_call):
     tokenizer, model, data = tiny_gpt_and_texts(32)
     calls = []
-    original = capture_module.compress_logits
+    original = rows_module.compress_logits
 
     def fails_once(*args, **kwargs):
         calls.append(1)
@@ -76,7 +77,7 @@ def test_an_error_while_writing_rows_surfaces_and_leaves_no_shard(tmp_path, monk
             raise OSError("disk full")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(capture_module, "compress_logits", fails_once)
+    monkeypatch.setattr(rows_module, "compress_logits", fails_once)
     with pytest.raises(OSError, match="disk full"):
         capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "c", **SETTINGS)
     partial = tmp_path / "c.partial"
@@ -84,7 +85,7 @@ def test_an_error_while_writing_rows_surfaces_and_leaves_no_shard(tmp_path, monk
     finished = ["shard-00000.arrow", "shard-00000.kept.npy"]  # a shard and its kept-mass summary
     assert written == ([] if failing_call == 1 else finished)  # no .tmp left either
     assert not (tmp_path / "c").exists()
-    monkeypatch.setattr(capture_module, "compress_logits", original)  # resumes from the finished shards
+    monkeypatch.setattr(rows_module, "compress_logits", original)  # resumes from the finished shards
     capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "c", **SETTINGS)
     capture_teacher_logits(model, tokenizer, CausalLMTask(max_length=6), data, tmp_path / "d", **SETTINGS)
     assert arrow_files(load_teacher_cache(tmp_path / "c")) == arrow_files(load_teacher_cache(tmp_path / "d"))

@@ -21,7 +21,8 @@ from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache.format import METADATA_FILE, CacheError
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.cached import CachedTeacher
-from hf_kd.teachers.codec import CodecError, TopkCodec, _write_bits
+from hf_kd.teachers.codec import CodecError, TopkCodec
+from hf_kd.teachers.codec.bits import write_bits
 
 V = 512
 
@@ -189,7 +190,7 @@ def collated_log_probs(cache, tokenizer, rows: int = 6) -> torch.Tensor:
 
 def test_compressed_capture_decodes_in_the_collator_and_trains(lm_setup, tmp_path, caplog):
     root, data, tokenizer = lm_setup
-    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.capture"):
+    with caplog.at_level(logging.INFO, logger="hf_kd.teachers.cache.kept_mass"):
         capture(lm_setup, tmp_path / "packed", top_k=8, compression="topk-packed", compression_mass=0.9)
     assert "top_k=8 ({'codec': 'topk-packed'" in caplog.text and "quantiles" in caplog.text
     assert "acts like label smoothing" in caplog.text  # a random 1-layer teacher is flat: 8 tokens keep < 0.8
@@ -323,4 +324,4 @@ def test_packed_bytes_are_unchanged_by_the_faster_bit_writer(seed):
     widths = torch.randint(0, 41, (300,), generator=g)
     widths[::7] = 0
     values = torch.randint(0, 2**45, (300,), generator=g)
-    assert _write_bits(values, widths).tobytes() == _write_bits_bit_by_bit(values, widths)
+    assert write_bits(values, widths).tobytes() == _write_bits_bit_by_bit(values, widths)

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from hf_kd import DistillationTrainer, run_distillation
-from hf_kd.runs import distill
+from hf_kd.runs import models as run_models
 from hf_kd.tasks import CausalLMTask
 from hf_kd.tasks.alignment import align_spans, vocabulary_map
 
@@ -132,7 +132,7 @@ def test_a_teacher_folder_without_a_tokenizer_is_refused_before_the_student_load
     def load_student(*args, **kwargs):
         raise AssertionError("the student was loaded before the teacher's tokenizer was checked")
 
-    monkeypatch.setattr(distill, "load_student", load_student)
+    monkeypatch.setattr(run_models, "load_student", load_student)
     teacher = str(tmp_path / "teacher")
     message = (
         rf"no tokenizer could be loaded from the folder '{teacher}', which holds \['config.json', "

@@ -394,7 +394,7 @@ def test_unlabelled_rows_without_a_soft_term_are_dropped_out_loud(tmp_path, capl
     labelled_only = run(
         recipe, *soft_term_off, "--use_unlabeled", "false", "--output_dir", str(tmp_path / "a")
     )
-    with caplog.at_level(logging.WARNING, logger="hf_kd.runs.distill"):
+    with caplog.at_level(logging.WARNING, logger="hf_kd.runs.rows"):
         default = run(recipe, *soft_term_off, "--output_dir", str(tmp_path / "b"))
     assert labelled_only.trainer.state.global_step == default.trainer.state.global_step == 2  # 16 rows / 8
     assert (
@@ -402,7 +402,7 @@ def test_unlabelled_rows_without_a_soft_term_are_dropped_out_loud(tmp_path, capl
     )
     # Every row labelled (the demo's teacher and no-KD twin): nothing dropped, the same 64 / 8 steps.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_kd.runs.distill"):
+    with caplog.at_level(logging.WARNING, logger="hf_kd.runs.rows"):
         full = run(
             recipe, *soft_term_off, "--num_labeled_examples", "64", "--output_dir", str(tmp_path / "c")
         )
@@ -412,7 +412,7 @@ def test_unlabelled_rows_without_a_soft_term_are_dropped_out_loud(tmp_path, capl
 def test_unlabelled_image_rows_without_a_soft_term_are_dropped(tmp_path, caplog):
     """Images are transformed on the fly: the labels are read from the stored rows."""
     recipe = write_tiny_run(tmp_path, alpha=0.0, num_labeled_examples=16, max_steps=-1, num_train_epochs=1)
-    with caplog.at_level(logging.WARNING, logger="hf_kd.runs.distill"):
+    with caplog.at_level(logging.WARNING, logger="hf_kd.runs.rows"):
         result = run(recipe)
     assert result.trainer.state.global_step == 1  # 16 labelled rows / batch 16, not 64 / 16
     assert "dropping the 48 unlabelled training rows" in caplog.text

@@ -8,7 +8,7 @@ import torch
 from formulas import divergence_by_hand
 
 from hf_kd.losses import DIVERGENCES, HiddenStates, distillation_loss
-from hf_kd.losses.distillation import default_chunk_size
+from hf_kd.losses.output_layer import default_chunk_size
 
 N, V, H, HT, TAU, ALPHA, BETA, SKEW = 13, 50, 16, 24, 1.7, 0.6, 0.3, 0.2
 

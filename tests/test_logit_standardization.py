@@ -88,7 +88,7 @@ def test_temperature_auto_parses_from_the_recipe_and_the_command_line(tmp_path):
     *_, config = parse_args(["--config", str(recipe), "--temperature", "auto"])
     assert config.temperature == AUTO_BASE_TEMPERATURE and config.logit_standardization is True
     recipe.write_text(yaml.safe_dump(base | {"temperature": "hot"}))
-    with pytest.raises(SystemExit):  # argparse names the flag and the value
+    with pytest.raises(ValueError, match="temperature: 'hot' .* expected a number > 0 or 'auto'"):
         parse_args(["--config", str(recipe)])
     with pytest.raises(ValueError, match="temperature='hot': expected a number > 0 or 'auto'"):
         DistillationConfig(output_dir=str(tmp_path / "o"), temperature="hot", use_cpu=True)

@@ -9,13 +9,8 @@ import torch
 import yaml
 from distill_run import write_tiny_run
 
-from hf_kd.knowledge.preflight import (
-    PREFLIGHT_RULES,
-    heldout_scores,
-    kept_mass_by_k,
-    recommend,
-    teacher_profile,
-)
+from hf_kd.knowledge.preflight import PREFLIGHT_RULES, recommend
+from hf_kd.knowledge.profile import heldout_scores, kept_mass_by_k, teacher_profile
 from scripts import cache_teacher, preflight
 
 PLAN = dict(planned_steps=100, train_rows=320, batch_size=32)

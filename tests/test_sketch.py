@@ -227,7 +227,7 @@ def test_sketch_capture_resumes_with_the_same_matrices(lm_setup, tmp_path, monke
 
     fields = dict(top_k=4, sketch_rank=6, sketch_bits=8)
     capture(lm_setup, tmp_path / "whole", **fields)
-    real_write = capture_module._write_shard
+    real_write = capture_module.write_shard
     calls = {"n": 0}
 
     def crash_on_second_shard(*args, **kwargs):
@@ -236,11 +236,11 @@ def test_sketch_capture_resumes_with_the_same_matrices(lm_setup, tmp_path, monke
             raise RuntimeError("killed")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(capture_module, "_write_shard", crash_on_second_shard)
+    monkeypatch.setattr(capture_module, "write_shard", crash_on_second_shard)
     with pytest.raises(RuntimeError, match="killed"):
         capture(lm_setup, tmp_path / "resumed", **fields)
     assert (tmp_path / "resumed.partial" / SKETCH_FILE).is_file()
-    monkeypatch.setattr(capture_module, "_write_shard", real_write)
+    monkeypatch.setattr(capture_module, "write_shard", real_write)
     with pytest.raises(CacheError, match="started with sketch"):
         capture(lm_setup, tmp_path / "resumed", **{**fields, "sketch_rank": 4})
     capture(lm_setup, tmp_path / "resumed", **fields)

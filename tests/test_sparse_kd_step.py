@@ -1,4 +1,4 @@
-"""The KD loss from a top-k teacher in one pass (``hf_kd.losses.distillation._SparseKDSums``): the same values and
+"""The KD loss from a top-k teacher in one pass (``hf_kd.losses.closed_form.SparseKDSums``): the same values and
 gradients as the hard cross-entropy plus the divergence on the dense rebuild (bucket: on the dense
 student's k + 1 outcomes), with one log-softmax over the full output space for both terms (two when the
 soft term is tempered on all K classes) and no dense teacher."""

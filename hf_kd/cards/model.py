@@ -172,9 +172,10 @@ def _eval_results(info: DistillationCardInfo) -> list[EvalResult]:
 
 
 def write_model_card(info: DistillationCardInfo, output_dir: str | os.PathLike) -> Path:
-    """Write the card as ``output_dir/README.md`` atomically (temp file in the same dir, then rename)."""
+    """Write the card as ``output_dir/README.md`` atomically (temp file in the same dir, then rename), every
+    secret redacted (``hf_kd.redact.redact``)."""
     path = Path(output_dir) / "README.md"
-    text = str(render_model_card(info))
+    text = redact(str(render_model_card(info)))  # whatever field a secret came in by
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
@@ -64,6 +65,22 @@ def column_groups(data_args) -> list[dict[str, str]]:
     return groups + [{"label_column": data_args.label_column}]
 
 
+def _check_named_alternatives(group: dict[str, str], columns: list[str], data_args, split: str) -> None:
+    """Of a group of alternative columns (causal-lm: ``messages_column`` or ``text_column``), one the user
+    named away from its default must be there: the task would otherwise read the other one silently."""
+    if len(group) < 2:
+        return
+    defaults = {f.name: f.default for f in fields(data_args)}
+    for field_name, column in group.items():
+        if column != defaults.get(field_name) and column not in columns:
+            others = [f"{other!r} ({name})" for name, other in group.items() if name != field_name]
+            raise ValueError(
+                f"{field_name}={column!r}: split {split!r} of dataset {data_args.dataset_name!r} has no such "
+                f"column (its columns: {columns}); it would be read from {' or '.join(others)} instead. "
+                f"Name a column it has"
+            )
+
+
 def check_columns(dataset: DatasetDict, data_args, splits: list[str]) -> None:
     """Fail before any model loads when a split lacks a column the task reads, naming the field, the
     column and the split's columns."""
@@ -71,6 +88,7 @@ def check_columns(dataset: DatasetDict, data_args, splits: list[str]) -> None:
         columns = dataset[split].column_names
         for group in column_groups(data_args):
             if any(column in columns for column in group.values()):
+                _check_named_alternatives(group, columns, data_args, split)
                 continue
             named = " nor ".join(f"{column!r} ({field_name})" for field_name, column in group.items())
             raise ValueError(

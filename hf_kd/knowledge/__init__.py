@@ -9,8 +9,8 @@ Tensors in, numbers and sentences out; nothing here loads a model or a dataset o
 - ``measures``: every measure of one dataset's items at once (``knowledge_measures``).
 - ``diagnosis``: those measures in words, by fixed thresholds (``diagnose``, ``THRESHOLDS``).
 - ``report``: the report's files, ``report.json``, ``report.md`` and plots (``write_report``).
-- ``preflight``: before training, the teacher's measures on a slice and the recommended setting
-  (``teacher_profile``, ``recommend``, the rules ``PREFLIGHT_RULES``).
+- ``profile``: before training, the teacher's measures on a slice (``teacher_profile``, ``kept_mass_by_k``);
+- ``preflight``: the recommended setting from them (``recommend``, the rules ``PREFLIGHT_RULES``).
 
 Collecting the logits runs models, so it lives above: ``hf_kd.predictions`` (the loop),
 ``hf_kd.callbacks`` (the measures at each evaluation), ``hf_kd.runs.report`` (a report of saved models).

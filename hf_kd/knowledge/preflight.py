@@ -1,31 +1,20 @@
 """The pre-flight check: before any training, what a teacher offers a student and which setting to train
 with — measured on a slice of the data, each choice with the measurement behind it.
 
-Pure: teacher (and student) logits in, numbers, a recommended setting and sentences out
-(``hf_kd.runs.preflight`` collects the logits). The measures are the knowledge levels' own
-(:func:`hf_kd.knowledge.measures.knowledge_measures`) at each candidate temperature; the rules that turn
-them into a setting are :data:`PREFLIGHT_RULES`, each with the runs it comes from.
+Pure: the teacher's measures in (:mod:`hf_kd.knowledge.profile`), a recommended setting and sentences
+out. The rules that turn the measures into a setting are :data:`PREFLIGHT_RULES`, each with the runs it
+comes from.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from hf_kd.knowledge.diagnosis import THRESHOLDS
-from hf_kd.knowledge.measures import knowledge_measures
-from hf_kd.knowledge.outcome import OUTCOME_THRESHOLDS
-from hf_kd.knowledge.universe import wrong_mass
-
-CANDIDATE_TEMPERATURES = (1.0, 2.0, 4.0)
-"""The temperatures the pre-flight measures the teacher at (and chooses τ from)."""
-
-CANDIDATE_TOP_K = (8, 16, 32, 64, 128, 256)
-"""The cache widths whose kept probability mass the pre-flight measures for a token-level teacher."""
+from hf_kd.knowledge.facts import OUTCOME_THRESHOLDS
 
 PREFLIGHT_RULES = {
     "soft_signal": 0.1,
@@ -104,99 +93,6 @@ class Recommendation:
 
     def as_dict(self) -> dict[str, Any]:
         return {"fields": {n: asdict(c) for n, c in self.fields.items()}, "warnings": list(self.warnings)}
-
-
-def kept_mass_by_k(teacher_logits: torch.Tensor, ks: Sequence[int] = CANDIDATE_TOP_K) -> dict[int, dict]:
-    """For each k ≤ K of ``ks``: the mean and 10 % quantile over items [N, K] of the probability mass a top-k
-    cache keeps, Σ_{i ∈ top-k} p_i (p at τ = 1)."""
-    probs = torch.softmax(teacher_logits.float(), dim=-1)
-    K = probs.shape[-1]
-    ks = [k for k in ks if k < K]
-    if not ks:
-        return {}
-    top = probs.topk(max(ks), dim=-1).values.cumsum(-1)
-    out = {}
-    for k in ks:
-        kept = top[:, k - 1].double()
-        out[k] = {"mean": kept.mean().item(), "p10": torch.quantile(kept, 0.1).item()}
-    return out
-
-
-def _nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return torch.nn.functional.cross_entropy(logits.float(), labels).item()
-
-
-def heldout_scores(teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The teacher's accuracy and NLL on held-out labelled items (label ≥ 0): what it knows beyond the rows
-    it may have memorised, the number its usefulness is judged by."""
-    keep = labels >= 0
-    v, y = teacher_logits[keep].float(), labels[keep]
-    return {
-        "num_items": int(y.numel()),
-        "accuracy": (v.argmax(-1) == y).double().mean().item(),
-        "nll": _nll(v, y),
-    }
-
-
-def teacher_profile(
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    student_logits: torch.Tensor | None = None,
-    temperatures: Sequence[float] = CANDIDATE_TEMPERATURES,
-    token_level: bool = False,
-) -> dict[str, Any]:
-    """Every pre-flight measure of a teacher on labelled items (label ≥ 0), [N, K] logits, [N] labels.
-
-    ``teacher``: accuracy, NLL and perplexity exp(NLL), ECE, saturation share, tail flatness (level 2),
-    p_t mean and std (level 3's spread); ``by_temperature[τ]``: normalised entropy H(p^τ)/log K, KL(p^τ ‖ u)
-    and the soft signal, mean 1 − p^τ_t (level 1: at α = 1 the smoothing ε̄ the teacher applies);
-    ``majority_share``: the most frequent label's share; ``student`` (with ``student_logits``, e.g. an
-    untrained or pretrained student): accuracy, NLL, perplexity and top-1 agreement with the teacher;
-    ``kept_mass`` (``token_level``): :func:`kept_mass_by_k`."""
-    keep = labels >= 0
-    if not keep.any():
-        raise ValueError("the pre-flight needs labelled items (label ≥ 0); every label is < 0")
-    v, y = teacher_logits[keep].float(), labels[keep]
-    by_temperature = {}
-    for tau in temperatures:
-        m = knowledge_measures(v, y, alpha=1.0, temperature=tau)
-        by_temperature[float(tau)] = {
-            "teacher_entropy": m["level1"]["teacher_entropy"],
-            "kl_to_uniform": m["level1"]["kl_to_uniform"],
-            "soft_signal": wrong_mass(v, y, temperature=tau).double().mean().item(),
-        }
-    health, level3 = m["health"], m["level3"]
-    nll = _nll(v, y)
-    profile: dict[str, Any] = {
-        "num_items": int(y.numel()),
-        "num_classes": int(v.shape[-1]),
-        "majority_share": torch.bincount(y).max().item() / y.numel(),
-        "teacher": {
-            "accuracy": health["teacher_accuracy"],
-            "nll": nll,
-            "perplexity": math.exp(min(nll, 700.0)),
-            "expected_calibration_error": health["expected_calibration_error"],
-            "confidence_mean": torch.softmax(v, -1).max(-1).values.double().mean().item(),
-            "saturation_share": health["saturation_share"],
-            "tail_flatness": health["tail_flatness"],
-            "true_prob_mean": level3["teacher_true_prob_mean"],
-            "true_prob_std": level3["teacher_true_prob_std"],
-        },
-        "by_temperature": by_temperature,
-    }
-    if student_logits is not None:
-        z = student_logits[keep].float()
-        s_nll = _nll(z, y)
-        profile["student"] = {
-            "accuracy": (z.argmax(-1) == y).double().mean().item(),
-            "nll": s_nll,
-            "perplexity": math.exp(min(s_nll, 700.0)),
-            "top1_agreement": (z.argmax(-1) == v.argmax(-1)).double().mean().item(),
-        }
-    if token_level:
-        profile["kept_mass"] = kept_mass_by_k(v)
-    return profile
 
 
 def _choose_temperature(profile: Mapping[str, Any], rules: Mapping[str, float]) -> Choice:

@@ -14,8 +14,13 @@ positions so that no full-vocabulary float32 tensor for all positions is alive a
 - ``hf_kd.losses.sparse``: a top-k teacher (:class:`SparseLogits`) and how its left-out mass is read;
 - ``hf_kd.losses.divergences``: the divergence registry (name → function, parameters, formula), dense or
   from a sparse teacher;
-- ``hf_kd.losses.distillation``: the training loss (:func:`distillation_loss`), chunked, in one pass for a
-  sparse teacher, or from the student's hidden states (:class:`HiddenStates`);
+- ``hf_kd.losses.distillation``: the training loss (:func:`distillation_loss`) and how each chunk of it is
+  computed;
+- ``hf_kd.losses.closed_form``: one chunk's sums with closed-form gradients, in one pass (a top-k or a
+  dense teacher);
+- ``hf_kd.losses.chunked``: the loss chunk by chunk, forward and backward in the forward pass;
+- ``hf_kd.losses.output_layer``: the student's or teacher's logits made from hidden states
+  (:class:`HiddenStates`) chunk by chunk, with the output layer's gradients;
 - ``hf_kd.losses.standardization``: logit standardisation (``temperature: auto``);
 - ``hf_kd.losses.cross_tokenizer``: a teacher of another tokenizer (:class:`AlignedLogits`): the matched
   part on the shared tokens and ULD on the rest.
@@ -24,7 +29,7 @@ The names below are the package's public interface.
 """
 
 from hf_kd.losses.cross_tokenizer import AlignedLogits, uld_distance
-from hf_kd.losses.distillation import HiddenStates, LossTerms, TargetFn, distillation_loss
+from hf_kd.losses.distillation import LossTerms, TargetFn, distillation_loss
 from hf_kd.losses.divergences import (
     DIVERGENCE_REGISTRY,
     DIVERGENCES,
@@ -35,6 +40,7 @@ from hf_kd.losses.divergences import (
     register_divergence,
     teacher_log_probs,
 )
+from hf_kd.losses.output_layer import HiddenStates
 from hf_kd.losses.sparse import TAIL_MODES, SparseLogits, TailSketch
 from hf_kd.losses.standardization import standardize_logits
 

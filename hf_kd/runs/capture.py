@@ -1,5 +1,5 @@
 """A cache capture, as ``scripts/cache_teacher.py`` runs it: load the data and the teacher, capture
-the teacher's outputs (:func:`hf_kd.teachers.cache.capture.capture_teacher_logits`), optionally push
+the teacher's outputs (:func:`hf_kd.teachers.cache.capture.capture`), optionally push
 the cache to the Hub."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from hf_kd.data.loading import check_columns, dataset_inputs, load_splits
 from hf_kd.hub import push_cache_to_hub
 from hf_kd.modeling import check_model_source, load_teacher
 from hf_kd.paths import refuse_overlap
+from hf_kd.run_lock import output_dir_lock
 from hf_kd.tasks import build_task
-from hf_kd.teachers.cache.capture import capture_teacher_logits, compression_top_k
+from hf_kd.teachers.cache.capture import capture
 from hf_kd.teachers.cache.format import LOGIT_DTYPES, CacheMetadata
+from hf_kd.teachers.cache.spec import CaptureSpec, compression_top_k
 from hf_kd.teachers.codec import CODECS, COMPRESSIONS, TopkCodec
 from hf_kd.teachers.sketch import SKETCH_BITS, check_setting
 
@@ -130,7 +132,15 @@ class CacheArguments:
 
 
 def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
-    """What ``scripts/cache_teacher.py`` does: load the data and the teacher, capture, optionally push."""
+    """What ``scripts/cache_teacher.py`` does: load the data and the teacher, capture, optionally push;
+    holding ``output_dir``'s lock throughout (:func:`hf_kd.run_lock.output_dir_lock`: one capture per folder)."""
+    main = PartialState(cpu=cache_args.use_cpu).is_main_process
+    with output_dir_lock(cache_args.output_dir, main=main):
+        return _capture(data_args, cache_args)
+
+
+def _capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
+    """:func:`run_capture`'s work, under the lock."""
     refuse_overlap(
         "output_dir",
         cache_args.output_dir,
@@ -160,7 +170,7 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
     if task.needs_processor:
         source = cache_args.teacher_processor or teacher_id
         processor = task.load_processor(source, revision="main" if cache_args.teacher_processor else revision)
-    metadata = capture_teacher_logits(
+    spec = CaptureSpec(
         teacher.to(state.device),
         processor,
         task,
@@ -180,6 +190,7 @@ def run_capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
         sketch_rank=cache_args.sketch_rank,
         sketch_bits=cache_args.sketch_bits,
     )
+    metadata = capture(spec)
     if state.is_main_process:
         write_dataset_card(cache_args.output_dir, metadata)
     if cache_args.push_to_hub and state.is_main_process:

@@ -7,36 +7,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, EvalPrediction, IntervalStrategy, set_seed
+from transformers import EvalPrediction, IntervalStrategy, set_seed
 
 from hf_kd.callbacks import KnowledgeCallback
+from hf_kd.cards.model import DistillationCardInfo
 from hf_kd.cards.run import run_card_info
 from hf_kd.checkpoints import resolve_resume
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
-from hf_kd.data.labels import count_unlabeled, drop_unlabeled, hide_labels, label_names
-from hf_kd.data.loading import dataset_inputs, load_splits
+from hf_kd.data.loading import dataset_inputs
 from hf_kd.features import describe_feature_losses
 from hf_kd.hub import HUB_FAILURES, PUSH_SCRIPT, HubPushError, hub_failure, prepare_repo, push_student
-from hf_kd.modeling import (
-    check_model_fits,
-    check_model_source,
-    config_from_dict,
-    count_parameters,
-    load_pretrained,
-    load_teacher,
-    tokenizer_sizes,
-)
-from hf_kd.on_policy import check_prompts_only
+from hf_kd.modeling import check_model_source, count_parameters
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
+from hf_kd.run_lock import output_dir_lock
+from hf_kd.runs.models import RunModels, load_models
+from hf_kd.runs.rows import RunRows, prepare_rows, select_rows
 from hf_kd.runs.run_record import run_record, write_run_record
-from hf_kd.student_init import choose_layers, describe_student_init, student_from_teacher
-from hf_kd.tasks import CausalLMTask, Task, build_task, teacher_own_processor
-from hf_kd.tasks.classification import ClassificationMetrics, label_names_of
-from hf_kd.teachers.online import check_cross_tokenizer
+from hf_kd.tasks import CausalLMTask, Task, build_task
+from hf_kd.tasks.classification import ClassificationMetrics
+from hf_kd.teachers.contract import TeacherSignal
 from hf_kd.teachers.placement import full_teacher
-from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
-from hf_kd.teachers.synthetic import SyntheticTargetFn, topk_count
+from hf_kd.teachers.signal import build_teacher_signal
+from hf_kd.teachers.synthetic import SyntheticTargetFn
 from hf_kd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -119,90 +112,6 @@ def describe_tokenizers(student_name: str | None, teacher_name: str, task: Causa
     )
 
 
-def load_student(task: Task, model_args: ModelArguments, labels: list[str] | None, max_length: int | None):
-    """The student and its processor, from a checkpoint or freshly built from ``student_config`` (whose
-    unset ``vocab_size`` and ``pad_token_id`` come from the tokenizer). Whether the architecture fits
-    the task, the tokenizer and ``max_length`` is checked before any weights load."""
-    head = (
-        {}
-        if labels is None
-        else {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {n: i for i, n in enumerate(labels)},
-        }
-    )
-    checkpoint = model_args.student_model_name_or_path
-    processor_source = model_args.student_processor or checkpoint
-    if processor_source is None and task.needs_processor:
-        raise ValueError(
-            "a student built from student_config needs student_processor (a tokenizer or image processor path)"
-        )
-    processor = task.load_processor(
-        processor_source,
-        revision=model_args.student_model_revision if processor_source == checkpoint else "main",
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    if checkpoint:
-        model_config = AutoConfig.from_pretrained(
-            checkpoint,
-            revision=model_args.student_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-    else:
-        model_config = config_from_dict(model_args.student_config, tokenizer_sizes(processor), **head)
-    check_model_fits(task, model_config, "student", processor=processor, max_length=max_length)
-    if checkpoint:
-        model = load_pretrained(
-            task.model_class(),
-            checkpoint,
-            revision=model_args.student_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-            ignore_mismatched_sizes=bool(head),
-            **head,
-        )
-    else:
-        model = task.model_class().from_config(model_config)
-    return model, processor
-
-
-def teacher_initialised_student(
-    task: Task,
-    model_args: ModelArguments,
-    config: DistillationConfig,
-    labels: list[str] | None,
-    max_length: int | None,
-):
-    """``student_init: teacher``: the student is a copy of the teacher keeping the layers
-    ``student_layers`` (or every ``every_k``-th), with its embeddings, head and norms, in float32. The
-    teacher's config, labels (the dataset's, in order) and layer choice are checked before its weights
-    load. Returns (student, processor, teacher, description for the card), the frozen teacher reused as
-    the online teacher."""
-    source, revision = config.teacher_model_name_or_path, config.teacher_model_revision
-    trust = model_args.trust_remote_code
-    teacher_config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust)
-    check_model_fits(task, teacher_config, "teacher", max_length=max_length)
-    if labels is not None and label_names_of(teacher_config) != labels:
-        raise ValueError(
-            f"student_init: teacher copies the teacher's head, whose labels {label_names_of(teacher_config)} "
-            f"are not the dataset's {labels} in order"
-        )
-    depth = getattr(teacher_config, "num_hidden_layers", None)
-    if not isinstance(depth, int):
-        raise ValueError(f"student_init: teacher: {source}'s config has no num_hidden_layers")
-    layers = choose_layers(depth, model_args.student_layers, model_args.every_k)
-    processor = task.load_processor(
-        model_args.student_processor or source,
-        revision="main" if model_args.student_processor else revision,
-        trust_remote_code=trust,
-    )
-    teacher = load_teacher(
-        task, source, revision=revision, trust_remote_code=trust, **(config.teacher_model_init_kwargs or {})
-    )
-    student = student_from_teacher(teacher, layers).float()
-    return student, processor, teacher, describe_student_init(layers, depth, source)
-
-
 def kd_sim_target_fn(
     config: DistillationConfig, trainer: DistillationTrainer, train_dataset
 ) -> SyntheticTargetFn:
@@ -226,23 +135,6 @@ def kd_sim_target_fn(
     return SyntheticTargetFn(
         "kd_sim", class_similarity=similarity, sim_temperature=config.synthetic_sim_temperature
     )
-
-
-def drop_inert_rows(train, label_column: str, config: DistillationConfig):
-    """Without a soft term (alpha = 0, or a label-only target) an unlabelled row has nothing to learn
-    from: drop such rows, in one log line, so they cannot change the run's budget unannounced."""
-    unlabeled = count_unlabeled(train, label_column)
-    if unlabeled == 0:
-        return train
-    logger.warning(
-        "dropping the %d unlabelled training rows: alpha=%s with synthetic_teacher=%r has no soft term, "
-        "so nothing is learnt from them (they would only fill batches and add steps); %d labelled rows remain",
-        unlabeled,
-        config.alpha,
-        config.synthetic_teacher,
-        len(train) - unlabeled,
-    )
-    return drop_unlabeled(train, label_column)
 
 
 def teacher_scores(trainer, dataset, *, cross_tokenizer: bool = False) -> dict[str, float]:
@@ -280,148 +172,152 @@ def run_distillation(
     processor and model card (``command`` and ``recipe_yaml``: how to reproduce the run, quoted in the card,
     secrets redacted), the results (``train_results.json``, ``eval_results.json``) and the log history
     (``trainer_state.json``) into ``output_dir``; push the student when ``config.push_to_hub`` (a failed
-    push raises :class:`hf_kd.hub.HubPushError` after everything is saved)."""
-    _check_sources(data_args, model_args, config)
-    checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # before any loading
-    repo_id = _prepare_push(config)
+    push raises :class:`hf_kd.hub.HubPushError` after everything is saved). The run holds ``output_dir``'s
+    lock throughout (:func:`hf_kd.run_lock.output_dir_lock`): a second run into it is refused by name."""
+    with output_dir_lock(config.output_dir, main=config.process_index == 0):
+        return _distill(data_args, model_args, config, command=command, recipe_yaml=recipe_yaml)
+
+
+def _distill(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    *,
+    command: str | None,
+    recipe_yaml: str | None,
+) -> RunResult:
+    """:func:`run_distillation`'s phases, under the lock: check → data → models → signal → train →
+    evaluate → save. Everything that can be refused is refused before the first model loads."""
+    checkpoint, repo_id = _check(data_args, model_args, config)
     set_seed(config.seed)
     task = build_task(data_args)
-    token_level = task.token_level  # a causal LM: vocabulary instead of label names
-    metrics = None if token_level else ClassificationMetrics(data_args.metrics, model_args.trust_remote_code)
-    splits = load_splits(data_args)
-    check_prompts_only(
-        config, splits[data_args.train_split].column_names, task, f"split {data_args.train_split!r}"
+    metrics = (
+        None if task.token_level else ClassificationMetrics(data_args.metrics, model_args.trust_remote_code)
     )
-    # the source opened before any model loads and any row is selected (a cache: loaded, checked, joined)
-    source_resource, splits = open_teacher_source(
-        config, task, splits, [name for name in (data_args.train_split, data_args.eval_split) if name]
+    rows = select_rows(data_args, config, task)
+    models = load_models(task, model_args, config, rows.labels)
+    teacher_signal = _signal(config, task, models, rows)
+    card_info = _card_info(data_args, model_args, config, task, rows, models, command, recipe_yaml)
+    trainer = _train(data_args, config, task, rows, models, teacher_signal, metrics, card_info, checkpoint)
+    results = _evaluate(trainer, models, data_args, cross_tokenizer=_cross_tokenizer(task))
+    _save(trainer, results, data_args, model_args, config, rows, models, repo_id)
+    return RunResult(
+        metrics=results,
+        student_parameters=count_parameters(models.student),
+        teacher_parameters=None if models.teacher is None else count_parameters(models.teacher),
+        trainer=trainer,
     )
-    train = splits[data_args.train_split]
-    labels = None if token_level else label_names(train, data_args.label_column)  # before labels are hidden
-    if labels is not None and config.alpha > 0 and config.synthetic_teacher == "kd_topk":
-        topk_count(config.synthetic_topk, len(labels))  # k must fit the label space
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.num_labeled_examples is not None:
-        train = hide_labels(train, data_args.label_column, data_args.num_labeled_examples, config.seed)
-    rows_before_drop = len(train)
-    if not data_args.use_unlabeled:
-        train = drop_unlabeled(train, data_args.label_column)
-        rows_before_drop = len(train)  # dropped by choice, not inert
-    elif labels is not None and not config.uses_teacher:
-        train = drop_inert_rows(train, data_args.label_column, config)
-    unlabelled_rows = count_unlabeled(train, data_args.label_column)
-    evaluation = splits[data_args.eval_split] if data_args.eval_split else None
-    if evaluation is not None:
-        check_prompts_only(
-            config, evaluation.column_names, task, f"split {data_args.eval_split!r}", evaluation=True
-        )
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
 
-    teacher, teacher_processor = None, None
-    if config.needs_teacher_model:  # its tokenizer before any weights load: a folder without one is refused
-        teacher_processor = task.load_processor(
-            model_args.teacher_processor or config.teacher_model_name_or_path,
-            revision="main" if model_args.teacher_processor else config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-    max_length = getattr(task, "max_length", None)  # text tasks: tokens per example
-    init_teacher, student_init = None, None
-    if model_args.student_init == "teacher":
-        student, student_processor, init_teacher, student_init = teacher_initialised_student(
-            task, model_args, config, labels, max_length
-        )
-    else:
-        student, student_processor = load_student(task, model_args, labels, max_length)
 
-    if config.needs_teacher_model:
-        teacher_config = AutoConfig.from_pretrained(
-            config.teacher_model_name_or_path,
-            revision=config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
-        check_model_fits(task, teacher_config, "teacher", max_length=max_length)
-        if task.aligns_tokenizers:  # the vocabularies compared: another one makes a cross-tokenizer run
-            task.use_processor(student_processor)
-            task.use_teacher_tokenizer(teacher_processor)
-            if task.vocabulary is not None:
-                check_cross_tokenizer(config)
-        task.teacher_output_map(teacher_config, student.config, config)  # labels / vocabularies
-        teacher_processor = teacher_own_processor(task, teacher_processor, student_processor)
-        if config.uses_features and teacher_processor is not None:
-            raise ValueError(
-                "hidden_loss / attention_weight compare the two models position by position: the teacher "
-                "must read the student's inputs (same tokenizer or image processor)"
-            )
-        teacher = init_teacher or load_teacher(
-            task,
-            config.teacher_model_name_or_path,
-            revision=config.teacher_model_revision,
-            trust_remote_code=model_args.trust_remote_code,
-            **(config.teacher_model_init_kwargs or {}),
-        )
-    del init_teacher  # a teacher loaded only to initialise the student is not kept
-    teacher_signal = None  # a loaded teacher's is built by the trainer, once the teacher is placed
-    if config.uses_teacher and not config.source.loads_model:
-        teacher_signal = build_teacher_signal(
-            config, task, student, resource=source_resource, student_processor=student_processor
-        )
+def _check(
+    data_args: DataArguments, model_args: ModelArguments, config: DistillationConfig
+) -> tuple[str | None, str | None]:
+    """The check phase: the sources (:func:`_check_sources`), the checkpoint to resume from and the Hub
+    repository to push to (:func:`_prepare_push`), before anything loads. Returns (checkpoint, repo id)."""
+    _check_sources(data_args, model_args, config)
+    checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)  # before any loading
+    return checkpoint, _prepare_push(config)
 
-    train_prepared = task.prepare(
-        train, student_processor=student_processor, teacher_processor=teacher_processor
+
+def _signal(config: DistillationConfig, task: Task, models: RunModels, rows: RunRows) -> TeacherSignal | None:
+    """The signal phase: the teacher signal of a run whose teacher is no loaded model (a cache, a served
+    teacher, a synthetic target); None when the trainer builds it from the loaded teacher, once placed,
+    or when the run has no teacher."""
+    if not config.uses_teacher or config.source.loads_model:
+        return None
+    return build_teacher_signal(
+        config, task, models.student, resource=rows.source, student_processor=models.processor
     )
-    eval_prepared = (
-        None
-        if evaluation is None
-        else task.prepare(
-            evaluation, student_processor=student_processor, teacher_processor=teacher_processor
-        )
-    )
-    if task.name == "image-classification":
-        config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
-    cross_tokenizer = token_level and task.vocabulary is not None
+
+
+def _cross_tokenizer(task: Task) -> bool:
+    """Whether the teacher reads another tokenizer's tokens than the student."""
+    return task.token_level and task.vocabulary is not None
+
+
+def _card_info(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    task: Task,
+    rows: RunRows,
+    models: RunModels,
+    command: str | None,
+    recipe_yaml: str | None,
+) -> DistillationCardInfo:
+    """What the model card says of the run (the teacher's scores are added by :func:`_evaluate`)."""
     tokenizers = None
-    if cross_tokenizer:
+    if _cross_tokenizer(task):
         tokenizers = describe_tokenizers(
             model_args.student_processor or model_args.student_model_name_or_path,
             model_args.teacher_processor or config.teacher_model_name_or_path,
             task,
         )
-
-    card_info = run_card_info(
+    return run_card_info(
         data_args,
         config,
-        student_parameters=count_parameters(student),
-        teacher_parameters=None if teacher is None else count_parameters(teacher),
-        cache_provenance=source_resource.provenance() if hasattr(source_resource, "provenance") else None,
+        student_parameters=count_parameters(models.student),
+        teacher_parameters=None if models.teacher is None else count_parameters(models.teacher),
+        cache_provenance=rows.source.provenance() if hasattr(rows.source, "provenance") else None,
         command=command,
         recipe_yaml=recipe_yaml,
         student_source=model_args.student_model_name_or_path,
-        student_init=student_init,
+        student_init=models.student_init,
         feature_losses=describe_feature_losses(config),
         tokenizers=tokenizers,
     )
+
+
+def _train(
+    data_args: DataArguments,
+    config: DistillationConfig,
+    task: Task,
+    rows: RunRows,
+    models: RunModels,
+    teacher_signal: TeacherSignal | None,
+    metrics: ClassificationMetrics | None,
+    card_info: DistillationCardInfo,
+    checkpoint: str | None,
+) -> DistillationTrainer:
+    """The train phase: the rows prepared (:func:`hf_kd.runs.rows.prepare_rows`), the trainer built (with
+    the ``kd_sim`` target and the knowledge callback where they apply) and trained, from ``checkpoint``
+    when resuming; ``train_results.json`` written."""
+    train, evaluation = prepare_rows(task, rows, models, data_args, config)
+    if task.name == "image-classification":
+        config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
     trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
+        model=models.student,
+        teacher_model=models.teacher,
         teacher_signal=teacher_signal,
         args=config,
         task=task,
-        train_dataset=train_prepared,
-        eval_dataset=eval_prepared,
-        processing_class=student_processor,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=models.processor,
         compute_metrics=metrics,  # LM: none (loss, loss_hard, loss_soft)
     )
     if config.alpha > 0 and config.synthetic_teacher == "kd_sim":  # kd_pt and kd_topk: built by the trainer
-        trainer.target_fn = kd_sim_target_fn(config, trainer, train_prepared)
-    if eval_prepared is not None and config.uses_teacher and not token_level:
+        trainer.target_fn = kd_sim_target_fn(config, trainer, train)
+    if evaluation is not None and config.uses_teacher and not task.token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
     trainer.card_info = card_info
     trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
-    metrics = trainer.evaluate() if eval_prepared is not None else {}
-    if teacher is not None and eval_prepared is not None:
-        card_info.teacher_metrics = teacher_scores(trainer, eval_prepared, cross_tokenizer=cross_tokenizer)
+    return trainer
+
+
+def _evaluate(
+    trainer: DistillationTrainer, models: RunModels, data_args: DataArguments, *, cross_tokenizer: bool
+) -> dict[str, float]:
+    """The evaluate phase: the student's final metrics, and the teacher's scores by the same measures
+    (:func:`teacher_scores`, kept on the card); empty without an evaluation split."""
+    if trainer.eval_dataset is None:
+        return {}
+    metrics = trainer.evaluate()
+    if models.teacher is not None:
+        card_info = trainer.card_info
+        card_info.teacher_metrics = teacher_scores(
+            trainer, trainer.eval_dataset, cross_tokenizer=cross_tokenizer
+        )
         scores = ", ".join(f"{key}={value:.6g}" for key, value in sorted(card_info.teacher_metrics.items()))
         logger.info("Teacher on the %r split: %s", data_args.eval_split, scores)
         if cross_tokenizer:
@@ -429,25 +325,42 @@ def run_distillation(
                 "The teacher's tokens are not the student's: only bits per byte (of the same text) compares "
                 "them; its per-token cross-entropy and perplexity are left out"
             )
+    return metrics
+
+
+def _save(
+    trainer: DistillationTrainer,
+    metrics: dict[str, float],
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    config: DistillationConfig,
+    rows: RunRows,
+    models: RunModels,
+    repo_id: str | None,
+) -> None:
+    """The save phase: ``eval_results.json`` (with the teacher's scores), ``trainer_state.json``, the
+    student with its processor and card, the run record; then the push, when asked."""
+    card_info = trainer.card_info
     if metrics:
         teacher_results = {f"teacher_{key}": value for key, value in card_info.teacher_metrics.items()}
         trainer.save_metrics("eval", metrics | teacher_results)
     trainer.save_state()  # trainer_state.json: the full log history, whatever the save_strategy
-    student.config.use_cache = True
+    models.student.config.use_cache = True
     trainer.save_model(config.output_dir)  # with the card
-    if trainer.is_world_process_zero():
-        record = run_record(
-            data_args,
-            model_args,
-            config,
-            trainer.state,
-            card_info,
-            labelled_rows=len(train) - unlabelled_rows,
-            unlabelled_rows=unlabelled_rows,
-            inert_rows_dropped=rows_before_drop - len(train),
-        )
-        write_run_record(config.output_dir, record)
-    if repo_id is not None and trainer.is_world_process_zero():
+    if not trainer.is_world_process_zero():
+        return
+    record = run_record(
+        data_args,
+        model_args,
+        config,
+        trainer.state,
+        card_info,
+        labelled_rows=len(rows.train) - rows.unlabelled_rows,
+        unlabelled_rows=rows.unlabelled_rows,
+        inert_rows_dropped=rows.inert_rows_dropped,
+    )
+    write_run_record(config.output_dir, record)
+    if repo_id is not None:
         push_student(
             config.output_dir,
             repo_id,
@@ -455,12 +368,6 @@ def run_distillation(
             private=config.hub_private_repo,
             revision=config.hub_revision,
         )
-    return RunResult(
-        metrics=metrics,
-        student_parameters=count_parameters(student),
-        teacher_parameters=None if teacher is None else count_parameters(teacher),
-        trainer=trainer,
-    )
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -22,12 +22,13 @@ from hf_kd.config import DataArguments, DistillationConfig, ModelArguments, load
 from hf_kd.data.labels import label_names
 from hf_kd.data.loading import dataset_inputs, load_splits
 from hf_kd.files import write_atomic_dir
-from hf_kd.knowledge.preflight import heldout_scores, preflight_markdown, recommend, teacher_profile
+from hf_kd.knowledge.preflight import preflight_markdown, recommend
+from hf_kd.knowledge.profile import heldout_scores, teacher_profile
 from hf_kd.modeling import check_model_fits, check_model_source, count_parameters, load_teacher
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions
-from hf_kd.runs.distill import load_student
-from hf_kd.tasks import CausalLMTask, build_task, teacher_own_processor
+from hf_kd.runs.models import load_student
+from hf_kd.tasks import build_task, teacher_own_processor
 from hf_kd.teachers.cache.load import load_teacher_cache
 from hf_kd.teachers.signal import build_teacher_signal
 
@@ -83,7 +84,7 @@ def run_preflight(
         config = replace(config, alpha=1.0)
     set_seed(config.seed)
     task = build_task(data_args)
-    token_level = task.name == CausalLMTask.name
+    token_level = task.token_level
     cache = (
         load_teacher_cache(
             config.teacher_cache,
@@ -138,7 +139,7 @@ def run_preflight(
             **(config.teacher_model_init_kwargs or {}),
         )
     signal = build_teacher_signal(
-        config, task, student, teacher_model=teacher, cache=cache, student_processor=student_processor
+        config, task, student, teacher_model=teacher, resource=cache, student_processor=student_processor
     )
     prepared = task.prepare(rows, student_processor=student_processor, teacher_processor=teacher_processor)
     with_student = token_level or model_args.student_model_name_or_path is not None

@@ -19,6 +19,7 @@ from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.config import ARGUMENT_CLASSES
 from hf_kd.files import write_atomic
 from hf_kd.knowledge.facts import RunFacts
+from hf_kd.redact import redact_value
 
 RECORD_NAME = "run_record.json"
 
@@ -81,8 +82,10 @@ def run_record(
 
 
 def write_run_record(output_dir: str | Path, record: dict[str, Any]) -> Path:
-    """``output_dir/run_record.json``, written aside then renamed."""
-    return write_atomic(Path(output_dir) / RECORD_NAME, lambda p: p.write_text(json.dumps(record, indent=2)))
+    """``output_dir/run_record.json``, written aside then renamed, every secret redacted
+    (``hf_kd.redact.redact_value``: secret-named keys at any depth, credential-shaped strings)."""
+    text = json.dumps(redact_value(record), indent=2)
+    return write_atomic(Path(output_dir) / RECORD_NAME, lambda p: p.write_text(text))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -9,7 +9,8 @@ token of every packed sequence.
 
 The named parts, whose public names also import from here: ``chat.py`` (prompt columns, chat-template
 spans, a text's ids with offsets), ``lm_scoring.py`` (next-token targets, bits per byte), ``lm_batches.py``
-(packing, collation), ``lm_teacher.py`` and ``alignment.py`` (a teacher of another tokenizer's columns).
+(packing, collation), ``lm_teacher.py`` and ``alignment.py`` (a teacher of another tokenizer's columns,
+and the teacher scored on its own tokens).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from hf_kd.tasks.alignment import VocabularyMap, vocabulary_map
 from hf_kd.tasks.base import (
     CACHE_PREFIX,
     NO_LABEL,
-    TEACHER_INPUT_PREFIX,
-    TEACHER_TEXT_BYTES,
     TEXT_BYTES,
     KDItems,
     Task,
@@ -38,7 +37,7 @@ from hf_kd.tasks.base import (
 from hf_kd.tasks.chat import assistant_spans, check_prompt_columns, encode_with_eos
 from hf_kd.tasks.lm_batches import collate_rows, pack_rows
 from hf_kd.tasks.lm_scoring import bits_per_byte, in_spans, next_token_targets, scored_bytes, text_bytes
-from hf_kd.tasks.lm_teacher import teacher_columns
+from hf_kd.tasks.lm_teacher import teacher_columns, teacher_own_items
 from hf_kd.vocab import (
     check_output_layer,
     first_difference,
@@ -355,12 +354,7 @@ class CausalLMTask(Task):
         student's tokens have labels); only its bytes make it comparable. None without those columns."""
         if not isinstance(teacher_output, AlignedLogits):
             return super().teacher_scored_items(teacher_output, batch, classes)
-        if TEACHER_TEXT_BYTES not in batch:  # rows prepared without them: nothing comparable
-            return None
-        byte_counts = batch[TEACHER_TEXT_BYTES]
-        scored = byte_counts >= 0
-        own_ids = batch[TEACHER_INPUT_PREFIX + "input_ids"].masked_fill(~scored, NO_LABEL)
-        return teacher_output.logits.float(), next_token_targets(own_ids).reshape(-1), byte_counts, scored
+        return teacher_own_items(teacher_output, batch)
 
     def kd_items(self, student_logits, teacher_logits, labels) -> KDItems:
         """Position t of a row is one instance with target ``labels[t + 1]``. Both logits are cut to the

@@ -1,15 +1,18 @@
 """A causal LM row's columns for a teacher of another tokenizer: the teacher's ids of the same text,
 the alignment of the two tokenizations (``hf_kd.tasks.alignment``) and the bytes each teacher token
-covers (docs/knowledge.md#different-tokenizers)."""
+covers (docs/knowledge.md#different-tokenizers), and the teacher scored on its own tokens of them."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from hf_kd.losses import AlignedLogits
 from hf_kd.tasks.alignment import VocabularyMap, align_spans, alignment_columns
-from hf_kd.tasks.base import TEACHER_TEXT_BYTES
+from hf_kd.tasks.base import NO_LABEL, TEACHER_INPUT_PREFIX, TEACHER_TEXT_BYTES
 from hf_kd.tasks.chat import encode_with_eos
-from hf_kd.tasks.lm_scoring import in_spans, text_bytes
+from hf_kd.tasks.lm_scoring import in_spans, next_token_targets, text_bytes
 
 
 def teacher_columns(
@@ -60,3 +63,18 @@ def teacher_columns(
         "teacher_attention_mask": [1] * kept_teacher,
         TEACHER_TEXT_BYTES: teacher_bytes[:kept_teacher],
     }
+
+
+def teacher_own_items(
+    teacher_output: AlignedLogits, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(the teacher's logits [B, T', V_t] in float32, its next-token targets [B · T'], the bytes each of its
+    tokens covers [B, T'], which of them are scored [B, T'] bool) from the columns
+    :func:`teacher_columns` made: the teacher scored on its own tokens where their bytes are counted
+    (≥ 0). None for rows prepared without those columns (nothing comparable)."""
+    if TEACHER_TEXT_BYTES not in batch:
+        return None
+    byte_counts = batch[TEACHER_TEXT_BYTES]
+    scored = byte_counts >= 0
+    own_ids = batch[TEACHER_INPUT_PREFIX + "input_ids"].masked_fill(~scored, NO_LABEL)
+    return teacher_output.logits.float(), next_token_targets(own_ids).reshape(-1), byte_counts, scored

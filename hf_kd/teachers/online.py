@@ -12,6 +12,7 @@ from hf_kd.losses import AlignedLogits, HiddenStates
 from hf_kd.tasks.alignment import VocabularyMap, aligned_logits
 from hf_kd.tasks.base import Task, split_batch
 from hf_kd.teachers.contract import SignalDefaults
+from hf_kd.teachers.finite import check_teacher_logits
 
 TEACHER_OPTION = "teacher_logits_from_hidden_states: true"
 
@@ -49,7 +50,9 @@ class OnlineTeacher(SignalDefaults):
     def run(self, batch: dict[str, Any], **forward_kwargs: Any) -> tuple[torch.Tensor | HiddenStates, Any]:
         """The teacher's logits and its whole forward output, asked for ``forward_kwargs`` (e.g.
         ``output_hidden_states=True``: feature losses read them from this same forward); with
-        ``from_hidden_states``, its :class:`HiddenStates` and None."""
+        ``from_hidden_states``, its :class:`HiddenStates` and None. A logit that is NaN or +inf (or a
+        position whose logits are all −inf) where the inputs are not padding raises
+        :class:`hf_kd.teachers.finite.NonFiniteTeacherError`: nothing is distilled from such a teacher."""
         student_inputs, teacher_inputs, _ = split_batch(batch)
         inputs = teacher_inputs or student_inputs
         if self.from_hidden_states:  # no forward_kwargs: feature losses are refused with it
@@ -64,6 +67,8 @@ class OnlineTeacher(SignalDefaults):
         with torch.no_grad():
             outputs = self.model(**inputs, **forward_kwargs)
         logits = outputs.logits
+        mask = inputs.get("attention_mask") if logits.dim() == 3 else None
+        check_teacher_logits(logits, mask, "a batch", 0, "refusing to distil from it")
         if self.output_map is not None:
             logits = logits[..., self.output_map]
         return logits, outputs

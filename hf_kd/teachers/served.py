@@ -347,7 +347,7 @@ def open_served_teacher(config, task: Task, splits, split_names: list[str]):
     (causal LM, unpacked rows) and the server asked once which models it serves (down, or not serving
     ``teacher_options.model``: :class:`TeacherServerError`). Returns (the client, the splits as given)."""
     options = _options(config)
-    if task.name != "causal-lm" or getattr(task, "packing", False):
+    if not task.can_generate:  # whole token sequences of one row each: a causal LM, unpacked
         raise ValueError(
             f"teacher_source='served' scores token sequences: it needs task: causal-lm without packing "
             f"(got task {task.name!r}{', packing: true' if getattr(task, 'packing', False) else ''})"

@@ -3,7 +3,10 @@ checked against a run and read back instead of running the teacher.
 
 - :mod:`hf_kd.teachers.cache.format`: the files, the teacher columns, the metadata and its hashes;
 - :mod:`hf_kd.teachers.cache.capture`: running a teacher over the splits, shard by shard, resumable and
-  split over the processes of a distributed group;
+  split over the processes of a distributed group, as its :class:`~hf_kd.teachers.cache.spec.CaptureSpec`
+  says; the batches of teacher outputs become rows in :mod:`~hf_kd.teachers.cache.rows`, written and merged
+  in :mod:`~hf_kd.teachers.cache.shards`, the kept probability mass reported by
+  :mod:`~hf_kd.teachers.cache.kept_mass`;
 - :mod:`hf_kd.teachers.cache.load`: reading a cache (local or from the Hub), verifying every recorded
   fact, joining its columns to a run's rows.
 
