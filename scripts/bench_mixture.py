@@ -192,7 +192,7 @@ def main() -> None:
                     student_model_name_or_path=str(init), student_processor=str(root / "tokenizer")
                 )
                 config = settings(
-                    root, f"run-{arm}-{seed}", seed, args, max_steps=args.steps, **arm_fields(root, arm, args)
+                    root, f"run-{arm}-{seed}", seed, max_steps=args.steps, **arm_fields(root, arm, args)
                 )
                 model = run_distillation(data_args, model_args, config).trainer.model.cpu()
                 for part in test:
