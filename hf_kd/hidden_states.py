@@ -9,7 +9,7 @@ import inspect
 import torch
 
 from hf_kd.losses import HiddenStates
-from hf_kd.tasks import CausalLMTask, Task
+from hf_kd.tasks import Task
 
 PREFIX = "student_logits_from_hidden_states: true"
 
@@ -33,7 +33,7 @@ def check_output_layer(task: Task, model: torch.nn.Module, option: str) -> None:
     """What making ``model``'s logits from its hidden states needs (``option`` names the setting in the
     error): the causal-lm task, a forward that takes ``logits_to_keep``, an output layer with a weight
     and no bias."""
-    if not isinstance(task, CausalLMTask):
+    if not task.token_level:
         raise ValueError(f"{option} needs the causal-lm task, got {task.name!r}")
     name = type(model).__name__
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:

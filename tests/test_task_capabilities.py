@@ -43,14 +43,6 @@ TYPE_OR_NAME_TEST = re.compile(
     rf"|\btask(_name|\.name)\s*[!=]=\s*(\"|({TASK_CLASSES})\.name)"
 )
 
-STILL_TESTED = {
-    "hf_kd/hidden_states.py": 1,
-    "hf_kd/runs/distill.py": 1,
-    "hf_kd/teachers/cache/spec.py": 2,
-}
-"""Modules that still test a task's type or name, with how many times (a ceiling: the count may only
-fall). The list must empty: each test becomes a capability the task declares."""
-
 
 def test_no_module_tests_a_tasks_type_or_name():
     found = {}
@@ -60,7 +52,4 @@ def test_no_module_tests_a_tasks_type_or_name():
         count = len(TYPE_OR_NAME_TEST.findall(path.read_text()))
         if count:
             found[str(path.relative_to(ROOT))] = count
-    over = {m: n for m, n in found.items() if n > STILL_TESTED.get(m, 0)}
-    assert not over, f"declare a capability on the Task instead of testing its type or name: {over}"
-    gone = {m: n for m, n in STILL_TESTED.items() if found.get(m, 0) < n}
-    assert not gone, f"fewer type or name tests now: lower or remove them in STILL_TESTED: {gone} -> {found}"
+    assert not found, f"declare a capability on the Task instead of testing its type or name: {found}"

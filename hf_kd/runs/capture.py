@@ -161,7 +161,7 @@ def _capture(data_args, cache_args: CacheArguments) -> CacheMetadata:
             f"splits {unknown} are not in dataset {data_args.dataset_name!r}; it has {sorted(raw)}"
         )
     check_columns(raw, data_args, names)
-    compression_top_k(task.name, cache_args.codec(), cache_args.top_k)  # before the teacher loads
+    compression_top_k(task, cache_args.codec(), cache_args.top_k)  # before the teacher loads
     teacher_id, revision = cache_args.teacher_model_name_or_path, cache_args.teacher_model_revision
     teacher = load_teacher(
         task, teacher_id, revision=revision, trust_remote_code=cache_args.trust_remote_code

@@ -283,7 +283,7 @@ def _train(
     the ``kd_sim`` target and the knowledge callback where they apply) and trained, from ``checkpoint``
     when resuming; ``train_results.json`` written."""
     train, evaluation = prepare_rows(task, rows, models, data_args, config)
-    if task.name == "image-classification":
+    if task.transforms_raw_rows:
         config.remove_unused_columns = False  # images are transformed on the fly from the raw columns
     trainer = DistillationTrainer(
         model=models.student,

@@ -124,6 +124,9 @@ class Task(ABC):
     """Its rows are prompts a model can continue (on-policy distillation samples completions)."""
     aligns_tokenizers: bool = False
     """It can distil a teacher of another tokenizer (``use_teacher_tokenizer``, ``hf_kd.tasks.alignment``)."""
+    transforms_raw_rows: bool = False
+    """Its model inputs are made from the raw columns as batches are read (images), so those columns must
+    reach the collator (``remove_unused_columns: false``)."""
 
     @abstractmethod
     def raw_columns(self) -> tuple[str, ...]:

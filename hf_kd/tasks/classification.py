@@ -237,6 +237,7 @@ class TextClassificationTask(ClassificationTask):
 class ImageClassificationTask(ClassificationTask):
     name = "image-classification"
     input_column = "pixel_values"
+    transforms_raw_rows = True
 
     def __init__(self, image_column: str = "image", label_column: str = "label"):
         self.image_column, self.label_column = image_column, label_column

@@ -26,14 +26,14 @@ from hf_kd.teachers.sketch import SKETCH_FILE, check_setting
 from hf_kd.vocab import shared_vocab_size
 
 
-def compression_top_k(task_name: str, compression: TopkCodec | None, top_k: int | None) -> int | None:
+def compression_top_k(task: Task, compression: TopkCodec | None, top_k: int | None) -> int | None:
     """The top-k a capture stores: ``top_k``, or the ``compression``'s ``max_k`` (a codec packs the
     per-token outputs of a causal LM only); a clear error for settings that do not go together."""
     if compression is None:
         return top_k
-    if task_name != "causal-lm":
+    if not task.token_level:
         raise ValueError(
-            f"compression={compression.name!r} packs per-token (causal-lm) caches; task is {task_name!r}"
+            f"compression={compression.name!r} packs per-token (causal-lm) caches; task is {task.name!r}"
         )
     if top_k not in (None, compression.max_k):
         raise ValueError(f"top_k={top_k} differs from the compression's max_k={compression.max_k}")
@@ -114,7 +114,7 @@ class CaptureSpec:
             )
         else:
             self.num_classes = self.teacher.config.num_labels
-        self.top_k = compression_top_k(self.task.name, self.compression, self.top_k)
+        self.top_k = compression_top_k(self.task, self.compression, self.top_k)
         if self.top_k is not None and self.top_k > self.num_classes:
             raise ValueError(f"top_k={self.top_k} exceeds the teacher's {self.num_classes} classes")
         if self.sketch_rank:
@@ -128,7 +128,7 @@ class CaptureSpec:
     @property
     def per_token(self) -> bool:
         """Whether the teacher's outputs are stored per token (a causal LM) rather than per example."""
-        return self.task.name == "causal-lm"
+        return self.task.token_level
 
     def metadata(self) -> CacheMetadata:
         """The cache's metadata before its files are written: the teacher (config, weights hash,
