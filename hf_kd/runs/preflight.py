@@ -138,7 +138,7 @@ def run_preflight(
             **(config.teacher_model_init_kwargs or {}),
         )
     signal = build_teacher_signal(
-        config, task, student, teacher_model=teacher, cache=cache, student_processor=student_processor
+        config, task, student, teacher_model=teacher, resource=cache, student_processor=student_processor
     )
     prepared = task.prepare(rows, student_processor=student_processor, teacher_processor=teacher_processor)
     with_student = token_level or model_args.student_model_name_or_path is not None
