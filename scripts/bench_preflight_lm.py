@@ -80,11 +80,16 @@ def load_runs(paths: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
 
 def report(runs: dict[str, dict[str, dict[str, float]]], labels: dict[str, str]) -> None:
     """Per-seed held-out perplexity, mean ± std, paired Δ log-perplexity against no KD (nats, negative:
-    better) and the seconds each arm took, on the seeds every arm has."""
-    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in runs.values())), key=int)
-    if "none" not in runs or not seeds:
-        print("[report] no seed with the no-KD twin and every arm yet")
+    better) and the seconds each arm took, on the no-KD twin's seeds (an arm without all of them yet is
+    named and left out)."""
+    seeds = sorted(runs.get("none", {}), key=int)
+    if not seeds:
+        print("[report] no no-KD run yet")
         return
+    partial = [arm for arm, by_seed in runs.items() if not set(seeds) <= set(by_seed)]
+    if partial:
+        print(f"[report] left out, not run on seeds {', '.join(seeds)} yet: {', '.join(partial)}")
+    runs = {arm: by_seed for arm, by_seed in runs.items() if arm not in partial}
     print(f"[report] held-out perplexity, seeds {', '.join(seeds)}; Δ = log(ppl / no-KD ppl), paired")
     print("| arm | perplexity per seed | mean ± std | Δ nats vs no KD, paired (per seed) | seconds |")
     print("|---|---|---|---|---|")
