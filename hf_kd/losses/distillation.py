@@ -198,7 +198,8 @@ def _loss_sums(
         return _SparseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, tail, params
         )
-    if torch.is_tensor(teacher) and target_fn is None and divergence_name in CLOSED_FORM_DIVERGENCES:
+    closed_form = divergence_name in CLOSED_FORM_DIVERGENCES and target_fn is None
+    if torch.is_tensor(teacher) and closed_form and not standardize:  # its kernel reads raw logits
         beta = params.get("beta", 0.5)
         return _DenseKDSums.apply(
             student_logits, labels, soft_mask, teacher, divergence_name, temperature, beta
