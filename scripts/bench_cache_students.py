@@ -21,7 +21,8 @@ from ``student_config`` (Llama 64 × 2, ~0.6M parameters). Arms (``--arms``):
                  (``--sketch``: rank, bits), ``sparse_tail: sketch`` (the tail spread like the sketch)
 
 Every arm runs at α = 0.5, τ = 2 unless suffixes say otherwise: ``online:t1`` is online KD at τ = 1,
-``packed-bucket:t1:a0.8`` the bucket arm at τ = 1 and α = 0.8.
+``packed-bucket:t1:a0.8`` the bucket arm at τ = 1 and α = 0.8, ``online:tauto`` online KD at
+``temperature: auto``.
 
     OMP_NUM_THREADS=1 python scripts/bench_cache_students.py [--seeds 0 1 2] [--steps 120] [--arms ...]
 """
@@ -69,8 +70,9 @@ def parse_arm(arm: str) -> tuple[dict, str | None]:
     fields = dict(fields)
     for suffix in suffixes:
         if suffix[:1] not in SUFFIXES:
-            raise argparse.ArgumentTypeError(f"arm {arm!r}: suffix {suffix!r} is not :t<τ> or :a<α>")
-        fields[SUFFIXES[suffix[0]]] = float(suffix[1:])
+            raise argparse.ArgumentTypeError(f"arm {arm!r}: suffix {suffix!r} is not :t<τ>, :tauto or :a<α>")
+        value = suffix[1:]
+        fields[SUFFIXES[suffix[0]]] = value if value == "auto" else float(value)
     return fields, cache
 
 

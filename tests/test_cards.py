@@ -7,7 +7,8 @@ import pytest
 
 from hf_kd.cards.markdown import code_block, field_table, format_value, markdown_table
 from hf_kd.cards.model import SYNTHETIC_TARGETS, DistillationCardInfo, render_model_card
-from hf_kd.config import DistillationConfig
+from hf_kd.cards.run import run_card_info
+from hf_kd.config import DataArguments, DistillationConfig
 from hf_kd.teachers.sources import TEACHER_SOURCES
 
 
@@ -64,3 +65,19 @@ def test_card_states_the_synthetic_teacher_and_its_soft_target():
     assert "D(uniform^τ ‖ student^τ)" in text
     plain = str(render_model_card(_info(synthetic_teacher="none")))
     assert "- **Loss:** CE(labels, student): plain fine-tuning" in plain and "Divergence" not in plain
+
+
+@pytest.mark.parametrize(
+    ("config_fields", "line"),
+    [
+        ({"temperature": "auto"}, "`temperature: auto` (logit standardisation, base τ 2)"),
+        ({"temperature": 4.0, "logit_standardization": True}, "(logit standardisation, base τ 4)"),
+        ({"temperature": 2.0}, "2 (τ² scaling on)"),
+    ],
+)
+def test_card_says_temperature_auto_is_logit_standardisation(tmp_path, config_fields, line):
+    config = DistillationConfig(output_dir=str(tmp_path), teacher_model_name_or_path="t", **config_fields)
+    info = run_card_info(DataArguments(task="text-classification"), config, student_parameters=10)
+    text = str(render_model_card(info))
+    assert f"- **Temperature τ:** {line}" in text
+    assert ("standardisation" in text) == bool(config.logit_standardization)

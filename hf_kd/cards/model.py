@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_kd.cards.markdown import code_block, field_table, format_value, markdown_table
+from hf_kd.config import AUTO_BASE_TEMPERATURE
 from hf_kd.files import write_atomic
 from hf_kd.redact import redact
 from hf_kd.teachers.sources import TEACHER_SOURCES
@@ -94,6 +95,9 @@ class DistillationCardInfo:
     """The two tokenizers of a teacher with another vocabulary (cross-tokenizer distillation), or None."""
     temperature_squared: bool = True
     """Whether the soft term was multiplied by τ²."""
+    logit_standardization: bool = False
+    """Whether both models' logits were z-scored before the softmax at τ (``temperature: auto`` is this
+    at base τ ``AUTO_BASE_TEMPERATURE``)."""
     synthetic_teacher: str | None = None
     """The run's ``synthetic_teacher`` kind (``ls``, ``kd_pt``, ``kd_sim``, ``kd_topk`` ...), or None
     (the teacher's own distribution)."""
@@ -230,8 +234,7 @@ def _method_section(info: DistillationCardInfo) -> str:
     lines += [
         f"- **Loss:** (1 − α) · CE(labels, student) + α · {scale}D({soft}^τ ‖ student^τ)",
         f"- **Divergence D:** `{info.divergence}`",
-        f"- **Temperature τ:** {format_value(info.temperature)}"
-        f" (τ² scaling {'on' if info.temperature_squared else 'off'})",
+        f"- **Temperature τ:** {_temperature(info)} (τ² scaling {'on' if info.temperature_squared else 'off'})",
         f"- **Alpha α:** {format_value(info.alpha)}",
     ]
     if info.synthetic_teacher is not None:
@@ -298,6 +301,15 @@ def _reproduce_section(info: DistillationCardInfo) -> str:
 
 
 # -- formatting helpers ---------------------------------------------------------------------------
+
+
+def _temperature(info: DistillationCardInfo) -> str:
+    """τ as the recipe sets it: a number, or ``temperature: auto`` (logit standardisation at base τ 2)."""
+    tau = format_value(info.temperature)
+    if not info.logit_standardization:
+        return tau
+    auto = "`temperature: auto` " if info.temperature == AUTO_BASE_TEMPERATURE else ""
+    return f"{auto}(logit standardisation, base τ {tau})"
 
 
 def _teacher_ref(info: DistillationCardInfo) -> str:

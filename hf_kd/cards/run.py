@@ -79,6 +79,7 @@ def run_card_info(
         feature_losses=feature_losses,
         tokenizers=tokenizers,
         temperature_squared=config.temperature_squared,
+        logit_standardization=config.logit_standardization,
         synthetic_teacher=config.synthetic_teacher if config.synthetic_teacher != "kd" else None,
         teacher_source=config.teacher_source,
         cache_provenance=cache_provenance,
