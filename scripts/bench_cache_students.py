@@ -172,6 +172,24 @@ def report(results: dict[str, dict[int, float]], seeds: list[int]) -> None:
             print(f"  {arm:<22} − {base:<7}: {statistics.fmean(deltas):+.3f} ± {spread:.3f}   ({per_seed})")
 
 
+def setup_real_lm(args, tag: str):
+    """The real LM's teacher, tokenizer and rows (``bench_cache.real_lm``), progress bars off, the held-out
+    rows (``args.held_out``) and the 0.6M student's config (``args.student``) set on ``args``."""
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    args.lm_tokens = args.held_out_rows * args.seq_len
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    teacher, tokenizer, train, test = real_lm(args)
+    args.held_out = test[: args.held_out_rows]
+    print(f"[{tag}] teacher on held-out files: {flatness(teacher, args.held_out)}")
+    args.student = {
+        "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": args.seq_len, "pad_token_id": 0,
+    }  # fmt: skip
+    return teacher, tokenizer, train, test
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,18 +242,7 @@ def main() -> None:
         help="the sketch arm's sketch",
     )
     args = parser.parse_args()
-    datasets.disable_progress_bars()
-    transformers.logging.disable_progress_bar()
-    args.lm_tokens = args.held_out_rows * args.seq_len
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    teacher, tokenizer, train, test = real_lm(args)
-    args.held_out = test[: args.held_out_rows]
-    print(f"[students] teacher on held-out files: {flatness(teacher, args.held_out)}")
-    args.student = {
-        "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "max_position_embeddings": args.seq_len, "pad_token_id": 0,
-    }  # fmt: skip
+    teacher, tokenizer, train, test = setup_real_lm(args, "students")
     results: dict[str, dict[int, float]] = {arm: {} for arm in args.arms}
     with tempfile.TemporaryDirectory() as out:
         root = Path(out)

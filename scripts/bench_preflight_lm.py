@@ -33,11 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
-from bench_cache import real_lm
-from bench_cache_students import flatness, train_student
+from bench_cache_students import setup_real_lm, train_student
 from datasets import Dataset, DatasetDict
 
 from hf_kd.config import DataArguments, DistillationConfig, ModelArguments
@@ -140,18 +137,7 @@ def main() -> None:
         saved = [json.loads(p.read_text()) for p in args.report]
         report(load_runs(args.report), {k: v for s in saved for k, v in s["labels"].items()})
         return
-    datasets.disable_progress_bars()
-    transformers.logging.disable_progress_bar()
-    args.lm_tokens = args.held_out_rows * args.seq_len
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    teacher, tokenizer, train, test = real_lm(args)
-    args.held_out = test[: args.held_out_rows]
-    print(f"[preflight] teacher on held-out files: {flatness(teacher, args.held_out)}")
-    args.student = {
-        "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "max_position_embeddings": args.seq_len, "pad_token_id": 0,
-    }  # fmt: skip
+    teacher, tokenizer, train, test = setup_real_lm(args, "preflight")
     runs = load_runs([args.out] if args.out else [])
     with tempfile.TemporaryDirectory() as out:
         root = Path(out)
