@@ -15,6 +15,8 @@ before a from-scratch on-policy run. The arms (``bench_cache_students`` names; e
     online:a<α>:tauto        ``temperature: auto`` at each sweep α
     preflight                the pre-flight's α and τ (at ``--steps``: the twin's budget)
 
+``--arms`` runs a subset (say, the recommendation and the twin at the recommended budget).
+
     OMP_NUM_THREADS=1 python scripts/bench_preflight_lm.py [--seeds 0 1 2] [--steps 200] [--out runs.json]
     python scripts/bench_preflight_lm.py --report runs-a.json runs-b.json   # the table of saved runs
 
@@ -120,6 +122,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200, help="student optimizer steps, every arm")
+    parser.add_argument(
+        "--arms", nargs="+", help="run only these arms (names as above; `preflight`: the recommendation's)"
+    )
     parser.add_argument("--sweep_alphas", type=float, nargs="+", default=[0.5, 0.9])
     parser.add_argument("--sweep_temperatures", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--batch_size", type=int, default=8)
@@ -169,6 +174,14 @@ def main() -> None:
                 )
                 if arm not in arms:
                     arms.append(arm)
+        if args.arms:
+            wanted = [recommended if arm == "preflight" else arm for arm in args.arms]
+            unknown = sorted(set(wanted) - set(arms))
+            if unknown:
+                raise SystemExit(
+                    f"--arms {unknown}: not arms of this run; expected some of {arms} or preflight"
+                )
+            arms = [arm for arm in arms if arm in wanted]
         print(
             f"[preflight] recommended budget {chosen['max_steps']} steps; every arm here runs {args.steps} "
             f"(the twin's); the recommendation's arm is {recommended}; pre-flight {seconds:.1f} s"
