@@ -3,10 +3,17 @@ either teacher alone vs no KD (and routed by domain), same budget, same seeds, h
 domains and on their union, paired differences.
 
 Text: ``hf_kd.data.stdlib_text`` (the docstrings of 8 standard-library packages, labelled by package),
-split into two domains by package: domain A = the first four packages (asyncio, email, unittest,
-logging), domain B = the last four (xml, multiprocessing, importlib, http). Teachers (BERT 64 × 4, α = 0,
-from scratch, the 8-class head): T_A trained on domain A's training rows only, T_B on domain B's only, so
-each knows its own domain's classes and nothing of the other's. Students (BERT 64 × 1, the same saved
+split into two domains (``--split``):
+
+    class  by package: domain A = the first four packages (asyncio, email, unittest, logging), domain B =
+           the last four (xml, multiprocessing, importlib, http); each teacher knows its own domain's
+           classes and nothing of the other's
+    style  by where the docstring was written (its ``kind``): domain A = methods' docstrings (functions
+           defined in a class body), domain B = the others (modules, classes, other functions); both
+           domains hold all 8 packages
+
+Teachers (BERT 64 × 4, α = 0, from scratch, the 8-class head): T_A trained on domain A's training rows
+only, T_B on domain B's only. Students (BERT 64 × 1, the same saved
 initialisation per seed in every arm) train on the training rows of both domains, each a
 ``run_distillation`` run (as ``scripts/distill.py``). Arms (``--arms``):
 
@@ -19,7 +26,7 @@ initialisation per seed in every arm) train on the training rows of both domains
 Accuracy on the held-out rows of domain A, of domain B and of both (the union); Δ paired by seed against
 the mixture. The mixture student's top-1 agreement with each teacher on the union is printed too.
 
-    OMP_NUM_THREADS=1 python scripts/bench_mixture.py [--seeds 0 1 2] [--steps 300]
+    OMP_NUM_THREADS=1 python scripts/bench_mixture.py [--split class|style] [--seeds 0 1 2] [--steps 300]
 """
 
 from __future__ import annotations
@@ -45,7 +52,11 @@ from hf_kd.data.stdlib_text import PACKAGES, stdlib_text_dataset, word_tokenizer
 from hf_kd.knowledge.measures import teacher_agreement
 from hf_kd.runs.distill import run_distillation
 
-DOMAINS = {"A": PACKAGES[:4], "B": PACKAGES[4:]}
+DOMAINS = ("A", "B")
+SPLITS = {
+    "class": lambda row: "A" if row["label"] < len(PACKAGES) // 2 else "B",
+    "style": lambda row: "A" if row["kind"] == "method" else "B",
+}
 ARMS = ("none", "A", "B", "mixture", "route")
 MAX_LENGTH = 32
 
@@ -59,10 +70,11 @@ def bert(vocab_size: int, layers: int) -> BertConfig:
     )  # fmt: skip
 
 
-def prepare(root: Path) -> DatasetDict:
-    """The data (a ``domain`` column added) and its tokenizer under ``root``, and one dataset per domain."""
-    data = stdlib_text_dataset()
-    data = data.map(lambda row: {"domain": "A" if PACKAGES[row["label"]] in DOMAINS["A"] else "B"})
+def prepare(root: Path, split: str) -> DatasetDict:
+    """The data (a ``domain`` column added, by ``split``) and its tokenizer under ``root``, and one dataset
+    per domain."""
+    data = stdlib_text_dataset(kind=split == "style")
+    data = data.map(lambda row: {"domain": SPLITS[split](row)})
     word_tokenizer(data["train"]).save_pretrained(str(root / "tokenizer"))
     data.save_to_disk(str(root / "data-both"))
     for name in DOMAINS:
@@ -145,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--split", default="class", choices=tuple(SPLITS), help="how the two domains differ")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every student")
@@ -161,13 +174,18 @@ def main() -> None:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        data = prepare(root)
+        data = prepare(root, args.split)
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
         test = {d: data["test"].filter(lambda row, d=d: row["domain"] == d) for d in DOMAINS}
         test["both"] = data["test"]
         print(
-            f"[mixture] {len(data['train'])} train / {len(data['test'])} test rows; domain A {DOMAINS['A']} "
-            f"({len(test['A'])} test), B {DOMAINS['B']} ({len(test['B'])} test); vocabulary {len(tokenizer)}"
+            f"[mixture] split by {args.split}: {len(data['train'])} train / {len(data['test'])} test rows; "
+            + "; ".join(
+                f"domain {d}: {sum(x == d for x in data['train']['domain'])} train / {len(test[d])} test, "
+                f"packages {sorted({PACKAGES[y] for y in test[d]['label']})}"
+                for d in DOMAINS
+            )
+            + f"; vocabulary {len(tokenizer)}"
         )
         teachers = {}
         for domain in DOMAINS:
@@ -212,7 +230,7 @@ def main() -> None:
                 )
 
         print(
-            f"\n{len(args.seeds)} seeds ({args.seeds}), {args.steps} steps, α {args.alpha}, τ {args.temperature}"
+            f"\nsplit by {args.split}, {len(args.seeds)} seeds ({args.seeds}), {args.steps} steps, α {args.alpha}, τ {args.temperature}"
         )
         print(
             "| arm | "

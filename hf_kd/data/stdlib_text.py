@@ -31,33 +31,58 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def package_docstrings(package: str) -> list[str]:
     """The distinct docstrings (first :data:`MAX_WORDS` words, ≥ :data:`MIN_WORDS`) of ``package``'s
     modules, classes and functions, read from its source (nothing imported; its tests left out)."""
+    return list(package_docstring_kinds(package))
+
+
+def package_docstring_kinds(package: str) -> dict[str, str]:
+    """:func:`package_docstrings` (same order), each with where it was written: ``"method"`` for a
+    function defined in a class body, ``"other"`` for a module, a class or any other function (the first
+    place a repeated docstring appears)."""
     folder = Path(sysconfig.get_paths()["stdlib"]) / package
     if not folder.is_dir():
         raise FileNotFoundError(f"package {package!r}: no standard-library folder {folder}")
-    texts: dict[str, None] = {}
+    texts: dict[str, str] = {}
     for source in sorted(folder.rglob("*.py")):
         if source.parent.name in ("test", "tests") or source.name.startswith("test"):
             continue
         tree = ast.parse(source.read_text(encoding="utf-8", errors="replace"))
+        methods = {
+            id(child)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef)
+            for child in node.body
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 words = re.findall(r"[a-z]+", (ast.get_docstring(node) or "").lower())[:MAX_WORDS]
                 if len(words) >= MIN_WORDS:
-                    texts.setdefault(" ".join(words))
-    return list(texts)
+                    texts.setdefault(" ".join(words), "method" if id(node) in methods else "other")
+    return texts
 
 
-def stdlib_text_dataset(packages: tuple[str, ...] = PACKAGES, seed: int = 0) -> DatasetDict:
-    """train / test splits (shuffled with ``seed``) with a ``text`` and a ``label`` (the package) column."""
-    rows = [(text, label) for label, name in enumerate(packages) for text in package_docstrings(name)]
+def stdlib_text_dataset(
+    packages: tuple[str, ...] = PACKAGES, seed: int = 0, kind: bool = False
+) -> DatasetDict:
+    """train / test splits (shuffled with ``seed``) with a ``text`` and a ``label`` (the package) column;
+    with ``kind``, a ``kind`` column too (``"method"`` or ``"other"``, :func:`package_docstring_kinds`):
+    the same rows in the same order either way."""
+    rows = [
+        (text, label, where)
+        for label, name in enumerate(packages)
+        for text, where in package_docstring_kinds(name).items()
+    ]
     random.Random(seed).shuffle(rows)
     n_train = int((1 - TEST_FRACTION) * len(rows))
-    features = Features({"text": Value("string"), "label": ClassLabel(names=list(packages))})
+    columns = {"text": Value("string"), "label": ClassLabel(names=list(packages))}
+    if kind:
+        columns["kind"] = Value("string")
 
-    def subset(part: list[tuple[str, int]]) -> Dataset:
-        return Dataset.from_dict(
-            {"text": [t for t, _ in part], "label": [y for _, y in part]}, features=features
-        )
+    def subset(part: list[tuple[str, int, str]]) -> Dataset:
+        values = {"text": [t for t, _, _ in part], "label": [y for _, y, _ in part]}
+        if kind:
+            values["kind"] = [k for _, _, k in part]
+        return Dataset.from_dict(values, features=Features(columns))
 
     return DatasetDict(train=subset(rows[:n_train]), test=subset(rows[n_train:]))
 
