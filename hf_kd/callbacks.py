@@ -6,9 +6,9 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from hf_kd.cards.run import KNOWLEDGE_PREFIX
-from hf_kd.knowledge.measures import knowledge_measures, scalar_measures, teacher_agreement
+from hf_kd.knowledge.measures import knowledge_measures, scalar_measures
 from hf_kd.modeling import logit_layer_weight_or_none
-from hf_kd.predictions import collect_predictions
+from hf_kd.predictions import collect_predictions, teacher_agreements
 from hf_kd.teachers.placement import full_teacher
 
 
@@ -17,7 +17,7 @@ class KnowledgeCallback(TrainerCallback):
     (at most ``max_items`` items) and logs the scalars of :func:`hf_kd.knowledge.measures.knowledge_measures`
     as ``eval_knowledge/<level>/<measure>`` through ``trainer.log``; with several teachers (the signal's
     ``teachers``), the student's agreement with each as ``eval_knowledge/teachers/<name>/<measure>``
-    (:func:`hf_kd.knowledge.measures.teacher_agreement`).
+    (:func:`hf_kd.predictions.teacher_agreements`).
 
         trainer = DistillationTrainer(...)
         trainer.add_callback(KnowledgeCallback(trainer))
@@ -59,17 +59,15 @@ class KnowledgeCallback(TrainerCallback):
             student_weight=logit_layer_weight_or_none(model),
         )
         measures.pop("settings")
-        for name, teacher in signal.teachers.items():  # several teachers: the student's agreement with each
-            own = collect_predictions(
-                trainer.eval_dataset,
-                trainer.task,
-                student=model,
-                teacher_signal=teacher,
-                batch_size=args.per_device_eval_batch_size,
-                max_items=self.max_items,
-                device=args.device,
-            )
-            measures.setdefault("teachers", {})[name] = teacher_agreement(
-                own.student_logits, own.teacher_logits, own.labels
-            )
+        agreements = teacher_agreements(  # several teachers: the student's agreement with each
+            trainer.eval_dataset,
+            trainer.task,
+            student=model,
+            teacher_signal=signal,
+            batch_size=args.per_device_eval_batch_size,
+            max_items=self.max_items,
+            device=args.device,
+        )
+        if agreements:
+            measures["teachers"] = agreements
         trainer.log(scalar_measures(measures, prefix=KNOWLEDGE_PREFIX))

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_kd.knowledge.domain import class_similarity, soft_confusion
-from hf_kd.knowledge.measures import Predictions
+from hf_kd.knowledge.measures import Predictions, teacher_agreement
 from hf_kd.losses import SparseLogits
 from hf_kd.modeling import logit_layer_weight_or_none
 from hf_kd.tasks.base import NO_LABEL, Task, split_batch
@@ -66,6 +66,34 @@ def collect_predictions(
     n = count if max_items is None else min(count, max_items)
     cat = lambda parts: torch.cat(parts)[:n] if parts else None  # noqa: E731
     return Predictions(cat(student_parts), cat(teacher_parts), torch.cat(label_parts)[:n])
+
+
+def teacher_agreements(
+    dataset,
+    task: Task,
+    *,
+    student: torch.nn.Module,
+    teacher_signal,
+    batch_size: int = 256,
+    max_items: int | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """The student's agreement with each teacher a signal combines (its ``teachers``: several teachers),
+    by name: :func:`hf_kd.knowledge.measures.teacher_agreement` on the items of a prepared ``dataset``
+    (top-1 agreement, KL, the teacher's accuracy); ``{}`` for a signal of one teacher."""
+    agreements = {}
+    for name, teacher in teacher_signal.teachers.items():
+        own = collect_predictions(
+            dataset,
+            task,
+            student=student,
+            teacher_signal=teacher,
+            batch_size=batch_size,
+            max_items=max_items,
+            device=device,
+        )
+        agreements[name] = teacher_agreement(own.student_logits, own.teacher_logits, own.labels)
+    return agreements
 
 
 def teacher_class_similarity(

@@ -16,8 +16,11 @@ the first run's model card again with that outcome as its first section.
 
 The recipe gives the dataset, the task, α and τ; the teacher defaults to its
 ``teacher_model_name_or_path``, the student to its ``output_dir`` when a model is saved there
-(``--student none``: teacher only), the report folder to ``<output_dir>/report``. Writes
-``report.json``, ``report.md`` and PNG plots (see README, "Reading the report").
+(``--student none``: teacher only), the report folder to ``<output_dir>/report``. A recipe of
+``teacher_source: mixture``: every one of its ``teachers:`` opened as the run opened it (the student
+needed), and the report names each teacher with its weight (or share of routed rows), its accuracy and
+the student's top-1 agreement and KL with it. Writes ``report.json``, ``report.md`` and PNG plots (see
+README, "Reading the report").
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from hf_kd import parse_args
 from hf_kd.knowledge.outcome import outcome_markdown
+from hf_kd.knowledge.report import teachers_markdown
 from hf_kd.runs.report import build_report
 from hf_kd.runs.run_record import read_run, recipe_arguments, write_outcome_card
 
@@ -78,8 +82,10 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         data_args, _, config = parse_args(rest)
     teacher = own.teacher or config.teacher_model_name_or_path
-    if not teacher:
-        raise SystemExit("no teacher: pass --teacher or use a recipe with teacher_model_name_or_path")
+    if not teacher and config.teacher_source != "mixture":
+        raise SystemExit(
+            "no teacher: pass --teacher or use a recipe with teacher_model_name_or_path (or teachers:)"
+        )
     student = own.student
     if student is None:
         student = config.output_dir if (Path(config.output_dir) / "config.json").is_file() else None
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
     content = build_report(
         data_args,
         config,
-        teacher=teacher,
+        teacher=teacher or None,  # None: the recipe's several teachers
         student=student,
         report_dir=report_dir,
         split=own.split,
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> Path:
         print(outcome_markdown(content["outcome"]))
         if own.card:
             print(f"model card: {write_outcome_card(own.run[0], outcome_markdown(content['outcome']))}")
+    if "teachers" in content:
+        print(teachers_markdown(content["teachers"]))
     for sentence in content["diagnosis"]["levels"] + content["diagnosis"]["failures"]:
         print("-", sentence)
     print(f"knowledge report: {report_dir / 'report.md'}")

@@ -102,16 +102,45 @@ def _plot(
     return written
 
 
+def teachers_markdown(teachers: dict[str, dict[str, Any]]) -> str:
+    """A table of several teachers (:func:`write_report`'s ``teachers``): each one's source, its share
+    (weight in the mixture, or rows routed to it), the student's top-1 agreement and KL with it, and its
+    own accuracy."""
+    routed = any(t["routed_share"] is not None for t in teachers.values())
+    share = "rows routed to it" if routed else "weight (normalised)"
+    lines = [
+        f"| teacher | source | {share} | student's top-1 agreement | KL(teacher ‖ student) | teacher accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in teachers.items():
+        lines.append(
+            f"| {name} | {t['source']} | {t['routed_share' if routed else 'weight']:.4g} | "
+            f"{t['top1_agreement']:.4g} | {t['kl']:.4g} | {t['teacher_accuracy']:.4g} |"
+        )
+    return "\n".join(lines)
+
+
 def _markdown(
     measures: dict[str, Any],
     diagnosis: dict[str, list[str]],
     plots: list[str],
     title: str,
     result: dict[str, Any] | None = None,
+    teachers: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     lines = [f"# {title}", ""]
     if result is not None:
         lines += ["## Did KD pay?", "", outcome_markdown(result), ""]
+    if teachers:
+        lines += [
+            "## The teachers",
+            "",
+            f"The student was taught by {len(teachers)} teachers; the measures below read what it was taught "
+            "(their mixture, or each row's own teacher). What each one contributed, on the same items:",
+            "",
+            teachers_markdown(teachers),
+            "",
+        ]
     lines += ["## What the teacher transfers", ""]
     lines += [f"- {s}" for s in diagnosis["levels"]]
     lines += ["", "## Failure patterns", ""]
@@ -153,11 +182,15 @@ def write_report(
     twin_runs: Sequence[RunFacts] = (),
     metric: str = "accuracy",
     class_names: Sequence[str] = (),
+    teachers: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json`` (every number + the diagnosis), ``report.md`` and the PNG plots into
     ``folder``; return the JSON content. Given the KD runs (the analysed student's first) and their no-KD
     ``twin_runs``, both lead with the outcome (:func:`hf_kd.knowledge.outcome.outcome`: gain, spread, gap
-    closed, budgets, causes with remedies; per-class accuracies named by ``class_names``)."""
+    closed, budgets, causes with remedies; per-class accuracies named by ``class_names``). ``teachers``:
+    several teachers' parts by name (``hf_kd.runs.report.build_report``: source, weight or routed share,
+    the student's agreement with each), kept as they are in ``report.json`` and tabled first in
+    ``report.md`` (:func:`teachers_markdown`)."""
     if predictions.teacher_logits is None:
         raise ValueError("a knowledge report needs the teacher's logits")
     measures = knowledge_measures(
@@ -188,12 +221,14 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     written = _plot(predictions, measures, folder, teacher_weight, student_weight) if plots else []
     content = {"outcome": result} if result is not None else {}
+    content |= {"teachers": teachers} if teachers else {}
     content |= {"measures": measures, "diagnosis": diagnosis, "thresholds": THRESHOLDS, "plots": written}
     write_atomic(
         folder / "report.json",
         lambda p: p.write_text(json.dumps(_json_safe(content), indent=2, allow_nan=False)),
     )
     write_atomic(
-        folder / "report.md", lambda p: p.write_text(_markdown(measures, diagnosis, written, title, result))
+        folder / "report.md",
+        lambda p: p.write_text(_markdown(measures, diagnosis, written, title, result, teachers)),
     )
     return content

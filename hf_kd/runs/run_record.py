@@ -36,6 +36,8 @@ RECORDED_SETTINGS = (
     "teacher_model_revision",
     "teacher_source",
     "teacher_cache",
+    "teachers",
+    "teacher_routing_column",
     "hidden_loss",
     "hidden_weight",
     "layer_mapping",
