@@ -338,6 +338,28 @@ def test_stdlib_text_task_is_read_from_the_standard_librarys_docstrings(tmp_path
     assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == "return the name of the message".split()
 
 
+def test_stdlib_text_kind_says_where_each_docstring_was_written():
+    """``kind``: "method" for a function defined in a class body, "other" for a module, a class or another
+    function; asking for it leaves the rows and their order as they were."""
+    from hf_kd.data.stdlib_text import package_docstring_kinds, package_docstrings, stdlib_text_dataset
+
+    kinds = package_docstring_kinds("json")
+    assert list(kinds) == package_docstrings("json")
+    where = {text.split(" s a str")[0]: kind for text, kind in kinds.items()}
+    assert where["return the python representation of"] == "method"  # JSONDecoder.decode
+    assert where["deserialize"] == "other"  # json.loads, a module-level function
+    assert kinds[package_docstrings("json")[0]] == "other"  # the package's own docstring
+    assert [kinds[t] for t in kinds if t.startswith("subclass of valueerror")] == ["other"]  # a class
+    plain, with_kind = (
+        stdlib_text_dataset(("json", "email")),
+        stdlib_text_dataset(("json", "email"), kind=True),
+    )
+    assert plain["train"].column_names == ["text", "label"]
+    for split in ("train", "test"):
+        assert with_kind[split].select_columns(["text", "label"]).to_list() == plain[split].to_list()
+        assert set(with_kind[split]["kind"]) == {"method", "other"}
+
+
 @pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 2.0), (1.0, 1.0)])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_feature_terms_compose_with_alpha_temperature_and_every_divergence(
