@@ -23,7 +23,7 @@ WEIGHTS = {"x": 1, "y": 3}
 def fit(tokenizer, seed: int, steps: int):
     """A tiny BERT trained ``steps`` full-batch Adam steps on 32 sentiment rows of its own."""
     model, rows = bert_classifier(len(tokenizer), seed=seed), sentiment_dataset(32, seed=seed + 10)
-    enc = tokenizer(list(rows["text"]), max_length=16, padding=True, return_tensors="pt")
+    enc = tokenizer(list(rows["text"]), truncation=True, max_length=16, padding=True, return_tensors="pt")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -145,6 +145,12 @@ def test_a_mixture_report_without_its_student_or_with_a_missing_teacher_is_refus
     config.teachers = [*config.teachers[:1], {"name": "z", "model": str(tmp_path / "gone")}]
     with pytest.raises(FileNotFoundError, match=r"teachers\['z'\].model=.*gone'.*no such directory"):
         build_report(data_args, config, teacher=None, student=str(root / "run"), report_dir=tmp_path / "r")
+    record = json.loads((root / "run" / "run_record.json").read_text())
+    del record["recipe"]["teachers"]  # as a record written before teachers were recorded
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run_record.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="records teacher_source='mixture' without its teachers"):
+        recipe_arguments(tmp_path / "old")
     config.teacher_source, config.teachers = "online", None
     with pytest.raises(ValueError, match="no teacher: teacher_source='online'"):
         build_report(data_args, config, teacher=None, student=str(root / "run"), report_dir=tmp_path / "r")

@@ -102,6 +102,11 @@ def read_json(path: Path) -> dict[str, Any]:
 def recipe_arguments(output_dir: str | Path) -> tuple:
     """The ``(DataArguments, ModelArguments, DistillationConfig)`` a run recorded."""
     recipe = read_json(Path(output_dir) / RECORD_NAME)["recipe"]
+    if recipe.get("teacher_source") == "mixture" and "teachers" not in recipe:
+        raise ValueError(
+            f"{Path(output_dir) / RECORD_NAME} records teacher_source='mixture' without its teachers (a record "
+            "written before teachers were recorded): analyse it with --config and the run's recipe"
+        )
     return HfArgumentParser(ARGUMENT_CLASSES).parse_dict(recipe)
 
 
