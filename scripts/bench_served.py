@@ -6,7 +6,8 @@ flight while the student trains, the loss), alternated ``--rounds`` times; the r
 time per step, with the collator's requests in the training process (``dataloader_num_workers: 0``) and in
 ``--workers`` DataLoader workers (the cache read the same way). Target ≤ 1.1. Also the round trip of one batch's request, asked synchronously (what
 the prefetch hides), and where it goes: the server's teacher forward and its answer's JSON text (timed in
-this process on the same model), the client's ``json.loads`` and its conversion to SparseLogits.
+this process on the same model), the client's ``json.loads`` and its conversion to SparseLogits; and the
+part of the served step spent in the teacher signal (waiting for the batch's answer).
 
 Two settings (``--settings``), their runs alternated round by round too: ``shared``, every process on every
 core of the machine; ``pinned``, the server process (all its threads) on the first core and this
@@ -41,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache.capture import capture_teacher_logits
-from hf_kd.teachers.served import sparse_from_prompt_logprobs
+from hf_kd.teachers.served import ServedTeacher, sparse_from_prompt_logprobs
 from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,20 @@ def profile(
         teacher.completions(payload)
         times["server: forward + answer text"] = time.perf_counter() - start
     return times, len(raw)
+
+
+class TimedServedTeacher(ServedTeacher):
+    """The served signal, each call's seconds kept: in a step, the wait for the batch's answer (its
+    request in flight since the batch was collated) and, in the training process, its conversion."""
+
+    calls: list[float] = []
+
+    def __call__(self, batch):
+        start = time.perf_counter()
+        try:
+            return super().__call__(batch)
+        finally:
+            self.calls.append(time.perf_counter() - start)
 
 
 def free_port() -> int:
@@ -196,6 +211,7 @@ def main() -> None:
             }
             per_step = {(setting, name): [] for setting in settings for name in sources}
             round_trip = {setting: [] for setting in settings}
+            waited = {key: [] for key in per_step if key[1].startswith("served")}
             parts = {}
             in_process = Teacher(str(out / "teacher"), options["model"], 16384)
             for r in range(args.rounds + 1):  # round 0 warms up
@@ -216,6 +232,9 @@ def main() -> None:
                     signal = build_teacher_signal(
                         config, run_task, student, resource=resource, student_processor=tokenizer
                     )
+                    if isinstance(signal, ServedTeacher):
+                        signal.__class__ = TimedServedTeacher
+                        TimedServedTeacher.calls = []
                     prepared = run_task.prepare(splits["train"], student_processor=tokenizer)
                     trainer = DistillationTrainer(
                         model=student, args=config, task=run_task, teacher_signal=signal, train_dataset=prepared,
@@ -226,6 +245,8 @@ def main() -> None:
                     elapsed = (time.perf_counter() - start) / args.steps
                     if r:
                         per_step[setting, name].append(elapsed)
+                        if isinstance(signal, ServedTeacher):
+                            waited[setting, name].append(sum(TimedServedTeacher.calls) / args.steps)
                     if name == "served" and r:  # the round trip the prefetch hides, and its parts
                         batch = run_task.collate([prepared[i] for i in range(args.batch_size)])
                         start = time.perf_counter()
@@ -260,6 +281,10 @@ def main() -> None:
         print(f" {setting} ({where}):")
         for name in sources:
             print(f"  KD step, {name:<28} {median[setting, name]:8.1f} ms")
+            if (setting, name) in waited:
+                print(
+                    f"    of which in the teacher signal (waiting) {statistics.median(waited[setting, name]) * 1e3:8.1f}"
+                )
         print(
             f"  one batch's request asked synchronously  {statistics.median(round_trip[setting]) * 1e3:8.1f} ms"
         )
