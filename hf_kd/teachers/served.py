@@ -244,11 +244,8 @@ def _top_entries(positions: list[dict], top_k: int) -> tuple[torch.Tensor, torch
             f"the teacher server answered {int(counts.min())} log-probs at a position, fewer than top_k={top_k}"
         )
     ids = torch.frombuffer(array("q", map(int, chain.from_iterable(positions))), dtype=torch.long)
-    entries = chain.from_iterable(position.values() for position in positions)
-    pairs = torch.frombuffer(
-        array("d", chain.from_iterable(map(_LOGPROB_RANK, entries))), dtype=torch.float64
-    )
-    pairs = pairs.view(-1, 2)  # (log-prob, rank) of each entry
+    entries = map(operator.itemgetter("logprob", "rank"), chain.from_iterable(p.values() for p in positions))
+    pairs = torch.frombuffer(array("d", chain.from_iterable(entries)), dtype=torch.float64).view(-1, 2)
     row = torch.repeat_interleave(torch.arange(len(positions)), counts)
     column = torch.arange(len(ids)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     ranks = torch.full((len(positions), int(counts.max())), math.inf, dtype=torch.float64)
@@ -257,9 +254,6 @@ def _top_entries(positions: list[dict], top_k: int) -> tuple[torch.Tensor, torch
     entry[row, column] = torch.arange(len(ids))
     chosen = entry.gather(1, torch.argsort(ranks, dim=1, stable=True)[:, :top_k])  # empty slots sort last
     return pairs[chosen, 0], ids[chosen]
-
-
-_LOGPROB_RANK = operator.itemgetter("logprob", "rank")
 
 
 def sparse_from_prompt_logprobs(
