@@ -5,9 +5,16 @@ cached``). Whole ``Trainer.train`` runs of ``--steps`` steps (data loading, the 
 flight while the student trains, the loss), alternated ``--rounds`` times; the ratio of medians of the
 time per step, with the collator's requests in the training process (``dataloader_num_workers: 0``) and in
 ``--workers`` DataLoader workers (the cache read the same way). Target ≤ 1.1. Also the round trip of one batch's request, asked synchronously (what
-the prefetch hides).
+the prefetch hides), and where it goes: the server's teacher forward and its answer's JSON text (timed in
+this process on the same model), the client's ``json.loads`` and its conversion to SparseLogits; and the
+part of the served step spent in the teacher signal (waiting for the batch's answer).
 
-    python scripts/bench_served.py [--steps 30] [--rounds 3] [--batch_size 8] [--seq_len 64]
+Two settings (``--settings``), their runs alternated round by round too: ``shared``, every process on every
+core of the machine; ``pinned``, the server process (all its threads) on the first core and this
+process, the trainer, with its request threads and its DataLoader workers (forked from it, they inherit
+its affinity), on the others, for both sources: a model of the server on other hardware, on one machine.
+
+    python scripts/bench_served.py [--steps 30] [--rounds 3] [--batch_size 8] [--seq_len 64] [--settings shared,pinned]
 
 Models are Llamas from configs (offline): teacher ``--teacher_hidden`` × ``--teacher_layers``, student
 ``--student_hidden`` × ``--student_layers``, over a word-level vocabulary of ``--vocab`` tokens; each process uses ``--threads`` CPU threads.
@@ -16,6 +23,7 @@ Models are Llamas from configs (offline): teacher ``--teacher_hidden`` × ``--te
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -33,9 +42,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers.cache.capture import capture_teacher_logits
+from hf_kd.teachers.served import ServedTeacher, sparse_from_prompt_logprobs
 from hf_kd.teachers.signal import build_teacher_signal, open_teacher_source
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from serve_teacher import Teacher  # noqa: E402  (the server's own code, timed in this process)
 
 
 def llama(hidden: int, layers: int, vocab: int, seed: int) -> LlamaForCausalLM:
@@ -54,6 +66,64 @@ def tokenizer_of(vocab: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cores`` (threads and processes it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def profile(
+    url: str, model: str, teacher: Teacher, prompts: list[list[int]], top_k: int, vocab: int
+) -> tuple[dict[str, float], int]:
+    """Seconds of one batch's request by part: the round trip (raw answer), the client's ``json.loads`` and
+    conversion; the server's forward and answer text (its ``Teacher`` in this process). And the answer's
+    size in bytes."""
+    payload = {
+        "model": model,
+        "prompt": prompts,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": top_k,
+    }
+    request = urllib.request.Request(
+        url + "/v1/completions", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    times, start = {}, time.perf_counter()
+    with urllib.request.urlopen(request) as answer:
+        raw = answer.read()
+    times["round trip (answer received)"], start = time.perf_counter() - start, time.perf_counter()
+    choices = json.loads(raw)["choices"]
+    times["client: json.loads"], start = time.perf_counter() - start, time.perf_counter()
+    lengths = [len(p) for p in prompts]
+    sparse_from_prompt_logprobs([c["prompt_logprobs"] for c in choices], lengths, max(lengths), top_k, vocab)
+    times["client: to SparseLogits"] = time.perf_counter() - start
+    ids = torch.tensor(prompts)  # the bench's rows all have the same length
+    with torch.inference_mode():
+        start = time.perf_counter()
+        torch.log_softmax(teacher.model(input_ids=ids).logits.float(), dim=-1)
+        times["server: teacher forward"], start = time.perf_counter() - start, time.perf_counter()
+        teacher.completions(payload)
+        times["server: forward + answer text"] = time.perf_counter() - start
+    return times, len(raw)
+
+
+class TimedServedTeacher(ServedTeacher):
+    """The served signal, each call's seconds kept: in a step, the wait for the batch's answer (its
+    request in flight since the batch was collated) and, in the training process, its conversion."""
+
+    calls: list[float] = []
+
+    def __call__(self, batch):
+        start = time.perf_counter()
+        try:
+            return super().__call__(batch)
+        finally:
+            self.calls.append(time.perf_counter() - start)
 
 
 def free_port() -> int:
@@ -78,7 +148,18 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=2, help="DataLoader workers of the second pair of runs."
     )
+    parser.add_argument(
+        "--settings", default="shared,pinned", help="shared (every process on every core), pinned, or both."
+    )
     args = parser.parse_args()
+    settings = args.settings.split(",")
+    if not settings or set(settings) - {"shared", "pinned"}:
+        parser.error(f"--settings {args.settings!r}: expected shared, pinned or shared,pinned")
+    everywhere = os.sched_getaffinity(0)
+    if "pinned" in settings and len(everywhere) < 2:
+        parser.error(f"--settings pinned needs 2 cores or more; this process may use {sorted(everywhere)}")
+    server_cores, trainer_cores = {min(everywhere)}, everywhere - {min(everywhere)}
+    load = [os.getloadavg()[0]]
     torch.set_num_threads(args.threads)
     tokenizer = tokenizer_of(args.vocab)
     g = torch.Generator().manual_seed(0)
@@ -128,10 +209,16 @@ def main() -> None:
                 f"cached, {w} workers": (cached, w),
                 f"served, {w} workers": (served, w),
             }
-            per_step = {name: [] for name in sources}
-            round_trip = []
+            per_step = {(setting, name): [] for setting in settings for name in sources}
+            round_trip = {setting: [] for setting in settings}
+            waited = {key: [] for key in per_step if key[1].startswith("served")}
+            parts = {}
+            in_process = Teacher(str(out / "teacher"), options["model"], 16384)
             for r in range(args.rounds + 1):  # round 0 warms up
-                for name, (fields, num_workers) in sources.items():
+                for setting, name in per_step:
+                    fields, num_workers = sources[name]
+                    pin(server.pid, server_cores if setting == "pinned" else everywhere)
+                    pin(os.getpid(), trainer_cores if setting == "pinned" else everywhere)
                     config = DistillationConfig(
                         output_dir=str(out / name), alpha=0.5, temperature=2.0, use_cpu=True, report_to="none",
                         learning_rate=1e-4, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -145,6 +232,9 @@ def main() -> None:
                     signal = build_teacher_signal(
                         config, run_task, student, resource=resource, student_processor=tokenizer
                     )
+                    if isinstance(signal, ServedTeacher):
+                        signal.__class__ = TimedServedTeacher
+                        TimedServedTeacher.calls = []
                     prepared = run_task.prepare(splits["train"], student_processor=tokenizer)
                     trainer = DistillationTrainer(
                         model=student, args=config, task=run_task, teacher_signal=signal, train_dataset=prepared,
@@ -154,33 +244,57 @@ def main() -> None:
                     trainer.train()
                     elapsed = (time.perf_counter() - start) / args.steps
                     if r:
-                        per_step[name].append(elapsed)
-                    if name == "served" and r:  # the round trip the prefetch hides
+                        per_step[setting, name].append(elapsed)
+                        if isinstance(signal, ServedTeacher):
+                            waited[setting, name].append(sum(TimedServedTeacher.calls) / args.steps)
+                    if name == "served" and r:  # the round trip the prefetch hides, and its parts
                         batch = run_task.collate([prepared[i] for i in range(args.batch_size)])
                         start = time.perf_counter()
                         signal(batch)  # not collated by the signal's collator: asked now
-                        round_trip.append(time.perf_counter() - start)
+                        round_trip[setting].append(time.perf_counter() - start)
+                        prompts = batch["input_ids"].tolist()
+                        timed, answer_bytes = profile(
+                            options["url"], options["model"], in_process, prompts, args.top_k, args.vocab
+                        )
+                        for part, seconds in timed.items():
+                            parts.setdefault((setting, part), []).append(seconds)
+                load.append(os.getloadavg()[0])
         finally:
             server.terminate()
             server.wait()
-    median = {name: statistics.median(times) * 1e3 for name, times in per_step.items()}
+    median = {key: statistics.median(times) * 1e3 for key, times in per_step.items()}
+    print(f"[served] one batch's answer: {answer_bytes / 1e3:.0f} kB of JSON")
     size = sum(p.numel() for p in teacher.parameters()) / 1e6
     print(
         f"[served] batch {args.batch_size} × {args.seq_len} tokens, vocabulary {args.vocab}, top-{args.top_k}; teacher "
         f"Llama {args.teacher_hidden}×{args.teacher_layers} ({size:.2f}M), student Llama {args.student_hidden}×{args.student_layers}; {args.threads} thread(s) "
-        f"per process; {args.rounds} rounds of {args.steps} steps (medians of time per step, whole train())"
+        f"per process; {args.rounds} rounds of {args.steps} steps (medians of time per step, whole train()); "
+        f"1-minute load average {min(load):.1f}–{max(load):.1f} over the run"
     )
-    for name, value in median.items():
-        print(f"  KD step, {name:<28} {value:8.1f} ms")
-    print(f"  one batch's request asked synchronously  {statistics.median(round_trip) * 1e3:8.1f} ms")
     w = args.workers
-    print(
-        f"  served / cached, in-process prefetch       = {median['served'] / median['cached']:.3f}   (target ≤ 1.1)"
-    )
-    print(
-        f"  served / cached, {w} DataLoader workers    = "
-        f"{median[f'served, {w} workers'] / median[f'cached, {w} workers']:.3f}   (target ≤ 1.1)"
-    )
+    for setting in settings:
+        where = (
+            "every core"
+            if setting == "shared"
+            else f"server on {sorted(server_cores)}, trainer on {sorted(trainer_cores)}"
+        )
+        print(f" {setting} ({where}):")
+        for name in sources:
+            print(f"  KD step, {name:<28} {median[setting, name]:8.1f} ms")
+            if (setting, name) in waited:
+                print(
+                    f"    of which in the teacher signal (waiting) {statistics.median(waited[setting, name]) * 1e3:8.1f}"
+                )
+        print(
+            f"  one batch's request asked synchronously  {statistics.median(round_trip[setting]) * 1e3:8.1f} ms"
+        )
+        for (where_timed, part), seconds in parts.items():
+            if where_timed == setting:
+                print(f"    {part:<37} {statistics.median(seconds) * 1e3:8.1f}")
+        ratio = median[setting, "served"] / median[setting, "cached"]
+        print(f"  served / cached, in-process prefetch       = {ratio:.3f}   (target ≤ 1.1)")
+        ratio = median[setting, f"served, {w} workers"] / median[setting, f"cached, {w} workers"]
+        print(f"  served / cached, {w} DataLoader workers    = {ratio:.3f}   (target ≤ 1.1)")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ class Teacher:
         self.model = load_teacher(CausalLMTask(), path)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.decoded = [self.tokenizer.decode([i]) for i in range(self.vocab_size)]  # vLLM's decoded_token
+        # each id's JSON text around its log-prob and rank, as json.dumps writes them
+        self.entry_head = [f'"{i}": {{"logprob": ' for i in range(self.vocab_size)]
+        self.entry_tail = [f', "decoded_token": {json.dumps(token)}}}' for token in self.decoded]
         self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_tokens = max_batch_tokens
         self.lock = threading.Lock()
@@ -101,7 +104,10 @@ class Teacher:
                 raise BadRequest(f"a prompt of {len(p)} tokens exceeds max_model_len={self.max_model_len}")
         return prompt
 
-    def completions(self, body: dict) -> dict:
+    def completions(self, body: dict) -> str:
+        """vLLM's completion object as JSON text: the text ``json.dumps`` writes of it, built from
+        precomputed pieces (the answer is about 80 bytes per log-prob; dicts then ``json.dumps`` cost
+        the server as much as the teacher's forward)."""
         self.check_model(body)
         prompts = self.prompts(body)
         if body.get("max_tokens", 16) != 1:
@@ -114,20 +120,21 @@ class Teacher:
         for start in range(0, len(prompts), step):
             choices += self._answer(prompts[start : start + step], k, start)
         tokens = sum(len(p) for p in prompts)
-        return {
+        head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": tokens,
-                "total_tokens": tokens + len(prompts),
-                "completion_tokens": len(prompts),
-            },
         }
+        usage = {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens + len(prompts),
+            "completion_tokens": len(prompts),
+        }
+        return f'{json.dumps(head)[:-1]}, "choices": [{", ".join(choices)}], "usage": {json.dumps(usage)}}}'
 
-    def _answer(self, prompts: list[list[int]], k: int | None, first_index: int) -> list[dict]:
+    def _answer(self, prompts: list[list[int]], k: int | None, first_index: int) -> list[str]:
+        """The JSON text of each prompt's choice."""
         length = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), length, dtype=torch.long)
         mask = torch.zeros(len(prompts), length, dtype=torch.long)
@@ -139,42 +146,44 @@ class Teacher:
         for b, p in enumerate(prompts):
             n = len(p)
             next_id = int(log_p[b, n - 1].argmax())
-            choices.append(
-                {
-                    "index": first_index + b,
-                    "text": self.decoded[next_id],
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                    "prompt_logprobs": None
-                    if k is None
-                    else [None, *self._positions(log_p[b, : n - 1], p[1:], k)],
-                }
+            choice = {
+                "index": first_index + b,
+                "text": self.decoded[next_id],
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+            positions = (
+                "null"
+                if k is None
+                else f"[{', '.join(['null', *self._positions(log_p[b, : n - 1], p[1:], k)])}]"
             )
+            choices.append(f'{json.dumps(choice)[:-1]}, "prompt_logprobs": {positions}}}')
         return choices
 
-    def _positions(self, log_p: torch.Tensor, tokens: list[int], k: int) -> list[dict]:
-        """At each position, the k most likely ids (rank 1..k) and the prompt's own next token with its
-        rank (1 + the number of ids more likely), from ``log_p`` [positions, V]."""
+    def _positions(self, log_p: torch.Tensor, tokens: list[int], k: int) -> list[str]:
+        """At each position, the JSON text of the dict of the k most likely ids (rank 1..k) and the
+        prompt's own next token with its rank (1 + the number of ids more likely), from ``log_p``
+        [positions, V]."""
+        if not tokens:
+            return []
         own = torch.tensor(tokens)
         own_log_p = log_p.gather(1, own[:, None])
         own_rank = ((log_p > own_log_p).sum(-1) + 1).tolist()
-        top_log_p, top_ids = torch.topk(log_p, k, dim=-1) if k else (log_p[:, :0], own[:, None][:, :0])
+        top_log_p, top_ids = torch.topk(log_p, k, dim=-1)
+        # every log-prob written once by json.dumps (its floats as Python writes them, ±Infinity, NaN)
+        rows = json.dumps(torch.cat([top_log_p, own_log_p], 1).tolist())[2:-2].split("], [")
+        head, tail = self.entry_head, self.entry_tail
         answers = []
-        for values, ids, token, token_log_p, rank in zip(
-            top_log_p.tolist(), top_ids.tolist(), tokens, own_log_p[:, 0].tolist(), own_rank, strict=True
-        ):
-            entries = {
-                str(i): {"logprob": v, "rank": r, "decoded_token": self.decoded[i]}
-                for r, (i, v) in enumerate(zip(ids, values, strict=True), start=1)
-            }
+        for ids, row, token, rank in zip(top_ids.tolist(), rows, tokens, own_rank, strict=True):
+            values = row.split(", ")
+            entries = [
+                f'{head[i]}{value}, "rank": {r}{tail[i]}'
+                for r, (i, value) in enumerate(zip(ids, values[:k], strict=True), start=1)
+            ]
             if token not in ids:
-                entries[str(token)] = {
-                    "logprob": token_log_p,
-                    "rank": rank,
-                    "decoded_token": self.decoded[token],
-                }
-            answers.append(entries)
+                entries.append(f'{head[token]}{values[-1]}, "rank": {rank}{tail[token]}')
+            answers.append(f"{{{', '.join(entries)}}}")
         return answers
 
 
@@ -185,8 +194,8 @@ def handler(teacher: Teacher, api_key: str | None):
         def log_message(self, format, *args):  # quiet: one line per request is noise for training
             pass
 
-        def _send(self, code: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, code: int, payload: dict | str) -> None:
+            data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -276,6 +276,103 @@ def test_the_server_down_mid_run_stops_with_a_named_error_and_resume_finishes_th
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=1e-5)
 
 
+def post_raw(server, payload, key="s3cret-key") -> bytes:
+    request = urllib.request.Request(
+        server.url + "/v1/completions",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return answer.read()
+
+
+@pytest.mark.parametrize("k", [K, 0, None])
+def test_the_servers_answer_is_the_text_json_dumps_writes_of_it(setup, k):
+    """The server writes its answer's JSON text from pieces: byte for byte what ``json.dumps`` writes of the
+    parsed answer (keys in vLLM's order, floats as Python writes them), for several prompts of which one has
+    a single token (no position to score), with k log-probs, none, or no prompt_logprobs asked."""
+    *_, server = setup
+    prompts = [[5, 9, 3, 17, 3], [7], [1, 2]]
+    raw = post_raw(server, {"model": "tiny-gpt", "prompt": prompts, "max_tokens": 1, "prompt_logprobs": k})
+    answer = json.loads(raw)
+    assert raw.decode() == json.dumps(answer)
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    logprobs = [c["prompt_logprobs"] for c in answer["choices"]]
+    if k is None:
+        assert logprobs == [None, None, None]
+    else:
+        assert [len(p) for p in logprobs] == [5, 1, 2] and logprobs[1] == [None]
+        assert all(len(position) in (k, k + 1) for p in logprobs for position in p[1:])
+
+
+def per_position_reading(answers, lengths, length, top_k, num_classes) -> SparseLogits:
+    """The reading of prompt_logprobs one position at a time (the conversion before the vectorised one):
+    each position's entries sorted by rank (stable), the first top_k kept; ids ≥ num_classes dropped and
+    the rest renormalised, their slots padding."""
+    log_probs = torch.full((len(answers), length, top_k), -math.log(top_k))
+    indices = torch.arange(top_k).expand(len(answers), length, top_k).clone()
+    tail = torch.full((len(answers), length), -math.inf)
+    for b, (answer, n) in enumerate(zip(answers, lengths, strict=True)):
+        for t, position in enumerate(answer[1:n]):
+            top = sorted(position.items(), key=lambda item: item[1]["rank"])[:top_k]
+            kept = [(int(i), e["logprob"]) for i, e in top if int(i) < num_classes]
+            dropped = sum(math.exp(e["logprob"]) for i, e in top if int(i) >= num_classes)
+            norm = math.log1p(-min(dropped, 1.0 - 1e-12)) if len(kept) < top_k else 0.0
+            ids = [i for i, _ in kept]
+            free = (i for i in range(num_classes) if i not in ids)
+            ids += [next(free) for _ in range(top_k - len(kept))]
+            values = [v - norm for _, v in kept] + [-math.inf] * (top_k - len(kept))
+            row = torch.tensor(values, dtype=torch.float64)
+            log_probs[b, t], indices[b, t] = row.float(), torch.tensor(ids)
+            tail[b, t] = torch.log1p(-row.exp().sum().clamp(max=1.0)).float()
+    return SparseLogits(log_probs, indices, tail, num_classes)
+
+
+def test_the_vectorised_reading_equals_the_per_position_one():
+    """sparse_from_prompt_logprobs (entries read in one pass, chosen on tensors) equals the per-position
+    reading exactly, on answers built to hit its corners: the prompt's own token first (as vLLM orders it)
+    or last, in the top-k (k entries) or not (k + 1), tied in rank with a top-k entry (the entry given first
+    wins), equal log-probs, a −inf log-prob, ids past the vocabulary (dropped, renormalised), rows of 0, 1
+    and 2 tokens next to longer ones."""
+    from hf_kd.teachers.served import sparse_from_prompt_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    num_classes, top_k = 30, 4
+
+    def entry(logprob, rank):
+        return {"logprob": logprob, "rank": rank, "decoded_token": "w"}
+
+    def position():
+        ids = torch.randperm(num_classes + 3, generator=g)[: top_k + 1].tolist()  # 3 ids past the vocabulary
+        values = torch.rand(top_k, generator=g, dtype=torch.float64).mul(0.2).log().sort(descending=True)[0]
+        values = values.tolist()
+        corner = int(torch.randint(0, 4, (), generator=g))
+        if corner == 1:
+            values[1] = values[0]  # equal log-probs
+        elif corner == 2:
+            values[-1] = -math.inf
+        entries = {
+            str(i): entry(v, r) for r, (i, v) in enumerate(zip(ids[:top_k], values, strict=True), start=1)
+        }
+        own, own_rank = str(ids[top_k]), int(torch.randint(1, top_k + 3, (), generator=g))
+        own_entry = entry(values[min(own_rank, top_k) - 1] - 0.01 * (own_rank > top_k), own_rank)
+        where = int(torch.randint(0, 3, (), generator=g))  # first (vLLM), last, or in the top-k already
+        if where == 0:
+            return {own: own_entry, **entries}
+        return {**entries, own: own_entry} if where == 1 else entries
+
+    for _ in range(20):
+        lengths = torch.randint(0, 9, (5,), generator=g).tolist()
+        lengths[:3] = [0, 1, 2]
+        answers = [[None, *(position() for _ in range(n - 1))] if n else [] for n in lengths]
+        fast = sparse_from_prompt_logprobs(answers, lengths, 10, top_k, num_classes)
+        slow = per_position_reading(answers, lengths, 10, top_k, num_classes)
+        assert torch.equal(fast.log_probs, slow.log_probs)
+        assert torch.equal(fast.indices, slow.indices)
+        assert torch.equal(fast.tail_log_mass, slow.tail_log_mass)
+    assert (fast.indices < num_classes).all() and (fast.log_probs == -math.inf).any()
+
+
 def test_ids_beyond_the_students_vocabulary_are_dropped_and_the_rest_renormalised():
     """A padded output layer's id in the top-k (id 40 ≥ the student's 40 classes): dropped, the kept
     log-probs renormalised over the mass left, its slot padding (−inf), the tail what the kept leave."""

@@ -34,12 +34,15 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import time
 import urllib.error
 import urllib.request
+from array import array
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 from typing import Any
 
 import torch
@@ -215,25 +218,42 @@ def _error_message(err: urllib.error.HTTPError) -> str:
     return inner.get("message", str(body)) if isinstance(inner, dict) else str(body)
 
 
-def _position_entries(position: dict, top_k: int, num_classes: int) -> tuple[list[float], list[int]]:
-    """One position's ``top_k`` entries of lowest rank, as (log-probs, ids) over the first ``num_classes``
-    ids: an id beyond them (a padded output layer) is dropped and the others renormalised over the mass
-    left (as the online teacher's logits are cut to the student's vocabulary); the slots it leaves are
-    padding (log-prob −inf, an id not kept)."""
-    top = sorted(position.items(), key=lambda item: item[1]["rank"])[:top_k]
-    if len(top) < top_k:
-        raise TeacherServerError(
-            f"the teacher server answered {len(top)} log-probs at a position, fewer than top_k={top_k}"
-        )
-    kept = [(int(token), entry["logprob"]) for token, entry in top if int(token) < num_classes]
-    if len(kept) == top_k:
-        return [value for _, value in kept], [token for token, _ in kept]
-    dropped = sum(math.exp(entry["logprob"]) for token, entry in top if int(token) >= num_classes)
+def _within_vocabulary(
+    values: list[float], ids: list[int], num_classes: int
+) -> tuple[list[float], list[int]]:
+    """One position's top-k (log-probs, ids) over the first ``num_classes`` ids: an id beyond them (a
+    padded output layer) is dropped and the others renormalised over the mass left (as the online
+    teacher's logits are cut to the student's vocabulary); the slots it leaves are padding (log-prob
+    −inf, an id not kept)."""
+    kept = [(token, value) for token, value in zip(ids, values, strict=True) if token < num_classes]
+    dropped = sum(math.exp(value) for token, value in zip(ids, values, strict=True) if token >= num_classes)
     norm = math.log1p(-min(dropped, 1.0 - 1e-12))
-    ids = [token for token, _ in kept]
-    free = (token for token in range(num_classes) if token not in ids)
-    padding = [next(free) for _ in range(top_k - len(kept))]
-    return [value - norm for _, value in kept] + [-math.inf] * len(padding), ids + padding
+    kept_ids = [token for token, _ in kept]
+    free = (token for token in range(num_classes) if token not in kept_ids)
+    padding = [next(free) for _ in range(len(ids) - len(kept))]
+    return [value - norm for _, value in kept] + [-math.inf] * len(padding), kept_ids + padding
+
+
+def _top_entries(positions: list[dict], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` entries of lowest rank at each of ``positions`` (ties in the order the server gave
+    them, as a stable sort of each position's entries by rank keeps them), as (log-probs float64, ids),
+    both ``[len(positions), top_k]``: every entry read in one pass, the choice made on tensors."""
+    counts = torch.tensor([len(position) for position in positions])
+    if int(counts.min()) < top_k:
+        raise TeacherServerError(
+            f"the teacher server answered {int(counts.min())} log-probs at a position, fewer than top_k={top_k}"
+        )
+    ids = torch.frombuffer(array("q", map(int, chain.from_iterable(positions))), dtype=torch.long)
+    entries = map(operator.itemgetter("logprob", "rank"), chain.from_iterable(p.values() for p in positions))
+    pairs = torch.frombuffer(array("d", chain.from_iterable(entries)), dtype=torch.float64).view(-1, 2)
+    row = torch.repeat_interleave(torch.arange(len(positions)), counts)
+    column = torch.arange(len(ids)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    ranks = torch.full((len(positions), int(counts.max())), math.inf, dtype=torch.float64)
+    ranks[row, column] = pairs[:, 1]
+    entry = torch.zeros(ranks.shape, dtype=torch.long)  # which entry each [position, slot] holds
+    entry[row, column] = torch.arange(len(ids))
+    chosen = entry.gather(1, torch.argsort(ranks, dim=1, stable=True)[:, :top_k])  # empty slots sort last
+    return pairs[chosen, 0], ids[chosen]
 
 
 def sparse_from_prompt_logprobs(
@@ -241,20 +261,23 @@ def sparse_from_prompt_logprobs(
 ) -> SparseLogits:
     """``prompt_logprobs`` answers (one per row of real length ``lengths[b]``) → SparseLogits
     ``[B, length, top_k]`` over ``num_classes`` classes: position t holds the entries of answer position
-    t + 1 (:func:`_position_entries`), the tail its left-out mass; the rest as the collator pads a cached
-    top-k."""
+    t + 1 (:func:`_top_entries`, then :func:`_within_vocabulary` where an id is beyond
+    ``num_classes``), the tail its left-out mass; the rest as the collator pads a cached top-k."""
     rows = len(answers)
     log_probs = torch.full((rows, length, top_k), -math.log(top_k))
     indices = torch.arange(top_k).expand(rows, length, top_k).clone()
     tail = torch.full((rows, length), -math.inf)
-    for b, (answer, n) in enumerate(zip(answers, lengths, strict=True)):
-        if n < 2:
-            continue
-        entries = [_position_entries(position, top_k, num_classes) for position in answer[1:n]]
-        row_values = torch.tensor([values for values, _ in entries], dtype=torch.float64)
-        log_probs[b, : n - 1] = row_values.float()
-        indices[b, : n - 1] = torch.tensor([ids for _, ids in entries])
-        tail[b, : n - 1] = torch.log1p(-row_values.exp().sum(-1).clamp(max=1.0)).float()
+    positions = [p for answer, n in zip(answers, lengths, strict=True) if n >= 2 for p in answer[1:n]]
+    if not positions:
+        return SparseLogits(log_probs, indices, tail, num_classes)
+    values, ids = _top_entries(positions, top_k)
+    for p in (ids >= num_classes).any(-1).nonzero()[:, 0].tolist():  # a padded output layer's ids
+        kept_values, kept_ids = _within_vocabulary(values[p].tolist(), ids[p].tolist(), num_classes)
+        values[p], ids[p] = torch.tensor(kept_values, dtype=torch.float64), torch.tensor(kept_ids)
+    targets = torch.arange(length) < (torch.tensor(lengths) - 1).clamp(min=0)[:, None]  # [B, length]
+    log_probs[targets] = values.float()
+    indices[targets] = ids
+    tail[targets] = torch.log1p(-values.exp().sum(-1).clamp(max=1.0)).float()
     return SparseLogits(log_probs, indices, tail, num_classes)
 
 
