@@ -4,6 +4,7 @@ covers (docs/knowledge.md#different-tokenizers), and the teacher scored on its o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,16 @@ from hf_kd.tasks.alignment import VocabularyMap, align_spans, alignment_columns
 from hf_kd.tasks.base import NO_LABEL, TEACHER_INPUT_PREFIX, TEACHER_TEXT_BYTES
 from hf_kd.tasks.chat import encode_with_eos
 from hf_kd.tasks.lm_scoring import in_spans, next_token_targets, text_bytes
+
+
+@dataclass
+class OtherTokenizer:
+    """A teacher's tokenizer whose vocabulary differs from the student's: the tokenizer, the tokens both
+    share and the id its inputs are padded with."""
+
+    tokenizer: Any
+    vocabulary: VocabularyMap
+    pad_token_id: int
 
 
 def teacher_columns(
