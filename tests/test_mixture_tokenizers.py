@@ -16,6 +16,7 @@ from test_cross_tokenizer import byte_level_bpe, unigram
 from tiny import save_model, tiny_config
 
 from hf_kd import DataArguments, ModelArguments, run_distillation
+from hf_kd.cards.markdown import format_value
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer
 from hf_kd.losses import AlignedLogits, WeightedTeachers, distillation_loss
 from hf_kd.tasks import CausalLMTask
@@ -214,6 +215,9 @@ def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
     assert result.metrics["eval_loss_soft_teacher_b"] > 0  # the evaluation reports each teacher's part too
     card = (tmp_path / "run" / "README.md").read_text()
     assert f"s (online {root / 's'}, weight 1), b (online {root / 'b'}, weight 3)" in card
+    for name in ("s", "b"):  # what each teacher contributed: the student's divergence from it, evaluated
+        value = result.metrics[f"eval_loss_soft_teacher_{name}"]
+        assert f"| loss_soft_teacher_{name} | — | {format_value(value)} |" in card
 
 
 @pytest.mark.parametrize(
