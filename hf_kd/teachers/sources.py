@@ -148,7 +148,10 @@ register_teacher_source(
 register_teacher_source(
     TeacherSource(
         name="mixture",
-        description="several teachers' distributions were mixed by weight, or each example routed to one of them",
+        description=(
+            "several teachers' distributions were mixed by weight (teachers of different tokenizers: their "
+            "soft terms summed by weight), or each example routed to one of them"
+        ),
         returns=("dense", "several"),
         loads_model=False,
         gives_features=False,
