@@ -102,7 +102,10 @@ def loss_and_grad(task, batch, teacher_output, z, **settings):
     z = z.detach().requires_grad_(True)
     items = task.kd_items(z, teacher_output, batch["labels"])
     terms = distillation_loss(
-        items.student_logits, items.teacher, items.labels, soft_mask=items.soft_mask, **(SETTINGS | settings)
+        items.student_logits,
+        items.teacher,
+        items.labels,
+        **({"soft_mask": items.soft_mask} | SETTINGS | settings),
     )
     (grad,) = torch.autograd.grad(terms.loss, z)
     return terms, grad
@@ -190,6 +193,42 @@ def test_with_one_vocabulary_the_sum_has_the_mixtures_gradient_for_the_forward_k
     assert summed.abs().sum() > 0
 
 
+def test_routing_across_tokenizers_gives_each_row_its_own_teachers_soft_term(setup, tmp_path):
+    """Rows routed alternately to s (the student's tokenizer) and b (another): the soft sum and the gradient
+    are S_s over s's rows plus S_b over b's rows, each teacher alone restricted to its rows."""
+    root, student, *_ = setup
+    teachers = [member(root, "s"), member(root, "b", 3)]  # weights do not apply to routed rows
+    signal, task, batch = mixture_batch(setup, tmp_path, teachers, teacher_routing_column="domain")
+    output = signal(batch)
+    assert output.weights == [1.0, 1.0]
+    routed_to_s = torch.tensor(
+        [i % 2 == 0 for i in range(batch["input_ids"].shape[0])]
+    )  # domains s, b, s, ...
+    assert torch.equal(output.rows[0], routed_to_s) and torch.equal(output.rows[1], ~routed_to_s)
+    z = student_logits(batch, len(student), seed=2)
+    settings = dict(alpha=1.0, chunk_size=9)
+    mixed, mixed_grad = loss_and_grad(task, batch, output, z, **settings)
+    expected_soft, expected_grad = 0.0, torch.zeros_like(z)
+    for name, rows in (("s", routed_to_s), ("b", ~routed_to_s)):
+        alone, alone_task, own_batch = alone_batch(setup, name)
+        items = alone_task.kd_items(z, alone(own_batch), own_batch["labels"])
+        mask = items.soft_mask & rows[:, None].expand(own_batch["labels"].shape).reshape(-1)
+        terms, grad = loss_and_grad(
+            alone_task,
+            own_batch,
+            alone(own_batch),
+            z,
+            soft_mask=mask,
+            num_soft=items.soft_mask.sum(),
+            **settings,
+        )
+        assert 0 < mask.sum() < items.soft_mask.sum() and terms.soft_sum > 0
+        torch.testing.assert_close(mixed.parts[f"soft_teacher_{name}"], (terms.soft_sum, mask.sum()))
+        expected_soft, expected_grad = expected_soft + terms.soft_sum, expected_grad + grad
+    torch.testing.assert_close(mixed.soft_sum, expected_soft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed_grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
     root, *_ = setup
     data_args = DataArguments(task="causal-lm", dataset_name=str(root / "data"), max_length=MAX_LENGTH)
@@ -228,11 +267,6 @@ def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
             "does not support student_logits_from_hidden_states",
         ),
         ({"synthetic_teacher": "kd_pt"}, "does not support synthetic_teacher='kd_pt'"),
-        (
-            {"teacher_routing_column": "domain"},
-            r"teacher_routing_column='domain' is not supported with teachers of another tokenizer than the "
-            r"student's \(\['b'\]\)",
-        ),
     ],
 )
 def test_what_a_member_of_another_tokenizer_does_not_support_is_refused_before_its_weights_load(
@@ -246,8 +280,7 @@ def test_what_a_member_of_another_tokenizer_does_not_support_is_refused_before_i
     monkeypatch.setattr(mixture_module, "load_teacher", never)
     with pytest.raises(ValueError, match=message) as refused:
         mixture_batch(setup, tmp_path, [member(root, "s"), member(root, "b")], **fields)
-    if "teacher_routing_column" not in fields:
-        assert str(refused.value).startswith(f"teachers['b'] (model '{root / 'b'}'): ")
+    assert str(refused.value).startswith(f"teachers['b'] (model '{root / 'b'}'): ")
 
 
 def test_packing_is_refused_naming_the_member(setup, tmp_path):

@@ -223,7 +223,7 @@ def _cross_tokenizer_loss(
 
         L = hard_weight · Σ_hard CE + soft_weight · Σ_i w_i · S_i
 
-    with S_i teacher i's soft sum as for that teacher alone. The hard term and every part run chunk by
+    with S_i teacher i's soft sum as for that teacher alone (routing: over its own rows only). The hard term and every part run chunk by
     chunk like the usual loss, from the same student logits, each cross-tokenizer part reading only its
     own span-start rows of the chunk."""
     if isinstance(student_logits, HiddenStates):
@@ -239,9 +239,16 @@ def _cross_tokenizer_loss(
     outputs, weights, names = (
         (teacher.outputs, teacher.weights, teacher.names) if several else ([teacher], [1.0], [None])
     )
+    routed = several and teacher.rows is not None
+    masks = (
+        [soft_mask & rows.to(soft_mask.device) for rows in teacher.rows]
+        if routed
+        else [soft_mask] * len(outputs)
+    )
     settings = dict(temperature=temperature, divergence_name=divergence_name, tail=tail, params=params)
     parts = [
-        _soft_part(output, student_logits.shape[-1], labels, soft_mask, **settings) for output in outputs
+        _soft_part(output, student_logits.shape[-1], labels, mask, **settings)
+        for output, mask in zip(outputs, masks, strict=True)
     ]
     part_sums: list[list[torch.Tensor]] = []
 
@@ -256,13 +263,13 @@ def _cross_tokenizer_loss(
     )
     totals = iter(torch.stack(column).sum() for column in zip(*part_sums, strict=True))
     named = {}
-    for output, name in zip(outputs, names, strict=True):
+    for output, name, mask in zip(outputs, names, masks, strict=True):
         total = next(totals)
         aligned = isinstance(output, AlignedLogits)
         if name is not None:
-            named[f"soft_teacher_{name}"] = (total, soft_mask.sum())
+            named[f"soft_teacher_{name}"] = (total, mask.sum())
         if aligned:
-            starts = (output.teacher_row >= 0) & soft_mask.to(output.teacher_row.device)
+            starts = (output.teacher_row >= 0) & mask.to(output.teacher_row.device)
             prefix = "soft" if name is None else f"soft_teacher_{name}"
             named[prefix + "_matched"] = (next(totals), (starts & output.matched).sum())
             named[prefix + "_unmatched"] = (next(totals), (starts & ~output.matched).sum())

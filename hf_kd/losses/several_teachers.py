@@ -6,7 +6,8 @@ mixed: the soft term is the weighted sum of each teacher's own soft term,
 
     S = Σ_i w_i · S_i,      w_i ≥ 0, Σ_i w_i = 1,
 
-with S_i what the loss computes for teacher i alone (a teacher of the student's tokenizer: Σ D(p_i^τ, q^τ)
+with S_i what the loss computes for teacher i alone (routed: over the items that teacher teaches, each
+item taught by one teacher, every w_i = 1) (a teacher of the student's tokenizer: Σ D(p_i^τ, q^τ)
 over the soft items; one of another tokenizer: w_m · Σ D_matched + w_u · Σ U, ``hf_kd.losses.
 cross_tokenizer``). Teachers of the student's tokenizer are still mixed first, in probability space, into
 one part.
@@ -44,11 +45,14 @@ class WeightedTeachers:
             :class:`SparseLogits` [N, k], or :class:`AlignedLogits` (a teacher of another tokenizer).
         weights: w_i > 0, one per output, summing to 1.
         names: each output's name (its part of the soft sum is logged as ``loss_soft_teacher_<name>``).
+        rows: routing (each item taught by one teacher): per output, the items [N] bool it teaches, no item
+            in two; every weight is then 1. None: every output teaches every item.
     """
 
     outputs: list[torch.Tensor | SparseLogits | AlignedLogits]
     weights: list[float]
     names: list[str]
+    rows: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         if not (len(self.outputs) == len(self.weights) == len(self.names)) or not self.outputs:
@@ -56,5 +60,12 @@ class WeightedTeachers:
                 f"WeightedTeachers needs one weight and one name per output; got {len(self.outputs)} outputs, "
                 f"{len(self.weights)} weights, {len(self.names)} names"
             )
-        if any(w <= 0 for w in self.weights) or abs(sum(self.weights) - 1) > 1e-6:
+        if self.rows is not None and (
+            len(self.rows) != len(self.outputs) or any(w != 1 for w in self.weights)
+        ):
+            raise ValueError(
+                f"WeightedTeachers with rows (routing) needs one row mask per output and every weight 1; got "
+                f"{len(self.rows)} masks, weights={self.weights}"
+            )
+        if self.rows is None and (any(w <= 0 for w in self.weights) or abs(sum(self.weights) - 1) > 1e-6):
             raise ValueError(f"WeightedTeachers weights={self.weights}: expected numbers > 0 summing to 1")

@@ -410,7 +410,9 @@ class CausalLMTask(Task):
             student_logits = student_logits[..., : min([student_logits.shape[-1], *sizes])]
             parts = [self.kd_items(student_logits, o, labels).teacher for o in teacher_logits.outputs]
             student = student_logits.reshape(-1, student_logits.shape[-1])
-            teacher = WeightedTeachers(parts, teacher_logits.weights, teacher_logits.names)
+            rows = teacher_logits.rows  # routing: [B] per teacher, every position of a row
+            rows = None if rows is None else [r[:, None].expand(labels.shape).reshape(-1) for r in rows]
+            teacher = WeightedTeachers(parts, teacher_logits.weights, teacher_logits.names, rows)
             return KDItems(student, teacher, targets, targets != NO_LABEL)
         if isinstance(teacher_logits, AlignedLogits):  # another tokenizer: already over flattened rows
             student = student_logits.reshape(-1, student_logits.shape[-1])

@@ -21,8 +21,9 @@ a single teacher reads its own. Distributions over different vocabularies cannot
 signal then returns :class:`hf_kd.losses.WeightedTeachers`: the members of the student's tokenizer mixed
 into one part as above, and each member of another tokenizer as its own part, each with its share of the
 weights; the loss sums their soft terms, Σ_i w_i · S_i (why this is the mixture's objective for the
-forward KL at τ = 1, and where it differs: ``hf_kd.losses.several_teachers``). Routing with a member of
-another tokenizer is refused. The student's agreement with each teacher (:attr:`MixtureTeacher.teachers`)
+forward KL at τ = 1, and where it differs: ``hf_kd.losses.several_teachers``). With routing, each row is
+taught by its own member, whatever its tokenizer: every part has weight 1 and teaches only the rows routed
+to it (``WeightedTeachers.rows``; the members of the student's tokenizer as one routed part). The student's agreement with each teacher (:attr:`MixtureTeacher.teachers`)
 is reported for the members of the student's tokenizer only: a member of another tokenizer has no
 distribution over the student's items to compare; its part of the soft term is logged instead
 (``loss_soft_teacher_<name>``).
@@ -112,6 +113,7 @@ def open_mixture(config, task: Task, splits, split_names: list[str]):
         opened.append((member, sub, resource, processor))
     column = config.teacher_routing_column
     if column is not None:
+        splits = copy.copy(splits)  # the caller's splits are left as they were
         index = {member["name"]: i for i, (member, *_) in enumerate(opened)}
         for name in split_names:
             if column not in splits[name].column_names:
@@ -188,31 +190,40 @@ class MixtureTeacher(SignalDefaults):
         return member
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor | WeightedTeachers:
-        mixed = self._mixed(batch) if self.same else None
+        route = split_batch(batch)[2].get(ROUTE)
+        if route is not None:  # each row's own teacher: its member index [B]
+            route = route.long() if route.dim() == 1 else route[:, 0].long()
+        mixed = self._mixed(batch, route) if self.same else None
         if len(self.same) == len(self.members):
             return mixed
-        outputs, weights, names = [], [], []
+        outputs, weights, names, rows = [], [], [], []
         if self.same:
             outputs.append(mixed)
             weights.append(sum(self.weights[i] for i in self.same))
             names.append("+".join(self.names[i] for i in self.same))
+            rows.append(
+                None if route is None else torch.isin(route, torch.tensor(self.same, device=route.device))
+            )
         for i, prefix in enumerate(self.prefixes):
             if prefix is not None:
                 outputs.append(self._on_device(self.members[i], batch)(member_batch(batch, prefix)))
                 weights.append(self.weights[i])
                 names.append(self.names[i])
+                rows.append(None if route is None else route == i)
+        if route is not None:  # each row taught by one teacher, whole
+            return WeightedTeachers(outputs, [1.0] * len(outputs), names, rows)
         return WeightedTeachers(outputs, weights, names)
 
-    def _mixed(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The members of the student's tokenizer mixed (or routed) into one distribution [..., K]."""
+    def _mixed(self, batch: dict[str, Any], route: torch.Tensor | None) -> torch.Tensor:
+        """The members of the student's tokenizer mixed into one distribution [..., K], or each row's own
+        member's (``route``: member indices [B]; a row routed to a member of another tokenizer gets the
+        first one's, which no loss reads)."""
         outputs = torch.stack(self.member_log_probs(batch))  # [M, ..., K]
-        route = split_batch(batch)[2].get(ROUTE)
-        if route is not None:  # each row's own teacher
-            route = route.to(outputs.device).long()
-            if route.dim() > 1:
-                route = route[:, 0]
+        if route is not None:
+            position = torch.zeros(len(self.members), dtype=torch.long, device=outputs.device)
+            position[self.same] = torch.arange(len(self.same), device=outputs.device)
             rows = torch.arange(outputs.shape[1], device=outputs.device)
-            return outputs[route, rows]
+            return outputs[position[route.to(outputs.device)], rows]
         weights = self.log_weights.to(outputs.device).view(-1, *[1] * (outputs.dim() - 1))
         return torch.logsumexp(outputs + weights, dim=0)
 
@@ -241,13 +252,6 @@ def build_mixture_teacher(
         for index, (member, sub, _, processor) in enumerate(resource)
     ]  # every member's tokenizer checked before any member's weights load
     names = [member["name"] for member, *_ in resource]
-    if config.teacher_routing_column is not None and any(p is not None for p in prefixes):
-        other = [name for name, prefix in zip(names, prefixes, strict=True) if prefix is not None]
-        raise ValueError(
-            f"teacher_routing_column={config.teacher_routing_column!r} is not supported with teachers of another "
-            f"tokenizer than the student's ({other}): route among teachers of the student's tokenizer, or mix "
-            "them by weight"
-        )
     members = []
     for (_, sub, opened, processor), prefix in zip(resource, prefixes, strict=True):
         model = None
