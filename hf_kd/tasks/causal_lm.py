@@ -15,7 +15,6 @@ and the teacher scored on its own tokens).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd.losses import AlignedLogits, HiddenStates, SparseLogits, WeightedTeachers
-from hf_kd.tasks.alignment import VocabularyMap, vocabulary_map
+from hf_kd.tasks.alignment import VocabularyMap
 from hf_kd.tasks.base import (
     CACHE_PREFIX,
     NO_LABEL,
@@ -37,14 +36,8 @@ from hf_kd.tasks.base import (
 from hf_kd.tasks.chat import assistant_spans, check_prompt_columns, encode_with_eos
 from hf_kd.tasks.lm_batches import collate_rows, pack_rows
 from hf_kd.tasks.lm_scoring import bits_per_byte, in_spans, next_token_targets, scored_bytes, text_bytes
-from hf_kd.tasks.lm_teacher import OtherTokenizer, teacher_columns, teacher_own_items
-from hf_kd.vocab import (
-    check_output_layer,
-    first_difference,
-    same_vocabulary,
-    shared_vocab_size,
-    vocab_size_of,
-)
+from hf_kd.tasks.lm_teacher import OtherTokenizer, other_tokenizer, teacher_columns, teacher_own_items
+from hf_kd.vocab import check_output_layer, shared_vocab_size, vocab_size_of
 
 __all__ = [
     "CausalLMTask",
@@ -59,8 +52,6 @@ __all__ = [
     "text_bytes",
     "vocab_size_of",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class CausalLMTask(Task):
@@ -102,9 +93,7 @@ class CausalLMTask(Task):
         """The tokens both tokenizers share, when they differ."""
         self.teacher_pad_token_id = 0
         self.members: dict[str, OtherTokenizer] = {}
-        """Several teachers' members whose tokenizer differs from the student's, by their column prefix
-        (:func:`hf_kd.tasks.base.member_prefix`, set by :meth:`use_member_tokenizer`): rows then carry each
-        one's columns, as a single teacher's, under its prefix."""
+        """Several teachers' members of another tokenizer, by column prefix (:meth:`use_member_tokenizer`)."""
 
     def raw_columns(self) -> tuple[str, ...]:
         if self.prompt_column is not None:
@@ -236,10 +225,9 @@ class CausalLMTask(Task):
         turns it off; None keeps the tokenizer set before (rows prepared later get its columns too)."""
         if teacher_processor is None:
             return
-        known = None
-        if self.teacher_tokenizer is not None:
-            known = OtherTokenizer(self.teacher_tokenizer, self.vocabulary, self.teacher_pad_token_id)
-        other = self._other_tokenizer(teacher_processor, "a teacher", known)
+        single = self.teacher_tokenizer
+        known = None if single is None else OtherTokenizer(single, self.vocabulary, self.teacher_pad_token_id)
+        other = other_tokenizer(self, teacher_processor, "a teacher", known)
         self.teacher_tokenizer, self.vocabulary = (
             (None, None) if other is None else (other.tokenizer, other.vocabulary)
         )
@@ -250,39 +238,12 @@ class CausalLMTask(Task):
         """As :meth:`use_teacher_tokenizer`, for one of several teachers (``who``, as errors name it): when
         its tokenizer maps text to other ids than the student's, rows prepared from now on carry its
         columns under ``prefix`` (:attr:`members`) and the tokens both share are returned; else None."""
-        other = self._other_tokenizer(teacher_processor, who, self.members.get(prefix))
+        other = other_tokenizer(self, teacher_processor, who, self.members.get(prefix))
         if other is None:
             self.members.pop(prefix, None)
             return None
         self.members[prefix] = other
         return other.vocabulary
-
-    def _other_tokenizer(
-        self, teacher_processor, who: str, known: OtherTokenizer | None
-    ) -> OtherTokenizer | None:
-        """``teacher_processor`` as a tokenizer of another vocabulary than the student's (its vocabulary
-        map made and logged, unless ``known`` already holds it), None when it has the student's; packing is
-        refused, naming ``who``."""
-        if same_vocabulary(teacher_processor, self.tokenizer):
-            return None
-        check_tokenizer(self.name, teacher_processor)
-        if self.packing:
-            raise ValueError(
-                f"packing: true is not supported with {who} whose tokenizer differs from the student's "
-                "(cross-tokenizer distillation aligns the two tokenizations row by row); set packing: false"
-            )
-        if known is not None and known.tokenizer is teacher_processor:
-            vocabulary = known.vocabulary
-        else:
-            vocabulary = vocabulary_map(self.tokenizer, teacher_processor)
-            logger.info(
-                "%s differs from the student's (%s): distilling across tokenizers, %d tokens shared",
-                "the teacher's tokenizer" if who == "a teacher" else f"the tokenizer of {who}",
-                first_difference(teacher_processor, self.tokenizer),
-                len(vocabulary.student_ids),
-            )
-        ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
-        return OtherTokenizer(teacher_processor, vocabulary, next(i for i in ids if i is not None))
 
     def _truncate(self, ids: list[int], labels: list[int], byte_counts: list[int]) -> dict[str, list[int]]:
         """The row's columns, cut to ``max_length`` tokens: ids, labels and the bytes each token covers."""
@@ -357,25 +318,16 @@ class CausalLMTask(Task):
         special: list[bool],
         scored_spans: list[tuple[int, int]] | None = None,
     ) -> dict[str, list[int]]:
-        """``row`` with, for a teacher of another tokenizer, its columns (:func:`teacher_columns`), and
-        those of each member of several teachers of another tokenizer under its prefix."""
+        """``row`` with each teacher of another tokenizer's columns (:func:`teacher_columns`), a member's prefixed."""
         others = dict(self.members)
         if self.teacher_tokenizer is not None:
             others[""] = OtherTokenizer(self.teacher_tokenizer, self.vocabulary, self.teacher_pad_token_id)
         columns = {}
         for prefix, other in others.items():
             own = teacher_columns(
-                other.tokenizer,
-                other.vocabulary,
-                text,
-                row,
-                offsets,
-                special,
-                max_length=self.max_length,
-                add_special_tokens=add_special_tokens,
-                with_eos=with_eos,
-                scored_spans=scored_spans,
-            )
+                other.tokenizer, other.vocabulary, text, row, offsets, special, max_length=self.max_length,
+                add_special_tokens=add_special_tokens, with_eos=with_eos, scored_spans=scored_spans,
+            )  # fmt: skip
             columns.update({prefix + key: value for key, value in own.items()})
         return row | columns
 
