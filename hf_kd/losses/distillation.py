@@ -223,9 +223,9 @@ def _cross_tokenizer_loss(
 
         L = hard_weight · Σ_hard CE + soft_weight · Σ_i w_i · S_i
 
-    with S_i teacher i's soft sum as for that teacher alone (routing: over its own rows only). The hard term and every part run chunk by
-    chunk like the usual loss, from the same student logits, each cross-tokenizer part reading only its
-    own span-start rows of the chunk."""
+    with S_i teacher i's soft sum as for that teacher alone (routing: over its own rows only). The hard
+    term and every part run chunk by chunk like the usual loss, from the same student logits, each
+    cross-tokenizer part reading only its own span-start rows of the chunk."""
     if isinstance(student_logits, HiddenStates):
         raise ValueError(
             "a teacher with another tokenizer needs the student's logits: student_logits_from_hidden_states "
@@ -288,8 +288,8 @@ def _soft_part(
     params: dict,
 ) -> Callable[[torch.Tensor, slice], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
     """One teacher's soft sum over a chunk, as ``part(student logits of rows, rows) -> (S, pieces)``: a
-    teacher of another tokenizer's w_m · Σ D_matched + w_u · Σ U, with pieces (Σ D_matched, Σ U); any other
-    teacher's Σ D over the soft items (:func:`_loss_sums`), without pieces."""
+    teacher of another tokenizer's w_m · Σ D_matched + w_u · Σ U, with pieces (Σ D_matched, Σ U); any
+    other teacher's Σ D over the soft items (:func:`_loss_sums`), without pieces."""
     if not isinstance(output, AlignedLogits):
         settings = dict(temperature=temperature, divergence_name=divergence_name, tail=tail, params=params)
 

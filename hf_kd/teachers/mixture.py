@@ -23,10 +23,10 @@ into one part as above, and each member of another tokenizer as its own part, ea
 weights; the loss sums their soft terms, Σ_i w_i · S_i (why this is the mixture's objective for the
 forward KL at τ = 1, and where it differs: ``hf_kd.losses.several_teachers``). With routing, each row is
 taught by its own member, whatever its tokenizer: every part has weight 1 and teaches only the rows routed
-to it (``WeightedTeachers.rows``; the members of the student's tokenizer as one routed part). The student's agreement with each teacher (:attr:`MixtureTeacher.teachers`)
-is reported for the members of the student's tokenizer only: a member of another tokenizer has no
-distribution over the student's items to compare; its part of the soft term is logged instead
-(``loss_soft_teacher_<name>``).
+to it (``WeightedTeachers.rows``; the members of the student's tokenizer as one routed part). The
+student's agreement with each teacher (:attr:`MixtureTeacher.teachers`) is reported for the members of
+the student's tokenizer only: a member of another tokenizer has no distribution over the student's items
+to compare; its part of the soft term is logged instead (``loss_soft_teacher_<name>``).
 """
 
 from __future__ import annotations
