@@ -13,7 +13,14 @@ from transformers import PreTrainedModel
 from hf_kd.config import DistillationConfig
 from hf_kd.data.labels import count_unlabeled
 from hf_kd.on_policy import check_prompts_only
-from hf_kd.tasks.base import ALIGNMENT_PREFIX, CACHE_PREFIX, TEACHER_INPUT_PREFIX, TEXT_BYTES, row_columns
+from hf_kd.tasks.base import (
+    ALIGNMENT_PREFIX,
+    CACHE_PREFIX,
+    MEMBER_PREFIX,
+    TEACHER_INPUT_PREFIX,
+    TEXT_BYTES,
+    row_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ class TrainerDataMixin:
             transformed = isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom"
             for name in getattr(dataset, "column_names", None) or []:
                 if transformed or name.startswith(
-                    (TEACHER_INPUT_PREFIX, CACHE_PREFIX, ALIGNMENT_PREFIX, TEXT_BYTES)
+                    (TEACHER_INPUT_PREFIX, CACHE_PREFIX, ALIGNMENT_PREFIX, TEXT_BYTES, MEMBER_PREFIX)
                 ):
                     extra.add(name)
         self._signature_columns = list(dict.fromkeys(self._signature_columns + sorted(extra)))

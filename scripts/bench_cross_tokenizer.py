@@ -18,6 +18,8 @@ a ``run_distillation`` run (as ``scripts/distill.py``) on the same chunks. Arms 
     cross-exact  the same with the exact part only (``cross_tokenizer_unmatched_weight: 0``; not by default)
     cross-u1     the same with the ULD part at weight 1 (the default is 0.1; not by default)
     gold    TRL's ``GOLDTrainer`` (ULD hybrid loss) from T_cross, hyperparameters mapped (``gold_args``)
+    mix     KD from both teachers at once (``teacher_source: mixture``, weights 1 and 1): T_same and T_cross,
+            whose vocabularies differ, so their soft terms summed by weight (not by default)
 
 Bits per byte of a model on held-out chunks: the summed token NLL (in bits) of every token after the
 first, over the UTF-8 bytes those tokens cover (a byte-level BPE token string has one character a byte).
@@ -56,6 +58,7 @@ ARMS = {  # name: (teacher, DistillationConfig fields)
     "cross-exact": ("cross", {"cross_tokenizer_unmatched_weight": 0.0}),
     "cross-u1": ("cross", {"cross_tokenizer_unmatched_weight": 1.0}),
     "gold": ("cross", {}),
+    "mix": ("mix", {"teacher_source": "mixture"}),
 }
 DEFAULT_ARMS = ["none", "same", "cross", "gold"]
 
@@ -178,6 +181,11 @@ def kd_config(root: Path, arm: str, seed: int, args) -> DistillationConfig:
         "eval_strategy": "no", "logging_steps": args.steps, "disable_tqdm": True,
         "teacher_model_name_or_path": str(root / f"teacher-{teacher}"),
     }  # fmt: skip
+    if teacher == "mix":  # both teachers, each in its own tokens
+        settings["teacher_model_name_or_path"] = None
+        settings["teachers"] = [
+            {"name": name, "model": str(root / f"teacher-{name}")} for name in ("same", "cross")
+        ]
     return DistillationConfig(**(settings | fields))
 
 
@@ -282,6 +290,9 @@ def report(bpb: dict[str, dict[int, float]], seconds: dict[str, dict[int, float]
         ("cross", "cross-exact"),
         ("cross-u0.1", "cross-exact"),
         ("cross", "gold"),
+        ("mix", "none"),
+        ("mix", "same"),
+        ("mix", "cross"),
     ):
         if arm in bpb and base in bpb:
             deltas = paired(bpb, arm, base, seeds)
@@ -299,7 +310,7 @@ def report(bpb: dict[str, dict[int, float]], seconds: dict[str, dict[int, float]
                 f"{' '.join(f'{f:.2f}' for f in fractions)}; of the means "
                 f"{statistics.fmean(paired(bpb, arm, 'none', seeds)) / statistics.fmean(paired(bpb, 'same', 'none', seeds)):.2f}"
             )
-    for arm, base in (("cross", "same"), ("gold", "cross")):
+    for arm, base in (("cross", "same"), ("gold", "cross"), ("mix", "same")):
         if arm in seconds and base in seconds:
             ratios = [seconds[arm][s] / seconds[base][s] for s in seeds]
             print(f"[xtok] time per step {arm} / {base}: median {statistics.median(ratios):.2f} (per seed "

@@ -23,7 +23,9 @@ positions so that no full-vocabulary float32 tensor for all positions is alive a
   (:class:`HiddenStates`) chunk by chunk, with the output layer's gradients;
 - ``hf_kd.losses.standardization``: logit standardisation (``temperature: auto``);
 - ``hf_kd.losses.cross_tokenizer``: a teacher of another tokenizer (:class:`AlignedLogits`): the matched
-  part on the shared tokens and ULD on the rest.
+  part on the shared tokens and ULD on the rest;
+- ``hf_kd.losses.several_teachers``: several teachers of different tokenizers (:class:`WeightedTeachers`):
+  the weighted sum of their soft terms.
 
 The names below are the package's public interface.
 """
@@ -41,6 +43,7 @@ from hf_kd.losses.divergences import (
     teacher_log_probs,
 )
 from hf_kd.losses.output_layer import HiddenStates
+from hf_kd.losses.several_teachers import WeightedTeachers
 from hf_kd.losses.sparse import TAIL_MODES, SparseLogits, TailSketch
 from hf_kd.losses.standardization import standardize_logits
 
@@ -56,6 +59,7 @@ __all__ = [
     "SparseLogits",
     "TailSketch",
     "TargetFn",
+    "WeightedTeachers",
     "distillation_loss",
     "divergence",
     "divergence_from_log_probs",

@@ -23,6 +23,7 @@ from hf_kd.losses.divergences import (
     teacher_log_probs,
 )
 from hf_kd.losses.output_layer import HiddenStates, default_chunk_size
+from hf_kd.losses.several_teachers import WeightedTeachers
 from hf_kd.losses.sparse import SparseLogits
 from hf_kd.losses.standardization import standardize_logits
 
@@ -36,7 +37,9 @@ class LossTerms:
     """The two parts of the KD loss, summed over items, and the weighted total that is differentiated.
     ``parts`` names the pieces of the soft sum that are logged on their own, each as (its sum over
     items, before its weight; its item count): ``soft_matched`` and ``soft_unmatched`` of a
-    cross-tokenizer teacher (``hf_kd.losses.cross_tokenizer``)."""
+    cross-tokenizer teacher (``hf_kd.losses.cross_tokenizer``); with several teachers not mixed into one
+    distribution (:class:`WeightedTeachers`), ``soft_teacher_<name>`` for each (its own soft sum, as if it
+    were alone) and a cross-tokenizer one's ``soft_teacher_<name>_matched`` / ``_unmatched``."""
 
     loss: torch.Tensor
     hard_sum: torch.Tensor
@@ -123,14 +126,16 @@ def distillation_loss(
     ``teacher`` may be :class:`HiddenStates`: their logits are then made chunk by chunk too, so neither
     [N, K] tensor exists in full (``chunk_size`` None: :func:`default_chunk_size` for the device). A teacher of another tokenizer
     (:class:`AlignedLogits`) replaces Σ_soft D by its matched and unmatched parts
-    (``hf_kd.losses.cross_tokenizer``), logged apart in :attr:`LossTerms.parts`.
+    (``hf_kd.losses.cross_tokenizer``), logged apart in :attr:`LossTerms.parts`. Several teachers of
+    different tokenizers (:class:`WeightedTeachers`) replace it by Σ_i w_i · (teacher i's soft sum), each
+    teacher's logged apart (``hf_kd.losses.several_teachers``).
 
     ``standardize`` (``temperature: auto``): D reads p = softmax(Z(v)/τ), q = softmax(Z(z)/τ) with Z the
     per-item z-score of :func:`hf_kd.losses.standardization.standardize_logits` (chunks and hidden states
     compose: Z is per item); a top-k or cross-tokenizer teacher has no full row of logits to z-score and
     is refused.
     """
-    if standardize and isinstance(teacher, SparseLogits | AlignedLogits):
+    if standardize and isinstance(teacher, SparseLogits | AlignedLogits | WeightedTeachers):
         raise ValueError(
             f"temperature: auto (logit standardisation) z-scores each item's full row of teacher logits; a "
             f"{type(teacher).__name__} teacher (a top-k cache or another tokenizer) has none: set a number "
@@ -146,7 +151,7 @@ def distillation_loss(
     from_hidden = isinstance(student_logits, HiddenStates)
     device = student_logits.hidden.device if from_hidden else student_logits.device
     hard_weight, soft_weight = hard_weight.to(device), soft_weight.to(device)
-    if isinstance(teacher, AlignedLogits):
+    if isinstance(teacher, AlignedLogits | WeightedTeachers):
         return _cross_tokenizer_loss(
             student_logits,
             teacher,
@@ -197,7 +202,7 @@ def distillation_loss(
 
 def _cross_tokenizer_loss(
     student_logits: torch.Tensor | HiddenStates,
-    teacher: AlignedLogits,
+    teacher: AlignedLogits | WeightedTeachers,
     labels: torch.Tensor,
     soft_mask: torch.Tensor,
     *,
@@ -214,8 +219,13 @@ def _cross_tokenizer_loss(
 
         L = hard_weight · Σ_hard CE + soft_weight · (w_m · Σ_matched D + w_u · Σ_unmatched U)
 
-    The hard term and both parts run chunk by chunk like the usual loss, each part reading only its
-    own span-start rows of the chunk."""
+    or against several teachers not mixed into one distribution (``hf_kd.losses.several_teachers``):
+
+        L = hard_weight · Σ_hard CE + soft_weight · Σ_i w_i · S_i
+
+    with S_i teacher i's soft sum as for that teacher alone (routing: over its own rows only). The hard
+    term and every part run chunk by chunk like the usual loss, from the same student logits, each
+    cross-tokenizer part reading only its own span-start rows of the chunk."""
     if isinstance(student_logits, HiddenStates):
         raise ValueError(
             "a teacher with another tokenizer needs the student's logits: student_logits_from_hidden_states "
@@ -225,9 +235,73 @@ def _cross_tokenizer_loss(
         raise ValueError(
             "a synthetic target (synthetic_teacher) is not supported with a teacher of another tokenizer"
         )
-    part_sums: list[tuple[torch.Tensor, torch.Tensor]] = []
+    several = isinstance(teacher, WeightedTeachers)
+    outputs, weights, names = (
+        (teacher.outputs, teacher.weights, teacher.names) if several else ([teacher], [1.0], [None])
+    )
+    routed = several and teacher.rows is not None
+    masks = (
+        [soft_mask & rows.to(soft_mask.device) for rows in teacher.rows]
+        if routed
+        else [soft_mask] * len(outputs)
+    )
+    settings = dict(temperature=temperature, divergence_name=divergence_name, tail=tail, params=params)
+    parts = [
+        _soft_part(output, student_logits.shape[-1], labels, mask, **settings)
+        for output, mask in zip(outputs, masks, strict=True)
+    ]
+    part_sums: list[list[torch.Tensor]] = []
+
+    def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        hard = F.cross_entropy(logits_rows.float(), labels[rows], ignore_index=-100, reduction="sum")
+        chunk = [part(logits_rows, rows) for part in parts]  # per part: (its soft sum, its named pieces)
+        part_sums.append([piece.detach() for soft, pieces in chunk for piece in (soft, *pieces)])
+        return hard, sum(weight * soft for weight, (soft, _) in zip(weights, chunk, strict=True))
+
+    loss, hard, soft = weighted_sums(
+        student_logits, sums_fn, hard_weight, soft_weight, chunk_size, len(labels)
+    )
+    totals = iter(torch.stack(column).sum() for column in zip(*part_sums, strict=True))
+    named = {}
+    for output, name, mask in zip(outputs, names, masks, strict=True):
+        total = next(totals)
+        aligned = isinstance(output, AlignedLogits)
+        if name is not None:
+            named[f"soft_teacher_{name}"] = (total, mask.sum())
+        if aligned:
+            starts = (output.teacher_row >= 0) & mask.to(output.teacher_row.device)
+            prefix = "soft" if name is None else f"soft_teacher_{name}"
+            named[prefix + "_matched"] = (next(totals), (starts & output.matched).sum())
+            named[prefix + "_unmatched"] = (next(totals), (starts & ~output.matched).sum())
+    return LossTerms(loss, hard, soft, named)
+
+
+def _soft_part(
+    output: torch.Tensor | SparseLogits | AlignedLogits,
+    vocab: int,
+    labels: torch.Tensor,
+    soft_mask: torch.Tensor,
+    *,
+    temperature: float,
+    divergence_name: str,
+    tail: str,
+    params: dict,
+) -> Callable[[torch.Tensor, slice], tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """One teacher's soft sum over a chunk, as ``part(student logits of rows, rows) -> (S, pieces)``: a
+    teacher of another tokenizer's w_m · Σ D_matched + w_u · Σ U, with pieces (Σ D_matched, Σ U); any
+    other teacher's Σ D over the soft items (:func:`_loss_sums`), without pieces."""
+    if not isinstance(output, AlignedLogits):
+        settings = dict(temperature=temperature, divergence_name=divergence_name, tail=tail, params=params)
+
+        def dense(logits_rows: torch.Tensor, rows: slice):
+            soft = _loss_sums(
+                logits_rows, output[rows], labels[rows], soft_mask[rows], target_fn=None, **settings
+            )[1]
+            return soft, ()
+
+        return dense
     # mse is a mean over the classes: over the shared tokens, not the student's whole vocabulary
-    mse_scale = student_logits.shape[-1] / max(1, teacher.student_ids.numel())
+    mse_scale = vocab / max(1, output.student_ids.numel())
 
     def divergence_fn(student: torch.Tensor, shared_teacher: torch.Tensor) -> torch.Tensor:
         per_row = divergence(
@@ -235,19 +309,8 @@ def _cross_tokenizer_loss(
         )
         return per_row * mse_scale if divergence_name == "mse" else per_row
 
-    def sums_fn(logits_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        hard = F.cross_entropy(logits_rows.float(), labels[rows], ignore_index=-100, reduction="sum")
-        matched, unmatched = teacher.soft_sums(logits_rows, rows, soft_mask[rows], divergence_fn, temperature)
-        part_sums.append((matched.detach(), unmatched.detach()))
-        return hard, matched * teacher.matched_weight + unmatched * teacher.unmatched_weight
+    def aligned(logits_rows: torch.Tensor, rows: slice):
+        matched, unmatched = output.soft_sums(logits_rows, rows, soft_mask[rows], divergence_fn, temperature)
+        return matched * output.matched_weight + unmatched * output.unmatched_weight, (matched, unmatched)
 
-    loss, hard, soft = weighted_sums(
-        student_logits, sums_fn, hard_weight, soft_weight, chunk_size, len(labels)
-    )
-    starts = (teacher.teacher_row >= 0) & soft_mask.to(teacher.teacher_row.device)
-    matched_sum, unmatched_sum = (torch.stack(part).sum() for part in zip(*part_sums, strict=True))
-    parts = {
-        "soft_matched": (matched_sum, (starts & teacher.matched).sum()),
-        "soft_unmatched": (unmatched_sum, (starts & ~teacher.matched).sum()),
-    }
-    return LossTerms(loss, hard, soft, parts)
+    return aligned

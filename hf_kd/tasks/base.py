@@ -6,6 +6,9 @@ A batch is a flat dict of tensors:
 - ``teacher_<name>``: the teacher's own model inputs, present only when its preprocessing differs;
 - ``kd_teacher_<name>``: cached teacher outputs (see ``hf_kd.teachers.cache.format``);
 - ``kd_alignment_<name>``: how a teacher of another tokenizer lines up with the student (``hf_kd.tasks.alignment``);
+- ``kd_member<i>_<column>``: the same columns of member i of several teachers (``teacher_source: mixture``)
+  whose tokenizer is another than the student's (``teacher_input_ids``, ``kd_alignment_*``, ...), each
+  member under its own prefix (:func:`member_prefix`);
 - ``kd_text_bytes`` / ``kd_text_bytes_teacher``: UTF-8 bytes of the text each token covers, over the student's
   and the teacher's positions (a causal LM's bits per byte: ``hf_kd.tasks.causal_lm.text_bytes``).
 """
@@ -30,7 +33,13 @@ CACHE_PREFIX = "kd_teacher_"
 ALIGNMENT_PREFIX = "kd_alignment_"
 TEXT_BYTES = "kd_text_bytes"
 TEACHER_TEXT_BYTES = TEXT_BYTES + "_teacher"
+MEMBER_PREFIX = "kd_member"
 NO_LABEL = -100
+
+
+def member_prefix(index: int) -> str:
+    """The column prefix of member ``index`` of several teachers, for its own columns (another tokenizer)."""
+    return f"{MEMBER_PREFIX}{index}_"
 
 
 @dataclass
@@ -45,10 +54,11 @@ class KDItems:
 
 def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(student model inputs without labels, teacher's own inputs with the prefix removed, cached columns);
-    alignment and text-byte columns are none of these (the teacher signal and the evaluation read them)."""
+    alignment, text-byte and mixture members' columns are none of these (the teacher signal and the
+    evaluation read them)."""
     student, teacher, cached = {}, {}, {}
     for key, value in batch.items():
-        if key.startswith((ALIGNMENT_PREFIX, TEXT_BYTES)):
+        if key.startswith((ALIGNMENT_PREFIX, TEXT_BYTES, MEMBER_PREFIX)):
             continue
         if key.startswith(CACHE_PREFIX):
             cached[key[len(CACHE_PREFIX) :]] = value

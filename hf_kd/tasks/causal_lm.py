@@ -15,7 +15,6 @@ and the teacher scored on its own tokens).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_kd.losses import AlignedLogits, HiddenStates, SparseLogits
-from hf_kd.tasks.alignment import VocabularyMap, vocabulary_map
+from hf_kd.losses import AlignedLogits, HiddenStates, SparseLogits, WeightedTeachers
+from hf_kd.tasks.alignment import VocabularyMap
 from hf_kd.tasks.base import (
     CACHE_PREFIX,
     NO_LABEL,
@@ -37,14 +36,8 @@ from hf_kd.tasks.base import (
 from hf_kd.tasks.chat import assistant_spans, check_prompt_columns, encode_with_eos
 from hf_kd.tasks.lm_batches import collate_rows, pack_rows
 from hf_kd.tasks.lm_scoring import bits_per_byte, in_spans, next_token_targets, scored_bytes, text_bytes
-from hf_kd.tasks.lm_teacher import teacher_columns, teacher_own_items
-from hf_kd.vocab import (
-    check_output_layer,
-    first_difference,
-    same_vocabulary,
-    shared_vocab_size,
-    vocab_size_of,
-)
+from hf_kd.tasks.lm_teacher import OtherTokenizer, other_tokenizer, teacher_columns, teacher_own_items
+from hf_kd.vocab import check_output_layer, shared_vocab_size, vocab_size_of
 
 __all__ = [
     "CausalLMTask",
@@ -59,8 +52,6 @@ __all__ = [
     "text_bytes",
     "vocab_size_of",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class CausalLMTask(Task):
@@ -101,6 +92,8 @@ class CausalLMTask(Task):
         self.vocabulary: VocabularyMap | None = None
         """The tokens both tokenizers share, when they differ."""
         self.teacher_pad_token_id = 0
+        self.members: dict[str, OtherTokenizer] = {}
+        """Several teachers' members of another tokenizer, by column prefix (:meth:`use_member_tokenizer`)."""
 
     def raw_columns(self) -> tuple[str, ...]:
         if self.prompt_column is not None:
@@ -176,7 +169,8 @@ class CausalLMTask(Task):
             )
         if self.prompt_column is not None:
             check_prompt_columns(dataset.features or columns, self.prompt_column, self.completion_column)
-            if self.teacher_tokenizer is not None and student_processor.chat_template is None:
+            other = self.teacher_tokenizer is not None or self.members
+            if other and student_processor.chat_template is None:
                 raise ValueError(
                     f"prompt_column {self.prompt_column!r} without a chat template is not supported with a teacher "
                     "whose tokenizer differs from the student's (prompt and completion are tokenised apart, so the "
@@ -231,26 +225,25 @@ class CausalLMTask(Task):
         turns it off; None keeps the tokenizer set before (rows prepared later get its columns too)."""
         if teacher_processor is None:
             return
-        if same_vocabulary(teacher_processor, self.tokenizer):
-            self.teacher_tokenizer, self.vocabulary = None, None
-            return
-        check_tokenizer(self.name, teacher_processor)
-        if self.packing:
-            raise ValueError(
-                "packing: true is not supported with a teacher whose tokenizer differs from the student's "
-                "(cross-tokenizer distillation aligns the two tokenizations row by row); set packing: false"
-            )
-        if teacher_processor is not self.teacher_tokenizer:
-            self.vocabulary = vocabulary_map(self.tokenizer, teacher_processor)
-            logger.info(
-                "the teacher's tokenizer differs from the student's (%s): distilling across tokenizers, "
-                "%d tokens shared",
-                first_difference(teacher_processor, self.tokenizer),
-                len(self.vocabulary.student_ids),
-            )
-        self.teacher_tokenizer = teacher_processor
-        ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
-        self.teacher_pad_token_id = next(i for i in ids if i is not None)
+        single = self.teacher_tokenizer
+        known = None if single is None else OtherTokenizer(single, self.vocabulary, self.teacher_pad_token_id)
+        other = other_tokenizer(self, teacher_processor, "a teacher", known)
+        self.teacher_tokenizer, self.vocabulary = (
+            (None, None) if other is None else (other.tokenizer, other.vocabulary)
+        )
+        if other is not None:
+            self.teacher_pad_token_id = other.pad_token_id
+
+    def use_member_tokenizer(self, prefix: str, teacher_processor, who: str) -> VocabularyMap | None:
+        """As :meth:`use_teacher_tokenizer`, for one of several teachers (``who``, as errors name it): when
+        its tokenizer maps text to other ids than the student's, rows prepared from now on carry its
+        columns under ``prefix`` (:attr:`members`) and the tokens both share are returned; else None."""
+        other = other_tokenizer(self, teacher_processor, who, self.members.get(prefix))
+        if other is None:
+            self.members.pop(prefix, None)
+            return None
+        self.members[prefix] = other
+        return other.vocabulary
 
     def _truncate(self, ids: list[int], labels: list[int], byte_counts: list[int]) -> dict[str, list[int]]:
         """The row's columns, cut to ``max_length`` tokens: ids, labels and the bytes each token covers."""
@@ -325,28 +318,28 @@ class CausalLMTask(Task):
         special: list[bool],
         scored_spans: list[tuple[int, int]] | None = None,
     ) -> dict[str, list[int]]:
-        """``row`` with, for a teacher of another tokenizer, its columns (:func:`teacher_columns`)."""
-        if self.teacher_tokenizer is None:
-            return row
-        return row | teacher_columns(
-            self.teacher_tokenizer,
-            self.vocabulary,
-            text,
-            row,
-            offsets,
-            special,
-            max_length=self.max_length,
-            add_special_tokens=add_special_tokens,
-            with_eos=with_eos,
-            scored_spans=scored_spans,
-        )
+        """``row`` with each teacher of another tokenizer's columns (:func:`teacher_columns`), a member's prefixed."""
+        others = dict(self.members)
+        if self.teacher_tokenizer is not None:
+            others[""] = OtherTokenizer(self.teacher_tokenizer, self.vocabulary, self.teacher_pad_token_id)
+        columns = {}
+        for prefix, other in others.items():
+            own = teacher_columns(
+                other.tokenizer, other.vocabulary, text, row, offsets, special, max_length=self.max_length,
+                add_special_tokens=add_special_tokens, with_eos=with_eos, scored_spans=scored_spans,
+            )  # fmt: skip
+            columns.update({prefix + key: value for key, value in own.items()})
+        return row | columns
 
     # ---- batches ------------------------------------------------------------------------------
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-padded batch of ``features`` (:func:`hf_kd.tasks.lm_batches.collate_rows`), padded with
         this task's pad ids and a compressed cache decoded by :attr:`cache_decoder`."""
-        return collate_rows(features, self.pad_token_id, self.teacher_pad_token_id, self.cache_decoder)
+        members = {prefix: other.pad_token_id for prefix, other in self.members.items()}
+        return collate_rows(
+            features, self.pad_token_id, self.teacher_pad_token_id, self.cache_decoder, members
+        )
 
     def teacher_scored_items(self, teacher_output, batch: dict[str, Any], classes: int):
         """As :meth:`Task.teacher_scored_items`; a teacher of another tokenizer (:class:`AlignedLogits`) is
@@ -363,6 +356,16 @@ class CausalLMTask(Task):
         states [B, T, H], output-layer weight [V, H]): their weight's rows are cut instead, and the loss
         makes their logits chunk by chunk."""
         targets = next_token_targets(labels).reshape(-1)
+        if isinstance(teacher_logits, WeightedTeachers):  # several teachers, each flattened as if alone
+            dense = [o for o in teacher_logits.outputs if not isinstance(o, AlignedLogits)]
+            sizes = [o.num_classes if isinstance(o, SparseLogits) else o.shape[-1] for o in dense]
+            student_logits = student_logits[..., : min([student_logits.shape[-1], *sizes])]
+            parts = [self.kd_items(student_logits, o, labels).teacher for o in teacher_logits.outputs]
+            student = student_logits.reshape(-1, student_logits.shape[-1])
+            rows = teacher_logits.rows  # routing: [B] per teacher, every position of a row
+            rows = None if rows is None else [r[:, None].expand(labels.shape).reshape(-1) for r in rows]
+            teacher = WeightedTeachers(parts, teacher_logits.weights, teacher_logits.names, rows)
+            return KDItems(student, teacher, targets, targets != NO_LABEL)
         if isinstance(teacher_logits, AlignedLogits):  # another tokenizer: already over flattened rows
             student = student_logits.reshape(-1, student_logits.shape[-1])
             return KDItems(student, teacher_logits, targets, targets != NO_LABEL)

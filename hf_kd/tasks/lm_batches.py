@@ -34,6 +34,7 @@ def collate_rows(
     pad_token_id: int,
     teacher_pad_token_id: int = 0,
     cache_decoder: Callable[[list[bytes], list[int]], SparseLogits] | None = None,
+    member_pad_token_ids: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row: ``attention_mask`` for padded rows (the rows' own, padded, when
     they have one); for packed rows the padding gets its own ``position_ids`` run (a separate block
@@ -45,7 +46,9 @@ def collate_rows(
     another tokenizer gets its own padded ``teacher_input_ids`` / ``teacher_attention_mask`` (padded with
     ``teacher_pad_token_id``); the
     alignment columns are padded with −1 (no alignment) and 0 (not matched); the text bytes with 0 (the
-    student's: padding has no label) and −1 (the teacher's: not scored)."""
+    student's: padding has no label) and −1 (the teacher's: not scored). Each mixture member of another
+    tokenizer (``member_pad_token_ids``: its column prefix → its pad id) gets the same columns under its
+    prefix, padded alike with its own pad id."""
     length = max(len(f["input_ids"]) for f in features)
     lengths = [len(f["input_ids"]) for f in features]
 
@@ -71,11 +74,15 @@ def collate_rows(
     else:
         batch["attention_mask"] = torch.tensor([[1] * n + [0] * (length - n) for n in lengths])
     if TEACHER_INPUT_PREFIX + "input_ids" in features[0]:
-        batch.update(collate_teacher(features, teacher_pad_token_id))
+        batch.update(collate_teacher(features, teacher_pad_token_id, length))
+    for prefix, pad in (member_pad_token_ids or {}).items():
+        own = [
+            {key[len(prefix) :]: value for key, value in f.items() if key.startswith(prefix)}
+            for f in features
+        ]
+        batch.update({prefix + key: value for key, value in collate_teacher(own, pad, length).items()})
     for key in features[0]:
-        if key.startswith(ALIGNMENT_PREFIX) and key not in batch:  # over the student's positions
-            batch[key] = padded(key, 0 if key == ALIGNMENT_PREFIX + "matched" else -1)
-        elif key == TEXT_BYTES:
+        if key == TEXT_BYTES:
             batch[key] = padded(key, 0)
         elif key == CACHE_PREFIX + "packed":
             batch.update(decode_packed(cache_decoder, [f[key] for f in features], lengths, length))
@@ -86,15 +93,24 @@ def collate_rows(
     return batch
 
 
-def collate_teacher(features: list[dict[str, Any]], teacher_pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The columns over the teacher's own positions (a teacher of another tokenizer), right-padded: its
-    input ids, attention mask and text bytes (−1: not scored)."""
+def collate_teacher(
+    features: list[dict[str, Any]], teacher_pad_token_id: int, length: int
+) -> dict[str, torch.Tensor]:
+    """The columns of a teacher of another tokenizer, right-padded: over its own positions (to its longest
+    row) its input ids, attention mask and text bytes (−1: not scored); over the student's ``length``
+    positions the alignment columns (−1: no alignment, 0: not matched)."""
     ids_key, mask_key = TEACHER_INPUT_PREFIX + "input_ids", TEACHER_INPUT_PREFIX + "attention_mask"
-    length = max(len(f[ids_key]) for f in features)
-    fills = ((ids_key, teacher_pad_token_id), (mask_key, 0), (TEACHER_TEXT_BYTES, -1))
+    own_length = max(len(f[ids_key]) for f in features)
+    fills = [(ids_key, teacher_pad_token_id, own_length), (mask_key, 0, own_length)]
+    fills += [(TEACHER_TEXT_BYTES, -1, own_length)]
+    fills += [
+        (key, 0 if key == ALIGNMENT_PREFIX + "matched" else -1, length)
+        for key in features[0]
+        if key.startswith(ALIGNMENT_PREFIX)
+    ]
     return {
-        key: torch.tensor([list(f[key]) + [value] * (length - len(f[key])) for f in features])
-        for key, value in fills
+        key: torch.tensor([list(f[key]) + [value] * (size - len(f[key])) for f in features])
+        for key, value, size in fills
         if key in features[0]
     }
 

@@ -4,15 +4,58 @@ covers (docs/knowledge.md#different-tokenizers), and the teacher scored on its o
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hf_kd.losses import AlignedLogits
-from hf_kd.tasks.alignment import VocabularyMap, align_spans, alignment_columns
-from hf_kd.tasks.base import NO_LABEL, TEACHER_INPUT_PREFIX, TEACHER_TEXT_BYTES
+from hf_kd.tasks.alignment import VocabularyMap, align_spans, alignment_columns, vocabulary_map
+from hf_kd.tasks.base import NO_LABEL, TEACHER_INPUT_PREFIX, TEACHER_TEXT_BYTES, check_tokenizer
 from hf_kd.tasks.chat import encode_with_eos
 from hf_kd.tasks.lm_scoring import in_spans, next_token_targets, text_bytes
+from hf_kd.vocab import first_difference, same_vocabulary
+
+logger = logging.getLogger("hf_kd.tasks.causal_lm")  # the task's log, where a run reports it
+
+
+@dataclass
+class OtherTokenizer:
+    """A teacher's tokenizer whose vocabulary differs from the student's: the tokenizer, the tokens both
+    share and the id its inputs are padded with."""
+
+    tokenizer: Any
+    vocabulary: VocabularyMap
+    pad_token_id: int
+
+
+def other_tokenizer(
+    task: Any, teacher_processor: Any, who: str, known: OtherTokenizer | None
+) -> OtherTokenizer | None:
+    """``teacher_processor`` as a tokenizer of another vocabulary than ``task``'s student tokenizer (its
+    vocabulary map made and logged, unless ``known`` already holds it), None when it has the student's;
+    packing is refused, naming ``who``."""
+    if same_vocabulary(teacher_processor, task.tokenizer):
+        return None
+    check_tokenizer(task.name, teacher_processor)
+    if task.packing:
+        raise ValueError(
+            f"packing: true is not supported with {who} whose tokenizer differs from the student's "
+            "(cross-tokenizer distillation aligns the two tokenizations row by row); set packing: false"
+        )
+    if known is not None and known.tokenizer is teacher_processor:
+        vocabulary = known.vocabulary
+    else:
+        vocabulary = vocabulary_map(task.tokenizer, teacher_processor)
+        logger.info(
+            "%s differs from the student's (%s): distilling across tokenizers, %d tokens shared",
+            "the teacher's tokenizer" if who == "a teacher" else f"the tokenizer of {who}",
+            first_difference(teacher_processor, task.tokenizer),
+            len(vocabulary.student_ids),
+        )
+    ids = (teacher_processor.pad_token_id, teacher_processor.eos_token_id, 0)
+    return OtherTokenizer(teacher_processor, vocabulary, next(i for i in ids if i is not None))
 
 
 def teacher_columns(

@@ -1,8 +1,10 @@
 """The teacher contract: what every teacher signal is and declares, whatever its source.
 
 A teacher signal is called on a collated batch and returns the teacher's logits over the batch's items
-as the task lays them out: dense logits (a tensor), top-k :class:`hf_kd.losses.SparseLogits`, or
-:class:`hf_kd.losses.AlignedLogits` (a teacher of another tokenizer). It declares which of those it
+as the task lays them out: dense logits (a tensor), top-k :class:`hf_kd.losses.SparseLogits`,
+:class:`hf_kd.losses.AlignedLogits` (a teacher of another tokenizer), or
+:class:`hf_kd.losses.WeightedTeachers` (several teachers of different tokenizers, each output with its
+weight). It declares which of those it
 returns (``returns``), whether its ``run`` gives the teacher's hidden states (``gives_features``) and
 whether it can score sequences made at training time (``scores_samples``: on-policy). The trainer reads
 these, never the signal's kind; :func:`check_teacher_signal` holds any signal to them.
@@ -18,12 +20,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from hf_kd.losses import AlignedLogits, SparseLogits
+from hf_kd.losses import AlignedLogits, SparseLogits, WeightedTeachers
 
-TeacherOutput = torch.Tensor | SparseLogits | AlignedLogits
+TeacherOutput = torch.Tensor | SparseLogits | AlignedLogits | WeightedTeachers
 """What a teacher signal returns for a batch."""
 
-OUTPUT_KINDS = {"dense": torch.Tensor, "sparse": SparseLogits, "aligned": AlignedLogits}
+OUTPUT_KINDS = {
+    "dense": torch.Tensor,
+    "sparse": SparseLogits,
+    "aligned": AlignedLogits,
+    "several": WeightedTeachers,
+}
 """Each value of ``returns`` and the type it names."""
 
 
@@ -32,7 +39,8 @@ class TeacherSignal(Protocol):
     """A source of teacher logits for distillation.
 
     Attributes:
-        returns: what ``signal(batch)`` may return, among ``"dense"``, ``"sparse"`` and ``"aligned"``.
+        returns: what ``signal(batch)`` may return, among ``"dense"``, ``"sparse"``, ``"aligned"`` and
+            ``"several"``.
         gives_features: whether ``run(batch, output_hidden_states=True, ...)`` returns the teacher's
             forward output with its hidden states (feature losses).
         scores_samples: whether it can score any token sequence, such as the student's sampled

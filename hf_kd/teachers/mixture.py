@@ -10,10 +10,23 @@ into one distribution per item.
 
 Members are ``teachers:`` entries ``{name, source, weight, model, revision, cache, options}`` (``source``:
 online, cached or served; ``model`` / ``cache`` / ``options`` are that source's
-``teacher_model_name_or_path`` / ``teacher_cache`` / ``teacher_options``). Every member must read the
-student's tokenizer (checked before training: an online member's saved tokenizer, a cache's recorded
-processor, a server's tokenizer hash); teachers of other tokenizers are refused. At most one cached member
-(a cache's columns have fixed names).
+``teacher_model_name_or_path`` / ``teacher_cache`` / ``teacher_options``). A cached or served member must
+read the student's tokenizer (a cache's recorded processor, a server's tokenizer hash). At most one cached
+member (a cache's columns have fixed names).
+
+**Teachers of other tokenizers.** An online member whose tokenizer differs from the student's (a causal
+LM) is distilled across tokenizers as a single such teacher is (``hf_kd.losses.cross_tokenizer``): the
+rows carry its own inputs and alignment under its column prefix (``kd_member<i>_``), and it reads them as
+a single teacher reads its own. Distributions over different vocabularies cannot be averaged, so the
+signal then returns :class:`hf_kd.losses.WeightedTeachers`: the members of the student's tokenizer mixed
+into one part as above, and each member of another tokenizer as its own part, each with its share of the
+weights; the loss sums their soft terms, Σ_i w_i · S_i (why this is the mixture's objective for the
+forward KL at τ = 1, and where it differs: ``hf_kd.losses.several_teachers``). With routing, each row is
+taught by its own member, whatever its tokenizer: every part has weight 1 and teaches only the rows routed
+to it (``WeightedTeachers.rows``; the members of the student's tokenizer as one routed part). The
+student's agreement with each teacher (:attr:`MixtureTeacher.teachers`) is reported for the members of
+the student's tokenizer only: a member of another tokenizer has no distribution over the student's items
+to compare; its part of the soft term is logged instead (``loss_soft_teacher_<name>``).
 """
 
 from __future__ import annotations
@@ -24,13 +37,16 @@ from functools import partial
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
-from hf_kd.losses import SparseLogits
+from hf_kd.losses import SparseLogits, WeightedTeachers
 from hf_kd.modeling import load_teacher
-from hf_kd.tasks.base import Task, processor_fingerprint, split_batch
+from hf_kd.tasks.base import MEMBER_PREFIX, Task, member_prefix, processor_fingerprint, split_batch
 from hf_kd.teachers.contract import SignalDefaults, TeacherSignal
+from hf_kd.teachers.online import check_cross_tokenizer, cross_tokenizer_teacher
 from hf_kd.teachers.signal import build_teacher_signal
 from hf_kd.teachers.sources import teacher_source
+from hf_kd.vocab import check_output_layer
 
 ROUTE = "route"
 """The batch column (``kd_teacher_route``) holding each row's member index under routing."""
@@ -80,9 +96,10 @@ def member_configs(config) -> list[tuple[dict[str, Any], Any]]:
 
 
 def open_mixture(config, task: Task, splits, split_names: list[str]):
-    """Open every member (a cache joined, a server checked, an online member's weights and tokenizer
-    loaded) and, with ``teacher_routing_column``, add each row's member index as ``kd_teacher_route``.
-    Returns ([(member, its config, its resource, its processor or None)], the splits)."""
+    """Open every member (a cache joined, a server checked, an online member's tokenizer loaded: its
+    weights load when the signal is built, once every member's tokenizer is checked) and, with
+    ``teacher_routing_column``, add each row's member index as ``kd_teacher_route``. Returns ([(member,
+    its config, its resource or None, its processor or None)], the splits)."""
     opened = []
     for member, sub in member_configs(config):
         resource, processor = None, None
@@ -93,10 +110,10 @@ def open_mixture(config, task: Task, splits, split_names: list[str]):
             processor = task.load_processor(
                 sub.teacher_model_name_or_path, revision=sub.teacher_model_revision
             )
-            resource = load_teacher(task, sub.teacher_model_name_or_path, revision=sub.teacher_model_revision)
         opened.append((member, sub, resource, processor))
     column = config.teacher_routing_column
     if column is not None:
+        splits = copy.copy(splits)  # the caller's splits are left as they were
         index = {member["name"]: i for i, (member, *_) in enumerate(opened)}
         for name in split_names:
             if column not in splits[name].column_names:
@@ -116,20 +133,33 @@ def open_mixture(config, task: Task, splits, split_names: list[str]):
 
 class MixtureTeacher(SignalDefaults):
     """The members' distributions mixed by ``weights`` (or one member per row when the batch carries
-    ``kd_teacher_route``); returns the mixture's log-probabilities [..., K] (see the module's docstring)."""
+    ``kd_teacher_route``); returns the mixture's log-probabilities [..., K] (see the module's docstring).
+    With members of other tokenizers (``prefixes[i]``: member i's column prefix, None for a member of
+    the student's tokenizer), :class:`WeightedTeachers`: the mixture of the others as one part, and each
+    of them as its own part."""
 
-    returns = ("dense",)
-
-    def __init__(self, members: list[TeacherSignal], weights: list[float], names: list[str]):
+    def __init__(
+        self,
+        members: list[TeacherSignal],
+        weights: list[float],
+        names: list[str],
+        prefixes: list[str | None] | None = None,
+    ):
         self.members, self.names = members, names
+        self.prefixes = prefixes or [None] * len(members)
         total = sum(weights)
-        self.log_weights = torch.log(torch.tensor([w / total for w in weights], dtype=torch.float32))
-        self.teachers = {name: partial(self.member_output, i) for i, name in enumerate(names)}
+        self.weights = [w / total for w in weights]
+        self.same = [i for i, prefix in enumerate(self.prefixes) if prefix is None]
+        """The members of the student's tokenizer, mixed into one distribution."""
+        share = sum(self.weights[i] for i in self.same)
+        self.log_weights = torch.log(torch.tensor([self.weights[i] / share for i in self.same]))
+        self.returns = ("dense",) if len(self.same) == len(members) else ("several",)
+        self.teachers = {names[i]: partial(self.member_output, i) for i in self.same}
 
     def member_output(self, index: int, batch: dict[str, Any]) -> torch.Tensor:
-        """Member ``index``'s log-probabilities [..., K] as they enter the mixture (every member runs: the
-        classes kept are those all of them cover)."""
-        return self.member_log_probs(batch)[index]
+        """Member ``index``'s log-probabilities [..., K] as they enter the mixture (every member of the
+        student's tokenizer runs: the classes kept are those all of them cover)."""
+        return self.member_log_probs(batch)[self.same.index(index)]
 
     def collator(self, collate):
         for member in self.members:
@@ -137,14 +167,11 @@ class MixtureTeacher(SignalDefaults):
         return collate
 
     def member_log_probs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """Each member's log-probabilities [..., K] over the classes all of them cover."""
+        """Each member of the student's tokenizer's log-probabilities [..., K] over the classes all of them
+        cover."""
         outputs = []
-        for member in self.members:
-            model = getattr(member, "model", None)
-            device = batch["input_ids" if "input_ids" in batch else "labels"].device
-            if model is not None and next(model.parameters()).device != device:
-                model.to(device)
-            output = member(batch)
+        for member in (self.members[i] for i in self.same):
+            output = self._on_device(member, batch)(batch)
             outputs.append(
                 output.to_dense_log_probs()
                 if isinstance(output, SparseLogits)
@@ -153,44 +180,122 @@ class MixtureTeacher(SignalDefaults):
         classes = min(o.shape[-1] for o in outputs)
         return [torch.log_softmax(o[..., :classes], dim=-1) if o.shape[-1] > classes else o for o in outputs]
 
-    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
-        outputs = torch.stack(self.member_log_probs(batch))  # [M, ..., K]
+    @staticmethod
+    def _on_device(member: TeacherSignal, batch: dict[str, Any]) -> TeacherSignal:
+        """``member``, its model (when it runs one here) moved to the batch's device."""
+        model = getattr(member, "model", None)
+        device = batch["input_ids" if "input_ids" in batch else "labels"].device
+        if model is not None and next(model.parameters()).device != device:
+            model.to(device)
+        return member
+
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor | WeightedTeachers:
         route = split_batch(batch)[2].get(ROUTE)
-        if route is not None:  # each row's own teacher
-            route = route.to(outputs.device).long()
-            if route.dim() > 1:
-                route = route[:, 0]
+        if route is not None:  # each row's own teacher: its member index [B]
+            route = route.long() if route.dim() == 1 else route[:, 0].long()
+        mixed = self._mixed(batch, route) if self.same else None
+        if len(self.same) == len(self.members):
+            return mixed
+        outputs, weights, names, rows = [], [], [], []
+        if self.same:
+            outputs.append(mixed)
+            weights.append(sum(self.weights[i] for i in self.same))
+            names.append("+".join(self.names[i] for i in self.same))
+            rows.append(
+                None if route is None else torch.isin(route, torch.tensor(self.same, device=route.device))
+            )
+        for i, prefix in enumerate(self.prefixes):
+            if prefix is not None:
+                outputs.append(self._on_device(self.members[i], batch)(member_batch(batch, prefix)))
+                weights.append(self.weights[i])
+                names.append(self.names[i])
+                rows.append(None if route is None else route == i)
+        if route is not None:  # each row taught by one teacher, whole
+            return WeightedTeachers(outputs, [1.0] * len(outputs), names, rows)
+        return WeightedTeachers(outputs, weights, names)
+
+    def _mixed(self, batch: dict[str, Any], route: torch.Tensor | None) -> torch.Tensor:
+        """The members of the student's tokenizer mixed into one distribution [..., K], or each row's own
+        member's (``route``: member indices [B]; a row routed to a member of another tokenizer gets the
+        first one's, which no loss reads)."""
+        outputs = torch.stack(self.member_log_probs(batch))  # [M, ..., K]
+        if route is not None:
+            position = torch.zeros(len(self.members), dtype=torch.long, device=outputs.device)
+            position[self.same] = torch.arange(len(self.same), device=outputs.device)
             rows = torch.arange(outputs.shape[1], device=outputs.device)
-            return outputs[route, rows]
+            return outputs[position[route.to(outputs.device)], rows]
         weights = self.log_weights.to(outputs.device).view(-1, *[1] * (outputs.dim() - 1))
         return torch.logsumexp(outputs + weights, dim=0)
+
+
+def member_batch(batch: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``batch`` as the member whose columns carry ``prefix`` reads it: the student's columns and its own
+    without the prefix, as a single teacher of another tokenizer reads its own."""
+    shared = {key: value for key, value in batch.items() if not key.startswith(MEMBER_PREFIX)}
+    return shared | {key[len(prefix) :]: value for key, value in batch.items() if key.startswith(prefix)}
 
 
 def build_mixture_teacher(
     config, task: Task, student, *, resource=None, student_processor=None, **_: Any
 ) -> MixtureTeacher:
     """The ``mixture`` source's signal from what :func:`open_mixture` opened: each member built by the one
-    factory; an online member's tokenizer checked to be the student's."""
+    factory; an online member of another tokenizer than the student's made a cross-tokenizer teacher over
+    its own columns (:meth:`hf_kd.tasks.CausalLMTask.use_member_tokenizer`: rows prepared from now on carry
+    them), what such a teacher does not support refused naming the member."""
     if resource is None:
         raise ValueError("teacher_source='mixture' needs its teachers opened first (open_teacher_source)")
-    members, weights, names = [], [], []
     own = None if student_processor is None else processor_fingerprint(student_processor)
-    for member, sub, opened, processor in resource:
-        model = opened if processor is not None else None
-        if processor is not None and own is not None and processor_fingerprint(processor) != own:
-            raise ValueError(
-                f"teachers[{member['name']!r}] reads another tokenizer than the student; a mixture needs teachers "
-                "that share the student's tokenizer (a teacher of another tokenizer: teacher_source: online alone)"
+    prefixes = [
+        _other_tokenizer(task, index, member, sub, processor, student, student_processor)
+        if processor is not None and own is not None and processor_fingerprint(processor) != own
+        else None
+        for index, (member, sub, _, processor) in enumerate(resource)
+    ]  # every member's tokenizer checked before any member's weights load
+    names = [member["name"] for member, *_ in resource]
+    members = []
+    for (_, sub, opened, processor), prefix in zip(resource, prefixes, strict=True):
+        model = None
+        if processor is not None:  # an online member
+            model = load_teacher(task, sub.teacher_model_name_or_path, revision=sub.teacher_model_revision)
+        if prefix is not None:
+            members.append(cross_tokenizer_teacher(sub, model, task.members[prefix].vocabulary))
+            continue
+        members.append(
+            build_teacher_signal(
+                sub,
+                task,
+                student,
+                teacher_model=model,
+                resource=opened,
+                student_processor=student_processor,
             )
-        signal = build_teacher_signal(
-            sub,
-            task,
-            student,
-            teacher_model=model,
-            resource=None if model is not None else opened,
-            student_processor=student_processor,
         )
-        members.append(signal)
-        weights.append(member["weight"])
-        names.append(member["name"])
-    return MixtureTeacher(members, weights, names)
+    weights = [member["weight"] for member, *_ in resource]
+    return MixtureTeacher(members, weights, names, prefixes)
+
+
+def _other_tokenizer(task, index, member, sub, processor, student, student_processor) -> str | None:
+    """Member ``index`` (an online teacher whose tokenizer differs from the student's) set up on ``task``
+    for cross-tokenizer distillation: its column prefix, or None when its tokenizer has the student's
+    vocabulary after all. Raises naming the member when the task cannot align tokenizers, or when its
+    config asks for what a teacher of another tokenizer does not support."""
+    who = f"teachers[{member['name']!r}]"
+    if not task.aligns_tokenizers:
+        raise ValueError(
+            f"{who} reads another tokenizer than the student; the {task.name} task distils only teachers that "
+            "share the student's tokenizer (teachers of other tokenizers: a causal LM)"
+        )
+    task.use_processor(student_processor)
+    prefix = member_prefix(index)
+    if task.use_member_tokenizer(prefix, processor, who) is None:
+        return None
+    try:
+        check_cross_tokenizer(sub)
+        teacher_config = AutoConfig.from_pretrained(
+            sub.teacher_model_name_or_path, revision=sub.teacher_model_revision
+        )
+        check_output_layer("teacher", teacher_config, processor)
+        check_output_layer("student", student.config, student_processor)
+    except ValueError as error:
+        raise ValueError(f"{who} (model {sub.teacher_model_name_or_path!r}): {error}") from None
+    return prefix

@@ -128,6 +128,20 @@ def check_cross_tokenizer(config: Any) -> None:
         )
 
 
+def cross_tokenizer_teacher(
+    config, teacher_model: torch.nn.Module, vocabulary: VocabularyMap
+) -> CrossTokenizerTeacher:
+    """The teacher of another tokenizer (``vocabulary``: the tokens it shares with the student) with the
+    part weights of ``config``, what it does not support refused first (:func:`check_cross_tokenizer`)."""
+    check_cross_tokenizer(config)
+    return CrossTokenizerTeacher(
+        teacher_model,
+        vocabulary,
+        matched_weight=config.cross_tokenizer_matched_weight,
+        unmatched_weight=config.cross_tokenizer_unmatched_weight,
+    )
+
+
 def build_online_teacher(
     config, task: Task, student: torch.nn.Module, *, teacher_model=None, **_: Any
 ) -> OnlineTeacher:
@@ -143,13 +157,7 @@ def build_online_teacher(
     output_map = task.teacher_output_map(teacher_config, student.config, config)
     vocabulary = getattr(task, "vocabulary", None)
     if vocabulary is not None:
-        check_cross_tokenizer(config)
-        return CrossTokenizerTeacher(
-            teacher_model,
-            vocabulary,
-            matched_weight=config.cross_tokenizer_matched_weight,
-            unmatched_weight=config.cross_tokenizer_unmatched_weight,
-        )
+        return cross_tokenizer_teacher(config, teacher_model, vocabulary)
     if config.teacher_logits_from_hidden_states:
         unwrapped = extract_model_from_parallel(teacher_model)
         check_output_layer(task, unwrapped, TEACHER_OPTION)

@@ -9,7 +9,8 @@ online      dense (aligned: another     yes       yes        yes         ``hf_kd
             tokenizer)
 cached      dense or sparse (top-k)     no        no         no          ``hf_kd.teachers.cached``
 served      sparse (top-k)              no        yes        no          ``hf_kd.teachers.served``
-mixture     dense (log-probabilities)   no        no         no          ``hf_kd.teachers.mixture``
+mixture     dense (log-probabilities;   no        no         no          ``hf_kd.teachers.mixture``
+            several: other tokenizers)
 ==========  ==========================  ========  =========  ==========  ================================
 
 The configuration (``hf_kd.config``) reads the declared capabilities to refuse what a source cannot do
@@ -24,9 +25,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-RETURNS = ("dense", "sparse", "aligned")
-"""What a teacher signal can return: dense logits (a tensor), top-k :class:`hf_kd.losses.SparseLogits`, or
-:class:`hf_kd.losses.AlignedLogits` (a teacher of another tokenizer, aligned to the student's tokens)."""
+RETURNS = ("dense", "sparse", "aligned", "several")
+"""What a teacher signal can return: dense logits (a tensor), top-k :class:`hf_kd.losses.SparseLogits`,
+:class:`hf_kd.losses.AlignedLogits` (a teacher of another tokenizer, aligned to the student's tokens), or
+:class:`hf_kd.losses.WeightedTeachers` (several teachers of different tokenizers, not mixed)."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,11 @@ register_teacher_source(
 register_teacher_source(
     TeacherSource(
         name="mixture",
-        description="several teachers' distributions were mixed by weight, or each example routed to one of them",
-        returns=("dense",),
+        description=(
+            "several teachers' distributions were mixed by weight (teachers of different tokenizers: their "
+            "soft terms summed by weight), or each example routed to one of them"
+        ),
+        returns=("dense", "several"),
         loads_model=False,
         gives_features=False,
         scores_samples=False,
