@@ -54,9 +54,11 @@ PREFLIGHT_RULES = {
   else the majority-class share) by at least this, or the pre-flight warns that KD is unlikely to help.
 - ``alpha_reliable`` / ``alpha_cautious``: α for a healthy teacher / for one that fails a health line. α 0.9 is the demo's setting that helped (+0.082 ± 0.059, 5 seeds); α 0.5 with
   the same teacher on 377 labels at τ 2 was −0.004 ± 0.041 ("Ablation: the paper's synthetic teachers").
-- ``alpha_token_level``: α for a token-level (causal LM) teacher: α 0.8 was best of 0.5 / 0.8 / 0.9 from
-  a cache and beat 0.5 online ("Closing the gap to online KD"); online on a real-text LM, α 0.9 was
-  0.017 ± 0.006 nats better than 0.8 (3 seeds, "On a held-out real-text LM"), left as it is.
+- ``alpha_token_level``: α for a token-level (causal LM) teacher read through a top-k cache (``top_k_cache``):
+  α 0.8 was best of 0.5 / 0.8 / 0.9 from a top-32 cache of a real-text LM ("Closing the gap to online KD").
+  A dense (online or full-logit) token-level teacher gets ``alpha_reliable``: online on a real-text LM,
+  α 0.9 τ 1 beat α 0.8 τ 1 by 0.017 ± 0.006 nats on every seed (3 seeds, 200 steps, "On a held-out
+  real-text LM"), as α 0.9 was the best α on digits and text too.
 - ``min_epochs``: the budget is at least this many passes over the rows the soft term reads, and never
   fewer steps than the planned run: 2 epochs over the digits' 1,258 rows (80 steps) lost −0.534, 18 epochs
   (720 steps) won +0.098 ("When KD does not help"). Not checked on an LM (it asked 1,800 steps for a
@@ -97,7 +99,11 @@ class Recommendation:
         return {"fields": {n: asdict(c) for n, c in self.fields.items()}, "warnings": list(self.warnings)}
 
 
-def _choose_temperature(profile: Mapping[str, Any], rules: Mapping[str, float]) -> Choice:
+def choose_temperature(profile: Mapping[str, Any], rules: Mapping[str, float] = PREFLIGHT_RULES) -> Choice:
+    """τ from a :func:`~hf_kd.knowledge.profile.teacher_profile` (the ``soft_signal`` rule of
+    :data:`PREFLIGHT_RULES`): 1 unless the teacher is saturated; else the smallest measured τ at which it
+    puts ``soft_signal`` of its mass off the true class, never one where it is near uniform. The pre-flight's
+    recommendation and ``temperature: auto`` (``hf_kd.runs.auto_temperature``) both read it."""
     t, rows = profile["teacher"], sorted(profile["by_temperature"].items())
     if t["saturation_share"] < rules["saturated_share"]:
         r = profile["by_temperature"].get(1.0)
@@ -143,6 +149,7 @@ def recommend(
     student_parameters: int | None = None,
     student_reference: float | None = None,
     token_level: bool = False,
+    top_k_cache: bool = False,
     lmbda: float = 0.0,
     divergence: str = "forward_kl",
     rules: Mapping[str, float] = PREFLIGHT_RULES,
@@ -151,10 +158,11 @@ def recommend(
     width, from a :func:`teacher_profile` and the planned run (``planned_steps`` optimizer steps of
     ``batch_size`` rows over ``train_rows`` rows the soft term reads, on-policy share ``lmbda``), each
     with its measurement; plus the warnings when the teacher is unlikely to help. ``student_reference``
-    is the student's expected score without KD (a no-KD run's accuracy), when known."""
+    is the student's expected score without KD (a no-KD run's accuracy), when known; ``top_k_cache``:
+    the teacher is read through a top-k cache (its α is ``alpha_token_level`` at the token level)."""
     t = profile["teacher"]
     warnings: list[str] = []
-    fields: dict[str, Choice] = {"temperature": _choose_temperature(profile, rules)}
+    fields: dict[str, Choice] = {"temperature": choose_temperature(profile, rules)}
 
     reference, source = (
         (student_reference, "the student's reference score without KD")
@@ -194,11 +202,17 @@ def recommend(
             + "."
         )
 
-    if token_level:
+    if token_level and top_k_cache:
         fields["alpha"] = Choice(
             rules["alpha_token_level"],
-            f"token-level teacher (perplexity {t['perplexity']:.1f} on the slice): α {rules['alpha_token_level']} "
-            "measured best of 0.5 / 0.8 / 0.9 for an LM",
+            f"token-level teacher read through a top-k cache (perplexity {t['perplexity']:.1f} on the slice): "
+            f"α {rules['alpha_token_level']} measured best of 0.5 / 0.8 / 0.9 from a top-k cache of an LM",
+        )
+    elif token_level:
+        fields["alpha"] = Choice(
+            rules["alpha_reliable"],
+            f"token-level teacher read densely (perplexity {t['perplexity']:.1f} on the slice): "
+            f"α {rules['alpha_reliable']} measured best of 0.5 / 0.8 / 0.9 online on a real-text LM",
         )
     elif saturated or flat or overconfident:
         fields["alpha"] = Choice(
