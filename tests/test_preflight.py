@@ -54,6 +54,15 @@ def test_profile_measures_match_their_formulas():
         entropy = -(p_tau * p_tau.log()).sum(-1).mean().item() / math.log(10)
         assert row["teacher_entropy"] == pytest.approx(entropy, rel=1e-5)
     assert profile["majority_share"] == pytest.approx(torch.bincount(labels).max().item() / 400)
+    c = logits - logits.mean(-1, keepdim=True)
+    sigma = ((c**2).sum(-1) / 9).sqrt()  # Bessel's correction, as logit standardisation
+    p_z = torch.softmax(c / sigma[:, None] / 2.0, -1)  # z-scored at base τ 2
+    s = profile["standardized"]
+    assert s["logit_std"] == pytest.approx(sigma.mean().item(), rel=1e-5)
+    assert s["soft_signal"] == pytest.approx(1 - p_z[torch.arange(400), labels].mean().item(), rel=1e-4)
+    h = -(p_z * p_z.log()).sum(-1).mean().item()
+    assert s["teacher_entropy"] == pytest.approx(h / math.log(10), rel=1e-4)
+    assert s["kl_to_uniform"] == pytest.approx(math.log(10) - h, rel=1e-4)
 
 
 def test_a_healthy_teacher_gets_alpha_09_and_the_smallest_temperature_with_soft_signal():

@@ -316,6 +316,13 @@ def preflight_markdown(
         lines.append(
             f"| {tau:g} | {r['teacher_entropy']:.4f} | {r['kl_to_uniform']:.4f} | {r['soft_signal']:.4f} |"
         )
+    s = profile.get("standardized")
+    if s:
+        lines.append(
+            f"| z-scored logits, base τ {s['base_temperature']:g} (`logit_standardization`; mean logit σ "
+            f"{s['logit_std']:.3f}: effective τ {s['base_temperature'] * s['logit_std']:.2f}) | "
+            f"{s['teacher_entropy']:.4f} | {s['kl_to_uniform']:.4f} | {s['soft_signal']:.4f} |"
+        )
     if "heldout" in profile:
         h = profile["heldout"]
         lines.insert(
