@@ -36,7 +36,7 @@ class LossArgs(Group):
             by the pre-flight's τ rule (`hf_kd.knowledge.preflight.choose_temperature`) on the teacher's
             outputs over the first 512 training rows (4,096 positions of a causal LM): τ 1 unless the
             teacher is saturated (p_t > 0.99 on half the items), else the smallest of 2, 4 at which it
-            puts ≥ 10 % of its mass off the true class. The chosen τ and why are logged and written in
+            puts at least a tenth of its mass off the true class. The chosen τ and why are logged and written in
             the model card and the run record. Measured against fixed-τ sweeps (3 seeds, BENCHMARKS.md
             "Before you train"): τ 1 was the best or tied on digits, text and a real-text LM, where logit
             standardisation at base τ 2 lost on text and the LM (an effective τ of 2·σ(logits) flattens a
