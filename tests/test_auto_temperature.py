@@ -29,6 +29,7 @@ def test_auto_sets_the_preflight_temperature_and_trains_as_that_fixed_temperatur
     record = json.loads((tmp_path / "auto" / "run_record.json").read_text())
     assert record["recipe"]["temperature"] == expected["value"]
     assert record["card"]["temperature_auto"] == expected["because"]
+    assert record["recipe"]["logit_standardization"] is False  # the record rebuilds the run at that τ
     card = (tmp_path / "auto" / "README.md").read_text()
     assert f"{expected['value']:g}, set by `temperature: auto`: the teacher is" in card
     fixed = ["--temperature", str(expected["value"]), "--output_dir", str(tmp_path / "fixed")]
