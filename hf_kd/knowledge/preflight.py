@@ -45,7 +45,7 @@ PREFLIGHT_RULES = {
   "On a held-out real-text LM") τ 1 beat τ 2 at α 0.5 and α 0.9 on every seed; on the 20-package text
   task, tuned on by no rule ("Out of sample"), τ 1 was within the seed spread of the best fixed τ at α 0.9
   (τ 2: −0.003 ± 0.008, 200 steps) and beat τ 4 on every seed (+0.069 ± 0.006). ``temperature: auto``
-  is this rule, applied by the run (``hf_kd.runs.auto_temperature``).
+  is this rule, applied by the run (``hf_kd.auto_temperature``).
 - ``near_uniform_entropy``: never a τ at which the teacher's normalised entropy is at or above it (the
   knowledge report's line: KD is then mostly label smoothing).
 - ``saturated_share``, ``flat_tail``, ``ece``: the knowledge report's failure lines
@@ -106,7 +106,7 @@ def choose_temperature(profile: Mapping[str, Any], rules: Mapping[str, float] = 
     """τ from a :func:`~hf_kd.knowledge.profile.teacher_profile` (the ``soft_signal`` rule of
     :data:`PREFLIGHT_RULES`): 1 unless the teacher is saturated; else the smallest measured τ at which it
     puts ``soft_signal`` of its mass off the true class, never one where it is near uniform. The pre-flight's
-    recommendation and ``temperature: auto`` (``hf_kd.runs.auto_temperature``) both read it."""
+    recommendation and ``temperature: auto`` (``hf_kd.auto_temperature``) both read it."""
     t, rows = profile["teacher"], sorted(profile["by_temperature"].items())
     if t["saturation_share"] < rules["saturated_share"]:
         r = profile["by_temperature"].get(1.0)

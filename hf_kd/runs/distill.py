@@ -21,7 +21,6 @@ from hf_kd.modeling import check_model_source, count_parameters
 from hf_kd.paths import refuse_overlap
 from hf_kd.predictions import collect_predictions, teacher_class_similarity
 from hf_kd.run_lock import output_dir_lock
-from hf_kd.runs.auto_temperature import auto_temperature
 from hf_kd.runs.models import RunModels, load_models
 from hf_kd.runs.rows import RunRows, prepare_rows, select_rows
 from hf_kd.runs.run_record import run_record, write_run_record
@@ -301,10 +300,9 @@ def _train(
         trainer.target_fn = kd_sim_target_fn(config, trainer, train)
     if evaluation is not None and config.uses_teacher and not task.token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
-    if config.temperature == "auto":  # set before the first step; the record and the card keep why
-        choice = auto_temperature(trainer)
-        config.temperature = trainer.args.temperature = card_info.temperature = choice.value
-        card_info.temperature_auto = choice.because
+    if trainer.temperature_choice is not None:  # temperature: auto, set by the trainer: the card says why
+        card_info.temperature = config.temperature = trainer.args.temperature
+        card_info.temperature_auto = trainer.temperature_choice.because
     trainer.card_info = card_info
     trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
     return trainer

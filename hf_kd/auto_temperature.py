@@ -1,4 +1,4 @@
-"""``temperature: auto``: the run sets τ itself before its first step, by the pre-flight's τ rule
+"""``temperature: auto``: the trainer sets τ itself before its first step, by the pre-flight's τ rule
 (:func:`hf_kd.knowledge.preflight.choose_temperature`) on the teacher's outputs over its first training rows
 — the same measures (:func:`hf_kd.knowledge.profile.teacher_profile`) and the same rule as
 ``scripts/preflight.py``, so the two never disagree on the same rows."""
