@@ -38,9 +38,9 @@ class LossArgs(Group):
             teacher is saturated (p_t > 0.99 on half the items), else the smallest of 2, 4 at which it
             puts at least a tenth of its mass off the true class. The chosen τ and why are logged and written in
             the model card and the run record. Measured against fixed-τ sweeps (3 seeds, BENCHMARKS.md
-            "Before you train"): τ 1 was the best or tied on digits, text and a real-text LM, where logit
-            standardisation at base τ 2 lost on text and the LM (an effective τ of 2·σ(logits) flattens a
-            large vocabulary). See docs/knowledge.md#temperature-auto.
+            "Before you train"): τ 1 was the best or within the seed spread of it on digits, two text
+            tasks and a real-text LM, where logit standardisation at base τ 2 lost on a text task and the
+            LM. See docs/knowledge.md#temperature-auto.
         logit_standardization (`bool`, *optional*, defaults to `False`):
             Z-score both models' logits per item before the soft term's softmax at `temperature` (Sun et
             al., CVPR 2024; each item's effective τ is `temperature`·σ(logits)). Needs a full row of
