@@ -29,9 +29,14 @@ def auto_temperature(trainer) -> Choice:
     as it found it: the run that follows is the run at the chosen τ, step for step."""
     if trainer.teacher_signal is None:
         return Choice(1.0, "the run reads no teacher (α 0 or no teacher): τ is unused")
+    task = trainer.task
+    if task.token_level and task.vocabulary is not None:
+        raise ValueError(
+            "temperature: auto reads the teacher's probability of each true token over the student's "
+            "vocabulary; a teacher of another tokenizer has no such row: set a number for temperature"
+        )
     dataset = trainer.train_dataset
     rows = dataset.select(range(min(AUTO_TEMPERATURE_ROWS, len(dataset))))
-    task = trainer.task
     with torch.random.fork_rng():  # a data loader draws its base seed from the global generator
         predictions = collect_predictions(
             rows,

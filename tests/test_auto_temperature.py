@@ -3,12 +3,14 @@ same τ and reason as scripts/preflight.py on those rows, written in the run rec
 run is the run at that τ, step for step."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from distill_run import write_tiny_run
 
+from hf_kd.auto_temperature import auto_temperature
 from hf_kd.knowledge.preflight import choose_temperature
 from hf_kd.knowledge.profile import teacher_profile
 from scripts import cache_teacher, distill, preflight
@@ -94,3 +96,10 @@ def test_auto_reads_a_top_k_cache_as_the_pre_flight_does(tmp_path):
     expected = report["recommendation"]["fields"]["temperature"]
     assert record["recipe"]["temperature"] == expected["value"]
     assert record["card"]["temperature_auto"] == expected["because"]
+
+
+def test_auto_refuses_a_teacher_of_another_tokenizer_before_reading_it():
+    task = SimpleNamespace(token_level=True, vocabulary=object())  # a cross-tokenizer causal-LM task
+    trainer = SimpleNamespace(teacher_signal=object(), task=task, train_dataset=None)
+    with pytest.raises(ValueError, match="another tokenizer .* set a number for temperature"):
+        auto_temperature(trainer)
