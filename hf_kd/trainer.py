@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from hf_kd.auto_temperature import auto_temperature
 from hf_kd.cards.model import DistillationCardInfo, write_model_card
 from hf_kd.cards.run import with_latest_evaluation
 from hf_kd.checkpoints import CompleteCheckpointsMixin, resolve_resume
@@ -120,6 +121,10 @@ class DistillationTrainer(TeacherScoresMixin, TrainerDataMixin, CompleteCheckpoi
         if target_fn is None and args.alpha > 0 and args.synthetic_teacher in ("kd_pt", "kd_topk"):
             target_fn = SyntheticTargetFn(args.synthetic_teacher, k=args.synthetic_topk)
         self.target_fn = target_fn
+        self.temperature_choice = auto_temperature(self) if args.temperature == "auto" else None
+        """Why ``temperature: auto`` set ``args.temperature`` (``hf_kd.auto_temperature``), or None."""
+        if self.temperature_choice is not None:
+            args.temperature = self.temperature_choice.value
         if args.student_logits_from_hidden_states:
             check_student_for_hidden_states(
                 self.task,

@@ -70,14 +70,16 @@ def test_card_states_the_synthetic_teacher_and_its_soft_target():
 @pytest.mark.parametrize(
     ("config_fields", "line"),
     [
-        ({"temperature": "auto"}, "`temperature: auto` (logit standardisation, base τ 2)"),
-        ({"temperature": 4.0, "logit_standardization": True}, "(logit standardisation, base τ 4)"),
+        ({"temperature": 4.0, "logit_standardization": True}, "4 (the base τ of logit standardisation)"),
         ({"temperature": 2.0}, "2 (τ² scaling on)"),
+        ({"temperature": 1.0, "auto": "not saturated"}, "1, set by `temperature: auto`: not saturated (τ²"),
     ],
 )
-def test_card_says_temperature_auto_is_logit_standardisation(tmp_path, config_fields, line):
+def test_card_says_how_the_temperature_was_set(tmp_path, config_fields, line):
+    auto = config_fields.pop("auto", None)
     config = DistillationConfig(output_dir=str(tmp_path), teacher_model_name_or_path="t", **config_fields)
     info = run_card_info(DataArguments(task="text-classification"), config, student_parameters=10)
+    info.temperature_auto = auto
     text = str(render_model_card(info))
     assert f"- **Temperature τ:** {line}" in text
     assert ("standardisation" in text) == bool(config.logit_standardization)

@@ -116,6 +116,7 @@ LAYER_OF = {
             "hf_kd.step_addons",
             "hf_kd.callbacks",
             "hf_kd.predictions",
+            "hf_kd.auto_temperature",  # reads the teacher before the first step (predictions)
             "hf_kd.checkpoints",
             "hf_kd.training_guard",  # stops the trainer's steps
             "hf_kd.features",

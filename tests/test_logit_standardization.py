@@ -1,4 +1,4 @@
-"""temperature: auto — logit standardisation (Sun et al., CVPR 2024) against its formula, through every
+"""logit_standardization: true — logit standardisation (Sun et al., CVPR 2024) against its formula, through every
 loss path that has a full row of teacher logits, refused where there is none, and parsed from a recipe."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import yaml
 from formulas import kl
 
-from hf_kd.config import AUTO_BASE_TEMPERATURE, DistillationConfig, parse_args
+from hf_kd.config import DistillationConfig, parse_args
 from hf_kd.losses import HiddenStates, SparseLogits, distillation_loss, standardize_logits
 
 
@@ -72,7 +72,7 @@ def test_standardized_loss_from_hidden_states_equals_the_one_from_logits():
 def test_a_top_k_or_cross_tokenizer_teacher_is_refused_with_the_reason():
     z, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
     sparse = SparseLogits.from_logits(torch.randn(4, 10), 3)
-    with pytest.raises(ValueError, match="temperature: auto .* SparseLogits teacher"):
+    with pytest.raises(ValueError, match="logit_standardization .* SparseLogits teacher"):
         distillation_loss(z, sparse, labels, alpha=0.5, temperature=2.0, standardize=True)
 
 
@@ -81,12 +81,14 @@ def test_temperature_auto_parses_from_the_recipe_and_the_command_line(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(base | {"temperature": "auto"}))
     *_, config = parse_args(["--config", str(recipe)])
-    assert config.temperature == AUTO_BASE_TEMPERATURE and config.logit_standardization is True
+    assert config.temperature == "auto" and config.logit_standardization is False  # the run sets it
     *_, config = parse_args(["--config", str(recipe), "--temperature", "3"])
     assert config.temperature == 3.0 and config.logit_standardization is False
     recipe.write_text(yaml.safe_dump(base))
     *_, config = parse_args(["--config", str(recipe), "--temperature", "auto"])
-    assert config.temperature == AUTO_BASE_TEMPERATURE and config.logit_standardization is True
+    assert config.temperature == "auto"
+    with pytest.raises(ValueError, match="temperature=0.0 must be > 0"):
+        DistillationConfig(output_dir=str(tmp_path / "o"), temperature=0.0, use_cpu=True)
     recipe.write_text(yaml.safe_dump(base | {"temperature": "hot"}))
     with pytest.raises(ValueError, match="temperature: 'hot' .* expected a number > 0 or 'auto'"):
         parse_args(["--config", str(recipe)])

@@ -54,6 +54,15 @@ def test_profile_measures_match_their_formulas():
         entropy = -(p_tau * p_tau.log()).sum(-1).mean().item() / math.log(10)
         assert row["teacher_entropy"] == pytest.approx(entropy, rel=1e-5)
     assert profile["majority_share"] == pytest.approx(torch.bincount(labels).max().item() / 400)
+    c = logits - logits.mean(-1, keepdim=True)
+    sigma = ((c**2).sum(-1) / 9).sqrt()  # Bessel's correction, as logit standardisation
+    p_z = torch.softmax(c / sigma[:, None] / 2.0, -1)  # z-scored at base τ 2
+    s = profile["standardized"]
+    assert s["logit_std"] == pytest.approx(sigma.mean().item(), rel=1e-5)
+    assert s["soft_signal"] == pytest.approx(1 - p_z[torch.arange(400), labels].mean().item(), rel=1e-4)
+    h = -(p_z * p_z.log()).sum(-1).mean().item()
+    assert s["teacher_entropy"] == pytest.approx(h / math.log(10), rel=1e-4)
+    assert s["kl_to_uniform"] == pytest.approx(math.log(10) - h, rel=1e-4)
 
 
 def test_a_healthy_teacher_gets_alpha_09_and_the_smallest_temperature_with_soft_signal():
@@ -124,8 +133,11 @@ def test_on_policy_from_a_student_far_from_the_teacher_is_warned_and_the_cache_w
     assert profile["student"]["nll"] == pytest.approx(math.log(500), abs=0.05)
     on = recommend(profile, **PLAN, token_level=True, lmbda=1.0, divergence="jsd")
     assert any(w.startswith("On-policy KD from a student") for w in on.warnings)
-    assert on.fields["divergence"].value == "jsd" and on.fields["alpha"].value == 0.8
+    assert on.fields["divergence"].value == "jsd" and on.fields["alpha"].value == 0.9  # dense: α_reliable
     off = recommend(profile, **PLAN, token_level=True, lmbda=0.0)
+    cached = recommend(profile, **PLAN, token_level=True, top_k_cache=True)
+    assert cached.fields["alpha"].value == 0.8 and "top-k cache" in cached.fields["alpha"].because
+    assert off.fields["alpha"].value == 0.9 and "read densely" in off.fields["alpha"].because
     assert not any(w.startswith("On-policy") for w in off.warnings)
     k = on.fields["cache_top_k"].value
     masses = profile["kept_mass"]
@@ -213,7 +225,7 @@ def test_a_causal_lm_preflight_measures_the_student_and_the_cache_widths(tmp_pat
     masses = [m["mean"] for _, m in sorted(profile["kept_mass"].items())]
     assert masses == sorted(masses) and all(0 < m < 1 for m in masses)  # wider keeps more
     fields = content["recommendation"]["fields"]
-    assert fields["alpha"]["value"] == PREFLIGHT_RULES["alpha_token_level"]
+    assert fields["alpha"]["value"] == PREFLIGHT_RULES["alpha_reliable"]  # an online LM teacher: dense
     assert "cache_top_k" in fields and "cache_top_k" not in yaml.safe_load(
         (tmp_path / "p" / "recommended.yaml").read_text()
     )

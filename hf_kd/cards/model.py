@@ -21,7 +21,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_kd.cards.markdown import code_block, field_table, format_value, markdown_table
-from hf_kd.config import AUTO_BASE_TEMPERATURE
 from hf_kd.files import write_atomic
 from hf_kd.redact import redact
 from hf_kd.teachers.sources import TEACHER_SOURCES
@@ -76,8 +75,8 @@ class DistillationCardInfo:
     """hf_kd task: ``text-classification``, ``image-classification`` or ``causal-lm``."""
     divergence: str
     """Soft-term divergence, e.g. ``forward_kl``."""
-    temperature: float
-    """Softmax temperature τ applied to teacher and student logits."""
+    temperature: float | str
+    """Softmax temperature τ applied to teacher and student logits (``"auto"`` until the run sets it)."""
     alpha: float
     """Weight α of the soft term; the hard-label term gets 1 − α."""
     teacher_revision: str | None = None
@@ -96,8 +95,10 @@ class DistillationCardInfo:
     temperature_squared: bool = True
     """Whether the soft term was multiplied by τ²."""
     logit_standardization: bool = False
-    """Whether both models' logits were z-scored before the softmax at τ (``temperature: auto`` is this
-    at base τ ``AUTO_BASE_TEMPERATURE``)."""
+    """Whether both models' logits were z-scored before the softmax at τ."""
+    temperature_auto: str | None = None
+    """Why ``temperature: auto`` chose τ (the pre-flight's τ rule on the teacher's first training rows), or
+    None for a τ set by the recipe."""
     synthetic_teacher: str | None = None
     """The run's ``synthetic_teacher`` kind (``ls``, ``kd_pt``, ``kd_sim``, ``kd_topk`` ...), or None
     (the teacher's own distribution)."""
@@ -304,12 +305,12 @@ def _reproduce_section(info: DistillationCardInfo) -> str:
 
 
 def _temperature(info: DistillationCardInfo) -> str:
-    """τ as the recipe sets it: a number, or ``temperature: auto`` (logit standardisation at base τ 2)."""
+    """τ as the run used it: a number, chosen by ``temperature: auto`` (with why), with or without logit
+    standardisation (then a base τ)."""
     tau = format_value(info.temperature)
-    if not info.logit_standardization:
-        return tau
-    auto = "`temperature: auto` " if info.temperature == AUTO_BASE_TEMPERATURE else ""
-    return f"{auto}(logit standardisation, base τ {tau})"
+    if info.temperature_auto:
+        tau = f"{tau}, set by `temperature: auto`: {info.temperature_auto}"
+    return f"{tau} (the base τ of logit standardisation)" if info.logit_standardization else tau
 
 
 def _teacher_ref(info: DistillationCardInfo) -> str:

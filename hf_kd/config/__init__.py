@@ -9,7 +9,7 @@ from hf_kd.config.arguments import NO_SPLIT, STUDENT_INITS, TASKS, DataArguments
 from hf_kd.config.checks import check_finite
 from hf_kd.config.distillation import DistillationConfig
 from hf_kd.config.groups import GROUPS, RESERVED_INIT_KWARGS
-from hf_kd.config.groups.loss import AUTO_BASE_TEMPERATURE, temperature_value
+from hf_kd.config.groups.loss import temperature_value
 from hf_kd.config.parsing import ARGUMENT_CLASSES, load_recipe, parse_args
 from hf_kd.config.rules import RULES, Rule
 from hf_kd.teachers.sources import TEACHER_SOURCES
@@ -17,7 +17,6 @@ from hf_kd.teachers.synthetic import SYNTHETIC_KINDS
 
 __all__ = [
     "ARGUMENT_CLASSES",
-    "AUTO_BASE_TEMPERATURE",
     "GROUPS",
     "NO_SPLIT",
     "RESERVED_INIT_KWARGS",

@@ -17,9 +17,14 @@ import torch
 
 from hf_kd.knowledge.measures import knowledge_measures
 from hf_kd.knowledge.universe import wrong_mass
+from hf_kd.losses.standardization import standardize_logits
 
 CANDIDATE_TEMPERATURES = (1.0, 2.0, 4.0)
 """The temperatures the pre-flight measures the teacher at (and chooses τ from)."""
+
+STANDARDIZED_BASE_TEMPERATURE = 2.0
+"""The base τ at which the pre-flight measures the teacher's z-scored logits (logit standardisation, Sun et
+al.'s default): what ``logit_standardization: true`` at ``temperature: 2`` would distil."""
 
 CANDIDATE_TOP_K = (8, 16, 32, 64, 128, 256)
 """The cache widths whose kept probability mass the pre-flight measures for a token-level teacher."""
@@ -43,6 +48,23 @@ def kept_mass_by_k(teacher_logits: torch.Tensor, ks: Sequence[int] = CANDIDATE_T
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits.float(), labels).item()
+
+
+def _standardized(v: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Normalised entropy, KL to uniform and soft signal of softmax(Z(v) / base) (Z: per-item z-score), and
+    the mean logit σ: what logit standardisation at base τ :data:`STANDARDIZED_BASE_TEMPERATURE` distils."""
+    base = STANDARDIZED_BASE_TEMPERATURE
+    z = standardize_logits(v)
+    log_p = torch.log_softmax(z / base, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1).double().mean().item()
+    log_k = math.log(v.shape[-1])
+    return {
+        "base_temperature": base,
+        "logit_std": v.std(dim=-1).double().mean().item(),
+        "teacher_entropy": entropy / log_k,
+        "kl_to_uniform": log_k - entropy,
+        "soft_signal": wrong_mass(z, y, temperature=base).double().mean().item(),
+    }
 
 
 def heldout_scores(teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -70,6 +92,8 @@ def teacher_profile(
     ``teacher``: accuracy, NLL and perplexity exp(NLL), ECE, saturation share, tail flatness (level 2),
     p_t mean and std (level 3's spread); ``by_temperature[τ]``: normalised entropy H(p^τ)/log K, KL(p^τ ‖ u)
     and the soft signal, mean 1 − p^τ_t (level 1: at α = 1 the smoothing ε̄ the teacher applies);
+    ``standardized``: the same three at :data:`STANDARDIZED_BASE_TEMPERATURE` on z-scored logits, with the
+    mean σ of the logits (σ with Bessel's correction: each item's effective τ is base · σ);
     ``majority_share``: the most frequent label's share; ``student`` (with ``student_logits``, e.g. an
     untrained or pretrained student): accuracy, NLL, perplexity and top-1 agreement with the teacher;
     ``kept_mass`` (``token_level``): :func:`kept_mass_by_k`."""
@@ -103,6 +127,7 @@ def teacher_profile(
             "true_prob_std": level3["teacher_true_prob_std"],
         },
         "by_temperature": by_temperature,
+        "standardized": _standardized(v, y),
     }
     if student_logits is not None:
         z = student_logits[keep].float()

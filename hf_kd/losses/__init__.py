@@ -21,7 +21,7 @@ positions so that no full-vocabulary float32 tensor for all positions is alive a
 - ``hf_kd.losses.chunked``: the loss chunk by chunk, forward and backward in the forward pass;
 - ``hf_kd.losses.output_layer``: the student's or teacher's logits made from hidden states
   (:class:`HiddenStates`) chunk by chunk, with the output layer's gradients;
-- ``hf_kd.losses.standardization``: logit standardisation (``temperature: auto``);
+- ``hf_kd.losses.standardization``: logit standardisation (``logit_standardization``);
 - ``hf_kd.losses.cross_tokenizer``: a teacher of another tokenizer (:class:`AlignedLogits`): the matched
   part on the shared tokens and ULD on the rest;
 - ``hf_kd.losses.several_teachers``: several teachers of different tokenizers (:class:`WeightedTeachers`):

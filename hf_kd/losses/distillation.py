@@ -130,16 +130,16 @@ def distillation_loss(
     different tokenizers (:class:`WeightedTeachers`) replace it by Σ_i w_i · (teacher i's soft sum), each
     teacher's logged apart (``hf_kd.losses.several_teachers``).
 
-    ``standardize`` (``temperature: auto``): D reads p = softmax(Z(v)/τ), q = softmax(Z(z)/τ) with Z the
+    ``standardize`` (``logit_standardization``): D reads p = softmax(Z(v)/τ), q = softmax(Z(z)/τ) with Z the
     per-item z-score of :func:`hf_kd.losses.standardization.standardize_logits` (chunks and hidden states
     compose: Z is per item); a top-k or cross-tokenizer teacher has no full row of logits to z-score and
     is refused.
     """
     if standardize and isinstance(teacher, SparseLogits | AlignedLogits | WeightedTeachers):
         raise ValueError(
-            f"temperature: auto (logit standardisation) z-scores each item's full row of teacher logits; a "
-            f"{type(teacher).__name__} teacher (a top-k cache or another tokenizer) has none: set a number "
-            "for temperature, or use an online teacher or a full-logit cache"
+            f"logit_standardization z-scores each item's full row of teacher logits; a "
+            f"{type(teacher).__name__} teacher (a top-k cache or another tokenizer) has none: set "
+            "logit_standardization: false, or use an online teacher or a full-logit cache"
         )
     if soft_mask is None:
         soft_mask = labels != -100

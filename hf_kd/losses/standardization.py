@@ -1,7 +1,7 @@
 """Logit standardisation (Sun et al., *Logit Standardization in Knowledge Distillation*, CVPR 2024): each
 item's logits z-scored before the soft term's softmax, so the student matches the teacher's logit
 *relations* rather than their range, and one base temperature suits teachers of any logit scale
-(``temperature: auto``; docs/knowledge.md#logit-standardisation)."""
+(``logit_standardization: true``; docs/knowledge.md#logit-standardisation)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def standardize_logits(logits: torch.Tensor, eps: float = STANDARDIZATION_EPS) -
 
     mean(z) = Σ_k z_k / K and σ(z)² = Σ_k (z_k − mean(z))² / (K − 1) (Bessel's correction, as in the
     authors' code). The soft term then reads softmax(Z(z) / τ_base) for student and teacher alike, so
-    each item's effective temperature is τ_base · σ(z): the "temperature that sets itself". Differentiable
+    each item's effective temperature is τ_base · σ(z). Differentiable
     (the student's gradient flows through the mean and σ); invariant to adding a constant to a row or
     scaling it by a positive factor."""
     z = logits.float()

@@ -300,6 +300,9 @@ def _train(
         trainer.target_fn = kd_sim_target_fn(config, trainer, train)
     if evaluation is not None and config.uses_teacher and not task.token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
+    if trainer.temperature_choice is not None:  # temperature: auto, set by the trainer: the card says why
+        card_info.temperature = config.temperature = trainer.args.temperature
+        card_info.temperature_auto = trainer.temperature_choice.because
     trainer.card_info = card_info
     trainer.save_metrics("train", trainer.train(resume_from_checkpoint=checkpoint).metrics)
     return trainer

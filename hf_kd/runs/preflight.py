@@ -185,6 +185,7 @@ def run_preflight(
         student_parameters=count_parameters(student),
         student_reference=student_reference,
         token_level=token_level,
+        top_k_cache=cache is not None and cache.metadata.top_k is not None,
         lmbda=config.lmbda,
         divergence=config.divergence,
     )

@@ -30,6 +30,7 @@ RECORDED_SETTINGS = (
     "alpha",
     "temperature",
     "temperature_squared",
+    "logit_standardization",
     "divergence",
     "synthetic_teacher",
     "teacher_model_name_or_path",

@@ -8,9 +8,6 @@ from hf_kd.config.checks import Group, check_choice, check_range
 from hf_kd.config.docs import documented
 from hf_kd.losses import DIVERGENCES, TAIL_MODES
 
-AUTO_BASE_TEMPERATURE = 2.0
-"""The base τ of ``temperature: auto`` (logit standardisation), the authors' default."""
-
 
 def temperature_value(value: float | str) -> float | str:
     """A temperature from YAML or the command line: a number, or ``"auto"``."""
@@ -35,14 +32,20 @@ class LossArgs(Group):
     Parameters:
         temperature (`float` or `"auto"`, *optional*, defaults to `2.0`):
             Softmax temperature τ > 0 that divides both the teacher's and the student's logits in the
-            soft term (the hard term uses τ = 1). `"auto"` sets it per item: logit standardisation (Sun
-            et al., CVPR 2024), each item's logits z-scored before the softmax at the base τ
-            `AUTO_BASE_TEMPERATURE` = 2, so its effective τ is 2·σ(logits) — the same as
-            `logit_standardization: true` with `temperature: 2`, which is what the parsed config holds.
-            Needs a full row of teacher logits (online teacher or a full-logit cache); a top-k cache or a
-            teacher of another tokenizer is refused. See docs/knowledge.md#logit-standardisation.
+            soft term (the hard term uses τ = 1). `"auto"`: the run sets τ itself before its first step,
+            by the pre-flight's τ rule (`hf_kd.knowledge.preflight.choose_temperature`) on the teacher's
+            outputs over the first 512 training rows (4,096 positions of a causal LM): τ 1 unless the
+            teacher is saturated (p_t > 0.99 on half the items), else the smallest of 2, 4 at which it
+            puts at least a tenth of its mass off the true class. The chosen τ and why are logged and written in
+            the model card and the run record. Measured against fixed-τ sweeps (3 seeds, BENCHMARKS.md
+            "Before you train"): τ 1 was the best or within the seed spread of it on digits, two text
+            tasks and a real-text LM, where logit standardisation at base τ 2 lost on a text task and the
+            LM. See docs/knowledge.md#temperature-auto.
         logit_standardization (`bool`, *optional*, defaults to `False`):
-            Z-score both models' logits per item before the soft term's softmax at `temperature`.
+            Z-score both models' logits per item before the soft term's softmax at `temperature` (Sun et
+            al., CVPR 2024; each item's effective τ is `temperature`·σ(logits)). Needs a full row of
+            teacher logits (online teacher or a full-logit cache); a top-k cache or a teacher of another
+            tokenizer is refused. See docs/knowledge.md#logit-standardisation.
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight α ∈ [0, 1] of the soft term: 0 is plain fine-tuning on labels, 1 the soft term only.
         divergence (`str`, *optional*, defaults to `"forward_kl"`):
@@ -95,9 +98,7 @@ class LossArgs(Group):
         check_range("beta", self.beta, 0.0, 1.0)
         check_range("skew", self.skew, 0.0, 1.0, low_open=True)
         self.temperature = temperature_value(self.temperature)
-        if self.temperature == "auto":
-            self.temperature, self.logit_standardization = AUTO_BASE_TEMPERATURE, True
-        if not self.temperature > 0:
+        if self.temperature != "auto" and not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0")
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("sparse_tail", self.sparse_tail, TAIL_MODES)
