@@ -83,3 +83,26 @@ def test_card_says_how_the_temperature_was_set(tmp_path, config_fields, line):
     text = str(render_model_card(info))
     assert f"- **Temperature τ:** {line}" in text
     assert ("standardisation" in text) == bool(config.logit_standardization)
+
+
+def test_model_index_holds_the_students_scores_not_the_soft_terms_parts():
+    """The soft term's parts (matched/unmatched spans, each teacher's share) are the objective's values:
+    in the card body, never ``model-index`` results; the student's scores are."""
+    info = _info(
+        datasets=["local/data"],
+        eval_split="test",
+        student_metrics={
+            "eval_accuracy": 0.8125,
+            "eval_loss_hard": 0.5,
+            "eval_loss_soft": 0.25,
+            "eval_loss_soft_matched": 0.125,
+            "eval_loss_soft_teacher_a": 0.0625,
+            "eval_loss_soft_teacher_b_unmatched": 0.03125,
+        },
+    )
+    card = str(render_model_card(info))
+    index = card[: card.index("\n---", 4)]
+    assert "value: 0.8125" in index and "type: cross_entropy" in index
+    for part in ("loss_soft", "0.125", "0.0625", "0.03125"):
+        assert part not in index, part
+    assert "loss_soft_teacher_a" in card  # still in the card's body

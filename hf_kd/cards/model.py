@@ -46,7 +46,9 @@ SYNTHETIC_TARGETS = {
 _BOOKKEEPING_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 _NOT_RESULTS = {"loss", "loss_soft", "agreement"}
 """The training objective's values and the agreement with the teacher: in the card body, not in the
-``model-index`` results (what the model scores on the data)."""
+``model-index`` results (what the model scores on the data). The soft term's parts (``loss_soft_<part>``:
+matched/unmatched spans, each teacher's share) are objective values too."""
+_SOFT_PARTS = "loss_soft_"
 _METRIC_PREFIX = re.compile(r"^(eval|test|predict)_")
 METRIC_NAMES = {"loss_hard": "cross_entropy"}
 """Card names of logged measures: ``loss_hard`` is the mean cross-entropy on the labels (tokens for a LM)."""
@@ -172,7 +174,9 @@ def _eval_results(info: DistillationCardInfo) -> list[EvalResult]:
             metric_value=float(value),
         )
         for name, value in scores.items()
-        if name not in _BOOKKEEPING_METRICS | _NOT_RESULTS and isinstance(value, (int, float))
+        if name not in _BOOKKEEPING_METRICS | _NOT_RESULTS
+        and not name.startswith(_SOFT_PARTS)
+        and isinstance(value, (int, float))
     ]
 
 
