@@ -23,8 +23,8 @@ from hf_kd.completion_log import CompletionLog
 from hf_kd.features import FeatureDistiller
 from hf_kd.losses import HiddenStates, LossTerms, distillation_loss
 from hf_kd.on_policy import OnPolicyBatches, check_prompt_rows, on_policy_batches
-from hf_kd.on_policy_watch import OnPolicyWatch
-from hf_kd.tasks.base import KDItems
+from hf_kd.on_policy_watch import OnPolicyWatch, check_start
+from hf_kd.tasks.base import KDItems, Task
 
 GRAD_KEYS = ("grad_hard", "grad_soft", "n_grad")
 """Sums of the logged terms' gradient norms (:func:`record_term_gradients`) and their count."""
@@ -154,14 +154,23 @@ class FeatureLosses(StepAddOn):
 class OnPolicySampling(StepAddOn):
     """Sampled completions replace the data's before a window is counted; logs the soft term on each
     (``loss_soft_generated`` / ``loss_soft_data``, with a teacher signal), ``completion_length`` and
-    ``generation_time_share``; warns when the samples are far from the data (``OnPolicyWatch``)."""
+    ``generation_time_share``; warns when the samples are far from the data (``watch``: ``OnPolicyWatch``
+    on the logs of a mixed run) or, with ``start_task`` (a fully on-policy run), when the student starts
+    far from the teacher on the first window's data (``hf_kd.on_policy_watch.check_start``;
+    ``start_nll`` keeps the two NLLs read)."""
 
     name = "on_policy"
 
-    def __init__(self, batches: OnPolicyBatches, has_teacher: bool, watch: bool):
+    def __init__(
+        self, batches: OnPolicyBatches, has_teacher: bool, watch: bool, start_task: Task | None = None
+    ):
         self.component, self.has_teacher, self.watch = batches, has_teacher, watch
+        self.start_task, self.start_nll = start_task, None
 
     def before_window(self, batches, *, student, teacher, step):
+        if self.start_task is not None and teacher is not None:  # once, before the data's rows are replaced
+            self.start_nll = check_start(batches[0], self.start_task, student, teacher, step)
+            self.start_task = None
         return [
             self.component(batch, student=student, teacher=teacher, step=step, index=index)
             for index, batch in enumerate(batches)
@@ -285,7 +294,15 @@ def build_addons(
         if isinstance(train_dataset, Dataset):
             check_prompt_rows(train_dataset, task.max_length)
         watch = 0 < args.lmbda < 1 and not args.seq_kd  # data batches to compare the samples with
-        addons.append(OnPolicySampling(sampled, has_teacher=teacher_signal is not None, watch=watch))
+        fully = args.lmbda == 1 and not args.seq_kd and teacher_signal is not None  # none: check the start
+        addons.append(
+            OnPolicySampling(
+                sampled,
+                has_teacher=teacher_signal is not None,
+                watch=watch,
+                start_task=task if fully else None,
+            )
+        )
     if args.log_completions and main_process:
         addons.append(
             CompletionRecords(CompletionLog(args.output_dir, args.num_completions_to_log, processor))
