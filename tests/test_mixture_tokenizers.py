@@ -6,6 +6,7 @@ teacher of another tokenizer does not support is refused naming the member."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -19,6 +20,7 @@ from hf_kd import DataArguments, ModelArguments, run_distillation
 from hf_kd.cards.markdown import format_value
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer
 from hf_kd.losses import AlignedLogits, WeightedTeachers, distillation_loss
+from hf_kd.predictions import teacher_agreements
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers import mixture as mixture_module
 from hf_kd.teachers.mixture import MixtureTeacher
@@ -259,24 +261,23 @@ def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
         assert f"| loss_soft_teacher_{name} | — | {format_value(value)} |" in card
 
 
-def direct_agreement(setup, student_model, name):
-    """The student's agreement with teacher ``name`` on the evaluation rows, computed here from the two
+def direct_agreement(setup, student_model, name, teacher, max_items=None):
+    """The student's agreement with ``teacher`` (of ``name``'s tokenizer) on the evaluation rows, computed here from the two
     models' logits: at every scored position (the student's tokenizer), or at the matched span starts
     (another tokenizer: the student's top-1 mapped to the teacher's id, KL on the shared tokens)."""
-    _, student, _, models, _ = setup
     _, task, batch = alone_batch(setup, name, "test")
     with torch.no_grad():
         z = student_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if task.vocabulary is None:
-            v = models[name](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            v = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         else:
-            v = models[name](
+            v = teacher(
                 input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
             ).logits
     targets = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
     z, targets = z.reshape(-1, z.shape[-1]), targets.reshape(-1)
     if task.vocabulary is None:
-        keep = targets >= 0
+        keep = torch.nonzero(targets >= 0).squeeze(-1)[:max_items]
         z, v, targets = z[keep], v.reshape(-1, v.shape[-1])[keep], targets[keep]
         top = v.argmax(-1)
         agree, right = z.argmax(-1) == top, top == targets
@@ -286,7 +287,9 @@ def direct_agreement(setup, student_model, name):
         teacher_row = torch.where(
             position >= 0, position + torch.arange(len(position))[:, None] * length, -1
         ).reshape(-1)
-        keep = matched.reshape(-1) & (teacher_row >= 0) & (targets >= 0)
+        keep = torch.nonzero(matched.reshape(-1) & (teacher_row >= 0) & (targets >= 0)).squeeze(-1)[
+            :max_items
+        ]
         student_ids, teacher_ids = task.vocabulary.tensors
         to_teacher = dict(zip(student_ids.tolist(), teacher_ids.tolist(), strict=True))
         z, targets = z[keep], targets[keep]
@@ -298,7 +301,7 @@ def direct_agreement(setup, student_model, name):
     kl = torch.nn.functional.kl_div(
         z.log_softmax(-1), v.log_softmax(-1), log_target=True, reduction="batchmean"
     )
-    assert len(z) > 10
+    assert len(z) >= 10
     return {
         "top1_agreement": agree.double().mean().item(),
         "kl": kl.item(),
@@ -311,7 +314,15 @@ def test_a_run_reports_the_students_agreement_with_each_teacher(setup, tmp_path)
     the student's agreement with each (``eval_knowledge/teachers/<name>/...``), equal to what is computed
     here from the student's and that teacher's logits on the evaluation rows (another tokenizer: at the
     matched span starts); the card shows them."""
-    root, *_ = setup
+    root, _, tokenizers, models, _ = setup
+    _, task, _ = alone_batch(setup, "u")
+    shared = copy.deepcopy(models["u"])  # u's top-1 among the tokens it shares with the student
+    with torch.no_grad():
+        outside = torch.ones(len(tokenizers["u"]), dtype=torch.bool)
+        outside[task.vocabulary.tensors[1]] = False
+        shared.lm_head.weight[outside] = 0.0
+    save_model(shared, tokenizers["u"], tmp_path / "u")
+    teachers = [member(root, "s"), member(root, "b"), member(tmp_path, "u", 4)]
     data_args = DataArguments(task="causal-lm", dataset_name=str(root / "data"), max_length=MAX_LENGTH)
     model_args = ModelArguments(
         student_processor=str(root / "student_tokenizer"),
@@ -320,16 +331,15 @@ def test_a_run_reports_the_students_agreement_with_each_teacher(setup, tmp_path)
                         "max_position_embeddings": 64},
     )  # fmt: skip
     config = tiny_config(
-        tmp_path / "run", teacher_source="mixture", teachers=[member(root, n) for n in ("s", "b", "u")],
-        alpha=1.0, max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=3,
+        tmp_path / "run", teacher_source="mixture", teachers=teachers, alpha=1.0, max_steps=20, per_device_train_batch_size=8, per_device_eval_batch_size=3,
         learning_rate=1e-2, eval_strategy="no",
     )  # fmt: skip
     result = run_distillation(data_args, model_args, config)
     logged = {k: v for entry in result.trainer.state.log_history for k, v in entry.items()}
     student_model = result.trainer.model.cpu().eval()
     card = (tmp_path / "run" / "README.md").read_text()
-    for name in ("s", "b", "u"):
-        expected = direct_agreement(setup, student_model, name)
+    for name, teacher in (("s", models["s"]), ("b", models["b"]), ("u", shared)):
+        expected = direct_agreement(setup, student_model, name, teacher)
         for measure, value in expected.items():
             assert logged[f"eval_knowledge/teachers/{name}/{measure}"] == pytest.approx(
                 value, rel=1e-4, abs=1e-6
@@ -338,6 +348,20 @@ def test_a_run_reports_the_students_agreement_with_each_teacher(setup, tmp_path)
         assert f"| `teachers/{name}/top1_agreement` | {agreement:.4g} |" in card
     kls = [logged[f"eval_knowledge/teachers/{name}/kl"] for name in ("s", "b", "u")]
     assert len(set(kls)) == 3 and min(kls) > 0  # teachers that disagree: different agreements
+    for measure in ("top1_agreement", "teacher_accuracy"):  # u: its top-1 maps onto the student's tokens
+        assert logged[f"eval_knowledge/teachers/u/{measure}"] > 0
+    first = teacher_agreements(  # at most max_items scored positions, the first ones
+        result.trainer.eval_dataset,
+        result.trainer.task,
+        student=student_model,
+        teacher_signal=result.trainer.teacher_signal,
+        batch_size=3,
+        max_items=10,
+    )
+    for name, teacher in (("s", models["s"]), ("u", shared)):
+        expected = direct_agreement(setup, student_model, name, teacher, max_items=10)
+        assert first[name] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert first["s"]["kl"] != pytest.approx(logged["eval_knowledge/teachers/s/kl"])
 
 
 @pytest.mark.parametrize(
