@@ -115,7 +115,7 @@ def teacher_agreements(
     scored token positions), batch by batch: :func:`hf_kd.knowledge.measures.teacher_agreement` (top-1
     agreement, KL, the teacher's accuracy); for a teacher of another tokenizer, the same at the matched
     span starts only (:meth:`hf_kd.losses.AlignedLogits.matched_agreement`). ``{}`` for a signal of one
-    teacher."""
+    teacher; a teacher with no such item (no labelled item, or no matched span) gets ``{}``."""
     return {
         name: _agreement(dataset, task, student, teacher, batch_size, max_items, device)
         for name, teacher in teacher_signal.teachers.items()
@@ -144,6 +144,8 @@ def _agreement(dataset, task, student, teacher, batch_size, max_items, device) -
         max_items=max_items,
         device=device,
     )
+    if not sum(len(part["top1_agreement"]) for part in parts):
+        return {}
     return mean_agreement({key: torch.cat([part[key] for part in parts])[:max_items] for key in parts[0]})
 
 
