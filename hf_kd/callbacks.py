@@ -17,23 +17,45 @@ class KnowledgeCallback(TrainerCallback):
     (at most ``max_items`` items) and logs the scalars of :func:`hf_kd.knowledge.measures.knowledge_measures`
     as ``eval_knowledge/<level>/<measure>`` through ``trainer.log``; with several teachers (the signal's
     ``teachers``), the student's agreement with each as ``eval_knowledge/teachers/<name>/<measure>``
-    (:func:`hf_kd.predictions.teacher_agreements`).
+    (:func:`hf_kd.predictions.teacher_agreements`). ``levels=False`` logs the per-teacher agreements only
+    (a causal LM: the knowledge levels are classifier measures; its items are the scored token positions,
+    at most ``max_items`` of them, read batch by batch).
 
         trainer = DistillationTrainer(...)
         trainer.add_callback(KnowledgeCallback(trainer))
     """
 
-    def __init__(self, trainer, *, groups: list[int] | None = None, max_items: int = 1024):
+    def __init__(
+        self, trainer, *, groups: list[int] | None = None, max_items: int = 1024, levels: bool = True
+    ):
         if trainer.teacher_signal is None:
             raise ValueError(
                 "KnowledgeCallback needs a trainer with a teacher signal (alpha > 0 and a teacher)"
             )
-        self.trainer, self.groups, self.max_items = trainer, groups, max_items
+        self.trainer, self.groups, self.max_items, self.levels = trainer, groups, max_items, levels
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         trainer = self.trainer
         if trainer.eval_dataset is None or isinstance(trainer.eval_dataset, dict):
             return  # one evaluation set only: with several, which one the measures describe is ambiguous
+        measures = self._levels(args, model) if self.levels else {}
+        agreements = teacher_agreements(  # several teachers: the student's agreement with each
+            trainer.eval_dataset,
+            trainer.task,
+            student=model,
+            teacher_signal=trainer.teacher_signal,
+            batch_size=args.per_device_eval_batch_size,
+            max_items=self.max_items,
+            device=args.device,
+        )
+        if agreements:
+            measures["teachers"] = agreements
+        if measures:
+            trainer.log(scalar_measures(measures, prefix=KNOWLEDGE_PREFIX))
+
+    def _levels(self, args, model) -> dict:
+        """The knowledge measures of the student and the teacher signal over the evaluation set."""
+        trainer = self.trainer
         predictions = collect_predictions(
             trainer.eval_dataset,
             trainer.task,
@@ -59,15 +81,4 @@ class KnowledgeCallback(TrainerCallback):
             student_weight=logit_layer_weight_or_none(model),
         )
         measures.pop("settings")
-        agreements = teacher_agreements(  # several teachers: the student's agreement with each
-            trainer.eval_dataset,
-            trainer.task,
-            student=model,
-            teacher_signal=signal,
-            batch_size=args.per_device_eval_batch_size,
-            max_items=self.max_items,
-            device=args.device,
-        )
-        if agreements:
-            measures["teachers"] = agreements
-        trainer.log(scalar_measures(measures, prefix=KNOWLEDGE_PREFIX))
+        return measures

@@ -89,3 +89,35 @@ def test_training_on_the_uld_part_alone_lowers_it():
         optimizer.step()
     last = float(uld_only(z, teacher).parts["soft_unmatched"][0])
     assert first > 8 and last < 0.5 * first
+
+
+def test_agreement_is_measured_at_the_labelled_matched_span_starts_on_the_shared_tokens():
+    """V_s = 6, V_t = 7, shared student ids [4, 0, 2, 5] ↔ teacher ids [1, 6, 3, 0]. Rows 0-3 are labelled
+    matched span starts: row 0 agrees (student 4 ↔ teacher 1), row 1 agrees (0 ↔ 6), row 2 disagrees
+    (student 2 ↔ 3, teacher 0), row 3's student top-1 (id 1) has no teacher id (its best shared token, 2 ↔ 3,
+    is the teacher's top-1: not counted); the teacher is right where its top-1 is the target's teacher id
+    (rows 0, 2, 3). Row 4 is unmatched, row 5 unlabelled, row 6 starts no span: all three left out."""
+    student_ids, teacher_ids = [4, 0, 2, 5], [1, 6, 3, 0]
+    z, v = torch.zeros(7, 6), torch.zeros(7, 7)
+    for row, (student_top, teacher_top) in enumerate(
+        [(4, 1), (0, 6), (2, 0), (1, 3), (4, 1), (4, 1), (4, 1)]
+    ):
+        z[row, student_top], v[row, teacher_top] = 5.0, 4.0
+    z[3, 2] = 3.0
+    labels = torch.tensor([4, 2, 5, 2, 4, -100, 4])
+    teacher = AlignedLogits(
+        logits=v,
+        teacher_row=torch.tensor([0, 1, 2, 3, 4, 5, -1]),
+        matched=torch.tensor([True, True, True, True, False, True, True]),
+        student_ids=torch.tensor(student_ids),
+        teacher_ids=torch.tensor(teacher_ids),
+    )
+    agreement = teacher.matched_agreement(z, labels)
+    torch.testing.assert_close(
+        agreement["top1_agreement"], torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        agreement["teacher_accuracy"], torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    )
+    p, q = v[:4, teacher_ids].softmax(-1), z[:4, student_ids].softmax(-1)
+    torch.testing.assert_close(agreement["kl"].float(), (p * (p.log() - q.log())).sum(-1))

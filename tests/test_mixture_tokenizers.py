@@ -6,7 +6,10 @@ teacher of another tokenizer does not support is refused naming the member."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
+from types import SimpleNamespace
 
 import pytest
 import tiny
@@ -19,6 +22,7 @@ from hf_kd import DataArguments, ModelArguments, run_distillation
 from hf_kd.cards.markdown import format_value
 from hf_kd.data.toy_chat import toy_conversation, toy_tokenizer
 from hf_kd.losses import AlignedLogits, WeightedTeachers, distillation_loss
+from hf_kd.predictions import teacher_agreements
 from hf_kd.tasks import CausalLMTask
 from hf_kd.teachers import mixture as mixture_module
 from hf_kd.teachers.mixture import MixtureTeacher
@@ -75,14 +79,14 @@ def mixture_batch(setup, tmp_path, teachers, **fields):
     return signal, task, signal.collator(task.collate)([rows[i] for i in range(len(rows))])
 
 
-def alone_batch(setup, name):
+def alone_batch(setup, name, split="train"):
     """A single teacher ``name`` alone (as a run with ``teacher_model_name_or_path`` has it): its signal, task
     and the batch of the same rows."""
     _, student, tokenizers, models, data = setup
     task = CausalLMTask(max_length=MAX_LENGTH)
     task.use_processor(student)
     task.use_teacher_tokenizer(tokenizers[name])
-    rows = task.prepare(data["train"], student_processor=student)
+    rows = task.prepare(data[split], student_processor=student)
     batch = task.collate([rows[i] for i in range(len(rows))])
     if task.vocabulary is None:  # the student's tokenizer: its plain logits
         return (
@@ -257,6 +261,121 @@ def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
     for name in ("s", "b"):  # what each teacher contributed: the student's divergence from it, evaluated
         value = result.metrics[f"eval_loss_soft_teacher_{name}"]
         assert f"| loss_soft_teacher_{name} | — | {format_value(value)} |" in card
+
+
+def direct_agreement(setup, student_model, name, teacher, max_items=None):
+    """The student's agreement with ``teacher`` (of ``name``'s tokenizer) on the evaluation rows, computed here from the two
+    models' logits: at every scored position (the student's tokenizer), or at the matched span starts
+    (another tokenizer: the student's top-1 mapped to the teacher's id, KL on the shared tokens)."""
+    _, task, batch = alone_batch(setup, name, "test")
+    with torch.no_grad():
+        z = student_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if task.vocabulary is None:
+            v = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        else:
+            v = teacher(
+                input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
+            ).logits
+    targets = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
+    z, targets = z.reshape(-1, z.shape[-1]), targets.reshape(-1)
+    if task.vocabulary is None:
+        keep = torch.nonzero(targets >= 0).squeeze(-1)[:max_items]
+        z, v, targets = z[keep], v.reshape(-1, v.shape[-1])[keep], targets[keep]
+        top = v.argmax(-1)
+        agree, right = z.argmax(-1) == top, top == targets
+    else:
+        position, matched = batch["kd_alignment_teacher_position"], batch["kd_alignment_matched"].bool()
+        length = v.shape[1]
+        teacher_row = torch.where(
+            position >= 0, position + torch.arange(len(position))[:, None] * length, -1
+        ).reshape(-1)
+        keep = torch.nonzero(matched.reshape(-1) & (teacher_row >= 0) & (targets >= 0)).squeeze(-1)[
+            :max_items
+        ]
+        student_ids, teacher_ids = task.vocabulary.tensors
+        to_teacher = dict(zip(student_ids.tolist(), teacher_ids.tolist(), strict=True))
+        z, targets = z[keep], targets[keep]
+        v = v.reshape(-1, v.shape[-1])[teacher_row[keep]]
+        top = v.argmax(-1)
+        agree = torch.tensor([to_teacher.get(i, -1) for i in z.argmax(-1).tolist()]) == top
+        right = torch.tensor([to_teacher.get(i, -1) for i in targets.tolist()]) == top
+        z, v = z[:, student_ids], v[:, teacher_ids]  # the shared tokens, in the same order
+    kl = torch.nn.functional.kl_div(
+        z.log_softmax(-1), v.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert len(z) >= 10
+    return {
+        "top1_agreement": agree.double().mean().item(),
+        "kl": kl.item(),
+        "teacher_accuracy": right.double().mean().item(),
+    }
+
+
+def test_a_run_reports_the_students_agreement_with_each_teacher(setup, tmp_path):
+    """A causal-LM run from teachers of the student's tokenizer and of two others logs, at its evaluation,
+    the student's agreement with each (``eval_knowledge/teachers/<name>/...``), equal to what is computed
+    here from the student's and that teacher's logits on the evaluation rows (another tokenizer: at the
+    matched span starts); the card shows them."""
+    root, _, tokenizers, models, _ = setup
+    _, task, _ = alone_batch(setup, "u")
+    shared = copy.deepcopy(models["u"])  # u's top-1 among the tokens it shares with the student
+    with torch.no_grad():
+        outside = torch.ones(len(tokenizers["u"]), dtype=torch.bool)
+        outside[task.vocabulary.tensors[1]] = False
+        shared.lm_head.weight[outside] = 0.0
+    save_model(shared, tokenizers["u"], tmp_path / "u")
+    teachers = [member(root, "s"), member(root, "b"), member(tmp_path, "u", 4)]
+    data_args = DataArguments(task="causal-lm", dataset_name=str(root / "data"), max_length=MAX_LENGTH)
+    model_args = ModelArguments(
+        student_processor=str(root / "student_tokenizer"),
+        student_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                        "max_position_embeddings": 64},
+    )  # fmt: skip
+    config = tiny_config(
+        tmp_path / "run", teacher_source="mixture", teachers=teachers, alpha=1.0, max_steps=20, per_device_train_batch_size=8, per_device_eval_batch_size=3,
+        learning_rate=1e-2, eval_strategy="no",
+    )  # fmt: skip
+    result = run_distillation(data_args, model_args, config)
+    logged = {k: v for entry in result.trainer.state.log_history for k, v in entry.items()}
+    student_model = result.trainer.model.cpu().eval()
+    card = (tmp_path / "run" / "README.md").read_text()
+    for name, teacher in (("s", models["s"]), ("b", models["b"]), ("u", shared)):
+        expected = direct_agreement(setup, student_model, name, teacher)
+        for measure, value in expected.items():
+            assert logged[f"eval_knowledge/teachers/{name}/{measure}"] == pytest.approx(
+                value, rel=1e-4, abs=1e-6
+            ), (name, measure)
+        agreement = logged[f"eval_knowledge/teachers/{name}/top1_agreement"]
+        assert f"| `teachers/{name}/top1_agreement` | {agreement:.4g} |" in card
+    kls = [logged[f"eval_knowledge/teachers/{name}/kl"] for name in ("s", "b", "u")]
+    assert len(set(kls)) == 3 and min(kls) > 0  # teachers that disagree: different agreements
+    assert logged["eval_knowledge/teachers/u/teacher_accuracy"] > 0  # u's top-1, mapped, is the target's
+    first = teacher_agreements(  # at most max_items scored positions, the first ones
+        result.trainer.eval_dataset,
+        result.trainer.task,
+        student=student_model,
+        teacher_signal=result.trainer.teacher_signal,
+        batch_size=3,
+        max_items=10,
+    )
+    for name, teacher in (("s", models["s"]), ("u", shared)):
+        expected = direct_agreement(setup, student_model, name, teacher, max_items=10)
+        assert first[name] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert first["s"]["kl"] != pytest.approx(logged["eval_knowledge/teachers/s/kl"])
+    signal = result.trainer.teacher_signal
+
+    def no_match(batch):
+        aligned = signal.teachers["b"](batch)
+        return dataclasses.replace(aligned, matched=torch.zeros_like(aligned.matched))
+
+    never = teacher_agreements(  # no matched span: nothing measured, nothing logged, no error
+        result.trainer.eval_dataset,
+        result.trainer.task,
+        student=student_model,
+        teacher_signal=SimpleNamespace(teachers={"b": no_match}),
+    )
+    assert never == {"b": {}}
 
 
 @pytest.mark.parametrize(

@@ -199,16 +199,30 @@ def teacher_agreement(
     top1_agreement = mean[argmax z = argmax v];  kl = mean KL(p ‖ q), p = softmax(v), q = softmax(z)
     (τ = 1);  teacher_accuracy = mean[argmax v = y].
     """
+    return mean_agreement(agreement_items(student_logits, teacher_logits, labels))
+
+
+def agreement_items(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The terms of :func:`teacher_agreement` per labelled item (label ≥ 0), [n] each, float64:
+    ``top1_agreement`` [argmax z = argmax v], ``kl`` KL(p ‖ q), ``teacher_accuracy`` [argmax v = y]
+    (averaged over items collected batch by batch: :func:`mean_agreement`)."""
     keep = labels >= 0
-    if not keep.any():
-        raise ValueError("teacher_agreement needs labelled items (label ≥ 0); every label is < 0")
     z, v, y = student_logits[keep].float(), teacher_logits[keep].float(), labels[keep]
     log_p, log_q = torch.log_softmax(v, -1), torch.log_softmax(z, -1)
     return {
-        "top1_agreement": (z.argmax(-1) == v.argmax(-1)).double().mean().item(),
-        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
-        "teacher_accuracy": (v.argmax(-1) == y).double().mean().item(),
+        "top1_agreement": (z.argmax(-1) == v.argmax(-1)).double(),
+        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).double(),
+        "teacher_accuracy": (v.argmax(-1) == y).double(),
     }
+
+
+def mean_agreement(items: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean of each term of :func:`agreement_items` ([n] each) over its items."""
+    if not all(len(values) for values in items.values()):
+        raise ValueError("teacher_agreement needs labelled items (label ≥ 0); every label is < 0")
+    return {name: values.mean().item() for name, values in items.items()}
 
 
 def scalar_measures(measures: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -93,6 +93,40 @@ class AlignedLogits:
             self._unmatched_sum(student_logits, unmatched, teacher_row, temperature),
         )
 
+    def matched_agreement(
+        self, student_logits: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The student's agreement with the teacher at the matched span starts with a label (≥ 0), the only
+        rows where both predict the same event over tokens they share; [N, V_s] logits of every student
+        row, [N] labels (next-token targets). Per such row, [n] each, float64 (the terms of
+        :func:`hf_kd.knowledge.measures.agreement_items`, on the shared tokens S):
+
+            top1_agreement = [map(argmax z_r) = argmax v_u]   (map: student id → teacher id, none outside S)
+            kl = KL(p ‖ q), p = softmax(v_u[S_t]), q = softmax(z_r[S_s])   (τ = 1)
+            teacher_accuracy = [argmax v_u = map(y_r)]
+        """
+        rows = torch.nonzero(self.matched & (self.teacher_row >= 0) & (labels >= 0)).squeeze(-1)
+        student = student_logits.index_select(0, rows.to(student_logits.device)).float()
+        teacher_row = self.teacher_row[rows]
+        column = self._teacher_ids_of(student.shape[-1], student.device)
+        top = self._teacher_rows(teacher_row, student.device).argmax(-1)
+        from hf_kd.losses.divergences import forward_kl  # that module imports this one
+
+        kl = self._matched_divergence(
+            student, teacher_row, lambda z, v: forward_kl(torch.log_softmax(z, -1), torch.log_softmax(v, -1))
+        )
+        return {
+            "top1_agreement": (column[student.argmax(-1)] == top).double(),
+            "kl": kl.double(),
+            "teacher_accuracy": (column[labels[rows].to(student.device)] == top).double(),
+        }
+
+    def _teacher_ids_of(self, vocab: int, device) -> torch.Tensor:
+        """[V_s] the teacher id of each student id of the shared tokens S, −1 outside S."""
+        column = torch.full((vocab,), -1, dtype=torch.long, device=device)
+        column[self.student_ids.to(device)] = self.teacher_ids.to(device)
+        return column
+
     def _teacher_rows(self, teacher_row: torch.Tensor, device) -> torch.Tensor:
         """The teacher's logits at ``teacher_row``, in float32 on ``device``."""
         return self.logits.index_select(0, teacher_row.to(self.logits.device)).to(device).float()
@@ -105,8 +139,7 @@ class AlignedLogits:
         teacher = self._teacher_rows(teacher_row, device)
         if self.student_ids.numel() == vocab and torch.equal(self.student_ids, self.teacher_ids):
             return divergence_fn(student_logits, teacher)  # one vocabulary: the usual soft term
-        column = torch.full((vocab,), -1, dtype=torch.long, device=device)
-        column[self.student_ids.to(device)] = self.teacher_ids.to(device)
+        column = self._teacher_ids_of(vocab, device)
         outside = torch.where(column < 0, OUTSIDE_SHARED, 0.0)
         teacher = teacher.index_select(1, column.clamp(min=0)).add_(outside)
         return divergence_fn(student_logits.float() + outside, teacher)

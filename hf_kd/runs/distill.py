@@ -300,6 +300,8 @@ def _train(
         trainer.target_fn = kd_sim_target_fn(config, trainer, train)
     if evaluation is not None and config.uses_teacher and not task.token_level:
         trainer.add_callback(KnowledgeCallback(trainer))
+    elif evaluation is not None and config.uses_teacher and trainer.teacher_signal.teachers:
+        trainer.add_callback(KnowledgeCallback(trainer, levels=False))
     if trainer.temperature_choice is not None:  # temperature: auto, set by the trainer: the card says why
         card_info.temperature = config.temperature = trainer.args.temperature
         card_info.temperature_auto = trainer.temperature_choice.because

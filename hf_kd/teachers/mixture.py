@@ -24,9 +24,10 @@ weights; the loss sums their soft terms, Σ_i w_i · S_i (why this is the mixtur
 forward KL at τ = 1, and where it differs: ``hf_kd.losses.several_teachers``). With routing, each row is
 taught by its own member, whatever its tokenizer: every part has weight 1 and teaches only the rows routed
 to it (``WeightedTeachers.rows``; the members of the student's tokenizer as one routed part). The
-student's agreement with each teacher (:attr:`MixtureTeacher.teachers`) is reported for the members of
-the student's tokenizer only: a member of another tokenizer has no distribution over the student's items
-to compare; its part of the soft term is logged instead (``loss_soft_teacher_<name>``).
+student's agreement with each teacher (:attr:`MixtureTeacher.teachers`) is measured, for a member of
+another tokenizer, at the matched span starts only (:meth:`AlignedLogits.matched_agreement`: there both
+predict the same next token over tokens they share); its part of the soft term is logged too
+(``loss_soft_teacher_<name>``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from hf_kd.losses import SparseLogits, WeightedTeachers
+from hf_kd.losses import AlignedLogits, SparseLogits, WeightedTeachers
 from hf_kd.modeling import load_teacher
 from hf_kd.tasks.base import MEMBER_PREFIX, Task, member_prefix, processor_fingerprint, split_batch
 from hf_kd.teachers.contract import SignalDefaults, TeacherSignal
@@ -154,11 +155,15 @@ class MixtureTeacher(SignalDefaults):
         share = sum(self.weights[i] for i in self.same)
         self.log_weights = torch.log(torch.tensor([self.weights[i] / share for i in self.same]))
         self.returns = ("dense",) if len(self.same) == len(members) else ("several",)
-        self.teachers = {names[i]: partial(self.member_output, i) for i in self.same}
+        self.teachers = {name: partial(self.member_output, i) for i, name in enumerate(names)}
 
-    def member_output(self, index: int, batch: dict[str, Any]) -> torch.Tensor:
-        """Member ``index``'s log-probabilities [..., K] as they enter the mixture (every member of the
-        student's tokenizer runs: the classes kept are those all of them cover)."""
+    def member_output(self, index: int, batch: dict[str, Any]) -> torch.Tensor | AlignedLogits:
+        """Member ``index``'s part as it enters the signal: a member of the student's tokenizer, its
+        log-probabilities [..., K] as they enter the mixture (every member of the student's tokenizer
+        runs: the classes kept are those all of them cover); one of another tokenizer, its
+        :class:`AlignedLogits` over its own columns."""
+        if self.prefixes[index] is not None:
+            return self._on_device(self.members[index], batch)(member_batch(batch, self.prefixes[index]))
         return self.member_log_probs(batch)[self.same.index(index)]
 
     def collator(self, collate):
@@ -206,7 +211,7 @@ class MixtureTeacher(SignalDefaults):
             )
         for i, prefix in enumerate(self.prefixes):
             if prefix is not None:
-                outputs.append(self._on_device(self.members[i], batch)(member_batch(batch, prefix)))
+                outputs.append(self.member_output(i, batch))
                 weights.append(self.weights[i])
                 names.append(self.names[i])
                 rows.append(None if route is None else route == i)
