@@ -456,3 +456,16 @@ def test_pipeline_kd_sim_with_cached_teacher_uses_soft_confusion(saved_teacher):
     assert any(
         "eval_knowledge/level2/agreement_confusion/spearman" in entry for entry in trainer.state.log_history
     )
+
+
+def test_write_report_of_a_near_uniform_teacher(tmp_path):
+    """A teacher whose logits barely differ (an untrained or collapsed model): its normalised entropies
+    all lie within float precision of 1, which 30 automatic histogram bins cannot split; the report is
+    still written, its entropy measure at 1."""
+    g = torch.Generator().manual_seed(0)
+    v, z = torch.randn(50, 10, generator=g) * 1e-4, torch.randn(50, 10, generator=g)
+    content = write_report(
+        tmp_path / "report", Predictions(z, v, torch.arange(50) % 10), alpha=0.5, temperature=2.0
+    )
+    assert (tmp_path / "report" / "histograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert content["measures"]["level1"]["teacher_entropy"] == pytest.approx(1.0, abs=1e-6)

@@ -89,9 +89,10 @@ def _plot(
         written.append("rescaling.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].hist(teacher_entropy(v, temperature=tau).numpy(), bins=30)
+    # both in [0, 1]: the axis fixed there (a near-constant teacher's values span less than 30 float bins)
+    axes[0].hist(teacher_entropy(v, temperature=tau).clamp(0, 1).numpy(), bins=30, range=(0.0, 1.0))
     axes[0].set_xlabel(f"teacher H(p^τ)/log K at τ = {tau}")
-    axes[1].hist(p_t.numpy(), bins=30)
+    axes[1].hist(p_t.clamp(0, 1).numpy(), bins=30, range=(0.0, 1.0))
     axes[1].set_xlabel("teacher p_t (τ = 1)")
     for ax in axes:
         ax.set_ylabel("instances")
