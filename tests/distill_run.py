@@ -56,3 +56,29 @@ def write_tiny_run(root: Path, **recipe_overrides) -> Path:
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def cache_tiny_teacher(root: Path, recipe: Path, **cache_fields) -> Path:
+    """Capture the teacher of :func:`write_tiny_run`'s ``recipe`` over its data with
+    ``scripts/cache_teacher.py`` (``cache_fields``: ``top_k``, ``logits_dtype``, ...) into ``root/cache``;
+    return the cache's path."""
+    from scripts import cache_teacher
+
+    base = yaml.safe_load(recipe.read_text())
+    cache_recipe = root / "cache.yaml"
+    cache_recipe.write_text(
+        yaml.safe_dump(
+            {
+                "task": "image-classification",
+                "dataset_name": base["dataset_name"],
+                "train_split": "train",
+                "eval_split": "test",
+                "teacher_model_name_or_path": base["teacher_model_name_or_path"],
+                "output_dir": str(root / "cache"),
+                "use_cpu": True,
+                **cache_fields,
+            }
+        )
+    )
+    cache_teacher.main(["--config", str(cache_recipe)])
+    return root / "cache"

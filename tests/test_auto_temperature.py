@@ -7,13 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from distill_run import write_tiny_run
+from distill_run import cache_tiny_teacher, write_tiny_run
 
 from hf_kd.auto_temperature import auto_temperature
 from hf_kd.knowledge.preflight import choose_temperature
 from hf_kd.knowledge.profile import teacher_profile
-from scripts import cache_teacher, distill, preflight
+from scripts import distill, preflight
 
 
 def _losses(out):
@@ -72,23 +71,7 @@ def test_auto_reads_a_top_k_cache_as_the_pre_flight_does(tmp_path):
     """A top-k cache (k 2 of 3 classes, the tail spread uniformly): the run's τ and reason are the
     pre-flight's on the same cache, where logit standardisation would be refused (no full row)."""
     recipe = write_tiny_run(tmp_path, temperature="auto", alpha=0.9)
-    base = yaml.safe_load(recipe.read_text())
-    cache_recipe = tmp_path / "cache.yaml"
-    cache_recipe.write_text(
-        yaml.safe_dump(
-            {
-                "task": "image-classification",
-                "dataset_name": base["dataset_name"],
-                "train_split": "train",
-                "eval_split": "test",
-                "teacher_model_name_or_path": base["teacher_model_name_or_path"],
-                "output_dir": str(tmp_path / "cache"),
-                "top_k": 2,
-                "use_cpu": True,
-            }
-        )
-    )
-    cache_teacher.main(["--config", str(cache_recipe)])
+    cache_tiny_teacher(tmp_path, recipe, top_k=2)
     cached = ["--teacher_source", "cached", "--teacher_cache", str(tmp_path / "cache")]
     report = preflight.main(["--config", str(recipe), "--report_dir", str(tmp_path / "p"), *cached])
     distill.main(["--config", str(recipe), *cached])

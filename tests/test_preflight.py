@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import yaml
-from distill_run import write_tiny_run
+from distill_run import cache_tiny_teacher, write_tiny_run
 
 from hf_kd.knowledge.preflight import PREFLIGHT_RULES, recommend
 from hf_kd.knowledge.profile import heldout_scores, kept_mass_by_k, teacher_profile
-from scripts import cache_teacher, preflight
+from scripts import preflight
 
 PLAN = dict(planned_steps=100, train_rows=320, batch_size=32)
 
@@ -175,23 +175,7 @@ def test_preflight_script_writes_the_report_and_a_recipe_distill_accepts(tmp_pat
 
 def test_a_cached_teacher_gives_the_same_measures_as_the_online_one(tmp_path):
     recipe = write_tiny_run(tmp_path)
-    base = yaml.safe_load(recipe.read_text())
-    cache_recipe = tmp_path / "cache.yaml"
-    cache_recipe.write_text(
-        yaml.safe_dump(
-            {
-                "task": "image-classification",
-                "dataset_name": base["dataset_name"],
-                "train_split": "train",
-                "eval_split": "test",
-                "teacher_model_name_or_path": base["teacher_model_name_or_path"],
-                "output_dir": str(tmp_path / "cache"),
-                "logits_dtype": "float32",
-                "use_cpu": True,
-            }
-        )
-    )
-    cache_teacher.main(["--config", str(cache_recipe)])
+    cache_tiny_teacher(tmp_path, recipe, logits_dtype="float32")
     online = preflight.main(["--config", str(recipe), "--report_dir", str(tmp_path / "p1")])
     cached = preflight.main(
         [
