@@ -39,24 +39,17 @@ class KnowledgeCallback(TrainerCallback):
         if trainer.eval_dataset is None or isinstance(trainer.eval_dataset, dict):
             return  # one evaluation set only: with several, which one the measures describe is ambiguous
         measures = self._levels(args, model) if self.levels else {}
-        agreements = teacher_agreements(  # several teachers: the student's agreement with each
-            trainer.eval_dataset,
-            trainer.task,
-            student=model,
-            teacher_signal=trainer.teacher_signal,
-            batch_size=args.per_device_eval_batch_size,
-            max_items=self.max_items,
-            device=args.device,
-        )
+        agreements = self._read(teacher_agreements, args, model)  # several teachers: with each
         if agreements:
             measures["teachers"] = agreements
         if measures:
             trainer.log(scalar_measures(measures, prefix=KNOWLEDGE_PREFIX))
 
-    def _levels(self, args, model) -> dict:
-        """The knowledge measures of the student and the teacher signal over the evaluation set."""
+    def _read(self, reader, args, model):
+        """``reader`` (``collect_predictions`` or ``teacher_agreements``) over the evaluation set, at most
+        ``max_items`` items, with the student and the trainer's teacher signal."""
         trainer = self.trainer
-        predictions = collect_predictions(
+        return reader(
             trainer.eval_dataset,
             trainer.task,
             student=model,
@@ -65,7 +58,11 @@ class KnowledgeCallback(TrainerCallback):
             max_items=self.max_items,
             device=args.device,
         )
-        signal = trainer.teacher_signal
+
+    def _levels(self, args, model) -> dict:
+        """The knowledge measures of the student and the teacher signal over the evaluation set."""
+        predictions = self._read(collect_predictions, args, model)
+        signal = self.trainer.teacher_signal
         teacher_weight = None
         if signal.model is not None:
             with full_teacher(signal.model) as whole:  # sharded or offloaded weights made whole to be read
