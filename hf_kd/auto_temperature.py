@@ -30,10 +30,11 @@ def auto_temperature(trainer) -> Choice:
     if trainer.teacher_signal is None:
         return Choice(1.0, "the run reads no teacher (α 0 or no teacher): τ is unused")
     task = trainer.task
-    if task.token_level and task.vocabulary is not None:
+    if {"aligned", "several"} & set(trainer.teacher_signal.returns):
         raise ValueError(
             "temperature: auto reads the teacher's probability of each true token over the student's "
-            "vocabulary; a teacher of another tokenizer has no such row: set a number for temperature"
+            "vocabulary; a teacher of another tokenizer (alone or in a mixture) has no such row: set a number "
+            "for temperature"
         )
     dataset = trainer.train_dataset
     rows = dataset.select(range(min(AUTO_TEMPERATURE_ROWS, len(dataset))))

@@ -83,6 +83,7 @@ def test_auto_reads_a_top_k_cache_as_the_pre_flight_does(tmp_path):
 
 def test_auto_refuses_a_teacher_of_another_tokenizer_before_reading_it():
     task = SimpleNamespace(token_level=True, vocabulary=object())  # a cross-tokenizer causal-LM task
-    trainer = SimpleNamespace(teacher_signal=object(), task=task, train_dataset=None)
+    signal = SimpleNamespace(returns=("aligned",))  # what a teacher of another tokenizer declares
+    trainer = SimpleNamespace(teacher_signal=signal, task=task, train_dataset=None)
     with pytest.raises(ValueError, match="another tokenizer .* set a number for temperature"):
         auto_temperature(trainer)

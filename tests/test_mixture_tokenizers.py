@@ -233,8 +233,8 @@ def test_routing_across_tokenizers_gives_each_row_its_own_teachers_soft_term(set
     torch.testing.assert_close(mixed_grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
-def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
-    root, *_ = setup
+def run_arguments(root):
+    """The data and model arguments of a tiny causal-LM run on ``setup``'s data, from a fresh student."""
     data_args = DataArguments(task="causal-lm", dataset_name=str(root / "data"), max_length=MAX_LENGTH)
     model_args = ModelArguments(
         student_processor=str(root / "student_tokenizer"),
@@ -242,6 +242,12 @@ def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
                         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                         "max_position_embeddings": 64},
     )  # fmt: skip
+    return data_args, model_args
+
+
+def test_a_run_trains_from_teachers_of_different_tokenizers(setup, tmp_path):
+    root, *_ = setup
+    data_args, model_args = run_arguments(root)
     config = tiny_config(
         tmp_path / "run", teacher_source="mixture", teachers=[member(root, "s"), member(root, "b", 3)],
         alpha=1.0, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1,
@@ -325,13 +331,7 @@ def test_a_run_reports_the_students_agreement_with_each_teacher(setup, tmp_path)
         shared.lm_head.weight[outside] = 0.0
     save_model(shared, tokenizers["u"], tmp_path / "u")
     teachers = [member(root, "s"), member(root, "b"), member(tmp_path, "u", 4)]
-    data_args = DataArguments(task="causal-lm", dataset_name=str(root / "data"), max_length=MAX_LENGTH)
-    model_args = ModelArguments(
-        student_processor=str(root / "student_tokenizer"),
-        student_config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                        "max_position_embeddings": 64},
-    )  # fmt: skip
+    data_args, model_args = run_arguments(root)
     config = tiny_config(
         tmp_path / "run", teacher_source="mixture", teachers=teachers, alpha=1.0, max_steps=20, per_device_train_batch_size=8, per_device_eval_batch_size=3,
         learning_rate=1e-2, eval_strategy="no",
@@ -429,3 +429,17 @@ def test_a_task_that_cannot_align_tokenizers_refuses_the_member(setup, tmp_path)
         build_teacher_signal(
             config, task, tiny.bert_classifier(len(tokenizer)), resource=opened, student_processor=tokenizer
         )
+
+
+def test_temperature_auto_is_refused_with_a_teacher_of_another_tokenizer_in_the_mixture(setup, tmp_path):
+    """``temperature: auto`` reads each true token's probability over the student's vocabulary, which a
+    teacher of another tokenizer has not: refused by name before the first step, as for such a teacher alone."""
+    root, *_ = setup
+    data_args, model_args = run_arguments(root)
+    config = tiny_config(
+        tmp_path / "run", teacher_source="mixture", teachers=[member(root, "s"), member(root, "b")],
+        alpha=1.0, max_steps=2, per_device_train_batch_size=8, temperature="auto", eval_strategy="no",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"another tokenizer \(alone or in a mixture\).*set a number"):
+        run_distillation(data_args, model_args, config)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -298,10 +298,9 @@ def _train(
     )
     if config.alpha > 0 and config.synthetic_teacher == "kd_sim":  # kd_pt and kd_topk: built by the trainer
         trainer.target_fn = kd_sim_target_fn(config, trainer, train)
-    if evaluation is not None and config.uses_teacher and not task.token_level:
-        trainer.add_callback(KnowledgeCallback(trainer))
-    elif evaluation is not None and config.uses_teacher and trainer.teacher_signal.teachers:
-        trainer.add_callback(KnowledgeCallback(trainer, levels=False))
+    if evaluation is not None and config.uses_teacher:
+        if not task.token_level or trainer.teacher_signal.teachers:  # an LM: each teacher's agreement only
+            trainer.add_callback(KnowledgeCallback(trainer, levels=not task.token_level))
     if trainer.temperature_choice is not None:  # temperature: auto, set by the trainer: the card says why
         card_info.temperature = config.temperature = trainer.args.temperature
         card_info.temperature_auto = trainer.temperature_choice.because
